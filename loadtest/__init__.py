@@ -1,0 +1,1 @@
+"""Simulated WebRTC peers for tests and load tests."""

@@ -1,0 +1,175 @@
+"""A scripted WebRTC peer: plays a known waveform, records what it hears and the
+events it receives, with arrival times. The tests use it against a live server;
+the load test will run many of them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from dataclasses import dataclass, field
+from fractions import Fraction
+from typing import Any
+
+import av
+import httpx
+import numpy as np
+from aiortc import RTCDataChannel, RTCPeerConnection, RTCSessionDescription
+from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
+
+from model.interface import SAMPLE_RATE
+from server.ice import add_host_candidates, rtc_configuration
+
+SEND_RATE = 48_000
+FRAME_SAMPLES = SEND_RATE // 50  # 20 ms
+
+
+class ScriptedAudioTrack(MediaStreamTrack):
+    """Plays ``audio`` (16 kHz mono float32) in real time as 20 ms 48 kHz frames,
+    then silence. ``started_at`` is when its first sample went out."""
+
+    kind = "audio"
+
+    def __init__(self, audio: np.ndarray, lead_silence_s: float = 0.0) -> None:
+        super().__init__()
+        lead = np.zeros(int(lead_silence_s * SAMPLE_RATE), dtype=np.float32)
+        self.script = np.concatenate([lead, audio.astype(np.float32)])
+        self.lead_samples = lead.size
+        self.samples = _resample_mono(self.script, SAMPLE_RATE, SEND_RATE, "s16")
+        self.started_at: float | None = None
+        self._pts = 0
+
+    async def recv(self) -> av.AudioFrame:
+        if self.readyState != "live":
+            raise MediaStreamError
+        now = time.monotonic()
+        if self.started_at is None:
+            self.started_at = now
+        due = self.started_at + self._pts / SEND_RATE
+        if due > now:
+            await asyncio.sleep(due - now)
+        chunk = self.samples[self._pts : self._pts + FRAME_SAMPLES]
+        if chunk.size < FRAME_SAMPLES:
+            chunk = np.concatenate([chunk, np.zeros(FRAME_SAMPLES - chunk.size, dtype=np.int16)])
+        frame = av.AudioFrame.from_ndarray(chunk.reshape(1, -1), format="s16", layout="mono")
+        frame.sample_rate = SEND_RATE
+        frame.pts = self._pts
+        frame.time_base = Fraction(1, SEND_RATE)
+        self._pts += FRAME_SAMPLES
+        return frame
+
+
+@dataclass
+class Recording:
+    """What the peer heard, placed on the sender's media clock (RTP timestamps)."""
+
+    first_arrival: float | None = None  # monotonic time of the first received frame
+    first_pts: int | None = None
+    chunks: list[tuple[int, np.ndarray]] = field(default_factory=list)  # (pts at 48 kHz, 16 kHz samples)
+
+    def audio(self) -> np.ndarray:
+        """The received audio at 16 kHz, gaps (lost packets) filled with silence."""
+        if not self.chunks:
+            return np.zeros(0, dtype=np.float32)
+        end = max(pts * SAMPLE_RATE // SEND_RATE + c.size for pts, c in self.chunks)
+        out = np.zeros(end, dtype=np.float32)
+        for pts, chunk in self.chunks:
+            start = pts * SAMPLE_RATE // SEND_RATE
+            out[start : start + chunk.size] = chunk
+        return out
+
+
+class Peer:
+    def __init__(self, base_url: str, audio: np.ndarray, ice_host_addresses: list[str] | None = None,
+                 lead_silence_s: float = 0.0) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.ice_host_addresses = ice_host_addresses or ["127.0.0.1"]
+        self.pc = RTCPeerConnection(rtc_configuration())
+        self.track = ScriptedAudioTrack(audio, lead_silence_s)
+        self.recording = Recording()
+        self.events: list[tuple[float, dict[str, Any]]] = []
+        self.channel: RTCDataChannel | None = None
+        self.session_url: str | None = None
+        self.connect_ms: float | None = None
+        self._channel_open = asyncio.Event()
+        self._reader: asyncio.Task[None] | None = None
+
+    async def connect(self) -> None:
+        started = time.monotonic()
+        self.pc.addTransceiver(self.track, direction="sendrecv")
+        self.channel = self.pc.createDataChannel("events")
+        self.channel.on("message", self._on_message)
+        self.channel.on("open", self._channel_open.set)
+        self.pc.on("track", self._on_track)
+        offer = await self.pc.createOffer()
+        await add_host_candidates(self.pc, self.ice_host_addresses)
+        await self.pc.setLocalDescription(offer)
+        async with httpx.AsyncClient() as client:
+            response = await client.post(
+                f"{self.base_url}/v1/sessions",
+                content=self.pc.localDescription.sdp,
+                headers={"Content-Type": "application/sdp"},
+            )
+        if response.status_code != 201:
+            raise RuntimeError(f"signalling failed: {response.status_code} {response.text}")
+        self.session_url = self.base_url + response.headers["Location"]
+        await self.pc.setRemoteDescription(RTCSessionDescription(response.text, "answer"))
+        await asyncio.wait_for(self._channel_open.wait(), 10)
+        self.connect_ms = (time.monotonic() - started) * 1000
+
+    def send(self, message: dict[str, Any] | str | bytes) -> None:
+        assert self.channel is not None
+        self.channel.send(message if isinstance(message, (str, bytes)) else json.dumps(message))
+
+    def events_of(self, event_type: str) -> list[dict[str, Any]]:
+        return [event for _, event in self.events if event.get("type") == event_type]
+
+    async def wait_for_event(self, event_type: str, timeout: float = 10.0) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        seen = 0
+        while time.monotonic() < deadline:
+            for _, event in self.events[seen:]:
+                if event.get("type") == event_type:
+                    return event
+            seen = len(self.events)
+            await asyncio.sleep(0.02)
+        raise TimeoutError(f"no {event_type!r} event within {timeout} s")
+
+    async def close(self, delete: bool = True) -> None:
+        if delete and self.session_url:
+            async with httpx.AsyncClient() as client:
+                await client.delete(self.session_url)
+        if self._reader:
+            self._reader.cancel()
+        await self.pc.close()
+
+    def _on_message(self, raw: str | bytes) -> None:
+        event = json.loads(raw) if isinstance(raw, str) else {"type": "<binary>"}
+        self.events.append((time.monotonic(), event))
+
+    def _on_track(self, track: MediaStreamTrack) -> None:
+        if track.kind == "audio":
+            self._reader = asyncio.ensure_future(self._record(track))
+
+    async def _record(self, track: MediaStreamTrack) -> None:
+        resampler = av.AudioResampler(format="flt", layout="mono", rate=SAMPLE_RATE)
+        while True:
+            try:
+                frame = await track.recv()
+            except MediaStreamError:
+                return
+            rec = self.recording
+            if rec.first_arrival is None:
+                rec.first_arrival, rec.first_pts = time.monotonic(), frame.pts
+            pts = (frame.pts - rec.first_pts) % (1 << 32)
+            samples = np.concatenate([o.to_ndarray()[0] for o in resampler.resample(frame)] or [np.zeros(0, np.float32)])
+            rec.chunks.append((pts, samples))
+
+
+def _resample_mono(audio: np.ndarray, rate_in: int, rate_out: int, fmt: str) -> np.ndarray:
+    frame = av.AudioFrame.from_ndarray(audio.reshape(1, -1).astype(np.float32), format="flt", layout="mono")
+    frame.sample_rate = rate_in
+    resampler = av.AudioResampler(format=fmt, layout="mono", rate=rate_out)
+    parts = [o.to_ndarray()[0] for o in resampler.resample(frame)] + [o.to_ndarray()[0] for o in resampler.resample(None)]
+    return np.concatenate(parts)

@@ -1,0 +1,1 @@
+"""microturn's server: WebRTC signalling, media in/out, the engine loop, telemetry."""

@@ -1,0 +1,62 @@
+"""``microturn`` command line: ``microturn serve [--host H] [--port P] [--engine E]``."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+from server.config import ServerConfig
+from server.engine import ENGINES
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="microturn", description="Real-time serving for interaction models.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="serve the web page, signalling and the engine")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--engine", choices=sorted(ENGINES), default="echo", help="what steps the sessions")
+    serve.add_argument("--max-sessions", type=int, default=ServerConfig.max_sessions)
+    serve.add_argument(
+        "--ice-server", action="append", default=[], metavar="URL",
+        help="STUN/TURN server URL (repeatable); none by default, so nothing leaves the machine",
+    )
+    serve.add_argument(
+        "--ice-host", action="append", default=[], metavar="ADDR",
+        help="extra local address to offer as an ICE host candidate, e.g. 127.0.0.1 (repeatable)",
+    )
+    serve.add_argument("--playout-delay-ms", type=float, default=ServerConfig.playout_delay_ms)
+    serve.add_argument("--log-level", default="info")
+    return parser
+
+
+def serve(args: argparse.Namespace) -> None:
+    import uvicorn
+    from opentelemetry import trace
+
+    from server.app import create_app
+    from server.telemetry import build_tracer_provider
+
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    config = ServerConfig(
+        engine=args.engine,
+        max_sessions=args.max_sessions,
+        ice_servers=args.ice_server,
+        ice_host_addresses=args.ice_host,
+        playout_delay_ms=args.playout_delay_ms,
+    )
+    provider = build_tracer_provider()
+    trace.set_tracer_provider(provider)
+    app = create_app(config, provider)
+    uvicorn.run(app, host=args.host, port=args.port, loop="uvloop", log_level=args.log_level)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    if args.command == "serve":
+        serve(args)
+
+
+if __name__ == "__main__":
+    main()

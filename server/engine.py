@@ -1,0 +1,245 @@
+"""The engine: steps every session that has a closed chunk, in one batched call.
+
+It runs in its own thread, so the asyncio loop only moves bytes and never waits on
+the model (torch releases the GIL inside its kernels). Sessions talk to it through
+three thread-safe calls: ``open_session``, ``submit`` and ``close_session``. The
+model is touched from the engine thread alone, so it needs no locks.
+
+Ticks are driven by chunks, on a 200 ms grid. New sessions get a lead-in that
+lines their chunk boundaries up with the grid (``lead_in_samples``), so their
+chunks close together and one step serves them all. A tick starts as soon as
+every open session has a chunk waiting, or ``batch_window_s`` after the first
+chunk arrived, whichever comes first: a session whose phase drifted costs an
+extra small step, never 200 ms of waiting.
+
+Nothing is dropped: a session with a backlog (a slow step) gets one chunk per
+step, in order, on the following ticks, and every step's overrun is reported.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+
+from model.interface import SAMPLE_RATE, TURN_MS, TURN_SAMPLES, MicroTurnModel, TurnInput, TurnOutput
+
+log = logging.getLogger(__name__)
+
+TURN_S = TURN_MS / 1000
+
+
+@dataclass(frozen=True, slots=True)
+class StepInfo:
+    """How the step that produced an output went; shared by a whole batch."""
+
+    tick: int
+    batch_size: int
+    started_at: float  # time.monotonic() when the model step began
+    step_ms: float
+    overran: bool  # the step took longer than one micro-turn
+
+
+class SessionSink(Protocol):
+    """Where a session's results go. Called from the engine thread: implementations
+    must hand off to their own thread (e.g. ``loop.call_soon_threadsafe``)."""
+
+    def on_output(self, output: TurnOutput, info: StepInfo) -> None: ...
+
+    def on_step_error(self, turn: int, message: str) -> None: ...
+
+
+@dataclass(slots=True)
+class _Slot:
+    sink: SessionSink
+    inbox: deque[TurnInput]
+
+
+class Engine:
+    def __init__(self, model: MicroTurnModel, batch_window_s: float = 0.015) -> None:
+        self.model = model
+        self.batch_window_s = batch_window_s
+        self.grid_origin = time.monotonic()
+        self.ticks = 0
+        self.overruns = 0
+        self.last_step_ms = 0.0
+        self._slots: dict[str, _Slot] = {}
+        self._to_open: list[str] = []
+        self._to_close: list[str] = []
+        self._cond = threading.Condition()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="microturn-engine", daemon=True)
+
+    # -- called from any thread ------------------------------------------------
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        with self._cond:
+            self._stopping = True
+            self._cond.notify()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    @property
+    def session_count(self) -> int:
+        with self._cond:
+            return len(self._slots)
+
+    def open_session(self, session_id: str, sink: SessionSink) -> None:
+        with self._cond:
+            if session_id in self._slots:
+                raise ValueError(f"session {session_id} is already open")
+            self._slots[session_id] = _Slot(sink, deque())
+            self._to_open.append(session_id)
+            self._cond.notify()
+
+    def close_session(self, session_id: str) -> None:
+        """Forget the session; queued chunks are discarded and no output follows."""
+        with self._cond:
+            if self._slots.pop(session_id, None) is not None:
+                self._to_close.append(session_id)
+                self._cond.notify()
+
+    def submit(self, chunk: TurnInput) -> None:
+        if chunk.audio.shape != (TURN_SAMPLES,):
+            raise ValueError(f"a chunk holds {TURN_SAMPLES} samples, got {chunk.audio.shape}")
+        with self._cond:
+            slot = self._slots.get(chunk.session_id)
+            if slot is None:
+                return  # closed while the chunk was in flight
+            slot.inbox.append(chunk)
+            self._cond.notify()
+
+    def lead_in_samples(self, first_chunk_closes_at: float) -> int:
+        """Silence to prepend to a new session so its chunks close on the grid.
+
+        ``first_chunk_closes_at`` is when (time.monotonic()) the session's first
+        chunk would close without a lead-in; each sample of lead-in closes it one
+        sample earlier, so the lead-in is how far past a grid line that is.
+        """
+        phase = (first_chunk_closes_at - self.grid_origin) % TURN_S
+        return int(phase * SAMPLE_RATE) % TURN_SAMPLES
+
+    # -- the engine thread -------------------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            batch, sinks = self._next_batch()
+            if batch is None:
+                break
+            if batch:
+                self._step(batch, sinks)
+        for session_id in list(self._slots):
+            self._safe_close(session_id)
+
+    def _next_batch(self) -> tuple[list[TurnInput] | None, list[SessionSink]]:
+        """Wait for work; return one chunk per ready session (None when stopping)."""
+        with self._cond:
+            while not self._stopping and not self._lifecycle_pending() and not self._any_ready():
+                self._cond.wait()
+            if self._stopping:
+                return None, []
+            self._apply_lifecycle()
+            if not self._any_ready():
+                return [], []
+            deadline = time.monotonic() + self.batch_window_s
+            while not self._all_ready() and not self._stopping:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._cond.wait(left)
+            self._apply_lifecycle()
+            ready = [slot for slot in self._slots.values() if slot.inbox]
+            return [slot.inbox.popleft() for slot in ready], [slot.sink for slot in ready]
+
+    def _lifecycle_pending(self) -> bool:
+        return bool(self._to_open or self._to_close)
+
+    def _apply_lifecycle(self) -> None:
+        # Called with the lock held; the model calls are cheap bookkeeping.
+        for session_id in self._to_close:
+            self._safe_close(session_id)
+        for session_id in self._to_open:
+            if session_id in self._slots:
+                self.model.open_session(session_id)
+        self._to_close.clear()
+        self._to_open.clear()
+
+    def _safe_close(self, session_id: str) -> None:
+        try:
+            self.model.close_session(session_id)
+        except Exception:
+            log.exception("model.close_session(%s) failed", session_id)
+
+    def _any_ready(self) -> bool:
+        return any(slot.inbox for slot in self._slots.values())
+
+    def _all_ready(self) -> bool:
+        return all(slot.inbox for slot in self._slots.values())
+
+    def _step(self, batch: Sequence[TurnInput], sinks: Sequence[SessionSink]) -> None:
+        tick = self.ticks
+        self.ticks += 1
+        started = time.monotonic()
+        try:
+            outputs = self.model.step(batch)
+            if len(outputs) != len(batch):
+                raise RuntimeError(f"model returned {len(outputs)} outputs for {len(batch)} inputs")
+        except Exception as exc:
+            log.exception("model step failed for a batch of %d", len(batch))
+            for chunk, sink in zip(batch, sinks, strict=True):
+                sink.on_step_error(chunk.turn, f"model step failed: {exc}")
+            return
+        step_ms = (time.monotonic() - started) * 1000
+        self.last_step_ms = step_ms
+        overran = step_ms > TURN_MS
+        self.overruns += overran
+        info = StepInfo(tick, len(batch), started, step_ms, overran)
+        for output, sink in zip(outputs, sinks, strict=True):
+            sink.on_output(output, info)
+
+
+class EchoModel:
+    """Diagnostic engine: each session hears its own chunk one micro-turn later.
+
+    It measures what the transport alone costs (latency, CPU, continuity) with a
+    model whose step takes no time. It is not the product.
+    """
+
+    name = "echo"
+
+    def __init__(self) -> None:
+        self._previous: dict[str, np.ndarray] = {}
+
+    def open_session(self, session_id: str) -> None:
+        self._previous[session_id] = np.zeros(TURN_SAMPLES, dtype=np.float32)
+
+    def close_session(self, session_id: str) -> None:
+        self._previous.pop(session_id, None)
+
+    def step(self, batch: Sequence[TurnInput]) -> list[TurnOutput]:
+        outputs = []
+        for chunk in batch:
+            outputs.append(
+                TurnOutput(chunk.session_id, chunk.turn, self._previous[chunk.session_id], chunk.text)
+            )
+            self._previous[chunk.session_id] = chunk.audio
+        return outputs
+
+
+ENGINES = {"echo": EchoModel}
+
+
+def make_model(name: str) -> MicroTurnModel:
+    try:
+        return ENGINES[name]()
+    except KeyError:
+        raise ValueError(f"unknown engine {name!r}; choose from {sorted(ENGINES)}") from None

@@ -1,0 +1,202 @@
+"""Incoming audio: WebRTC frames -> exact 200 ms, 16 kHz mono float32 chunks.
+
+The session clock is the sender's media clock (RTP timestamps, carried by aiortc as
+each frame's ``pts``), not the arrival time of packets. Chunk *t* therefore always
+covers [200·t, 200·t + 200) ms of the session, whatever the network does:
+
+- a gap in timestamps (lost packets) is filled with silence before resampling, so
+  the resampler sees one continuous stream and its filter state stays valid;
+- a frame that starts before what was already consumed (late, duplicated or
+  reordered) is trimmed or dropped: it belongs to a chunk that has been closed;
+- if frames stop arriving altogether, the reader calls :meth:`fill_silence` so the
+  model keeps stepping (and speaking) while the user's side is stalled.
+
+The session may begin with a short lead-in of silence: it shifts the chunk
+boundaries so that they line up with the engine's tick grid (see engine.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from fractions import Fraction
+
+import av
+import numpy as np
+
+from model.interface import SAMPLE_RATE, TURN_SAMPLES
+
+_TIMESTAMP_WRAP = 1 << 32  # RTP timestamps are 32-bit and wrap around
+# A timestamp jump beyond this is a sender restart, not loss: re-anchor instead of
+# filling minutes of silence.
+_MAX_GAP_SECONDS = 5.0
+
+
+@dataclass(slots=True)
+class ChunkerStats:
+    frames: int = 0
+    chunks: int = 0
+    gap_samples: int = 0  # silence inserted for lost packets (input rate)
+    stall_samples: int = 0  # silence inserted while no frames arrived (input rate)
+    late_samples: int = 0  # samples dropped because their chunk had closed (input rate)
+    discontinuities: int = 0  # timestamp jumps treated as a restart
+    format_changes: int = 0
+
+
+def _signed_wrap(delta: int) -> int:
+    """A 32-bit timestamp difference as the nearest signed distance."""
+    return (delta + _TIMESTAMP_WRAP // 2) % _TIMESTAMP_WRAP - _TIMESTAMP_WRAP // 2
+
+
+class AudioChunker:
+    """Cuts one session's incoming audio into micro-turn chunks.
+
+    Not thread-safe: it is fed from the session's reader task on the event loop.
+    """
+
+    def __init__(self, lead_in_samples: int = 0) -> None:
+        if not 0 <= lead_in_samples < TURN_SAMPLES:
+            raise ValueError("lead-in must be shorter than one micro-turn")
+        self.stats = ChunkerStats()
+        self.next_turn = 0
+        self._buffer = np.zeros(TURN_SAMPLES, dtype=np.float32)
+        self._filled = lead_in_samples  # the lead-in is already-zeroed samples
+        self._resampler: av.AudioResampler | None = None
+        self._input_format: tuple[str, str, int] | None = None
+        self._next_pts: int | None = None  # timestamp the next frame should carry
+
+    @property
+    def input_rate(self) -> int | None:
+        return self._input_format[2] if self._input_format else None
+
+    def push(self, frame: av.AudioFrame) -> list[np.ndarray]:
+        """Feed one decoded frame; return the chunks it closed (usually none or one)."""
+        self.stats.frames += 1
+        fmt = (frame.format.name, frame.layout.name, frame.sample_rate)
+        if fmt != self._input_format:
+            closed = self._switch_format(fmt)
+        else:
+            closed = []
+
+        pts = _frame_pts(frame)
+        if pts is None:  # no timing: trust arrival order
+            pts = self._next_pts if self._next_pts is not None else 0
+        if self._next_pts is None:
+            self._next_pts = pts
+
+        delta = _signed_wrap(pts - self._next_pts)
+        if abs(delta) > _MAX_GAP_SECONDS * frame.sample_rate:
+            self.stats.discontinuities += 1
+            self._next_pts, delta = pts, 0
+        elif delta < 0:
+            overlap = min(-delta, frame.samples)
+            self.stats.late_samples += overlap
+            if overlap == frame.samples:
+                return closed
+            frame, delta = _tail(frame, frame.samples - overlap), 0
+        elif delta > 0:
+            self.stats.gap_samples += delta
+            closed += self._feed(_silence(fmt, delta))
+        # The frame now starts exactly where the stream so far ends.
+        self._next_pts = (self._next_pts + delta + frame.samples) % _TIMESTAMP_WRAP
+        return closed + self._feed(frame)
+
+    def fill_silence(self, input_samples: int) -> list[np.ndarray]:
+        """Advance the session clock by ``input_samples`` of silence (a stalled sender).
+
+        Frames that later arrive for this stretch are dropped as late.
+        """
+        if self._input_format is None or input_samples <= 0:
+            return []
+        self.stats.stall_samples += input_samples
+        assert self._next_pts is not None
+        self._next_pts = (self._next_pts + input_samples) % _TIMESTAMP_WRAP
+        return self._feed(_silence(self._input_format, input_samples))
+
+    def flush(self) -> list[np.ndarray]:
+        """Drain the resampler at the end of the stream (the last chunk, zero-padded)."""
+        closed = self._drain_resampler()
+        if self._filled:
+            self._buffer[self._filled :] = 0.0
+            self._filled = TURN_SAMPLES
+            closed += self._take_chunk()
+        return closed
+
+    def _switch_format(self, fmt: tuple[str, str, int]) -> list[np.ndarray]:
+        # PyAV's resampler raises if layout or rate change mid-stream: drain the old
+        # one into the current chunk and continue with a new one.
+        closed = self._drain_resampler()
+        if self._input_format is not None:
+            self.stats.format_changes += 1
+            if self._next_pts is not None and fmt[2] != self._input_format[2]:
+                self._next_pts = None  # timestamps of another clock rate
+        self._input_format = fmt
+        self._resampler = av.AudioResampler(format="flt", layout="mono", rate=SAMPLE_RATE)
+        return closed
+
+    def _drain_resampler(self) -> list[np.ndarray]:
+        if self._resampler is None:
+            return []
+        closed: list[np.ndarray] = []
+        for out in self._resampler.resample(None):
+            closed += self._append(out.to_ndarray()[0])
+        self._resampler = None
+        return closed
+
+    def _feed(self, frame: av.AudioFrame) -> list[np.ndarray]:
+        assert self._resampler is not None
+        closed: list[np.ndarray] = []
+        for out in self._resampler.resample(frame):
+            closed += self._append(out.to_ndarray()[0])
+        return closed
+
+    def _append(self, samples: np.ndarray) -> list[np.ndarray]:
+        closed: list[np.ndarray] = []
+        while samples.size:
+            take = min(TURN_SAMPLES - self._filled, samples.size)
+            self._buffer[self._filled : self._filled + take] = samples[:take]
+            self._filled += take
+            samples = samples[take:]
+            if self._filled == TURN_SAMPLES:
+                closed += self._take_chunk()
+        return closed
+
+    def _take_chunk(self) -> list[np.ndarray]:
+        chunk = self._buffer.copy()
+        self._filled = 0
+        self.next_turn += 1
+        self.stats.chunks += 1
+        return [chunk]
+
+
+def _frame_pts(frame: av.AudioFrame) -> int | None:
+    """The frame's start in samples of its own rate (aiortc: the RTP timestamp)."""
+    if frame.pts is None:
+        return None
+    time_base = frame.time_base or Fraction(1, frame.sample_rate)
+    if time_base == Fraction(1, frame.sample_rate):
+        return int(frame.pts) % _TIMESTAMP_WRAP
+    return int(frame.pts * time_base * frame.sample_rate) % _TIMESTAMP_WRAP
+
+
+def _silence(fmt: tuple[str, str, int], samples: int) -> av.AudioFrame:
+    name, layout, rate = fmt
+    probe = av.AudioFrame(format=name, layout=layout, samples=samples)
+    probe.sample_rate = rate
+    for plane in probe.planes:
+        plane.update(bytes(plane.buffer_size))
+    return probe
+
+
+def _tail(frame: av.AudioFrame, keep: int) -> av.AudioFrame:
+    """The last ``keep`` samples of a frame, as a new frame of the same format."""
+    data = frame.to_ndarray()
+    channels = len(frame.layout.channels)
+    if frame.format.is_planar:
+        data = data[:, -keep:]
+    else:  # packed: one row of interleaved samples
+        data = data[:, -keep * channels :]
+    out = av.AudioFrame.from_ndarray(
+        np.ascontiguousarray(data), format=frame.format.name, layout=frame.layout.name
+    )
+    out.sample_rate = frame.sample_rate
+    return out

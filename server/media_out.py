@@ -1,0 +1,121 @@
+"""Outgoing audio: the model's 200 ms turns played as paced 20 ms, 48 kHz frames.
+
+The engine hands over a whole micro-turn (200 ms) at once; WebRTC wants one 20 ms
+frame every 20 ms. This track keeps a small queue of ready frames, paces ``recv``
+on a monotonic clock, sends silence when the queue is empty, and can drop
+everything queued at once when the user barges in.
+
+Because the model produces audio exactly as fast as it is played, the queue runs
+nearly dry at the end of every turn. After running dry the track waits a short
+playout delay before resuming, so ordinary jitter in step completion does not turn
+into a click at every turn boundary.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from fractions import Fraction
+
+import av
+import numpy as np
+from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
+
+from model.interface import SAMPLE_RATE
+
+OUTPUT_RATE = 48_000
+FRAME_SAMPLES = OUTPUT_RATE // 50  # 20 ms
+_TIME_BASE = Fraction(1, OUTPUT_RATE)
+# If the sender fell this far behind (a stalled loop), restart the clock rather
+# than sending a burst of frames to catch up.
+_MAX_LAG_S = 0.1
+
+
+class OutputAudioTrack(MediaStreamTrack):
+    """One session's outgoing voice. All methods run on the event loop."""
+
+    kind = "audio"
+
+    def __init__(self, playout_delay_ms: float = 40.0) -> None:
+        super().__init__()
+        self.playout_delay_s = playout_delay_ms / 1000
+        self.frames_sent = 0
+        self.silent_frames = 0  # frames sent because nothing was queued
+        self.flushed_frames = 0
+        self._queue: deque[np.ndarray] = deque()
+        self._pending = np.zeros(0, dtype=np.int16)  # < one frame of resampled audio
+        self._resampler = self._new_resampler()
+        self._clock_start: float | None = None
+        self._pts = 0
+        self._playing = False  # False after running dry, until the playout delay passes
+        self._refill_since: float | None = None
+        self._silence = np.zeros(FRAME_SAMPLES, dtype=np.int16)
+
+    @staticmethod
+    def _new_resampler() -> av.AudioResampler:
+        return av.AudioResampler(format="s16", layout="mono", rate=OUTPUT_RATE)
+
+    @property
+    def queued_ms(self) -> float:
+        return (len(self._queue) * FRAME_SAMPLES + self._pending.size) * 1000 / OUTPUT_RATE
+
+    def enqueue(self, audio: np.ndarray) -> None:
+        """Queue 16 kHz mono float32 audio (one micro-turn's output) for playback."""
+        frame = av.AudioFrame.from_ndarray(
+            np.ascontiguousarray(audio, dtype=np.float32).reshape(1, -1),
+            format="flt",
+            layout="mono",
+        )
+        frame.sample_rate = SAMPLE_RATE
+        parts = [self._pending] + [o.to_ndarray()[0] for o in self._resampler.resample(frame)]
+        samples = np.concatenate(parts)
+        whole = samples.size - samples.size % FRAME_SAMPLES
+        self._queue.extend(samples[:whole].reshape(-1, FRAME_SAMPLES))
+        self._pending = samples[whole:]
+
+    def flush(self) -> int:
+        """Drop everything not yet sent (barge-in). Returns the frames dropped."""
+        dropped = len(self._queue)
+        self.flushed_frames += dropped
+        self._queue.clear()
+        self._pending = np.zeros(0, dtype=np.int16)
+        self._resampler = self._new_resampler()  # forget the filter's tail too
+        return dropped
+
+    async def recv(self) -> av.AudioFrame:
+        if self.readyState != "live":
+            raise MediaStreamError
+        await self._wait_for_next_frame()
+        frame = av.AudioFrame.from_ndarray(
+            self._next_samples().reshape(1, -1), format="s16", layout="mono"
+        )
+        frame.sample_rate = OUTPUT_RATE
+        frame.pts = self._pts
+        frame.time_base = _TIME_BASE
+        self._pts += FRAME_SAMPLES
+        self.frames_sent += 1
+        return frame
+
+    async def _wait_for_next_frame(self) -> None:
+        now = time.monotonic()
+        if self._clock_start is None:
+            self._clock_start = now - self._pts / OUTPUT_RATE
+        due = self._clock_start + self._pts / OUTPUT_RATE
+        if now - due > _MAX_LAG_S:
+            self._clock_start = now - self._pts / OUTPUT_RATE
+        elif due > now:
+            await asyncio.sleep(due - now)
+
+    def _next_samples(self) -> np.ndarray:
+        if not self._playing and self._queue:
+            now = time.monotonic()
+            if self._refill_since is None:
+                self._refill_since = now
+            if now - self._refill_since >= self.playout_delay_s:
+                self._playing, self._refill_since = True, None
+        if self._playing and self._queue:
+            return self._queue.popleft()
+        self._playing = False
+        self.silent_frames += 1
+        return self._silence

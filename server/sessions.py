@@ -1,0 +1,41 @@
+"""The live sessions of one server process, and the engine they share."""
+
+from __future__ import annotations
+
+import asyncio
+
+from opentelemetry import trace
+from opentelemetry.context import Context
+
+from server.config import ServerConfig
+from server.engine import Engine
+from server.session import Session
+
+
+class SessionRegistry:
+    def __init__(self, config: ServerConfig, engine: Engine, tracer: trace.Tracer) -> None:
+        self.config = config
+        self.engine = engine
+        self.tracer = tracer
+        self._sessions: dict[str, Session] = {}
+
+    def __len__(self) -> int:
+        return len(self._sessions)
+
+    @property
+    def full(self) -> bool:
+        return len(self._sessions) >= self.config.max_sessions
+
+    def get(self, session_id: str) -> Session | None:
+        return self._sessions.get(session_id)
+
+    def new_session(self, session_id: str, parent: Context | None) -> Session:
+        session = Session(session_id, self.config, self.engine, self.tracer, parent, self._forget)
+        self._sessions[session_id] = session
+        return session
+
+    def _forget(self, session: Session) -> None:
+        self._sessions.pop(session.id, None)
+
+    async def close_all(self, reason: str) -> None:
+        await asyncio.gather(*(s.close(reason) for s in list(self._sessions.values())))

@@ -1,0 +1,61 @@
+"""Shared fixtures: test speech, and a real server (uvicorn + uvloop) on loopback."""
+
+from __future__ import annotations
+
+import threading
+import time
+import wave
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import uvicorn
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+from server.app import create_app
+from server.config import ServerConfig
+from server.telemetry import build_tracer_provider
+
+DATA = Path(__file__).parent / "data"
+
+
+@pytest.fixture(scope="session")
+def speech() -> np.ndarray:
+    """About 7 s of espeak-ng speech, 16 kHz mono float32 (see data/README.md)."""
+    with wave.open(str(DATA / "speech.wav")) as wav:
+        assert wav.getframerate() == 16_000 and wav.getnchannels() == 1
+        pcm = np.frombuffer(wav.readframes(wav.getnframes()), dtype=np.int16)
+    return pcm.astype(np.float32) / 32768
+
+
+@dataclass
+class LiveServer:
+    url: str
+    config: ServerConfig
+    spans: InMemorySpanExporter
+
+
+@pytest.fixture
+def live_server() -> Iterator[LiveServer]:
+    """The real app under uvicorn/uvloop in its own thread, on a free loopback port."""
+    config = ServerConfig(engine="echo", ice_host_addresses=["127.0.0.1"], max_sessions=4)
+    spans = InMemorySpanExporter()
+    app = create_app(config, build_tracer_provider([SimpleSpanProcessor(spans)]))
+    server = uvicorn.Server(
+        uvicorn.Config(app, host="127.0.0.1", port=0, loop="uvloop", log_level="warning", lifespan="on")
+    )
+    thread = threading.Thread(target=server.run, name="uvicorn", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            raise RuntimeError("server did not start")
+        time.sleep(0.02)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    yield LiveServer(f"http://127.0.0.1:{port}", config, spans)
+    server.should_exit = True
+    thread.join(10)
+    assert not thread.is_alive(), "server did not shut down"

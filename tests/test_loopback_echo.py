@@ -1,0 +1,112 @@
+"""A real aiortc client over loopback talks to the real server through the echo
+engine: what comes back is what was sent, one micro-turn later."""
+
+from __future__ import annotations
+
+import asyncio
+
+import httpx
+import numpy as np
+
+from loadtest.peer import Peer
+from model.interface import SAMPLE_RATE
+
+# Measure: the peak of the normalised cross-correlation between the speech sent
+# and the audio received (after Opus twice, four resamplers and the echo). A
+# perfect copy scores 1.0, white noise 0.01, the speech reversed 0.04, the speech
+# with its second half missing 0.78; through the stack we measure 0.887-0.888.
+MIN_CORRELATION = 0.8
+# Expected delay: 0-200 ms waiting for the chunk to close + 200 ms echo (one
+# micro-turn) + the server's 40 ms playout delay + both receive jitter buffers
+# (~80 ms each in aiortc) + pacing; measured 600-645 ms here.
+MAX_DELAY_MS = 800
+
+
+def best_alignment(sent: np.ndarray, received: np.ndarray) -> tuple[int, float]:
+    """(lag in samples, normalised correlation) of ``sent`` inside ``received``."""
+    n = 1 << int(np.ceil(np.log2(sent.size + received.size)))
+    xcorr = np.fft.irfft(np.fft.rfft(received, n) * np.conj(np.fft.rfft(sent, n)), n)
+    if received.size < sent.size:
+        return 0, 0.0
+    lag = int(np.argmax(xcorr[: received.size - sent.size + 1]))
+    window = received[lag : lag + sent.size]
+    score = float(np.dot(sent, window) / (np.linalg.norm(sent) * np.linalg.norm(window) + 1e-12))
+    return lag, score
+
+
+async def test_echo_returns_the_speech_one_turn_later(live_server, speech):
+    peer = Peer(live_server.url, speech, lead_silence_s=0.5)
+    await peer.connect()
+    try:
+        ready = await peer.wait_for_event("session.ready")
+        assert ready["engine"] == "echo" and ready["turn_ms"] == 200
+        await asyncio.sleep(speech.size / SAMPLE_RATE + 2.0)
+        async with httpx.AsyncClient() as client:
+            info = (await client.get(peer.session_url)).json()
+    finally:
+        await peer.close()
+
+    received = peer.recording.audio()
+    lag, score = best_alignment(speech, received)
+    assert score >= MIN_CORRELATION, f"echo correlation {score:.3f}"
+
+    # Where the speech was sent and where it came back, both in wall-clock time.
+    assert peer.track.started_at is not None and peer.recording.first_arrival is not None
+    sent_at = peer.track.started_at + peer.track.lead_samples / SAMPLE_RATE
+    heard_at = peer.recording.first_arrival + lag / SAMPLE_RATE
+    delay_ms = (heard_at - sent_at) * 1000
+    print(f"echo: correlation {score:.3f}, delay {delay_ms:.0f} ms")
+    assert 200 <= delay_ms <= MAX_DELAY_MS
+
+    # The server heard speech, stepped every micro-turn, and said so per turn.
+    assert info["input_rms_max"] > 0.05
+    turns = peer.events_of("turn")
+    assert len(turns) >= int(speech.size / SAMPLE_RATE / 0.2)
+    indices = [event["turn"] for event in turns]
+    assert indices == list(range(indices[0], indices[0] + len(indices))), "turns skipped or repeated"
+    assert all(event["step_ms"] >= 0 and event["v"] == 1 for event in turns)
+    assert info["chunker"]["late_samples"] == 0
+
+
+async def test_ping_pong_and_malformed_messages_keep_the_session(live_server, speech):
+    peer = Peer(live_server.url, speech[:SAMPLE_RATE])
+    await peer.connect()
+    try:
+        await peer.wait_for_event("session.ready")
+        peer.send("{not json")
+        peer.send({"type": "no.such.event"})
+        peer.send(b"\x00\x01binary")
+        peer.send({"type": "ping", "id": 7, "t": 123.5})
+        pong = await peer.wait_for_event("pong")
+        assert pong["id"] == 7 and pong["t"] == 123.5
+        codes = sorted(event["code"] for event in peer.events_of("error"))
+        assert codes == ["bad_json", "binary_not_supported", "unknown_type"]
+        turns_before = len(peer.events_of("turn"))
+        await asyncio.sleep(0.6)
+        assert len(peer.events_of("turn")) > turns_before, "the session stopped after bad input"
+        async with httpx.AsyncClient() as client:
+            info = (await client.get(peer.session_url)).json()
+        assert info["protocol_errors"] == 3
+    finally:
+        await peer.close()
+
+
+async def test_tracing_records_a_session_span_with_microturn_children(live_server, speech):
+    peer = Peer(live_server.url, speech[:SAMPLE_RATE])
+    await peer.connect()
+    await peer.wait_for_event("session.ready")
+    await asyncio.sleep(0.8)
+    await peer.close()
+    await asyncio.sleep(0.2)
+
+    spans = live_server.spans.get_finished_spans()
+    sessions = [s for s in spans if s.name == "session"]
+    assert len(sessions) == 1
+    session = sessions[0]
+    assert session.attributes["microturn.session.close_reason"] == "deleted by client"
+    turns = [s for s in spans if s.name == "microturn"]
+    assert len(turns) >= 3
+    for span in turns:
+        assert span.parent is not None and span.parent.span_id == session.context.span_id
+        assert span.context.trace_id == session.context.trace_id
+        assert span.attributes["microturn.batch.size"] >= 1
