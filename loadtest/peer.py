@@ -95,7 +95,7 @@ class Peer:
         self._channel_open = asyncio.Event()
         self._reader: asyncio.Task[None] | None = None
 
-    async def connect(self) -> None:
+    async def connect(self, traceparent: str | None = None) -> None:
         started = time.monotonic()
         self.pc.addTransceiver(self.track, direction="sendrecv")
         self.channel = self.pc.createDataChannel("events")
@@ -109,7 +109,7 @@ class Peer:
             response = await client.post(
                 f"{self.base_url}/v1/sessions",
                 content=self.pc.localDescription.sdp,
-                headers={"Content-Type": "application/sdp"},
+                headers={"Content-Type": "application/sdp", **({"traceparent": traceparent} if traceparent else {})},
             )
         if response.status_code != 201:
             raise RuntimeError(f"signalling failed: {response.status_code} {response.text}")

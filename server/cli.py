@@ -10,6 +10,7 @@ from server.engine import ENGINES
 
 
 def build_parser() -> argparse.ArgumentParser:
+    defaults = ServerConfig()
     parser = argparse.ArgumentParser(prog="microturn", description="Real-time serving for interaction models.")
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -17,7 +18,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--engine", choices=sorted(ENGINES), default="echo", help="what steps the sessions")
-    serve.add_argument("--max-sessions", type=int, default=ServerConfig.max_sessions)
+    serve.add_argument("--max-sessions", type=int, default=defaults.max_sessions)
     serve.add_argument(
         "--ice-server", action="append", default=[], metavar="URL",
         help="STUN/TURN server URL (repeatable); none by default, so nothing leaves the machine",
@@ -26,7 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--ice-host", action="append", default=[], metavar="ADDR",
         help="extra local address to offer as an ICE host candidate, e.g. 127.0.0.1 (repeatable)",
     )
-    serve.add_argument("--playout-delay-ms", type=float, default=ServerConfig.playout_delay_ms)
+    serve.add_argument("--playout-delay-ms", type=float, default=defaults.playout_delay_ms)
     serve.add_argument("--log-level", default="info")
     return parser
 

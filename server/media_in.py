@@ -29,6 +29,10 @@ _TIMESTAMP_WRAP = 1 << 32  # RTP timestamps are 32-bit and wrap around
 # A timestamp jump beyond this is a sender restart, not loss: re-anchor instead of
 # filling minutes of silence.
 _MAX_GAP_SECONDS = 5.0
+# FFmpeg downmixes stereo to mono as 0.707·(L + R), so Opus's usual "stereo" made
+# of two identical channels would come out 3 dB louder than it was spoken. This
+# gain turns that into the plain average (L + R) / 2.
+_STEREO_DOWNMIX_GAIN = np.float32(0.5 / np.sqrt(0.5))
 
 
 @dataclass(slots=True)
@@ -61,6 +65,7 @@ class AudioChunker:
         self._buffer = np.zeros(TURN_SAMPLES, dtype=np.float32)
         self._filled = lead_in_samples  # the lead-in is already-zeroed samples
         self._resampler: av.AudioResampler | None = None
+        self._gain = np.float32(1)
         self._input_format: tuple[str, str, int] | None = None
         self._next_pts: int | None = None  # timestamp the next frame should carry
 
@@ -131,6 +136,7 @@ class AudioChunker:
                 self._next_pts = None  # timestamps of another clock rate
         self._input_format = fmt
         self._resampler = av.AudioResampler(format="flt", layout="mono", rate=SAMPLE_RATE)
+        self._gain = _STEREO_DOWNMIX_GAIN if fmt[1] == "stereo" else np.float32(1)
         return closed
 
     def _drain_resampler(self) -> list[np.ndarray]:
@@ -151,6 +157,8 @@ class AudioChunker:
 
     def _append(self, samples: np.ndarray) -> list[np.ndarray]:
         closed: list[np.ndarray] = []
+        if self._gain != 1:
+            samples = samples * self._gain
         while samples.size:
             take = min(TURN_SAMPLES - self._filled, samples.size)
             self._buffer[self._filled : self._filled + take] = samples[:take]

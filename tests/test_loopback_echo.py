@@ -91,10 +91,12 @@ async def test_ping_pong_and_malformed_messages_keep_the_session(live_server, sp
         await peer.close()
 
 
-async def test_tracing_records_a_session_span_with_microturn_children(live_server, speech):
+async def test_tracing_continues_the_callers_trace_with_microturn_children(live_server, speech):
+    trace_id, parent_id = "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"
     peer = Peer(live_server.url, speech[:SAMPLE_RATE])
-    await peer.connect()
-    await peer.wait_for_event("session.ready")
+    await peer.connect(traceparent=f"00-{trace_id}-{parent_id}-01")
+    ready = await peer.wait_for_event("session.ready")
+    assert ready["trace_id"] == trace_id
     await asyncio.sleep(0.8)
     await peer.close()
     await asyncio.sleep(0.2)
@@ -103,6 +105,8 @@ async def test_tracing_records_a_session_span_with_microturn_children(live_serve
     sessions = [s for s in spans if s.name == "session"]
     assert len(sessions) == 1
     session = sessions[0]
+    assert format(session.context.trace_id, "032x") == trace_id
+    assert session.parent is not None and format(session.parent.span_id, "016x") == parent_id
     assert session.attributes["microturn.session.close_reason"] == "deleted by client"
     turns = [s for s in spans if s.name == "microturn"]
     assert len(turns) >= 3

@@ -104,6 +104,7 @@ async function updateStats() {
       stats.packetsLost = entry.packetsLost;
       stats.jitterMs = entry.jitter * 1000;
       stats.concealedSamples = entry.concealedSamples;
+      stats.totalAudioEnergy = entry.totalAudioEnergy;
     } else if (entry.type === "outbound-rtp" && entry.kind === "audio") {
       stats.packetsSent = entry.packetsSent;
     }

@@ -1,0 +1,83 @@
+"""A real headless Chromium talks to the real server: fake microphone in, echo out."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+from pathlib import Path
+
+import httpx
+import pytest
+from playwright.async_api import async_playwright
+
+CHROMIUM = Path("/usr/lib/chromium/chromium")
+SPEECH = Path(__file__).parent / "data" / "speech.wav"
+
+pytestmark = [
+    pytest.mark.browser,
+    pytest.mark.skipif(
+        not CHROMIUM.exists() and shutil.which("chromium") is None,
+        reason="Debian's chromium is not installed (make test installs it)",
+    ),
+]
+
+CHROMIUM_ARGS = [
+    "--no-sandbox",  # tests run as root
+    "--use-fake-ui-for-media-stream",
+    "--use-fake-device-for-media-stream",
+    f"--use-file-for-fake-audio-capture={SPEECH}",
+    "--allow-loopback-in-peer-connection",
+    "--autoplay-policy=no-user-gesture-required",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+
+
+async def test_browser_streams_speech_and_hears_the_echo(live_server, tmp_path):
+    async with async_playwright() as playwright:
+        browser = await playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            page = await browser.new_page()
+            console: list[str] = []
+            page.on("console", lambda message: console.append(message.text))
+            await page.goto(live_server.url)
+            await page.uncheck("#echo-cancellation")  # let the fake microphone through as is
+            await page.click("#connect")
+            await page.wait_for_function("window.microturn.status === 'connected'", timeout=15_000)
+            await page.wait_for_function(
+                "(window.microturn.eventCounts['session.ready'] || 0) === 1", timeout=10_000
+            )
+            # Several seconds of the speech file, echoed back one micro-turn later.
+            await page.wait_for_function(
+                "window.microturn.turns >= 20 && (window.microturn.stats.totalAudioEnergy || 0) > 0.01",
+                timeout=20_000,
+            )
+            state = await page.evaluate("window.microturn")
+            session_url = live_server.url + state["sessionUrl"]
+            async with httpx.AsyncClient() as client:
+                server_view = (await client.get(session_url)).json()
+
+            await page.screenshot(path=str(tmp_path / "connected.png"), full_page=True)
+            await page.click("#disconnect")
+            await page.wait_for_function("window.microturn.status === 'closed'")
+            await asyncio.sleep(0.2)
+            async with httpx.AsyncClient() as client:
+                gone = await client.get(session_url)
+                health = (await client.get(f"{live_server.url}/healthz")).json()
+        finally:
+            await browser.close()
+
+    assert state["errors"] == [], state["errors"]
+    # The server heard speech (not the silence of a flattened fake microphone)...
+    assert server_view["input_rms_max"] > 0.05, server_view
+    assert server_view["chunks_in"] >= 20
+    # ...and the page got RTP packets back carrying audible audio, and events.
+    assert state["stats"]["packetsReceived"] > 100
+    assert state["stats"]["totalAudioEnergy"] > 0.01
+    assert state["eventCounts"]["turn"] >= 20
+    assert state["stats"]["rttMs"] >= 0
+    # Disconnect released the session.
+    assert gone.status_code == 404 and health["sessions"] == 0

@@ -1,0 +1,157 @@
+"""The engine thread: batching, ordering, nothing dropped, errors contained."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Sequence
+
+import numpy as np
+import pytest
+
+from model.interface import SAMPLE_RATE, TURN_SAMPLES, TurnInput, TurnOutput
+from server.engine import TURN_S, EchoModel, Engine, StepInfo
+
+
+class Collector:
+    """A session sink that records what the engine delivers (from its thread)."""
+
+    def __init__(self) -> None:
+        self.outputs: list[tuple[TurnOutput, StepInfo]] = []
+        self.errors: list[tuple[int, str]] = []
+        self.event = threading.Event()
+
+    def on_output(self, output: TurnOutput, info: StepInfo) -> None:
+        self.outputs.append((output, info))
+        self.event.set()
+
+    def on_step_error(self, turn: int, message: str) -> None:
+        self.errors.append((turn, message))
+        self.event.set()
+
+    def wait_for(self, count: int, timeout: float = 5.0) -> None:
+        deadline = time.monotonic() + timeout
+        while len(self.outputs) + len(self.errors) < count:
+            assert time.monotonic() < deadline, f"got {len(self.outputs)} of {count}"
+            time.sleep(0.005)
+
+
+class SlowModel(EchoModel):
+    """The echo model with a step that takes ``delay`` seconds, and optional faults."""
+
+    def __init__(self, delay: float = 0.0, fail_on_turn: int | None = None) -> None:
+        super().__init__()
+        self.delay = delay
+        self.fail_on_turn = fail_on_turn
+        self.batches: list[list[tuple[str, int]]] = []
+
+    def step(self, batch: Sequence[TurnInput]) -> list[TurnOutput]:
+        self.batches.append([(c.session_id, c.turn) for c in batch])
+        time.sleep(self.delay)
+        if any(c.turn == self.fail_on_turn for c in batch):
+            raise RuntimeError("boom")
+        return super().step(batch)
+
+
+def chunk(session_id: str, turn: int, value: float = 0.0) -> TurnInput:
+    return TurnInput(session_id, turn, np.full(TURN_SAMPLES, value, dtype=np.float32))
+
+
+@pytest.fixture
+def engine_factory():
+    engines: list[Engine] = []
+
+    def make(model, **kwargs) -> Engine:
+        engine = Engine(model, **kwargs)
+        engine.start()
+        engines.append(engine)
+        return engine
+
+    yield make
+    for engine in engines:
+        engine.stop()
+
+
+def test_echo_returns_each_chunk_one_turn_later(engine_factory):
+    engine = engine_factory(EchoModel())
+    sink = Collector()
+    engine.open_session("a", sink)
+    for turn in range(3):
+        engine.submit(chunk("a", turn, value=turn + 1))
+    sink.wait_for(3)
+    levels = [float(out.audio[0]) for out, _ in sink.outputs]
+    assert [out.turn for out, _ in sink.outputs] == [0, 1, 2]
+    assert levels == [0.0, 1.0, 2.0]
+
+
+def test_sessions_with_closed_chunks_share_one_step(engine_factory):
+    model = SlowModel()
+    engine = engine_factory(model, batch_window_s=0.05)
+    sinks = {name: Collector() for name in "abc"}
+    for name, sink in sinks.items():
+        engine.open_session(name, sink)
+    for name in "abc":
+        engine.submit(chunk(name, 0))
+        time.sleep(0.005)  # chunks close a few ms apart
+    for sink in sinks.values():
+        sink.wait_for(1)
+    assert model.batches == [[("a", 0), ("b", 0), ("c", 0)]]
+    infos = {sink.outputs[0][1] for sink in sinks.values()}
+    assert len(infos) == 1 and infos.pop().batch_size == 3
+
+
+def test_a_slow_step_backs_up_in_order_without_dropping(engine_factory):
+    model = SlowModel(delay=0.25)  # longer than a micro-turn
+    engine = engine_factory(model)
+    sink = Collector()
+    engine.open_session("a", sink)
+    for turn in range(4):
+        engine.submit(chunk("a", turn))
+    sink.wait_for(4)
+    assert [out.turn for out, _ in sink.outputs] == [0, 1, 2, 3]
+    assert all(len(batch) == 1 for batch in model.batches), "one chunk per session per step"
+    assert all(info.overran for _, info in sink.outputs)
+    assert engine.overruns == 4
+
+
+def test_a_failing_step_is_reported_and_the_engine_goes_on(engine_factory):
+    engine = engine_factory(SlowModel(fail_on_turn=1))
+    sink = Collector()
+    engine.open_session("a", sink)
+    for turn in range(3):
+        engine.submit(chunk("a", turn))
+    sink.wait_for(3)
+    assert [turn for turn, _ in sink.errors] == [1]
+    assert "boom" in sink.errors[0][1]
+    assert [out.turn for out, _ in sink.outputs] == [0, 2]
+
+
+def test_closing_a_session_discards_its_queue_and_frees_the_model_state(engine_factory):
+    model = SlowModel(delay=0.1)
+    engine = engine_factory(model)
+    sink = Collector()
+    engine.open_session("a", sink)
+    for turn in range(5):
+        engine.submit(chunk("a", turn))
+    sink.wait_for(1)
+    engine.close_session("a")
+    engine.submit(chunk("a", 9))  # in flight when it closed: ignored
+    time.sleep(0.3)
+    assert len(sink.outputs) <= 2
+    assert engine.session_count == 0
+    deadline = time.monotonic() + 2
+    while "a" in model._previous and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert "a" not in model._previous
+    with pytest.raises(ValueError):
+        engine.submit(TurnInput("b", 0, np.zeros(10, dtype=np.float32)))
+
+
+def test_lead_in_puts_a_new_session_on_the_tick_grid():
+    engine = Engine(EchoModel())
+    for offset in (0.0, 0.013, 0.1, 0.199):
+        closes_at = engine.grid_origin + 5 * TURN_S + offset
+        lead_in = engine.lead_in_samples(closes_at)
+        aligned = closes_at - lead_in / SAMPLE_RATE
+        phase = (aligned - engine.grid_origin) % TURN_S
+        assert min(phase, TURN_S - phase) < 1 / SAMPLE_RATE + 1e-9

@@ -1,0 +1,72 @@
+"""The outgoing track: 20 ms, 48 kHz frames, paced, silence when idle, flushable."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from model.interface import SAMPLE_RATE, TURN_SAMPLES
+from server.media_out import FRAME_SAMPLES, OUTPUT_RATE, OutputAudioTrack
+
+
+def turn_of_tone(hz: float = 300.0) -> np.ndarray:
+    t = np.arange(TURN_SAMPLES) / SAMPLE_RATE
+    return (0.5 * np.sin(2 * np.pi * hz * t)).astype(np.float32)
+
+
+async def receive(track: OutputAudioTrack, count: int) -> list[np.ndarray]:
+    frames = []
+    for _ in range(count):
+        frame = await track.recv()
+        assert frame.sample_rate == OUTPUT_RATE and frame.samples == FRAME_SAMPLES
+        assert frame.format.name == "s16" and frame.layout.name == "mono"
+        frames.append(frame.to_ndarray()[0])
+    return frames
+
+
+async def test_silence_when_nothing_is_queued_with_continuous_timestamps():
+    track = OutputAudioTrack()
+    stamps = []
+    for _ in range(5):
+        frame = await track.recv()
+        stamps.append(frame.pts)
+        assert not frame.to_ndarray().any()
+    assert stamps == [i * FRAME_SAMPLES for i in range(5)]
+    assert track.silent_frames == 5
+
+
+async def test_frames_are_paced_in_real_time():
+    track = OutputAudioTrack()
+    await track.recv()
+    started = time.monotonic()
+    await receive(track, 25)
+    # 25 frames are 500 ms of audio: they cannot all go out faster than that.
+    assert time.monotonic() - started >= 0.45
+
+
+async def test_a_queued_turn_plays_after_the_playout_delay_and_then_in_full():
+    track = OutputAudioTrack(playout_delay_ms=40)
+    track.enqueue(turn_of_tone())
+    frames = await receive(track, 14)
+    loud = [i for i, f in enumerate(frames) if np.abs(f).max() > 1000]
+    assert loud[0] >= 2, "waits ~40 ms before starting"
+    played = np.concatenate([frames[i] for i in loud]).astype(np.float32) / 32768
+    # 200 ms in, up to one frame of it held back by the resampler for the next turn.
+    assert OUTPUT_RATE * 0.18 <= played.size <= OUTPUT_RATE * 0.2
+    t = np.arange(played.size) / OUTPUT_RATE
+    reference = 0.5 * np.sin(2 * np.pi * 300.0 * t)
+    best = max(np.corrcoef(played[lag:], reference[: played.size - lag])[0, 1] for lag in range(40))
+    assert best > 0.99
+
+
+async def test_flush_drops_queued_audio_at_once():
+    track = OutputAudioTrack(playout_delay_ms=0)
+    for _ in range(3):
+        track.enqueue(turn_of_tone())
+    assert track.queued_ms >= 590
+    await receive(track, 2)
+    dropped = track.flush()
+    assert dropped >= 25 and track.queued_ms == 0
+    frames = await receive(track, 3)
+    assert not any(f.any() for f in frames), "silence right after a barge-in"
