@@ -13,8 +13,10 @@ APT_GET := $(if $(shell [ "$$(id -u)" = 0 ] && echo root),apt-get,sudo apt-get)
 
 .PHONY: serve test install install-dev browser clean
 
+# Debian's Python needs python3-venv for `-m venv`; install it if that is missing.
 $(BIN)/python:
-	$(PYTHON) -m venv $(VENV)
+	$(PYTHON) -m venv $(VENV) || { rm -rf $(VENV) && $(APT_GET) update -q && \
+		DEBIAN_FRONTEND=noninteractive $(APT_GET) install -y -q python3-venv && $(PYTHON) -m venv $(VENV); }
 	$(PIP) install -q --upgrade pip
 
 # Stamps: reinstall only when the project's dependencies change.
