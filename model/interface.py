@@ -31,6 +31,7 @@ class TurnInput:
     turn: int
     audio: np.ndarray  # float32, shape (TURN_SAMPLES,), 16 kHz mono, [-1, 1]
     text: str = ""  # typed text or background results entering this micro-turn
+    video: np.ndarray | None = None  # newest camera frame, (height, width, 3) uint8 RGB
 
 
 @dataclass(slots=True)

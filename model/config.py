@@ -1,0 +1,137 @@
+"""Model configuration: one frozen dataclass, two presets, and the token layout it implies."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from model import dmel
+
+# Text is bytes plus a few markers; no downloaded tokenizer.
+NO_TEXT = 256  # "nothing to say in text" at an output position / an empty input slot
+TASK_OPEN, TASK_CLOSE = 257, 258  # the model's request to the background model
+RESULT_OPEN, RESULT_CLOSE = 259, 260  # a background result entering as text input
+TEXT_VOCAB = 264  # 261 used, rounded up
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    preset: str = "custom"
+    d_model: int = 128
+    n_layers: int = 4
+    n_heads: int = 4
+    # Mixture of experts: routed SwiGLU experts (top-k of n) plus one shared expert.
+    n_experts: int = 8
+    top_k: int = 2
+    expert_hidden: int = 256
+    shared_hidden: int = 256
+    # Token layout of one micro-turn (16 dMel frames).
+    frames_per_audio_token: int = 4
+    text_in_slots: int = 4  # input text bytes per micro-turn; the rest waits its turn
+    out_positions: int = 4  # output positions, each one text byte + one audio patch
+    video_size: int = 80  # camera frames are resized to this square; 0 disables video
+    patch: int = 40
+    # Streaming memory: attention sees the first ``sinks`` tokens plus the last ``window``.
+    window: int = 4096
+    sinks: int = 16
+    rope_base: float = 10_000.0
+    # Audio output head: per-channel bin classification, or flow matching on log-mel.
+    audio_head: Literal["classify", "flow"] = "classify"
+    flow_hidden: int = 256
+    flow_layers: int = 3
+    flow_steps: int = 4
+
+    def __post_init__(self) -> None:
+        if self.d_model % self.n_heads:
+            raise ValueError("d_model must be divisible by n_heads")
+        if self.video_size and self.video_size % self.patch:
+            raise ValueError("video_size must be a multiple of patch")
+        if self.audio_head not in ("classify", "flow"):
+            raise ValueError(f"unknown audio_head {self.audio_head!r}")
+        if self.frames_per_turn % self.frames_per_audio_token:
+            raise ValueError("frames_per_audio_token must divide the 16 frames of a micro-turn")
+        if self.frames_per_turn % self.out_positions:
+            raise ValueError("out_positions must divide the 16 frames of a micro-turn")
+
+    # -- derived layout ----------------------------------------------------------
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    @property
+    def frames_per_turn(self) -> int:
+        return 200 * dmel.SAMPLE_RATE // 1000 // dmel.HOP  # 16
+
+    @property
+    def audio_in_tokens(self) -> int:
+        return self.frames_per_turn // self.frames_per_audio_token
+
+    @property
+    def video_tokens(self) -> int:
+        return (self.video_size // self.patch) ** 2 if self.video_size else 0
+
+    @property
+    def input_tokens(self) -> int:
+        return self.audio_in_tokens + self.text_in_slots + self.video_tokens
+
+    @property
+    def frames_per_output(self) -> int:
+        return self.frames_per_turn // self.out_positions
+
+    @property
+    def tokens_per_turn(self) -> int:
+        return self.input_tokens + self.out_positions
+
+    @property
+    def max_append(self) -> int:
+        """Most tokens one forward pass appends: the previous turn's last output + inputs."""
+        return 1 + self.input_tokens
+
+    # -- persistence -----------------------------------------------------------------
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> ModelConfig:
+        data: dict[str, Any] = json.loads(text)
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown config fields {unknown}")
+        return cls(**data)
+
+
+PRESETS: dict[str, ModelConfig] = {
+    # Trains and serves on 2 CPU cores: ~3M parameters, ~1.5M active per token.
+    "tiny": ModelConfig(preset="tiny"),
+    # Sized for one H100: ~600M parameters, ~130M active per token.
+    "gpu": ModelConfig(
+        preset="gpu",
+        d_model=1024,
+        n_layers=16,
+        n_heads=16,
+        n_experts=16,
+        top_k=2,
+        expert_hidden=1536,
+        shared_hidden=2048,
+        text_in_slots=8,
+        video_size=160,
+        window=16_384,
+        sinks=64,
+        flow_hidden=1024,
+        flow_layers=4,
+        flow_steps=8,
+    ),
+}
+
+
+def preset(name: str, **overrides: Any) -> ModelConfig:
+    try:
+        base = PRESETS[name]
+    except KeyError:
+        raise ValueError(f"unknown preset {name!r}; choose from {sorted(PRESETS)}") from None
+    return dataclasses.replace(base, **overrides)

@@ -1,0 +1,149 @@
+"""The interaction model: early-fused inputs, MoE trunk, text and audio heads.
+
+One micro-turn of one session, as tokens (ModelConfig gives the sizes):
+
+    [audio_in × 4] [text_in × 4] [video × 4] | [out_0] [out_1] [out_2] [out_3]
+     16 dMel frames  bytes/markers  40×40 patches  each: one text byte + one audio patch
+
+Output tokens are generated one after another: the hidden state of a token predicts
+the next output. The last input token predicts out_0; out_0's embedding (its own
+byte and audio patch) predicts out_1; and so on. The last output is fed at the
+start of the next micro-turn, so the sequence is the same as ``layout`` builds
+for training: in_0, out_0, in_1, out_1, ...
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from model import dmel
+from model.config import NO_TEXT, TEXT_VOCAB, ModelConfig
+from model.heads import make_audio_head
+from model.transformer import Transformer
+
+ROLE_AUDIO_IN, ROLE_TEXT_IN, ROLE_VIDEO, ROLE_OUTPUT = range(4)
+
+
+class AudioBag(nn.Module):
+    """A token from several dMel frames: the sum of one embedding per (frame, channel, bin)."""
+
+    def __init__(self, frames: int, dim: int) -> None:
+        super().__init__()
+        self.frames = frames
+        self.table = nn.Parameter(torch.randn(frames * dmel.N_MELS * dmel.N_BINS, dim) * 0.02)
+        offsets = torch.arange(frames * dmel.N_MELS) * dmel.N_BINS
+        self.register_buffer("offsets", offsets, persistent=False)
+
+    def forward(self, bins: torch.Tensor) -> torch.Tensor:
+        """bins (..., frames·k, mels) -> (..., k, dim)."""
+        lead = bins.shape[:-2]
+        grouped = bins.reshape(-1, self.frames * dmel.N_MELS) + self.offsets
+        return F.embedding_bag(grouped, self.table, mode="sum").view(*lead, -1, self.table.shape[1])
+
+
+class VideoStem(nn.Module):
+    """hMLP stem: each 40×40 patch -> one token, in three non-overlapping stages
+    (4×4, then 2×2, then 5×5 pixels; kernel = stride, so patches never mix).
+    LayerNorm, not BatchNorm: a frame's tokens never depend on the rest of the batch."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        widths = [config.d_model // 4, config.d_model // 4, config.d_model]
+        self.stages = nn.ModuleList()
+        channels = 3
+        for kernel, width in zip((4, 2, 5), widths, strict=True):
+            self.stages.append(nn.ModuleDict({
+                "proj": nn.Linear(channels * kernel * kernel, width),
+                "norm": nn.LayerNorm(width),
+            }))
+            channels = width
+        self.kernels = (4, 2, 5)
+
+    def forward(self, frames: torch.Tensor) -> torch.Tensor:
+        """frames (n, 3, S, S) in [0, 1] -> (n, (S/40)², d)."""
+        n, s = frames.shape[0], self.config.video_size
+        grid = s // self.config.patch
+        x = frames.permute(0, 2, 3, 1)  # (n, S, S, C)
+        for kernel, stage in zip(self.kernels, self.stages, strict=True):
+            h, w, c = x.shape[1] // kernel, x.shape[2] // kernel, x.shape[3]
+            x = x.reshape(n, h, kernel, w, kernel, c).permute(0, 1, 3, 2, 4, 5).reshape(n, h, w, -1)
+            x = F.gelu(stage["norm"](stage["proj"](x)))
+        return x.reshape(n, grid * grid, -1)
+
+
+class InteractionModel(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        d = config.d_model
+        self.audio_in = AudioBag(config.frames_per_audio_token, d)
+        self.audio_out = AudioBag(config.frames_per_output, d)
+        self.text = nn.Embedding(TEXT_VOCAB, d)
+        self.roles = nn.Embedding(4, d)
+        if config.video_tokens:
+            self.video = VideoStem(config)
+            self.no_video = nn.Parameter(torch.zeros(config.video_tokens, d))
+        self.trunk = Transformer(config)
+        self.text_head = nn.Linear(d, TEXT_VOCAB)
+        self.audio_head = make_audio_head(config)
+        nn.init.normal_(self.text.weight, std=0.02)
+
+    def resize_video(self, frame: torch.Tensor) -> torch.Tensor:
+        """(3, H, W) float in [0, 1] -> (3, S, S), the model's video size."""
+        size = self.config.video_size
+        return F.interpolate(frame[None], size=(size, size), mode="bilinear", antialias=True, align_corners=False)[0]
+
+    def embed_inputs(self, bins: torch.Tensor, text: torch.Tensor, video: torch.Tensor | None,
+                     has_video: torch.Tensor | None = None) -> torch.Tensor:
+        """One micro-turn's inputs for n sessions -> (n, input_tokens, d).
+
+        bins (n, 16, mels); text (n, text_in_slots) ids; video (n, 3, S, S) or None;
+        has_video (n,) bool: rows without a camera frame get the learned "no video".
+        """
+        roles = self.roles.weight
+        parts = [self.audio_in(bins) + roles[ROLE_AUDIO_IN], self.text(text) + roles[ROLE_TEXT_IN]]
+        if self.config.video_tokens:
+            n = bins.shape[0]
+            tokens = self.no_video.expand(n, -1, -1)
+            if video is not None:
+                seen = self.video(video)[:n]  # the caller may pad the batch (batch invariance)
+                mask = has_video[:n].view(n, 1, 1) if has_video is not None else torch.ones(n, 1, 1, dtype=torch.bool)
+                tokens = torch.where(mask, seen, tokens)
+            parts.append(tokens + roles[ROLE_VIDEO])
+        return torch.cat(parts, dim=1)
+
+    def embed_outputs(self, text: torch.Tensor, mel: torch.Tensor) -> torch.Tensor:
+        """Generated outputs fed back: text ids (n,), log-mel (n, frames, mels) -> (n, d)."""
+        audio = self.audio_out(dmel.quantize(mel)).squeeze(-2)
+        return self.text(text) + audio + self.roles.weight[ROLE_OUTPUT]
+
+    def embed_output_targets(self, text: torch.Tensor, bins: torch.Tensor) -> torch.Tensor:
+        """Teacher forcing: text (..., k) ids and bins (..., k·frames, mels) -> (..., k, d)."""
+        audio = self.audio_out(bins)
+        return self.text(text) + audio + self.roles.weight[ROLE_OUTPUT]
+
+    def sample_text(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Greedy text byte (or NO_TEXT) per row."""
+        return self.text_head(hidden).argmax(-1)
+
+    def layout(self, inputs: torch.Tensor, outputs: torch.Tensor) -> torch.Tensor:
+        """Interleave micro-turns into one sequence (training, and the streaming reference).
+
+        inputs (b, turns, input_tokens, d) and outputs (b, turns, out_positions, d)
+        -> (b, turns·tokens_per_turn, d): in_0, out_0, in_1, out_1, ...
+        """
+        b, turns = inputs.shape[:2]
+        return torch.cat([inputs, outputs], dim=2).reshape(b, turns * self.config.tokens_per_turn, -1)
+
+    def predictor_positions(self, turns: int) -> torch.Tensor:
+        """(turns, out_positions): the sequence index whose hidden state predicts each output."""
+        c = self.config
+        base = torch.arange(turns)[:, None] * c.tokens_per_turn + c.input_tokens - 1
+        return base + torch.arange(c.out_positions)[None, :]
+
+
+def no_text(n: int, slots: int) -> torch.Tensor:
+    return torch.full((n, slots), NO_TEXT, dtype=torch.int64)

@@ -1,0 +1,155 @@
+"""The interaction model as a serving engine: many sessions, one batched step.
+
+Implements ``model.interface.MicroTurnModel``. Each session owns a KV pool slot
+and a little streaming state (dMel left context, vocoder phase, the output token
+waiting to be fed, queued input text, its own random generator). A step runs
+``out_positions`` forward passes over the whole batch: the first appends every
+session's new input tokens to its cache, each later one a single output token.
+"""
+
+from __future__ import annotations
+
+import codecs
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from model import dmel
+from model.config import NO_TEXT, RESULT_CLOSE, RESULT_OPEN, TASK_CLOSE, TASK_OPEN
+from model.interaction import InteractionModel
+from model.interface import TurnInput, TurnOutput
+from model.kv import KVPool
+from model.transformer import ROW_MULTIPLE, Segment, StreamBatch, pad_rows
+from model.vocoder import VocoderState, vocode_chunk
+
+MARKER_TEXT = {TASK_OPEN: "<task>", TASK_CLOSE: "</task>", RESULT_OPEN: "<result>", RESULT_CLOSE: "</result>"}
+
+
+@dataclass
+class _Session:
+    slot: int
+    generator: torch.Generator
+    dmel_context: torch.Tensor = field(default_factory=lambda: torch.zeros(1, dmel.CONTEXT))
+    vocoder: VocoderState = field(default_factory=VocoderState.silence)
+    pending: torch.Tensor | None = None  # (1, d): last output of the previous micro-turn
+    text_queue: bytearray = field(default_factory=bytearray)
+    decoder: codecs.IncrementalDecoder = field(default_factory=lambda: codecs.getincrementaldecoder("utf-8")("replace"))
+
+
+class StreamingModel:
+    """The ``model`` engine. Every method is called from the engine thread only."""
+
+    name = "model"
+
+    def __init__(self, model: InteractionModel, max_sessions: int = 64, seed: int = 0,
+                 temperature: float = 0.0, weights: str = "random") -> None:
+        self.model = model.eval()
+        self.config = model.config
+        self.pool = KVPool(self.config, max_sessions)
+        self.seed = seed
+        self.temperature = temperature
+        self.weights = weights  # what the page shows: "random" or the checkpoint's name
+        self._sessions: dict[str, _Session] = {}
+
+    def open_session(self, session_id: str) -> None:
+        slot = self.pool.open(session_id)
+        # Seeded from the session id (not Python's salted hash): reproducible runs.
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + zlib.crc32(session_id.encode()))
+        self._sessions[session_id] = _Session(slot, generator)
+
+    def close_session(self, session_id: str) -> None:
+        if self._sessions.pop(session_id, None) is not None:
+            self.pool.close(session_id)
+
+    @torch.inference_mode()
+    def step(self, batch: Sequence[TurnInput]) -> list[TurnOutput]:
+        sessions = [self._sessions[chunk.session_id] for chunk in batch]
+        model, config = self.model, self.config
+        n = len(batch)
+
+        audio = torch.from_numpy(np.stack([chunk.audio for chunk in batch]))
+        contexts = torch.cat([s.dmel_context for s in sessions])
+        bins, contexts = dmel.dmel_chunk(contexts, audio)
+        for i, session in enumerate(sessions):
+            session.dmel_context = contexts[i : i + 1]
+        text = self._take_text(batch, sessions)
+        video, has_video = self._video(batch)
+        inputs = model.embed_inputs(bins, text, video, has_video)
+
+        first = [inputs[i] if s.pending is None else torch.cat([s.pending, inputs[i]]) for i, s in enumerate(sessions)]
+        hidden = self._forward(sessions, first)
+        texts, mels = [], []
+        for position in range(config.out_positions):
+            text_ids = model.text_head(pad_rows(hidden))[:n].argmax(-1)
+            mel = model.audio_head.sample(hidden, [s.generator for s in sessions], self.temperature)
+            texts.append(text_ids)
+            mels.append(mel)
+            fed_back = model.embed_outputs(text_ids, mel)
+            if position + 1 < config.out_positions:
+                hidden = self._forward(sessions, [fed_back[i : i + 1] for i in range(n)])
+        for i, session in enumerate(sessions):
+            session.pending = fed_back[i : i + 1].clone()
+
+        voice, states = vocode_chunk(VocoderState.stack([s.vocoder for s in sessions]), torch.cat(mels, dim=1))
+        for session, state in zip(sessions, states.unstack(), strict=True):
+            session.vocoder = state
+        spoken = torch.stack(texts, dim=1)  # (n, out_positions)
+        return [
+            TurnOutput(chunk.session_id, chunk.turn, voice[i].clamp(-1, 1).numpy().astype(np.float32),
+                       self._decode(session, spoken[i].tolist()))
+            for i, (chunk, session) in enumerate(zip(batch, sessions, strict=True))
+        ]
+
+    def _forward(self, sessions: list[_Session], tokens: list[torch.Tensor]) -> torch.Tensor:
+        """Append each session's new tokens; return each session's last hidden state (n, d)."""
+        segments, positions, start = [], [], 0
+        for session, new in zip(sessions, tokens, strict=True):
+            index, pos = self.pool.reserve(session.slot, new.shape[0])
+            segments.append(Segment(session.slot, start, new.shape[0], index))
+            positions.append(pos)
+            start += new.shape[0]
+        rows = pad_rows(torch.cat(tokens))
+        row_positions = torch.zeros(rows.shape[0], dtype=torch.int64)
+        row_positions[:start] = torch.cat(positions)
+        hidden = self.model.trunk.forward_stream(rows, StreamBatch(segments, row_positions), self.pool)
+        return hidden[[seg.start + seg.count - 1 for seg in segments]]
+
+    def _take_text(self, batch: Sequence[TurnInput], sessions: list[_Session]) -> torch.Tensor:
+        """Up to ``text_in_slots`` queued bytes per session; the rest waits for later turns."""
+        slots = self.config.text_in_slots
+        ids = torch.full((len(batch), slots), NO_TEXT, dtype=torch.int64)
+        for i, (chunk, session) in enumerate(zip(batch, sessions, strict=True)):
+            if chunk.text:
+                session.text_queue += chunk.text.encode("utf-8")
+            taken = session.text_queue[:slots]
+            del session.text_queue[:slots]
+            ids[i, : len(taken)] = torch.tensor(list(taken), dtype=torch.int64)
+        return ids
+
+    def _video(self, batch: Sequence[TurnInput]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        if not self.config.video_tokens or all(chunk.video is None for chunk in batch):
+            return None, None
+        size = self.config.video_size
+        frames = torch.zeros(len(batch), 3, size, size)
+        has_video = torch.zeros(len(batch), dtype=torch.bool)
+        for i, chunk in enumerate(batch):
+            if chunk.video is not None:
+                rgb = torch.from_numpy(np.ascontiguousarray(chunk.video)).permute(2, 0, 1).float() / 255
+                frames[i] = self.model.resize_video(rgb)
+                has_video[i] = True
+        extra = (-len(batch)) % ROW_MULTIPLE  # keep the stem's matmuls batch-invariant
+        return torch.cat([frames, frames.new_zeros(extra, 3, size, size)]), torch.cat(
+            [has_video, has_video.new_zeros(extra)])
+
+    @staticmethod
+    def _decode(session: _Session, ids: list[int]) -> str:
+        parts = []
+        for token in ids:
+            if token < 256:
+                parts.append(session.decoder.decode(bytes([token])))
+            elif token in MARKER_TEXT:
+                parts.append(MARKER_TEXT[token])
+        return "".join(parts)

@@ -1,0 +1,211 @@
+"""The transformer trunk: RMSNorm, RoPE, windowed attention over a KV pool, and MoE.
+
+Two ways through the same weights:
+- ``forward_full``: a batch of whole sequences (training, and the reference the
+  streaming path is tested against);
+- ``forward_stream``: new tokens of many sessions, each appended to its own cache
+  in the KV pool, all in one pass.
+
+Batch invariance (a session's bits do not depend on who shares its batch) is kept
+by construction, not by luck: on this CPU a matmul's rows come out bit-identical
+for any row count that is a multiple of 8, but not otherwise (measured; gemv and
+odd-sized gemm take other kernels). So every matmul here sees a row count padded
+to ``ROW_MULTIPLE``, attention runs per session over that session's own keys,
+and the MoE pads each expert's group of rows the same way.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from model.attention import attend
+from model.config import ModelConfig
+from model.kv import KVPool
+
+ROW_MULTIPLE = 16
+
+
+def pad_rows(x: torch.Tensor, multiple: int = ROW_MULTIPLE) -> torch.Tensor:
+    extra = (-x.shape[0]) % multiple
+    return F.pad(x, (0, 0, 0, extra)) if extra else x
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.rsqrt(x.square().mean(-1, keepdim=True) + self.eps) * self.weight
+
+
+def rope(x: torch.Tensor, positions: torch.Tensor, base: float) -> torch.Tensor:
+    """Rotate (..., tokens, heads, head_dim) by each token's absolute position."""
+    half = x.shape[-1] // 2
+    inv_freq = base ** (-torch.arange(half, device=x.device, dtype=torch.float32) / half)
+    angles = positions.to(torch.float32)[:, None] * inv_freq  # (tokens, half)
+    cos, sin = angles.cos()[:, None, :], angles.sin()[:, None, :]
+    x1, x2 = x[..., :half], x[..., half:]
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.gate_up = nn.Linear(dim, 2 * hidden, bias=False)
+        self.down = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        return self.down(F.silu(gate) * up)
+
+
+class MoE(nn.Module):
+    """Routed SwiGLU experts (top-k, sigmoid scores) plus an always-on shared expert.
+
+    ``route_bias`` shifts which experts are *selected* (load balancing, adjusted
+    by training) but not how their outputs are *weighted*.
+    """
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        e, d, h = config.n_experts, config.d_model, config.expert_hidden
+        self.top_k = config.top_k
+        self.router = nn.Linear(d, e, bias=False)
+        self.register_buffer("route_bias", torch.zeros(e))
+        self.w_gate_up = nn.Parameter(torch.randn(e, 2 * h, d) / math.sqrt(d))
+        self.w_down = nn.Parameter(torch.randn(e, d, h) / math.sqrt(h))
+        self.shared = SwiGLU(d, config.shared_hidden)
+
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(expert ids (N, k), weights (N, k)) for each row of x (N, d)."""
+        scores = torch.sigmoid(self.router(x))
+        chosen = torch.topk(scores + self.route_bias, self.top_k, dim=-1).indices
+        weights = scores.gather(-1, chosen)
+        return chosen, weights / weights.sum(-1, keepdim=True)
+
+    def forward(self, x: torch.Tensor, path: str = "grouped") -> torch.Tensor:
+        chosen, weights = self.route(x)
+        routed = self.routed_grouped(x, chosen) if path == "grouped" else self.routed_gather(x, chosen)
+        return self.shared(x) + (routed * weights.unsqueeze(-1)).sum(1)
+
+    def routed_gather(self, x: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
+        """Decode path: gather each token's k experts' weights, one small matmul each."""
+        n, k = chosen.shape
+        rows = x.repeat_interleave(k, dim=0).unsqueeze(1)  # (n·k, 1, d)
+        flat = chosen.reshape(-1)
+        gate, up = torch.bmm(rows, self.w_gate_up[flat].transpose(1, 2)).chunk(2, dim=-1)
+        out = torch.bmm(F.silu(gate) * up, self.w_down[flat].transpose(1, 2))
+        return out.reshape(n, k, -1)
+
+    def routed_grouped(self, x: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
+        """Prefill/training path: sort (token, expert) pairs by expert, one grouped matmul.
+
+        Each expert's group is padded to ROW_MULTIPLE rows (see the module docstring).
+        """
+        n, k = chosen.shape
+        flat = chosen.reshape(-1)
+        order = torch.argsort(flat, stable=True)
+        counts = torch.bincount(flat, minlength=self.w_down.shape[0])
+        padded_counts = (counts + ROW_MULTIPLE - 1) // ROW_MULTIPLE * ROW_MULTIPLE
+        group_starts = torch.cumsum(padded_counts, 0) - padded_counts
+        sorted_experts = flat[order]
+        rank_in_group = torch.arange(order.numel(), device=x.device) - (torch.cumsum(counts, 0) - counts)[sorted_experts]
+        slots = group_starts[sorted_experts] + rank_in_group  # where each pair lands, padded layout
+        total = int(padded_counts.sum())
+        rows = x.new_zeros(total, x.shape[1])
+        rows[slots] = x[order // k]
+        offsets = torch.cumsum(padded_counts, 0).to(torch.int32)
+        gate, up = F.grouped_mm(rows, self.w_gate_up.transpose(1, 2), offs=offsets).chunk(2, dim=-1)
+        out = F.grouped_mm(F.silu(gate) * up, self.w_down.transpose(1, 2), offs=offsets)
+        result = x.new_empty(n * k, x.shape[1])
+        result[order] = out[slots]
+        return result.reshape(n, k, -1)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.qkv = nn.Linear(config.d_model, 3 * config.d_model, bias=False)
+        self.out = nn.Linear(config.d_model, config.d_model, bias=False)
+
+    def _project(self, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        c = self.config
+        q, k, v = self.qkv(x).view(x.shape[0], 3, c.n_heads, c.head_dim).unbind(1)
+        return rope(q, positions, c.rope_base), rope(k, positions, c.rope_base), v
+
+    def forward_stream(self, x: torch.Tensor, batch: StreamBatch, pool: KVPool, layer: int) -> torch.Tensor:
+        """x: (rows, d), the new tokens of every session in ``batch``, in order."""
+        q, k, v = self._project(x, batch.row_positions)
+        out = torch.zeros_like(q)
+        for seg in batch.segments:
+            rows = slice(seg.start, seg.start + seg.count)
+            pool.write(layer, seg.slot, seg.cache_index, k[rows], v[rows])
+            keys, values, key_positions = pool.read(layer, seg.slot)
+            out[rows] = attend(q[rows], keys, values, batch.row_positions[rows], key_positions, self.config)
+        return self.out(out.reshape(x.shape[0], -1))
+
+    def forward_full(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """x: (batch, tokens, d), every sequence starting at position 0."""
+        b, t, d = x.shape
+        q, k, v = self._project(x.reshape(b * t, d), positions.repeat(b))
+        q, k, v = (z.view(b, t, self.config.n_heads, -1) for z in (q, k, v))
+        out = torch.stack([attend(q[i], k[i], v[i], positions, positions, self.config) for i in range(b)])
+        return self.out(out.reshape(b * t, d)).view(b, t, d)
+
+
+@dataclass(frozen=True, slots=True)
+class Segment:
+    """One session's new tokens in a streaming pass."""
+
+    slot: int  # the session's KV pool slot
+    start: int  # first row in the pass
+    count: int  # rows (tokens) it appends
+    cache_index: torch.Tensor  # where they go in the session's cache
+
+
+@dataclass(frozen=True, slots=True)
+class StreamBatch:
+    segments: list[Segment]
+    row_positions: torch.Tensor  # absolute position of every row (padding rows: 0)
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.attn_norm = RMSNorm(config.d_model)
+        self.attn = Attention(config)
+        self.ffn_norm = RMSNorm(config.d_model)
+        self.ffn = MoE(config)
+
+
+class Transformer(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layers))
+        self.norm = RMSNorm(config.d_model)
+
+    def forward_full(self, x: torch.Tensor, moe_path: str = "grouped") -> torch.Tensor:
+        """x: (batch, tokens, d) embeddings from position 0 -> hidden states, same shape."""
+        b, t, d = x.shape
+        positions = torch.arange(t, device=x.device)
+        for block in self.blocks:
+            x = x + block.attn.forward_full(block.attn_norm(x), positions)
+            flat = x.reshape(b * t, d)
+            x = (flat + block.ffn(block.ffn_norm(flat), moe_path)).view(b, t, d)
+        return self.norm(x)
+
+    def forward_stream(self, x: torch.Tensor, batch: StreamBatch, pool: KVPool, moe_path: str = "grouped") -> torch.Tensor:
+        """x: (rows, d) new tokens, rows a multiple of ROW_MULTIPLE -> hidden states (rows, d)."""
+        for layer, block in enumerate(self.blocks):
+            x = x + block.attn.forward_stream(block.attn_norm(x), batch, pool, layer)
+            x = x + block.ffn(block.ffn_norm(x), moe_path)
+        return self.norm(x)

@@ -1,0 +1,111 @@
+"""Mel -> waveform with no learned weights: streaming Griffin-Lim.
+
+The magnitude spectrum is recovered from log-mel with the filterbank's
+pseudo-inverse; the phase is found by Griffin-Lim iterations over a short span:
+``context`` frames carried from the previous chunk (their phase already
+estimated) plus the chunk's 16 new frames, whose phase starts from the last
+frame's phase advanced at each bin's frequency. Samples already emitted are held
+fixed during the iterations, so chunks join without seams.
+
+Frames follow dmel.py's causal alignment, and a sample is final only once every
+frame overlapping it is known: each chunk's audio lags its mel frames by
+WINDOW − HOP = 600 samples (37.5 ms).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import astuple, dataclass
+
+import torch
+import torch.nn.functional as F
+
+from model import dmel
+
+_N_BINS = dmel.N_FFT // 2 + 1
+_WINDOW = torch.hann_window(dmel.WINDOW, periodic=True)
+_MEL_PINV = torch.linalg.pinv(dmel.mel_filterbank())  # (fft bins, mels)
+# Phase advance per hop of a bin's centre frequency, for initialising new frames.
+_PHASE_STEP = 2 * math.pi * torch.arange(_N_BINS) * dmel.HOP / dmel.N_FFT
+
+
+def mel_to_magnitude(log_mel: torch.Tensor) -> torch.Tensor:
+    """(..., frames, mels) log10 mel magnitude -> (..., frames, fft bins) linear magnitude."""
+    return (10.0 ** log_mel @ _MEL_PINV.T).clamp_min(0.0)
+
+
+def analyse(audio: torch.Tensor) -> torch.Tensor:
+    """(b, samples) -> complex STFT (b, frames, bins), frames every HOP, no padding."""
+    return torch.fft.rfft(audio.unfold(-1, dmel.WINDOW, dmel.HOP) * _WINDOW, n=dmel.N_FFT)
+
+
+def synthesise(spectrum: torch.Tensor) -> torch.Tensor:
+    """Weighted overlap-add inverse of ``analyse``: (b, frames, bins) -> (b, samples)."""
+    frames = spectrum.shape[1]
+    pieces = torch.fft.irfft(spectrum, n=dmel.N_FFT)[..., : dmel.WINDOW] * _WINDOW
+    length = dmel.HOP * (frames - 1) + dmel.WINDOW
+    norm = _overlap_add(_WINDOW.square().expand(1, frames, -1), length)
+    return _overlap_add(pieces, length) / norm.clamp_min(1e-3)
+
+
+def _overlap_add(pieces: torch.Tensor, length: int) -> torch.Tensor:
+    """(b, frames, WINDOW) -> (b, length), frame f added at sample f·HOP."""
+    folded = F.fold(pieces.transpose(1, 2), (1, length), (1, dmel.WINDOW), stride=(1, dmel.HOP))
+    return folded.view(pieces.shape[0], length)
+
+
+@dataclass
+class VocoderState:
+    """What the stream carries between chunks, for a batch of sessions (one row each)."""
+
+    spectrum: torch.Tensor  # (b, context, bins) complex: the last frames, phase estimated
+    magnitude: torch.Tensor  # (b, context, bins)
+    committed: torch.Tensor  # (b, context·HOP) samples already emitted that new frames overlap
+
+    @classmethod
+    def silence(cls, batch: int = 1, context: int = 8) -> VocoderState:
+        return cls(torch.zeros(batch, context, _N_BINS, dtype=torch.complex64),
+                   torch.zeros(batch, context, _N_BINS), torch.zeros(batch, dmel.HOP * context))
+
+    @classmethod
+    def stack(cls, states: list[VocoderState]) -> VocoderState:
+        return cls(*(torch.cat(parts) for parts in zip(*(astuple(s) for s in states), strict=True)))
+
+    def unstack(self) -> list[VocoderState]:
+        return [VocoderState(*(t[i : i + 1] for t in astuple(self))) for i in range(self.spectrum.shape[0])]
+
+
+def vocode_chunk(state: VocoderState, log_mel: torch.Tensor, iterations: int = 16) -> tuple[torch.Tensor, VocoderState]:
+    """(b, n, mels) log-mel of n new frames -> ((b, n·HOP) samples, 600 behind; next state)."""
+    b, n, _ = log_mel.shape
+    c = state.spectrum.shape[1]
+    magnitude = torch.cat([state.magnitude, mel_to_magnitude(log_mel)], dim=1)
+    last_phase = torch.angle(state.spectrum[:, -1])
+    steps = torch.arange(1, n + 1)[:, None] * _PHASE_STEP
+    new_frames = torch.polar(magnitude[:, c:], last_phase[:, None, :] + steps)
+    spectrum = torch.cat([state.spectrum, new_frames], dim=1)
+    fixed = state.committed.shape[1]
+    for step in range(iterations + 1):
+        audio = synthesise(spectrum)
+        audio[:, :fixed] = state.committed  # what was emitted stays as it was
+        if step < iterations:
+            spectrum = magnitude * torch.exp(1j * torch.angle(analyse(audio)))
+    # Samples before the first frame not yet known are final.
+    out = audio[:, fixed : fixed + n * dmel.HOP]
+    following = VocoderState(spectrum[:, -c:].clone(), magnitude[:, -c:].clone(),
+                             audio[:, n * dmel.HOP : n * dmel.HOP + fixed].clone())
+    return out, following
+
+
+def griffin_lim(log_mel: torch.Tensor, iterations: int = 64) -> torch.Tensor:
+    """Whole-utterance Griffin-Lim (the reference the stream is compared with).
+
+    (b, frames, mels) -> (b, frames·HOP) samples, aligned like the stream's output.
+    """
+    b, frames, _ = log_mel.shape
+    magnitude = mel_to_magnitude(log_mel)
+    phase = torch.cumsum(_PHASE_STEP.expand(frames, -1), 0)
+    spectrum = magnitude * torch.exp(1j * phase)
+    for _ in range(iterations):
+        spectrum = magnitude * torch.exp(1j * torch.angle(analyse(synthesise(spectrum))))
+    return synthesise(spectrum)[:, : frames * dmel.HOP]

@@ -1,0 +1,55 @@
+"""Checkpoints: weights in safetensors, the config beside them as JSON.
+
+A checkpoint is a directory holding ``model.safetensors`` and ``config.json``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from model.config import ModelConfig
+from model.interaction import InteractionModel
+
+WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+
+
+def save_checkpoint(model: InteractionModel, directory: str | Path) -> Path:
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    state = {name: tensor.detach().contiguous().cpu() for name, tensor in model.state_dict().items()}
+    save_file(state, directory / WEIGHTS_FILE, metadata={"config": model.config.to_json()})
+    (directory / CONFIG_FILE).write_text(model.config.to_json() + "\n")
+    return directory
+
+
+def load_checkpoint(directory: str | Path, expect: ModelConfig | None = None,
+                    map_location: str | torch.device = "cpu") -> InteractionModel:
+    """Load a checkpoint; ``expect`` (if given) must match the stored config."""
+    directory = Path(directory)
+    config = ModelConfig.from_json((directory / CONFIG_FILE).read_text())
+    if expect is not None and expect != config:
+        differ = [
+            f"{f.name}: checkpoint {getattr(config, f.name)!r}, expected {getattr(expect, f.name)!r}"
+            for f in dataclasses.fields(ModelConfig)
+            if getattr(config, f.name) != getattr(expect, f.name)
+        ]
+        raise ValueError(f"checkpoint {directory} has another config: " + "; ".join(differ))
+    model = InteractionModel(config)
+    state = load_file(directory / WEIGHTS_FILE, device=str(map_location))
+    own = model.state_dict()
+    problems = [f"missing {name}" for name in own if name not in state]
+    problems += [f"unexpected {name}" for name in state if name not in own]
+    problems += [
+        f"{name}: checkpoint {tuple(state[name].shape)}, config {tuple(own[name].shape)}"
+        for name in own
+        if name in state and state[name].shape != own[name].shape
+    ]
+    if problems:
+        raise ValueError(f"checkpoint {directory} does not fit its config.json: " + "; ".join(problems[:8]))
+    model.load_state_dict(state)
+    return model
