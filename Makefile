@@ -8,7 +8,7 @@ PIP := $(BIN)/python -m pip
 CONSTRAINTS := -c constraints/cpu.txt
 HOST ?= 127.0.0.1
 PORT ?= 8000
-ENGINE ?= echo
+ENGINE ?= model
 APT_GET := $(if $(shell [ "$$(id -u)" = 0 ] && echo root),apt-get,sudo apt-get)
 
 .PHONY: serve test install install-dev browser clean

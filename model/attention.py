@@ -33,10 +33,6 @@ def attend(
     key_positions: torch.Tensor,
     config: ModelConfig,
 ) -> torch.Tensor:
-    """q: (queries, heads, dim); k, v: (keys, heads, dim) -> (queries, heads, dim)."""
+    """q: (heads, queries, dim); k, v: (heads, keys, dim) -> (heads, queries, dim)."""
     mask = visibility(query_positions, key_positions, config)
-    out = F.scaled_dot_product_attention(
-        q.transpose(0, 1).unsqueeze(0), k.transpose(0, 1).unsqueeze(0), v.transpose(0, 1).unsqueeze(0),
-        attn_mask=mask,
-    )
-    return out.squeeze(0).transpose(0, 1)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)

@@ -48,6 +48,7 @@ class MicroTurnModel(Protocol):
     """Anything the engine can step. Called from the engine thread only."""
 
     name: str
+    weights: str  # what the weights are: "random", a checkpoint's name, or "none"
 
     def open_session(self, session_id: str) -> None:
         """Allocate per-session state; called before the session's first step."""

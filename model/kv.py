@@ -19,7 +19,9 @@ class KVPool:
                  dtype: torch.dtype = torch.float32) -> None:
         self.config = config
         self.capacity = config.sinks + config.window + config.max_append
-        shape = (config.n_layers, max_sessions, self.capacity, config.n_heads, config.head_dim)
+        # (layer, slot, head, entry, dim): a session's keys of one head are contiguous,
+        # so attention reads them in place.
+        shape = (config.n_layers, max_sessions, config.n_heads, self.capacity, config.head_dim)
         self.keys = torch.zeros(shape, device=device, dtype=dtype)
         self.values = torch.zeros(shape, device=device, dtype=dtype)
         self.positions = torch.full((max_sessions, self.capacity), -1, dtype=torch.int64, device=device)
@@ -66,11 +68,12 @@ class KVPool:
         self.lengths[slot] = start + count
         return index, positions
 
-    def write(self, layer: int, slot: int, index: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        self.keys[layer, slot, index] = k
-        self.values[layer, slot, index] = v
+    def write(self, layer: int, slots: torch.Tensor, index: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store new keys/values (rows, heads, dim); row i goes to slot slots[i], entry index[i]."""
+        self.keys[layer, slots, :, index] = k
+        self.values[layer, slots, :, index] = v
 
     def read(self, layer: int, slot: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The filled part of a session's cache: keys, values (n, heads, dim), positions (n,)."""
+        """The filled part of a session's cache: keys, values (heads, n, dim), positions (n,)."""
         used = min(self.lengths[slot], self.capacity)
-        return self.keys[layer, slot, :used], self.values[layer, slot, :used], self.positions[slot, :used]
+        return self.keys[layer, slot, :, :used], self.values[layer, slot, :, :used], self.positions[slot, :used]

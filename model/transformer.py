@@ -16,6 +16,7 @@ and the MoE pads each expert's group of rows the same way.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -144,21 +145,23 @@ class Attention(nn.Module):
     def forward_stream(self, x: torch.Tensor, batch: StreamBatch, pool: KVPool, layer: int) -> torch.Tensor:
         """x: (rows, d), the new tokens of every session in ``batch``, in order."""
         q, k, v = self._project(x, batch.row_positions)
+        real = batch.real_rows
+        pool.write(layer, batch.row_slots, batch.row_cache_index, k[:real], v[:real])
+        q = q.transpose(0, 1)  # (heads, rows, dim)
         out = torch.zeros_like(q)
         for seg in batch.segments:
             rows = slice(seg.start, seg.start + seg.count)
-            pool.write(layer, seg.slot, seg.cache_index, k[rows], v[rows])
             keys, values, key_positions = pool.read(layer, seg.slot)
-            out[rows] = attend(q[rows], keys, values, batch.row_positions[rows], key_positions, self.config)
-        return self.out(out.reshape(x.shape[0], -1))
+            out[:, rows] = attend(q[:, rows], keys, values, batch.row_positions[rows], key_positions, self.config)
+        return self.out(out.transpose(0, 1).reshape(x.shape[0], -1))
 
     def forward_full(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """x: (batch, tokens, d), every sequence starting at position 0."""
         b, t, d = x.shape
         q, k, v = self._project(x.reshape(b * t, d), positions.repeat(b))
-        q, k, v = (z.view(b, t, self.config.n_heads, -1) for z in (q, k, v))
+        q, k, v = (z.view(b, t, self.config.n_heads, -1).transpose(1, 2) for z in (q, k, v))
         out = torch.stack([attend(q[i], k[i], v[i], positions, positions, self.config) for i in range(b)])
-        return self.out(out.reshape(b * t, d)).view(b, t, d)
+        return self.out(out.transpose(1, 2).reshape(b * t, d)).view(b, t, d)
 
 
 @dataclass(frozen=True, slots=True)
@@ -171,10 +174,24 @@ class Segment:
     cache_index: torch.Tensor  # where they go in the session's cache
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True)
 class StreamBatch:
+    """The rows of one streaming pass: every session's new tokens, then padding."""
+
     segments: list[Segment]
     row_positions: torch.Tensor  # absolute position of every row (padding rows: 0)
+
+    @functools.cached_property
+    def real_rows(self) -> int:
+        return sum(seg.count for seg in self.segments)
+
+    @functools.cached_property
+    def row_slots(self) -> torch.Tensor:
+        return torch.cat([torch.full((seg.count,), seg.slot, dtype=torch.int64) for seg in self.segments])
+
+    @functools.cached_property
+    def row_cache_index(self) -> torch.Tensor:
+        return torch.cat([seg.cache_index for seg in self.segments])
 
 
 class Block(nn.Module):

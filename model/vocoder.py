@@ -14,11 +14,11 @@ WINDOW − HOP = 600 samples (37.5 ms).
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import astuple, dataclass
 
 import torch
-import torch.nn.functional as F
 
 from model import dmel
 
@@ -27,6 +27,11 @@ _WINDOW = torch.hann_window(dmel.WINDOW, periodic=True)
 _MEL_PINV = torch.linalg.pinv(dmel.mel_filterbank())  # (fft bins, mels)
 # Phase advance per hop of a bin's centre frequency, for initialising new frames.
 _PHASE_STEP = 2 * math.pi * torch.arange(_N_BINS) * dmel.HOP / dmel.N_FFT
+
+
+def _unit(spectrum: torch.Tensor) -> torch.Tensor:
+    """The phase of each bin as a unit complex number (cheaper than exp(i·angle))."""
+    return torch.sgn(spectrum)
 
 
 def mel_to_magnitude(log_mel: torch.Tensor) -> torch.Tensor:
@@ -43,15 +48,25 @@ def synthesise(spectrum: torch.Tensor) -> torch.Tensor:
     """Weighted overlap-add inverse of ``analyse``: (b, frames, bins) -> (b, samples)."""
     frames = spectrum.shape[1]
     pieces = torch.fft.irfft(spectrum, n=dmel.N_FFT)[..., : dmel.WINDOW] * _WINDOW
-    length = dmel.HOP * (frames - 1) + dmel.WINDOW
-    norm = _overlap_add(_WINDOW.square().expand(1, frames, -1), length)
-    return _overlap_add(pieces, length) / norm.clamp_min(1e-3)
+    return _overlap_add(pieces) / _window_sum(frames)
 
 
-def _overlap_add(pieces: torch.Tensor, length: int) -> torch.Tensor:
-    """(b, frames, WINDOW) -> (b, length), frame f added at sample f·HOP."""
-    folded = F.fold(pieces.transpose(1, 2), (1, length), (1, dmel.WINDOW), stride=(1, dmel.HOP))
-    return folded.view(pieces.shape[0], length)
+_SPAN = dmel.WINDOW // dmel.HOP  # each frame overlaps this many hops (4)
+
+
+def _overlap_add(pieces: torch.Tensor) -> torch.Tensor:
+    """(b, frames, WINDOW) -> (b, HOP·(frames − 1) + WINDOW), frame f added at sample f·HOP."""
+    b, frames, _ = pieces.shape
+    hops = pieces.view(b, frames, _SPAN, dmel.HOP)
+    out = pieces.new_zeros(b, frames + _SPAN - 1, dmel.HOP)
+    for j in range(_SPAN):
+        out[:, j : j + frames] += hops[:, :, j]
+    return out.view(b, -1)
+
+
+@functools.lru_cache(maxsize=8)
+def _window_sum(frames: int) -> torch.Tensor:
+    return _overlap_add(_WINDOW.square().expand(1, frames, -1).contiguous())[0].clamp_min(1e-3)
 
 
 @dataclass
@@ -89,7 +104,7 @@ def vocode_chunk(state: VocoderState, log_mel: torch.Tensor, iterations: int = 1
         audio = synthesise(spectrum)
         audio[:, :fixed] = state.committed  # what was emitted stays as it was
         if step < iterations:
-            spectrum = magnitude * torch.exp(1j * torch.angle(analyse(audio)))
+            spectrum = magnitude * _unit(analyse(audio))
     # Samples before the first frame not yet known are final.
     out = audio[:, fixed : fixed + n * dmel.HOP]
     following = VocoderState(spectrum[:, -c:].clone(), magnitude[:, -c:].clone(),
@@ -107,5 +122,5 @@ def griffin_lim(log_mel: torch.Tensor, iterations: int = 64) -> torch.Tensor:
     phase = torch.cumsum(_PHASE_STEP.expand(frames, -1), 0)
     spectrum = magnitude * torch.exp(1j * phase)
     for _ in range(iterations):
-        spectrum = magnitude * torch.exp(1j * torch.angle(analyse(synthesise(spectrum))))
+        spectrum = magnitude * _unit(analyse(synthesise(spectrum)))
     return synthesise(spectrum)[:, : frames * dmel.HOP]

@@ -20,7 +20,7 @@ from server.sessions import SessionRegistry
 
 def create_app(config: ServerConfig, tracer_provider: TracerProvider | None = None) -> Starlette:
     provider = tracer_provider or telemetry.build_tracer_provider()
-    model = make_model(config.engine)  # fail at construction, not at first request
+    model = make_model(config.engine, config.max_sessions, config.checkpoint)  # fail now, not at first request
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -43,6 +43,7 @@ def create_app(config: ServerConfig, tracer_provider: TracerProvider | None = No
             {
                 "status": "ok",
                 "engine": registry.engine.model.name,
+                "weights": registry.engine.model.weights,
                 "sessions": len(registry),
                 "max_sessions": config.max_sessions,
                 "engine_sessions": registry.engine.session_count,

@@ -17,7 +17,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve = commands.add_parser("serve", help="serve the web page, signalling and the engine")
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     serve.add_argument("--port", type=int, default=8000)
-    serve.add_argument("--engine", choices=sorted(ENGINES), default="echo", help="what steps the sessions")
+    serve.add_argument(
+        "--engine", choices=ENGINES, default=defaults.engine,
+        help="what steps the sessions: the interaction model, or 'echo' (diagnostic: you hear yourself 200 ms later)",
+    )
+    serve.add_argument("--checkpoint", default=None, help="model checkpoint directory (default: random weights)")
     serve.add_argument("--max-sessions", type=int, default=defaults.max_sessions)
     serve.add_argument(
         "--ice-server", action="append", default=[], metavar="URL",
@@ -42,6 +46,7 @@ def serve(args: argparse.Namespace) -> None:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = ServerConfig(
         engine=args.engine,
+        checkpoint=args.checkpoint,
         max_sessions=args.max_sessions,
         ice_servers=args.ice_server,
         ice_host_addresses=args.ice_host,

@@ -10,7 +10,8 @@ WEB_ROOT = Path(__file__).resolve().parent.parent / "web"
 
 @dataclass(slots=True)
 class ServerConfig:
-    engine: str = "echo"
+    engine: str = "model"
+    checkpoint: str | None = None  # a directory from model.weights; random weights when None
     max_sessions: int = 32
     # ICE: STUN/TURN URLs (none unless configured) and extra host-candidate
     # addresses such as 127.0.0.1 for loopback-only networks (see ice.py).

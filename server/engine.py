@@ -19,6 +19,7 @@ step, in order, on the following ticks, and every step's overrun is reported.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections import deque
@@ -215,6 +216,7 @@ class EchoModel:
     """
 
     name = "echo"
+    weights = "none"
 
     def __init__(self) -> None:
         self._previous: dict[str, np.ndarray] = {}
@@ -235,11 +237,28 @@ class EchoModel:
         return outputs
 
 
-ENGINES = {"echo": EchoModel}
+def _interaction_model(max_sessions: int, checkpoint: str | None) -> MicroTurnModel:
+    # Imported here: torch takes a second or two to import, and the echo engine needs none of it.
+    import torch
+
+    from model.config import preset
+    from model.interaction import InteractionModel
+    from model.streaming import StreamingModel
+    from model.weights import load_checkpoint
+
+    if checkpoint:
+        return StreamingModel(load_checkpoint(checkpoint), max_sessions, weights=os.path.basename(checkpoint.rstrip("/")))
+    torch.manual_seed(0)
+    return StreamingModel(InteractionModel(preset("tiny")), max_sessions, weights="random")
 
 
-def make_model(name: str) -> MicroTurnModel:
-    try:
-        return ENGINES[name]()
-    except KeyError:
-        raise ValueError(f"unknown engine {name!r}; choose from {sorted(ENGINES)}") from None
+ENGINES = ("model", "echo")
+
+
+def make_model(name: str, max_sessions: int = 32, checkpoint: str | None = None) -> MicroTurnModel:
+    """The engine's model by name: ``model`` (the interaction model) or ``echo``."""
+    if name == "echo":
+        return EchoModel()
+    if name == "model":
+        return _interaction_model(max_sessions, checkpoint)
+    raise ValueError(f"unknown engine {name!r}; choose from {list(ENGINES)}")

@@ -285,6 +285,7 @@ class Session:
                 "session.ready",
                 session_id=self.id,
                 engine=self.engine.model.name,
+                weights=self.engine.model.weights,
                 turn_ms=TURN_MS,
                 sample_rate=SAMPLE_RATE,
                 protocol=PROTOCOL_VERSION,

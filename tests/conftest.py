@@ -6,6 +6,7 @@ import threading
 import time
 import wave
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,10 +39,9 @@ class LiveServer:
     spans: InMemorySpanExporter
 
 
-@pytest.fixture
-def live_server() -> Iterator[LiveServer]:
+@contextmanager
+def running_server(config: ServerConfig) -> Iterator[LiveServer]:
     """The real app under uvicorn/uvloop in its own thread, on a free loopback port."""
-    config = ServerConfig(engine="echo", ice_host_addresses=["127.0.0.1"], max_sessions=4)
     spans = InMemorySpanExporter()
     app = create_app(config, build_tracer_provider([SimpleSpanProcessor(spans)]))
     server = uvicorn.Server(
@@ -49,13 +49,29 @@ def live_server() -> Iterator[LiveServer]:
     )
     thread = threading.Thread(target=server.run, name="uvicorn", daemon=True)
     thread.start()
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + 30
     while not server.started:
         if time.monotonic() > deadline or not thread.is_alive():
             raise RuntimeError("server did not start")
         time.sleep(0.02)
     port = server.servers[0].sockets[0].getsockname()[1]
-    yield LiveServer(f"http://127.0.0.1:{port}", config, spans)
-    server.should_exit = True
-    thread.join(10)
+    try:
+        yield LiveServer(f"http://127.0.0.1:{port}", config, spans)
+    finally:
+        server.should_exit = True
+        thread.join(10)
     assert not thread.is_alive(), "server did not shut down"
+
+
+@pytest.fixture
+def live_server() -> Iterator[LiveServer]:
+    """A server with the echo engine (transport tests)."""
+    with running_server(ServerConfig(engine="echo", ice_host_addresses=["127.0.0.1"], max_sessions=4)) as server:
+        yield server
+
+
+@pytest.fixture
+def model_server() -> Iterator[LiveServer]:
+    """A server with the interaction model (random weights), as ``make serve`` runs it."""
+    with running_server(ServerConfig(engine="model", ice_host_addresses=["127.0.0.1"], max_sessions=4)) as server:
+        yield server

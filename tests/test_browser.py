@@ -56,6 +56,7 @@ async def test_browser_streams_speech_and_hears_the_echo(live_server, tmp_path):
                 timeout=20_000,
             )
             state = await page.evaluate("window.microturn")
+            notice = await page.text_content("#notice")
             session_url = live_server.url + state["sessionUrl"]
             async with httpx.AsyncClient() as client:
                 server_view = (await client.get(session_url)).json()
@@ -71,6 +72,7 @@ async def test_browser_streams_speech_and_hears_the_echo(live_server, tmp_path):
             await browser.close()
 
     assert state["errors"] == [], state["errors"]
+    assert notice is not None and "Echo engine" in notice
     # The server heard speech (not the silence of a flattened fake microphone)...
     assert server_view["input_rms_max"] > 0.05, server_view
     assert server_view["chunks_in"] >= 20
@@ -81,3 +83,22 @@ async def test_browser_streams_speech_and_hears_the_echo(live_server, tmp_path):
     assert state["stats"]["rttMs"] >= 0
     # Disconnect released the session.
     assert gone.status_code == 404 and health["sessions"] == 0
+
+
+async def test_the_page_says_when_the_model_has_random_weights(model_server):
+    async with async_playwright() as playwright:
+        browser = await playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            page = await browser.new_page()
+            await page.goto(model_server.url)
+            await page.click("#connect")
+            await page.wait_for_function(
+                "(window.microturn.eventCounts['session.ready'] || 0) === 1", timeout=15_000
+            )
+            await page.wait_for_selector("#notice:not([hidden])")
+            notice = await page.text_content("#notice")
+            await page.wait_for_function("window.microturn.turns >= 5", timeout=10_000)
+            await page.click("#disconnect")
+        finally:
+            await browser.close()
+    assert notice is not None and "random weights" in notice

@@ -15,6 +15,7 @@ const state = {
   lastStepMs: null,
   stats: {},
   errors: [],
+  transcript: "",
 };
 window.microturn = state;
 
@@ -80,12 +81,32 @@ function onEvent(message) {
     $("stat-step").textContent = `${event.step_ms.toFixed(1)} ms (batch ${event.batch})`;
     return; // five a second: counted, not logged
   }
+  if (event.type === "transcript.delta") {
+    state.transcript += event.text;
+    $("transcript").textContent = state.transcript.slice(-2000);
+    return;
+  }
+  if (event.type === "session.ready") showNotice(event);
   if (event.type === "pong" && typeof event.t === "number") {
     log(`pong: data-channel round trip ${(performance.now() - event.t).toFixed(1)} ms`);
     return;
   }
   if (event.type === "error") state.errors.push(event);
   log(`${event.type} ${JSON.stringify(event)}`, event.type === "error" ? "error" : "");
+}
+
+// Say plainly what is answering: users should not mistake babble for a bug.
+function showNotice(ready) {
+  const notice = $("notice");
+  if (ready.engine === "echo") {
+    notice.textContent = "Echo engine (diagnostic): you hear yourself one micro-turn (200 ms) later.";
+  } else if (ready.weights === "random") {
+    notice.textContent =
+      "This interaction model has random weights: it makes noise, not conversation, until a trained checkpoint is served (microturn serve --checkpoint DIR).";
+  } else {
+    notice.textContent = `Model weights: ${ready.weights}`;
+  }
+  notice.hidden = false;
 }
 
 function sendEvent(event) {
