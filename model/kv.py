@@ -68,12 +68,27 @@ class KVPool:
         self.lengths[slot] = start + count
         return index, positions
 
+    def pretend_appended(self, slot: int, count: int) -> None:
+        """Mark ``count`` tokens as already in a session's cache, as if appended (for
+        benchmarks that need long contexts without spending minutes building them)."""
+        start = self.lengths[slot]
+        positions = torch.arange(start, start + count, device=self.positions.device)
+        sinks, ring = self.config.sinks, self.capacity - self.config.sinks
+        keep = positions[(positions < sinks) | (positions >= start + count - ring)]
+        index = torch.where(keep < sinks, keep, sinks + (keep - sinks) % ring)
+        self.positions[slot, index] = keep
+        self.lengths[slot] = start + count
+
     def write(self, layer: int, slots: torch.Tensor, index: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store new keys/values (rows, heads, dim); row i goes to slot slots[i], entry index[i]."""
         self.keys[layer, slots, :, index] = k
         self.values[layer, slots, :, index] = v
 
-    def read(self, layer: int, slot: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The filled part of a session's cache: keys, values (heads, n, dim), positions (n,)."""
+    def read(self, layer: int, slot: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The filled part of a session's cache in one layer: keys, values (heads, n, dim)."""
         used = min(self.lengths[slot], self.capacity)
-        return self.keys[layer, slot, :, :used], self.values[layer, slot, :, :used], self.positions[slot, :used]
+        return self.keys[layer, slot, :, :used], self.values[layer, slot, :, :used]
+
+    def read_positions(self, slot: int) -> torch.Tensor:
+        """The position of each filled cache entry (n,), in the order ``read`` returns them."""
+        return self.positions[slot, : min(self.lengths[slot], self.capacity)]

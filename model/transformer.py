@@ -18,13 +18,13 @@ from __future__ import annotations
 
 import functools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.attention import attend
+from model.attention import additive_mask, attend
 from model.config import ModelConfig
 from model.kv import KVPool
 
@@ -149,10 +149,10 @@ class Attention(nn.Module):
         pool.write(layer, batch.row_slots, batch.row_cache_index, k[:real], v[:real])
         q = q.transpose(0, 1)  # (heads, rows, dim)
         out = torch.zeros_like(q)
-        for seg in batch.segments:
+        for seg, mask in zip(batch.segments, batch.masks(pool), strict=True):
             rows = slice(seg.start, seg.start + seg.count)
-            keys, values, key_positions = pool.read(layer, seg.slot)
-            out[:, rows] = attend(q[:, rows], keys, values, batch.row_positions[rows], key_positions, self.config)
+            keys, values = pool.read(layer, seg.slot)
+            out[:, rows] = attend(q[:, rows], keys, values, mask)
         return self.out(out.transpose(0, 1).reshape(x.shape[0], -1))
 
     def forward_full(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -160,7 +160,8 @@ class Attention(nn.Module):
         b, t, d = x.shape
         q, k, v = self._project(x.reshape(b * t, d), positions.repeat(b))
         q, k, v = (z.view(b, t, self.config.n_heads, -1).transpose(1, 2) for z in (q, k, v))
-        out = torch.stack([attend(q[i], k[i], v[i], positions, positions, self.config) for i in range(b)])
+        mask = additive_mask(positions, positions, self.config)
+        out = torch.stack([attend(q[i], k[i], v[i], mask) for i in range(b)])
         return self.out(out.transpose(1, 2).reshape(b * t, d)).view(b, t, d)
 
 
@@ -174,12 +175,13 @@ class Segment:
     cache_index: torch.Tensor  # where they go in the session's cache
 
 
-@dataclass(frozen=True)
+@dataclass
 class StreamBatch:
     """The rows of one streaming pass: every session's new tokens, then padding."""
 
     segments: list[Segment]
     row_positions: torch.Tensor  # absolute position of every row (padding rows: 0)
+    _masks: list[torch.Tensor] | None = field(default=None, init=False, repr=False, compare=False)
 
     @functools.cached_property
     def real_rows(self) -> int:
@@ -192,6 +194,16 @@ class StreamBatch:
     @functools.cached_property
     def row_cache_index(self) -> torch.Tensor:
         return torch.cat([seg.cache_index for seg in self.segments])
+
+    def masks(self, pool: KVPool) -> list[torch.Tensor]:
+        """Each segment's attention mask; the same for every layer, so computed once."""
+        if self._masks is None:
+            self._masks = [
+                additive_mask(self.row_positions[seg.start : seg.start + seg.count], pool.read_positions(seg.slot),
+                              pool.config)
+                for seg in self.segments
+            ]
+        return self._masks
 
 
 class Block(nn.Module):

@@ -33,6 +33,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--playout-delay-ms", type=float, default=defaults.playout_delay_ms)
     serve.add_argument("--log-level", default="info")
+
+    bench = commands.add_parser("bench", help="run a benchmark (see bench/)")
+    bench.add_argument("target", choices=["model"], help="what to measure")
+    bench.add_argument("args", nargs=argparse.REMAINDER, help="the benchmark's own options, e.g. --json")
     return parser
 
 
@@ -62,6 +66,10 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     if args.command == "serve":
         serve(args)
+    elif args.command == "bench":
+        from bench.model import main as bench_model
+
+        bench_model(args.args)
 
 
 if __name__ == "__main__":

@@ -277,3 +277,13 @@ def test_a_window_bounded_session_uses_flat_memory_for_30_minutes():
     assert visible == pool.capacity
     # After the first minutes, resident memory does not grow.
     assert max(samples[2:]) - samples[2] < 8 * 2**20, [s // 2**20 for s in samples]
+
+
+def test_the_model_benchmark_reports_what_the_docs_quote():
+    from bench.model import run
+
+    results = run(repeats=1, context_s=2.0, counts=(1, 2, 32), short_context_s=1.0)
+    assert set(results["step_ms_by_sessions"]) == {"1", "2", "32"}
+    assert all(ms > 0 for ms in results["step_ms_by_sessions"].values())
+    for key in ("append_vs_recompute_ratio_2min", "batch32_throughput_ratio", "batch32_throughput_ratio_short_context"):
+        assert results[key] > 0

@@ -1,0 +1,128 @@
+"""Model serving benchmarks: step time by session count, streaming vs recomputing,
+batched vs one-at-a-time. Median of ``--repeats`` runs of each measurement.
+
+    microturn bench model [--json] [--preset tiny] [--repeats 5]
+
+Sessions start with ``--context-s`` seconds of context already in their caches
+(marked as appended; the values do not change the cost), so step times reflect a
+conversation in progress, not its first seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+from collections.abc import Callable
+
+import numpy as np
+import torch
+
+from model.config import preset
+from model.interaction import InteractionModel
+from model.interface import TURN_SAMPLES, TurnInput
+from model.streaming import StreamingModel
+
+TURNS_PER_SECOND = 5
+
+
+def median_ms(run: Callable[[], object], repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        run()
+        times.append((time.perf_counter() - started) * 1000)
+    return statistics.median(times)
+
+
+class Sessions:
+    """``count`` open sessions of one engine, each ``context_s`` seconds into a conversation."""
+
+    def __init__(self, engine: StreamingModel, count: int, context_s: float, tag: str) -> None:
+        self.engine = engine
+        self.ids = [f"{tag}-{i}" for i in range(count)]
+        self.turn = 0
+        self.rng = np.random.default_rng(0)
+        tokens = int(context_s * TURNS_PER_SECOND) * engine.config.tokens_per_turn
+        for session_id in self.ids:
+            engine.open_session(session_id)
+            if tokens:
+                engine.pool.pretend_appended(engine.pool.slot(session_id), tokens)
+        self.step()  # first step: feeds no pending output, warms up
+
+    def step(self) -> None:
+        batch = [TurnInput(s, self.turn, self.rng.normal(0, 0.05, TURN_SAMPLES).astype(np.float32)) for s in self.ids]
+        self.engine.step(batch)
+        self.turn += 1
+
+    def close(self) -> None:
+        for session_id in self.ids:
+            self.engine.close_session(session_id)
+
+
+def run(preset_name: str = "tiny", repeats: int = 5, context_s: float = 60.0,
+        counts: tuple[int, ...] = (1, 8, 32, 64), short_context_s: float = 10.0) -> dict[str, object]:
+    torch.manual_seed(0)
+    model = InteractionModel(preset(preset_name)).eval()
+    config = model.config
+    engine = StreamingModel(model, max_sessions=max(counts) + 1)
+    results: dict[str, object] = {
+        "preset": preset_name,
+        "parameters_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 2),
+        "torch_threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        "context_s": context_s,
+        "repeats": repeats,
+    }
+
+    step_ms: dict[str, float] = {}
+    for count in counts:
+        sessions = Sessions(engine, count, context_s, f"n{count}")
+        step_ms[str(count)] = round(median_ms(sessions.step, repeats), 2)
+        sessions.close()
+    results["step_ms_by_sessions"] = step_ms
+    results["batch32_throughput_ratio"] = round(32 * step_ms["1"] / step_ms["32"], 2) if "32" in step_ms else None
+
+    # Early in conversations attention is cheap and batching pays more.
+    short: dict[str, float] = {}
+    for count in (1, 32):
+        sessions = Sessions(engine, count, short_context_s, f"short{count}")
+        short[str(count)] = round(median_ms(sessions.step, repeats), 2)
+        sessions.close()
+    results["short_context_s"] = short_context_s
+    results["step_ms_by_sessions_short_context"] = short
+    results["batch32_throughput_ratio_short_context"] = round(32 * short["1"] / short["32"], 2)
+
+    # Streaming a micro-turn at 2 minutes of context vs recomputing those 2 minutes.
+    two_minutes = 120 * TURNS_PER_SECOND * config.tokens_per_turn
+    sessions = Sessions(engine, 1, 120.0, "stream")
+    stream_ms = median_ms(sessions.step, repeats)
+    sessions.close()
+    tokens = torch.randn(1, two_minutes + config.tokens_per_turn, config.d_model)
+    with torch.inference_mode():
+        recompute_ms = median_ms(lambda: model.trunk.forward_full(tokens), max(1, repeats // 2))
+    results["stream_step_ms_2min"] = round(stream_ms, 2)
+    results["recompute_ms_2min"] = round(recompute_ms, 2)
+    results["append_vs_recompute_ratio_2min"] = round(recompute_ms / stream_ms, 1)
+    return results
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="microturn bench model", description=__doc__.splitlines()[0])
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--preset", default="tiny")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--context-s", type=float, default=60.0)
+    args = parser.parse_args(argv)
+    results = run(args.preset, args.repeats, args.context_s)
+    if args.json:
+        print(json.dumps(results))
+        return
+    for key, value in results.items():
+        print(f"{key:32s} {value}")
+
+
+if __name__ == "__main__":
+    main()
