@@ -18,22 +18,21 @@ import torch.nn.functional as F
 from model.config import ModelConfig
 
 
-def visibility(query_positions: torch.Tensor, key_positions: torch.Tensor, config: ModelConfig) -> torch.Tensor:
-    """(queries, keys) boolean mask; key positions < 0 mark empty cache slots."""
-    q = query_positions[:, None]
-    k = key_positions[None, :]
+def visibility(q: torch.Tensor, k: torch.Tensor, config: ModelConfig) -> torch.Tensor:
+    """Boolean mask from broadcastable query and key positions (key positions < 0
+    mark empty cache entries), e.g. q (queries, 1) and k (1, keys)."""
     return (k >= 0) & (k <= q) & ((k < config.sinks) | (k > q - config.window))
 
 
 def additive_mask(query_positions: torch.Tensor, key_positions: torch.Tensor, config: ModelConfig) -> torch.Tensor:
     """``visibility`` as 0 / −inf to add to the scores: computed once per pass and
     shared by every layer (a boolean mask would be converted again in each call)."""
-    visible = visibility(query_positions, key_positions, config)
+    visible = visibility(query_positions[:, None], key_positions[None, :], config)
     return torch.zeros(visible.shape).masked_fill_(~visible, float("-inf"))
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """q: (heads, queries, dim); k, v: (heads, keys, dim); mask: (queries, keys) -> (heads, queries, dim)."""
-    # With a leading batch dimension PyTorch takes its flash kernel (about 2x faster
-    # here than the math path it uses for 3-D inputs).
-    return F.scaled_dot_product_attention(q[None], k[None], v[None], attn_mask=mask)[0]
+    """q: (batch, heads, queries, dim); k, v: (batch, heads, keys, dim); mask broadcastable
+    to (batch, heads, queries, keys), additive. Always 4-D: for 3-D inputs PyTorch
+    takes its math path instead of the flash kernel (about 2x slower here)."""
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)

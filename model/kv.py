@@ -1,6 +1,9 @@
 """The KV pool: every session's keys and values, in preallocated ring buffers.
 
-A session takes a slot on ``open`` and gives it back on ``close``. Each slot holds
+A session takes a slot on ``open`` and gives it back on ``close``. Open sessions
+always occupy slots 0..n−1 (closing one moves the last session into its place),
+so a pass over every open session reads the pool in place, without a gather.
+Each slot holds
 ``sinks`` permanent entries (the session's first tokens) and a ring for the rest,
 sized ``window + max_append`` so that while a pass appends its tokens, no key
 that one of them still needs (see attention.visibility) has been overwritten.
@@ -26,8 +29,8 @@ class KVPool:
         self.values = torch.zeros(shape, device=device, dtype=dtype)
         self.positions = torch.full((max_sessions, self.capacity), -1, dtype=torch.int64, device=device)
         self.lengths = [0] * max_sessions  # tokens appended so far = the next position
-        self._free = list(range(max_sessions - 1, -1, -1))
         self._slots: dict[str, int] = {}
+        self._owners: list[str] = []  # session id of each occupied slot, in slot order
 
     @property
     def max_sessions(self) -> int:
@@ -43,18 +46,28 @@ class KVPool:
     def open(self, session_id: str) -> int:
         if session_id in self._slots:
             raise ValueError(f"session {session_id} already has a slot")
-        if not self._free:
+        if len(self._owners) == self.max_sessions:
             raise RuntimeError(f"the KV pool is full ({self.max_sessions} sessions)")
-        slot = self._free.pop()
+        slot = len(self._owners)
         self.positions[slot] = -1
         self.lengths[slot] = 0
         self._slots[session_id] = slot
+        self._owners.append(session_id)
         return slot
 
     def close(self, session_id: str) -> None:
         slot = self._slots.pop(session_id, None)
-        if slot is not None:
-            self._free.append(slot)
+        if slot is None:
+            return
+        last = len(self._owners) - 1
+        moved = self._owners.pop()
+        if slot != last:  # keep slots packed: the last session takes the freed slot
+            self.keys[:, slot] = self.keys[:, last]
+            self.values[:, slot] = self.values[:, last]
+            self.positions[slot] = self.positions[last]
+            self.lengths[slot] = self.lengths[last]
+            self._owners[slot] = moved
+            self._slots[moved] = slot
 
     def reserve(self, slot: int, count: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Claim cache entries for ``count`` new tokens: (cache indices, positions)."""
@@ -83,12 +96,3 @@ class KVPool:
         """Store new keys/values (rows, heads, dim); row i goes to slot slots[i], entry index[i]."""
         self.keys[layer, slots, :, index] = k
         self.values[layer, slots, :, index] = v
-
-    def read(self, layer: int, slot: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The filled part of a session's cache in one layer: keys, values (heads, n, dim)."""
-        used = min(self.lengths[slot], self.capacity)
-        return self.keys[layer, slot, :, :used], self.values[layer, slot, :, :used]
-
-    def read_positions(self, slot: int) -> torch.Tensor:
-        """The position of each filled cache entry (n,), in the order ``read`` returns them."""
-        return self.positions[slot, : min(self.lengths[slot], self.capacity)]

@@ -30,7 +30,7 @@ MARKER_TEXT = {TASK_OPEN: "<task>", TASK_CLOSE: "</task>", RESULT_OPEN: "<result
 
 @dataclass
 class _Session:
-    slot: int
+    session_id: str  # its KV slot can move (the pool keeps slots packed): look it up
     generator: torch.Generator
     dmel_context: torch.Tensor = field(default_factory=lambda: torch.zeros(1, dmel.CONTEXT))
     vocoder: VocoderState = field(default_factory=VocoderState.silence)
@@ -55,10 +55,10 @@ class StreamingModel:
         self._sessions: dict[str, _Session] = {}
 
     def open_session(self, session_id: str) -> None:
-        slot = self.pool.open(session_id)
+        self.pool.open(session_id)
         # Seeded from the session id (not Python's salted hash): reproducible runs.
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + zlib.crc32(session_id.encode()))
-        self._sessions[session_id] = _Session(slot, generator)
+        self._sessions[session_id] = _Session(session_id, generator)
 
     def close_session(self, session_id: str) -> None:
         if self._sessions.pop(session_id, None) is not None:
@@ -107,8 +107,9 @@ class StreamingModel:
         """Append each session's new tokens; return each session's last hidden state (n, d)."""
         segments, positions, start = [], [], 0
         for session, new in zip(sessions, tokens, strict=True):
-            index, pos = self.pool.reserve(session.slot, new.shape[0])
-            segments.append(Segment(session.slot, start, new.shape[0], index))
+            slot = self.pool.slot(session.session_id)
+            index, pos = self.pool.reserve(slot, new.shape[0])
+            segments.append(Segment(slot, start, new.shape[0], index))
             positions.append(pos)
             start += new.shape[0]
         rows = pad_rows(torch.cat(tokens))

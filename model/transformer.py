@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.attention import additive_mask, attend
+from model.attention import additive_mask, attend, visibility
 from model.config import ModelConfig
 from model.kv import KVPool
 
@@ -147,21 +147,22 @@ class Attention(nn.Module):
         q, k, v = self._project(x, batch.row_positions)
         real = batch.real_rows
         pool.write(layer, batch.row_slots, batch.row_cache_index, k[:real], v[:real])
-        q = q.transpose(0, 1)  # (heads, rows, dim)
-        out = torch.zeros_like(q)
-        for seg, mask in zip(batch.segments, batch.masks(pool), strict=True):
-            rows = slice(seg.start, seg.start + seg.count)
-            keys, values = pool.read(layer, seg.slot)
-            out[:, rows] = attend(q[:, rows], keys, values, mask)
-        return self.out(out.transpose(0, 1).reshape(x.shape[0], -1))
+        plan = batch.plan(pool)
+        keys, values = plan.keys_values(pool, layer)
+        # One attention call for every session: (sessions, heads, queries, dim).
+        queries = q.new_zeros(plan.sessions, q.shape[1], plan.queries, q.shape[2])
+        queries[plan.row_session, :, plan.row_query] = q[:real]
+        attended = attend(queries, keys, values, plan.mask)
+        out = q.new_zeros(q.shape)
+        out[:real] = attended[plan.row_session, :, plan.row_query]
+        return self.out(out.reshape(x.shape[0], -1))
 
     def forward_full(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """x: (batch, tokens, d), every sequence starting at position 0."""
         b, t, d = x.shape
         q, k, v = self._project(x.reshape(b * t, d), positions.repeat(b))
         q, k, v = (z.view(b, t, self.config.n_heads, -1).transpose(1, 2) for z in (q, k, v))
-        mask = additive_mask(positions, positions, self.config)
-        out = torch.stack([attend(q[i], k[i], v[i], mask) for i in range(b)])
+        out = attend(q, k, v, additive_mask(positions, positions, self.config))
         return self.out(out.transpose(1, 2).reshape(b * t, d)).view(b, t, d)
 
 
@@ -181,7 +182,7 @@ class StreamBatch:
 
     segments: list[Segment]
     row_positions: torch.Tensor  # absolute position of every row (padding rows: 0)
-    _masks: list[torch.Tensor] | None = field(default=None, init=False, repr=False, compare=False)
+    _plan: AttentionPlan | None = field(default=None, init=False, repr=False, compare=False)
 
     @functools.cached_property
     def real_rows(self) -> int:
@@ -195,15 +196,57 @@ class StreamBatch:
     def row_cache_index(self) -> torch.Tensor:
         return torch.cat([seg.cache_index for seg in self.segments])
 
-    def masks(self, pool: KVPool) -> list[torch.Tensor]:
-        """Each segment's attention mask; the same for every layer, so computed once."""
-        if self._masks is None:
-            self._masks = [
-                additive_mask(self.row_positions[seg.start : seg.start + seg.count], pool.read_positions(seg.slot),
-                              pool.config)
-                for seg in self.segments
-            ]
-        return self._masks
+    def plan(self, pool: KVPool) -> AttentionPlan:
+        """How this pass lays its queries out against the pool; the same for every layer."""
+        if self._plan is None:
+            self._plan = AttentionPlan.build(self, pool)
+        return self._plan
+
+
+@dataclass(frozen=True)
+class AttentionPlan:
+    """Queries of one streaming pass, arranged for a single batched attention call.
+
+    Every session attends over its whole cache slot (``capacity`` entries, empty
+    ones masked), and queries are padded to a fixed count per pass kind, so the
+    shape each session sees never depends on who else is in the batch (batch
+    invariance) and the call costs what a full window costs from the first turn.
+    When the pass covers most open sessions, the pool is read in place (slots are
+    packed) and idle sessions' rows are computed and dropped; otherwise the
+    batch's slots are gathered.
+    """
+
+    sessions: int  # leading dimension of the attention call
+    queries: int  # query rows per session (fixed per pass kind)
+    row_session: torch.Tensor  # (real rows,) which attention row each token is
+    row_query: torch.Tensor  # (real rows,) which query within it
+    gather: torch.Tensor | None  # slots to gather, or None to read slots 0..sessions−1
+    mask: torch.Tensor  # (sessions, 1, queries, capacity) additive
+
+    @classmethod
+    def build(cls, batch: StreamBatch, pool: KVPool) -> AttentionPlan:
+        segments = batch.segments
+        queries = 1 if all(seg.count == 1 for seg in segments) else pool.config.max_append
+        slots = torch.tensor([seg.slot for seg in segments])
+        in_place = 2 * len(segments) >= pool.open_sessions
+        sessions = pool.open_sessions if in_place else len(segments)
+        row_session = torch.repeat_interleave(slots if in_place else torch.arange(len(segments)),
+                                              torch.tensor([seg.count for seg in segments]))
+        row_query = torch.cat([torch.arange(seg.count) for seg in segments])
+        query_positions = torch.full((sessions, queries), -1, dtype=torch.int64)
+        query_positions[row_session, row_query] = batch.row_positions[: batch.real_rows]
+        key_positions = pool.positions[:sessions] if in_place else pool.positions[slots]
+        visible = visibility(query_positions[:, :, None], key_positions[:, None, :], pool.config)
+        # Padding queries and idle sessions see nothing; let them see everything
+        # instead (their output is dropped) so no row is all −inf (NaN).
+        visible |= ~visible.any(-1, keepdim=True)
+        mask = torch.zeros(visible.shape).masked_fill_(~visible, float("-inf")).unsqueeze(1)
+        return cls(sessions, queries, row_session, row_query, None if in_place else slots, mask)
+
+    def keys_values(self, pool: KVPool, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.gather is None:
+            return pool.keys[layer, : self.sessions], pool.values[layer, : self.sessions]
+        return pool.keys[layer].index_select(0, self.gather), pool.values[layer].index_select(0, self.gather)
 
 
 class Block(nn.Module):

@@ -189,16 +189,19 @@ def test_a_streamed_session_equals_the_full_forward_of_its_sequence():
 
 @pytest.mark.parametrize("audio_head", ["classify", "flow"])
 def test_a_session_is_bit_identical_alone_or_beside_seven_others(audio_head):
+    """Alone; among 7 busy sessions of other lengths (attention reads the pool in
+    place); among 7 idle ones (it gathers its slot); and while others leave (slots
+    are compacted under it). Outputs must be the same bits in every case."""
     config = dataclasses.replace(SMALL, audio_head=audio_head, window=96)
     torch.manual_seed(4)
     model = InteractionModel(config)
     speech = speech_audio()
     temperature = 1.0 if audio_head == "flow" else 0.0
 
-    def run(crowd: bool) -> list:
+    def run(crowd: str) -> list:
         engine = StreamingModel(model, max_sessions=8, temperature=temperature)
         rng = np.random.default_rng(5)
-        others = [f"other{i}" for i in range(7)] if crowd else []
+        others = [f"other{i}" for i in range(7)] if crowd != "alone" else []
         for name in others:
             engine.open_session(name)
         # The others get a head start of different lengths.
@@ -210,16 +213,21 @@ def test_a_session_is_bit_identical_alone_or_beside_seven_others(audio_head):
         mine = np.random.default_rng(6)
         outputs = []
         for turn in range(5):
+            if crowd == "leaving" and turn in (2, 3):
+                # "me" holds the last slot: the first close moves it (and its cache).
+                engine.close_session(others.pop(0))
             batch = [TurnInput("me", turn, turn_audio(mine, speech, turn), "hi" if turn == 2 else "")]
-            batch += [TurnInput(name, 100 + turn, turn_audio(rng, speech, turn)) for name in others]
+            if crowd in ("busy", "leaving"):
+                batch += [TurnInput(name, 100 + turn, turn_audio(rng, speech, turn)) for name in others]
             rng.shuffle(batch)  # position in the batch must not matter either
             outputs += [out for out in engine.step(batch) if out.session_id == "me"]
         return outputs
 
-    alone, crowded = run(False), run(True)
-    for a, b in zip(alone, crowded, strict=True):
-        assert a.text == b.text
-        assert np.array_equal(a.audio, b.audio), f"turn {a.turn} differs by {np.abs(a.audio - b.audio).max()}"
+    alone = run("alone")
+    for crowd in ("busy", "idle", "leaving"):
+        for a, b in zip(alone, run(crowd), strict=True):
+            assert a.text == b.text, crowd
+            assert np.array_equal(a.audio, b.audio), f"{crowd}: turn {a.turn} differs by {np.abs(a.audio - b.audio).max()}"
 
 
 # -- checkpoints -----------------------------------------------------------------------------------
