@@ -32,7 +32,7 @@ def additive_mask(query_positions: torch.Tensor, key_positions: torch.Tensor, co
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """q: (batch, heads, queries, dim); k, v: (batch, heads, keys, dim); mask broadcastable
+    """q: (batch, heads, queries, dim); k, v: (batch, kv heads, keys, dim); mask broadcastable
     to (batch, heads, queries, keys), additive. Always 4-D: for 3-D inputs PyTorch
     takes its math path instead of the flash kernel (about 2x slower here)."""
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=k.shape[1] != q.shape[1])

@@ -22,6 +22,7 @@ class ModelConfig:
     d_model: int = 128
     n_layers: int = 4
     n_heads: int = 4
+    n_kv_heads: int = 1  # grouped-query attention: heads sharing each key/value head
     # Mixture of experts: routed SwiGLU experts (top-k of n) plus one shared expert.
     n_experts: int = 8
     top_k: int = 2
@@ -34,7 +35,7 @@ class ModelConfig:
     video_size: int = 80  # camera frames are resized to this square; 0 disables video
     patch: int = 40
     # Streaming memory: attention sees the first ``sinks`` tokens plus the last ``window``.
-    window: int = 4096
+    window: int = 2048
     sinks: int = 16
     rope_base: float = 10_000.0
     # Audio output head: per-channel bin classification, or flow matching on log-mel.
@@ -46,6 +47,8 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if self.d_model % self.n_heads:
             raise ValueError("d_model must be divisible by n_heads")
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError("n_heads must be a multiple of n_kv_heads")
         if self.video_size and self.video_size % self.patch:
             raise ValueError("video_size must be a multiple of patch")
         if self.audio_head not in ("classify", "flow"):
@@ -114,6 +117,7 @@ PRESETS: dict[str, ModelConfig] = {
         d_model=1024,
         n_layers=16,
         n_heads=16,
+        n_kv_heads=4,
         n_experts=16,
         top_k=2,
         expert_hidden=1536,

@@ -24,7 +24,7 @@ class KVPool:
         self.capacity = config.sinks + config.window + config.max_append
         # (layer, slot, head, entry, dim): a session's keys of one head are contiguous,
         # so attention reads them in place.
-        shape = (config.n_layers, max_sessions, config.n_heads, self.capacity, config.head_dim)
+        shape = (config.n_layers, max_sessions, config.n_kv_heads, self.capacity, config.head_dim)
         self.keys = torch.zeros(shape, device=device, dtype=dtype)
         self.values = torch.zeros(shape, device=device, dtype=dtype)
         self.positions = torch.full((max_sessions, self.capacity), -1, dtype=torch.int64, device=device)
@@ -93,6 +93,6 @@ class KVPool:
         self.lengths[slot] = start + count
 
     def write(self, layer: int, slots: torch.Tensor, index: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Store new keys/values (rows, heads, dim); row i goes to slot slots[i], entry index[i]."""
+        """Store new keys/values (rows, kv heads, dim); row i goes to slot slots[i], entry index[i]."""
         self.keys[layer, slots, :, index] = k
         self.values[layer, slots, :, index] = v

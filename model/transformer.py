@@ -134,12 +134,12 @@ class Attention(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
-        self.qkv = nn.Linear(config.d_model, 3 * config.d_model, bias=False)
+        self.qkv = nn.Linear(config.d_model, (config.n_heads + 2 * config.n_kv_heads) * config.head_dim, bias=False)
         self.out = nn.Linear(config.d_model, config.d_model, bias=False)
 
     def _project(self, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         c = self.config
-        q, k, v = self.qkv(x).view(x.shape[0], 3, c.n_heads, c.head_dim).unbind(1)
+        q, k, v = self.qkv(x).view(x.shape[0], -1, c.head_dim).split([c.n_heads, c.n_kv_heads, c.n_kv_heads], dim=1)
         return rope(q, positions, c.rope_base), rope(k, positions, c.rope_base), v
 
     def forward_stream(self, x: torch.Tensor, batch: StreamBatch, pool: KVPool, layer: int) -> torch.Tensor:
@@ -161,7 +161,7 @@ class Attention(nn.Module):
         """x: (batch, tokens, d), every sequence starting at position 0."""
         b, t, d = x.shape
         q, k, v = self._project(x.reshape(b * t, d), positions.repeat(b))
-        q, k, v = (z.view(b, t, self.config.n_heads, -1).transpose(1, 2) for z in (q, k, v))
+        q, k, v = (z.reshape(b, t, z.shape[1], -1).transpose(1, 2) for z in (q, k, v))
         out = attend(q, k, v, additive_mask(positions, positions, self.config))
         return self.out(out.transpose(1, 2).reshape(b * t, d)).view(b, t, d)
 
