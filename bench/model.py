@@ -4,8 +4,9 @@ batched vs one-at-a-time. Median of ``--repeats`` runs of each measurement.
     microturn bench model [--json] [--preset tiny] [--repeats 5]
 
 Sessions start with ``--context-s`` seconds of context already in their caches
-(marked as appended; the values do not change the cost), so step times reflect a
-conversation in progress, not its first seconds.
+(marked as appended; the values do not change the cost). Attention always spans a
+session's whole cache slot (see model/transformer.py), so the step time is the
+same early and late in a conversation.
 """
 
 from __future__ import annotations
@@ -63,7 +64,7 @@ class Sessions:
 
 
 def run(preset_name: str = "tiny", repeats: int = 5, context_s: float = 60.0,
-        counts: tuple[int, ...] = (1, 8, 32, 64), short_context_s: float = 10.0) -> dict[str, object]:
+        counts: tuple[int, ...] = (1, 8, 32, 64)) -> dict[str, object]:
     torch.manual_seed(0)
     model = InteractionModel(preset(preset_name)).eval()
     config = model.config
@@ -84,16 +85,6 @@ def run(preset_name: str = "tiny", repeats: int = 5, context_s: float = 60.0,
         sessions.close()
     results["step_ms_by_sessions"] = step_ms
     results["batch32_throughput_ratio"] = round(32 * step_ms["1"] / step_ms["32"], 2) if "32" in step_ms else None
-
-    # Early in conversations attention is cheap and batching pays more.
-    short: dict[str, float] = {}
-    for count in (1, 32):
-        sessions = Sessions(engine, count, short_context_s, f"short{count}")
-        short[str(count)] = round(median_ms(sessions.step, repeats), 2)
-        sessions.close()
-    results["short_context_s"] = short_context_s
-    results["step_ms_by_sessions_short_context"] = short
-    results["batch32_throughput_ratio_short_context"] = round(32 * short["1"] / short["32"], 2)
 
     # Streaming a micro-turn at 2 minutes of context vs recomputing those 2 minutes.
     two_minutes = 120 * TURNS_PER_SECOND * config.tokens_per_turn
