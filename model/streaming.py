@@ -9,7 +9,6 @@ session's new input tokens to its cache, each later one a single output token.
 
 from __future__ import annotations
 
-import codecs
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -18,15 +17,13 @@ import numpy as np
 import torch
 
 from model import dmel
-from model.config import NO_TEXT, RESULT_CLOSE, RESULT_OPEN, TASK_CLOSE, TASK_OPEN
+from model.config import NO_TEXT
 from model.interaction import InteractionModel
+from model.text import Decoder, encode
 from model.interface import TurnInput, TurnOutput
 from model.kv import KVPool
 from model.transformer import ROW_MULTIPLE, Segment, StreamBatch, pad_rows
 from model.vocoder import VocoderState, vocode_chunk
-
-MARKER_TEXT = {TASK_OPEN: "<task>", TASK_CLOSE: "</task>", RESULT_OPEN: "<result>", RESULT_CLOSE: "</result>"}
-
 
 @dataclass
 class _Session:
@@ -35,8 +32,8 @@ class _Session:
     dmel_context: torch.Tensor = field(default_factory=lambda: torch.zeros(1, dmel.CONTEXT))
     vocoder: VocoderState = field(default_factory=VocoderState.silence)
     pending: torch.Tensor | None = None  # (1, d): last output of the previous micro-turn
-    text_queue: bytearray = field(default_factory=bytearray)
-    decoder: codecs.IncrementalDecoder = field(default_factory=lambda: codecs.getincrementaldecoder("utf-8")("replace"))
+    text_queue: list[int] = field(default_factory=list)  # input text ids waiting for a slot
+    decoder: Decoder = field(default_factory=Decoder)
 
 
 class StreamingModel:
@@ -99,7 +96,7 @@ class StreamingModel:
         spoken = torch.stack(texts, dim=1)  # (n, out_positions)
         return [
             TurnOutput(chunk.session_id, chunk.turn, voice[i].clamp(-1, 1).numpy().astype(np.float32),
-                       self._decode(session, spoken[i].tolist()))
+                       session.decoder.decode(spoken[i].tolist()))
             for i, (chunk, session) in enumerate(zip(batch, sessions, strict=True))
         ]
 
@@ -124,10 +121,10 @@ class StreamingModel:
         ids = torch.full((len(batch), slots), NO_TEXT, dtype=torch.int64)
         for i, (chunk, session) in enumerate(zip(batch, sessions, strict=True)):
             if chunk.text:
-                session.text_queue += chunk.text.encode("utf-8")
+                session.text_queue += encode(chunk.text)
             taken = session.text_queue[:slots]
             del session.text_queue[:slots]
-            ids[i, : len(taken)] = torch.tensor(list(taken), dtype=torch.int64)
+            ids[i, : len(taken)] = torch.tensor(taken, dtype=torch.int64)
         return ids
 
     def _video(self, batch: Sequence[TurnInput]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
@@ -144,13 +141,3 @@ class StreamingModel:
         extra = (-len(batch)) % ROW_MULTIPLE  # keep the stem's matmuls batch-invariant
         return torch.cat([frames, frames.new_zeros(extra, 3, size, size)]), torch.cat(
             [has_video, has_video.new_zeros(extra)])
-
-    @staticmethod
-    def _decode(session: _Session, ids: list[int]) -> str:
-        parts = []
-        for token in ids:
-            if token < 256:
-                parts.append(session.decoder.decode(bytes([token])))
-            elif token in MARKER_TEXT:
-                parts.append(MARKER_TEXT[token])
-        return "".join(parts)

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from opentelemetry.sdk.trace import TracerProvider
+from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response
@@ -14,50 +16,82 @@ from starlette.staticfiles import StaticFiles
 
 from server import signalling, telemetry
 from server.config import ServerConfig
-from server.engine import Engine, make_model
+from server.capacity import measure_capacity
+from server.engine import Engine, StepInfo, make_model
+from server.metrics import Metrics
 from server.sessions import SessionRegistry
+from server.tools import ChatBackend, default_tools
 
 
 def create_app(config: ServerConfig, tracer_provider: TracerProvider | None = None) -> Starlette:
     provider = tracer_provider or telemetry.build_tracer_provider()
     model = make_model(config.engine, config.max_sessions, config.checkpoint)  # fail now, not at first request
 
+    tracer = provider.get_tracer(telemetry.TRACER_NAME)
+    chat = ChatBackend(config.llm_url, config.llm_model, config.llm_api_key) if config.llm_url else None
+    tools = default_tools(chat)
+
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        engine = Engine(model)
+        if config.capacity is not None:
+            capacity, measured = config.capacity, {}
+        else:  # off the loop: the probe steps the model for a second or two
+            capacity, measured = await asyncio.to_thread(
+                measure_capacity, model, config.max_sessions, config.capacity_budget)
+        holder: dict[str, SessionRegistry] = {}
+        metrics = Metrics(lambda: len(holder["registry"]), lambda: engine.queued_chunks)
+        engine = Engine(model, tracer=tracer, on_step=lambda info: _record_step(metrics, info))
         engine.start()
-        app.state.registry = SessionRegistry(config, engine, provider.get_tracer(telemetry.TRACER_NAME))
+        holder["registry"] = app.state.registry = SessionRegistry(config, engine, tracer, tools, metrics, capacity)
+        app.state.metrics = metrics
+        app.state.capacity_probe = measured
         try:
             yield
         finally:
             await app.state.registry.close_all("server shutting down")
             engine.stop()
             provider.force_flush()
+            metrics.shutdown()
 
     async def index(request: Request) -> Response:
         return FileResponse(config.web_root / "index.html")
 
     async def healthz(request: Request) -> Response:
         registry: SessionRegistry = request.app.state.registry
+        alive = registry.engine.alive
         return JSONResponse(
-            {
-                "status": "ok",
+            status_code=200 if alive else 503,
+            content={
+                "status": "ok" if alive else "engine stopped",
                 "engine": registry.engine.model.name,
                 "weights": registry.engine.model.weights,
                 "sessions": len(registry),
-                "max_sessions": config.max_sessions,
+                "capacity": registry.capacity,
+                "free": max(registry.capacity - len(registry), 0),
+                "capacity_probe_ms": request.app.state.capacity_probe,
                 "engine_sessions": registry.engine.session_count,
                 "ticks": registry.engine.ticks,
                 "last_step_ms": round(registry.engine.last_step_ms, 3),
-            }
+            },
         )
+
+    async def metrics_endpoint(request: Request) -> Response:
+        return Response(request.app.state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     routes = [
         Route("/", index),
         Route("/healthz", healthz),
+        Route("/metrics", metrics_endpoint),
         Route("/v1/sessions", signalling.create_session, methods=["POST"]),
         Route("/v1/sessions/{session_id}", signalling.delete_session, methods=["DELETE"]),
         Route("/v1/sessions/{session_id}", signalling.get_session, methods=["GET"]),
         Mount("/static", StaticFiles(directory=config.web_root), name="static"),
     ]
     return Starlette(routes=routes, lifespan=lifespan)
+
+
+def _record_step(metrics: Metrics, info: StepInfo) -> None:
+    """Engine thread: OpenTelemetry instruments are thread-safe."""
+    metrics.step_duration.record(info.step_ms)
+    if info.overran:
+        metrics.deadline_misses.add(1)

@@ -21,5 +21,19 @@ class ServerConfig:
     playout_delay_ms: float = 40.0
     # A sender silent this long is treated as stalled: its clock advances with silence.
     stall_after_s: float = 0.5
+    # A session whose peer has not connected by then is closed.
+    connect_timeout_s: float = 15.0
     max_offer_bytes: int = 64 * 1024
+    # Admission: sessions beyond ``capacity`` get 503. None: measured at start-up as
+    # the count at which a model step reaches ``capacity_budget`` of the 200 ms turn.
+    capacity: int | None = None
+    capacity_budget: float = 0.6
+    # Data channel and background model limits.
+    messages_per_second: float = 20.0
+    message_burst: float = 40.0
+    max_tasks_per_session: int = 4
+    # OpenAI-compatible chat backend for the background model (the `chat` tool).
+    llm_url: str | None = None
+    llm_model: str = "gpt-4o-mini"
+    llm_api_key: str | None = None
     web_root: Path = WEB_ROOT

@@ -23,13 +23,17 @@ import os
 import threading
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
+
+from opentelemetry import trace
+from opentelemetry.trace import Link, SpanContext, Status, StatusCode
 
 import numpy as np
 
 from model.interface import SAMPLE_RATE, TURN_MS, TURN_SAMPLES, MicroTurnModel, TurnInput, TurnOutput
+from server import telemetry as tm
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +55,10 @@ class SessionSink(Protocol):
     """Where a session's results go. Called from the engine thread: implementations
     must hand off to their own thread (e.g. ``loop.call_soon_threadsafe``)."""
 
+    @property
+    def span_context(self) -> SpanContext | None:
+        """The session's trace context, which the batch's ``model.step`` span links to."""
+
     def on_output(self, output: TurnOutput, info: StepInfo) -> None: ...
 
     def on_step_error(self, turn: int, message: str) -> None: ...
@@ -63,9 +71,12 @@ class _Slot:
 
 
 class Engine:
-    def __init__(self, model: MicroTurnModel, batch_window_s: float = 0.015) -> None:
+    def __init__(self, model: MicroTurnModel, batch_window_s: float = 0.015,
+                 tracer: trace.Tracer | None = None, on_step: Callable[[StepInfo], None] | None = None) -> None:
         self.model = model
         self.batch_window_s = batch_window_s
+        self.tracer = tracer or trace.NoOpTracer()
+        self._on_step = on_step or (lambda info: None)
         self.grid_origin = time.monotonic()
         self.ticks = 0
         self.overruns = 0
@@ -93,6 +104,15 @@ class Engine:
     def session_count(self) -> int:
         with self._cond:
             return len(self._slots)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    @property
+    def queued_chunks(self) -> int:
+        with self._cond:
+            return sum(len(slot.inbox) for slot in self._slots.values())
 
     def open_session(self, session_id: str, sink: SessionSink) -> None:
         with self._cond:
@@ -137,7 +157,10 @@ class Engine:
             if batch is None:
                 break
             if batch:
-                self._step(batch, sinks)
+                try:
+                    self._step(batch, sinks)
+                except Exception:  # a bug in a sink must not stop every session's engine
+                    log.exception("engine step bookkeeping failed")
         for session_id in list(self._slots):
             self._safe_close(session_id)
 
@@ -169,8 +192,15 @@ class Engine:
         for session_id in self._to_close:
             self._safe_close(session_id)
         for session_id in self._to_open:
-            if session_id in self._slots:
+            slot = self._slots.get(session_id)
+            if slot is None:
+                continue
+            try:
                 self.model.open_session(session_id)
+            except Exception as exc:  # e.g. no memory for its cache: this session only
+                log.exception("model.open_session(%s) failed", session_id)
+                del self._slots[session_id]
+                slot.sink.on_step_error(-1, f"the model could not take this session: {exc}")
         self._to_close.clear()
         self._to_open.clear()
 
@@ -189,6 +219,11 @@ class Engine:
     def _step(self, batch: Sequence[TurnInput], sinks: Sequence[SessionSink]) -> None:
         tick = self.ticks
         self.ticks += 1
+        links = [Link(context) for sink in sinks if (context := sink.span_context) is not None]
+        span = self.tracer.start_span(
+            tm.SPAN_MODEL_STEP, links=links,
+            attributes={tm.ATTR_TICK: tick, tm.ATTR_BATCH_SIZE: len(batch), tm.ATTR_ENGINE: self.model.name},
+        )
         started = time.monotonic()
         try:
             outputs = self.model.step(batch)
@@ -196,6 +231,9 @@ class Engine:
                 raise RuntimeError(f"model returned {len(outputs)} outputs for {len(batch)} inputs")
         except Exception as exc:
             log.exception("model step failed for a batch of %d", len(batch))
+            span.record_exception(exc)
+            span.set_status(Status(StatusCode.ERROR, str(exc)))
+            span.end()
             for chunk, sink in zip(batch, sinks, strict=True):
                 sink.on_step_error(chunk.turn, f"model step failed: {exc}")
             return
@@ -203,7 +241,11 @@ class Engine:
         self.last_step_ms = step_ms
         overran = step_ms > TURN_MS
         self.overruns += overran
+        span.set_attribute(tm.ATTR_STEP_MS, step_ms)
+        span.set_attribute(tm.ATTR_OVERRAN, overran)
+        span.end()
         info = StepInfo(tick, len(batch), started, step_ms, overran)
+        self._on_step(info)
         for output, sink in zip(outputs, sinks, strict=True):
             sink.on_output(output, info)
 

@@ -9,14 +9,25 @@ anything malformed raises :class:`ProtocolError`, which the session turns into a
 from __future__ import annotations
 
 import json
+import time
 from typing import Any
 
 PROTOCOL_VERSION = 1
 CHANNEL_LABEL = "events"
 MAX_MESSAGE_BYTES = 16 * 1024
+MAX_TEXT_CHARS = 2_000
+MAX_TASK_INPUT_CHARS = 4_000
 
-# Client -> server message types understood by this version.
-CLIENT_TYPES = frozenset({"ping"})
+# Client -> server messages: for each type, its fields as (accepted types, required).
+_ANY_JSON = (str, int, float, bool, type(None))
+CLIENT_SCHEMAS: dict[str, dict[str, tuple[tuple[type, ...], bool]]] = {
+    "ping": {"id": (_ANY_JSON, False), "t": (_ANY_JSON, False)},
+    "text.input": {"text": ((str,), True)},
+    "task.create": {"tool": ((str,), True), "input": ((str,), True), "ref": ((str,), False)},
+    "task.cancel": {"task_id": ((str,), True)},
+    "session.update": {"metrics_interval_ms": ((int,), False)},
+}
+_LIMITS = {"text": MAX_TEXT_CHARS, "input": MAX_TASK_INPUT_CHARS, "tool": 64, "ref": 128, "task_id": 64}
 
 
 class ProtocolError(Exception):
@@ -52,9 +63,41 @@ def parse_client_message(raw: str | bytes) -> dict[str, Any]:
     message_type = message.get("type")
     if not isinstance(message_type, str):
         raise ProtocolError("bad_message", "a message needs a string 'type'")
-    if message_type not in CLIENT_TYPES:
+    schema = CLIENT_SCHEMAS.get(message_type)
+    if schema is None:
         raise ProtocolError("unknown_type", f"unknown message type {message_type!r}")
     version = message.get("v", PROTOCOL_VERSION)
     if version != PROTOCOL_VERSION:
         raise ProtocolError("bad_version", f"this server speaks protocol v{PROTOCOL_VERSION}")
+    for name in message.keys() - schema.keys() - {"type", "v"}:
+        raise ProtocolError("bad_field", f"{message_type}: unknown field {name!r}")
+    for name, (types, required) in schema.items():
+        if name not in message:
+            if required:
+                raise ProtocolError("bad_field", f"{message_type}: missing field {name!r}")
+            continue
+        value = message[name]
+        if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
+            raise ProtocolError("bad_field", f"{message_type}: field {name!r} has the wrong type")
+        limit = _LIMITS.get(name)
+        if limit is not None and isinstance(value, str) and len(value) > limit:
+            raise ProtocolError("too_long", f"{message_type}: field {name!r} is limited to {limit} characters")
     return message
+
+
+class RateLimit:
+    """Token bucket: ``rate`` messages a second on average, bursts up to ``burst``."""
+
+    def __init__(self, rate: float = 20.0, burst: float = 40.0) -> None:
+        self.rate, self.burst = rate, burst
+        self._tokens = burst
+        self._updated = time.monotonic()
+
+    def allow(self) -> bool:
+        now = time.monotonic()
+        self._tokens = min(self.burst, self._tokens + (now - self._updated) * self.rate)
+        self._updated = now
+        if self._tokens < 1:
+            return False
+        self._tokens -= 1
+        return True

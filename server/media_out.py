@@ -37,12 +37,17 @@ class OutputAudioTrack(MediaStreamTrack):
 
     kind = "audio"
 
-    def __init__(self, playout_delay_ms: float = 40.0) -> None:
+    def __init__(self, playout_delay_ms: float = 40.0, max_queue_ms: float = 400.0) -> None:
         super().__init__()
         self.playout_delay_s = playout_delay_ms / 1000
+        # Beyond this much queued audio (a backlog of turns after a stall, or a
+        # client clock running fast) the oldest frames are dropped: late speech is
+        # worse than a skip, and latency must not ratchet up for good.
+        self.max_queue_frames = int(max_queue_ms * OUTPUT_RATE / 1000) // FRAME_SAMPLES
         self.frames_sent = 0
         self.silent_frames = 0  # frames sent because nothing was queued
         self.flushed_frames = 0
+        self.dropped_frames = 0  # dropped to keep latency bounded
         self._queue: deque[np.ndarray] = deque()
         self._pending = np.zeros(0, dtype=np.int16)  # < one frame of resampled audio
         self._resampler = self._new_resampler()
@@ -73,6 +78,9 @@ class OutputAudioTrack(MediaStreamTrack):
         whole = samples.size - samples.size % FRAME_SAMPLES
         self._queue.extend(samples[:whole].reshape(-1, FRAME_SAMPLES))
         self._pending = samples[whole:]
+        while len(self._queue) > self.max_queue_frames:
+            self._queue.popleft()
+            self.dropped_frames += 1
 
     def flush(self) -> int:
         """Drop everything not yet sent (barge-in). Returns the frames dropped."""
@@ -81,6 +89,7 @@ class OutputAudioTrack(MediaStreamTrack):
         self._queue.clear()
         self._pending = np.zeros(0, dtype=np.int16)
         self._resampler = self._new_resampler()  # forget the filter's tail too
+        self._playing, self._refill_since = False, None  # the next turn waits the playout delay
         return dropped
 
     async def recv(self) -> av.AudioFrame:

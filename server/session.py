@@ -22,15 +22,19 @@ from aiortc import RTCDataChannel, RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 from opentelemetry import trace
 from opentelemetry.context import Context
+from opentelemetry.trace import SpanContext
 
 from model.interface import SAMPLE_RATE, TURN_MS, TURN_SAMPLES, TurnInput, TurnOutput
 from server import telemetry as tm
 from server.config import ServerConfig
 from server.engine import Engine, StepInfo
-from server.events import CHANNEL_LABEL, PROTOCOL_VERSION, ProtocolError, error_event, parse_client_message, server_event
+from server.events import CHANNEL_LABEL, PROTOCOL_VERSION, ProtocolError, RateLimit, parse_client_message, server_event
 from server.ice import add_host_candidates, rtc_configuration
 from server.media_in import AudioChunker
 from server.media_out import OutputAudioTrack
+from server.metrics import Metrics
+from server.tasks import TaskError, TaskManager, TaskRequestParser
+from server.tools import Tool
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +52,8 @@ class SessionStats:
     step_errors: int = 0
     protocol_errors: int = 0
     overruns: int = 0
+    text_inputs: int = 0
+    tasks_created: int = 0
 
 
 class Session:
@@ -59,6 +65,8 @@ class Session:
         tracer: trace.Tracer,
         parent: Context | None,
         on_closed: Callable[[Session], None],
+        tools: dict[str, Tool],
+        metrics: Metrics,
     ) -> None:
         self.id = session_id
         self.config = config
@@ -74,8 +82,10 @@ class Session:
         self._chunker: AudioChunker | None = None
         self._clock_wall = 0.0  # wall time matching the end of the audio consumed so far
         self._chunk_closed_ns: dict[int, int] = {}
+        self._chunk_rms: dict[int, float] = {}
         self._early_events: list[str] = []
         self._ready_sent = False
+        self._audio_track_seen = False
         self._tasks: set[asyncio.Task[None]] = set()
         self.span = tracer.start_span(
             tm.SPAN_SESSION,
@@ -83,6 +93,15 @@ class Session:
             attributes={tm.ATTR_SESSION_ID: session_id, tm.ATTR_ENGINE: engine.model.name},
         )
         self.trace_id = format(self.span.get_span_context().trace_id, "032x")
+        self.metrics = metrics
+        self.tasks = TaskManager(
+            tools, self.emit, self._queue_model_text, tracer, self.span,
+            max_concurrent=config.max_tasks_per_session, on_finish=self._task_finished,
+        )
+        self._task_requests = TaskRequestParser(default_tool="chat" if "chat" in tools else "calc")
+        self._model_text: list[str] = []  # text entering the model at the next micro-turn
+        self._rate = RateLimit(config.messages_per_second, config.message_burst)
+        self._metrics_task: asyncio.Task[None] | None = None
 
     # -- signalling ----------------------------------------------------------
 
@@ -97,23 +116,34 @@ class Session:
         await add_host_candidates(self.pc, self.config.ice_host_addresses)
         await self.pc.setLocalDescription(answer)
         self.engine.open_session(self.id, self)
+        self._spawn(self._close_unless_connected(self.config.connect_timeout_s))
         return self.pc.localDescription.sdp
+
+    async def _close_unless_connected(self, timeout_s: float) -> None:
+        """A client that never completes ICE must not hold a slot: aioice keeps waiting
+        for more candidates unless the offer said end-of-candidates."""
+        await asyncio.sleep(timeout_s)
+        if self.pc.connectionState != "connected":
+            await self.close(f"not connected within {timeout_s:g} s")
 
     async def close(self, reason: str) -> None:
         """Release everything the session holds. Safe to call more than once."""
         if self.close_reason is not None:
             return
         self.close_reason = reason
-        self.engine.close_session(self.id)
-        current = asyncio.current_task()
-        for task in list(self._tasks):
-            if task is not current:
-                task.cancel()
-        self.output.stop()
-        await self.pc.close()
-        self.span.set_attribute(tm.ATTR_CLOSE_REASON, reason)
-        self.span.end()
-        self._on_closed(self)
+        try:
+            self.engine.close_session(self.id)
+            current = asyncio.current_task()
+            for task in list(self._tasks):
+                if task is not current:
+                    task.cancel()
+            self.output.stop()
+            await self.tasks.close()
+            await self.pc.close()
+        finally:  # whatever failed above, the session is gone and its slot free
+            self.span.set_attribute(tm.ATTR_CLOSE_REASON, reason)
+            self.span.end()
+            self._on_closed(self)
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -127,21 +157,30 @@ class Session:
                 "frames_sent": self.output.frames_sent,
                 "silent_frames": self.output.silent_frames,
                 "flushed_frames": self.output.flushed_frames,
+                "dropped_frames": self.output.dropped_frames,
                 "queued_ms": self.output.queued_ms,
             },
             **asdict(self.stats),
+            "tasks_running": self.tasks.running,
             "trace_id": self.trace_id,
         }
+
+    @property
+    def span_context(self) -> SpanContext:
+        return self.span.get_span_context()
 
     # -- media in --------------------------------------------------------------
 
     def _on_track(self, track: MediaStreamTrack) -> None:
-        if track.kind == "audio":
+        if track.kind == "audio" and not self._audio_track_seen:
+            self._audio_track_seen = True
             self._spawn(self._read_audio(track))
             self._spawn(self._watch_for_stalls())
         else:
-            # Video joins the model in a later step; until then read and drop it so
-            # aiortc's unbounded receive queue cannot grow.
+            # One microphone per session: further audio tracks are read and dropped
+            # (two timebases cannot share one session clock). Video joins the model
+            # in a later step; until then it is dropped too, so aiortc's unbounded
+            # receive queue cannot grow.
             self._spawn(self._drain(track))
 
     async def _read_audio(self, track: MediaStreamTrack) -> None:
@@ -156,8 +195,7 @@ class Session:
             if self._chunker is None:
                 self._chunker = self._new_chunker(frame, now)
             self._clock_wall = now
-            for chunk in self._chunker.push(frame):
-                self._submit(chunk)
+            self._submit_all(self._chunker.push(frame))
             if not self._ready_sent:
                 self._send_ready()
 
@@ -177,17 +215,28 @@ class Session:
             stalled_for = now - self._clock_wall
             if stalled_for < self.config.stall_after_s:
                 continue
-            for chunk in chunker.fill_silence(int(stalled_for * chunker.input_rate)):
-                self._submit(chunk)
+            self._submit_all(chunker.fill_silence(int(stalled_for * chunker.input_rate)))
             self._clock_wall = now
 
-    def _submit(self, chunk: np.ndarray) -> None:
+    def _submit_all(self, chunks: list[np.ndarray]) -> None:
+        """Hand closed chunks to the engine; the chunker has already counted them."""
         assert self._chunker is not None
-        turn = self._chunker.next_turn - 1
+        first = self._chunker.next_turn - len(chunks)
+        for offset, chunk in enumerate(chunks):
+            self._submit(first + offset, chunk)
+
+    def _submit(self, turn: int, chunk: np.ndarray) -> None:
         self.stats.chunks_in += 1
-        self.stats.input_rms_max = max(self.stats.input_rms_max, _rms(chunk))
+        rms = _rms(chunk)
+        self.stats.input_rms_max = max(self.stats.input_rms_max, rms)
+        self._chunk_rms[turn] = rms
         self._chunk_closed_ns[turn] = time.time_ns()
-        self.engine.submit(TurnInput(self.id, turn, chunk))
+        text, self._model_text = "".join(self._model_text), []
+        self.engine.submit(TurnInput(self.id, turn, chunk, text))
+
+    def _queue_model_text(self, text: str) -> None:
+        """Typed text and background results: they enter the model at the next micro-turn."""
+        self._model_text.append(text)
 
     async def _drain(self, track: MediaStreamTrack) -> None:
         while True:
@@ -210,7 +259,8 @@ class Session:
         self.output.enqueue(output.audio)
         self.stats.turns_out += 1
         self.stats.overruns += info.overran
-        self.stats.output_rms_max = max(self.stats.output_rms_max, _rms(output.audio))
+        out_rms = _rms(output.audio)
+        self.stats.output_rms_max = max(self.stats.output_rms_max, out_rms)
         closed_ns = self._chunk_closed_ns.pop(output.turn, None)
         self._trace_microturn(output, info, closed_ns)
         event: dict[str, Any] = {
@@ -218,12 +268,18 @@ class Session:
             "t_ms": (output.turn + 1) * TURN_MS,
             "step_ms": round(info.step_ms, 2),
             "batch": info.batch_size,
+            # chunk closed -> its output queued for sending: what the server adds
+            "latency_ms": round((time.time_ns() - closed_ns) / 1e6, 2) if closed_ns else None,
+            "in_rms": round(self._chunk_rms.pop(output.turn, 0.0), 4),
+            "out_rms": round(out_rms, 4),
         }
         if info.overran:
             event["overran"] = True
-        self.send(server_event("turn", **event))
+        self.emit("turn", **event)
         if output.text:
-            self.send(server_event("transcript.delta", turn=output.turn, text=output.text))
+            self.emit("transcript.delta", turn=output.turn, text=output.text)
+            for tool, tool_input in self._task_requests.feed(output.text):
+                self._create_task(tool, tool_input, origin="model")
 
     def _trace_microturn(self, output: TurnOutput, info: StepInfo, closed_ns: int | None) -> None:
         span = self.tracer.start_span(
@@ -247,7 +303,8 @@ class Session:
             return
         self.stats.step_errors += 1
         self._chunk_closed_ns.pop(turn, None)
-        self.send(error_event("step_failed", message, turn=turn))
+        self._chunk_rms.pop(turn, None)
+        self.emit("error", code="step_failed", message=message, turn=turn)
 
     # -- data channel -----------------------------------------------------------------
 
@@ -260,6 +317,10 @@ class Session:
         channel.on("open", self._flush_early_events)
         if channel.readyState == "open":
             self._flush_early_events()
+
+    def emit(self, event_type: str, **fields: Any) -> None:
+        """Send one event, stamped with the protocol version and this session's trace."""
+        self.send(server_event(event_type, trace_id=self.trace_id, **fields))
 
     def send(self, text: str) -> None:
         channel = self.channel
@@ -280,31 +341,83 @@ class Session:
         if self.channel is None or self.channel.readyState != "open":
             return
         self._ready_sent = True
-        self.send(
-            server_event(
-                "session.ready",
-                session_id=self.id,
-                engine=self.engine.model.name,
-                weights=self.engine.model.weights,
-                turn_ms=TURN_MS,
-                sample_rate=SAMPLE_RATE,
-                protocol=PROTOCOL_VERSION,
-                trace_id=self.trace_id,
-            )
+        self.emit(
+            "session.ready",
+            session_id=self.id,
+            engine=self.engine.model.name,
+            weights=self.engine.model.weights,
+            turn_ms=TURN_MS,
+            sample_rate=SAMPLE_RATE,
+            protocol=PROTOCOL_VERSION,
+            tools={name: tool.description for name, tool in self.tasks.tools.items()},
         )
 
     def _on_message(self, raw: str | bytes) -> None:
         try:
+            if not self._rate.allow():
+                raise ProtocolError("rate_limited", "too many messages; slow down")
             message = parse_client_message(raw)
         except ProtocolError as exc:
-            self.stats.protocol_errors += 1
-            self.send(error_event(exc.code, exc.message))
+            self._protocol_error(exc.code, exc.message)
             return
-        if message["type"] == "ping":
-            self.send(
-                server_event(
-                    "pong", id=message.get("id"), t=message.get("t"), server_ms=round(time.time() * 1000)
-                )
+        handler = getattr(self, "_on_" + message["type"].replace(".", "_"))
+        handler(message)
+
+    def _protocol_error(self, code: str, message: str, **fields: Any) -> None:
+        self.stats.protocol_errors += 1
+        self.metrics.protocol_errors.add(1, {tm.ATTR_CODE: code})
+        self.emit("error", code=code, message=message, **fields)
+
+    def _on_ping(self, message: dict[str, Any]) -> None:
+        self.emit("pong", id=message.get("id"), t=message.get("t"), server_ms=round(time.time() * 1000))
+
+    def _on_text_input(self, message: dict[str, Any]) -> None:
+        text = message["text"]
+        self.stats.text_inputs += 1
+        self._queue_model_text(text)
+        self.emit("user.text", text=text)
+
+    def _on_task_create(self, message: dict[str, Any]) -> None:
+        self._create_task(message["tool"], message["input"], origin="client", ref=message.get("ref"))
+
+    def _on_task_cancel(self, message: dict[str, Any]) -> None:
+        if not self.tasks.cancel(message["task_id"]):
+            self._protocol_error("unknown_task", f"no running task {message['task_id']!r}")
+
+    def _on_session_update(self, message: dict[str, Any]) -> None:
+        interval = message.get("metrics_interval_ms")
+        if interval is not None:
+            if interval != 0 and not 200 <= interval <= 60_000:
+                self._protocol_error("bad_field", "metrics_interval_ms: 0 (off) or 200..60000")
+                return
+            if self._metrics_task is not None:
+                self._metrics_task.cancel()
+                self._metrics_task = None
+            if interval:
+                self._metrics_task = self._spawn(self._send_metrics(interval / 1000))
+
+    def _create_task(self, tool: str, tool_input: str, origin: str, ref: str | None = None) -> None:
+        try:
+            self.tasks.create(tool, tool_input, origin, ref)
+            self.stats.tasks_created += 1
+        except TaskError as exc:
+            fields = {"ref": ref} if ref is not None else {}
+            self._protocol_error(exc.code, exc.message, **fields)
+
+    def _task_finished(self, tool: str, outcome: str) -> None:
+        self.metrics.tasks.add(1, {tm.ATTR_TOOL: tool, tm.ATTR_OUTCOME: outcome})
+
+    async def _send_metrics(self, period_s: float) -> None:
+        while True:
+            await asyncio.sleep(period_s)
+            self.emit(
+                "metrics",
+                turns_out=self.stats.turns_out,
+                overruns=self.stats.overruns,
+                output_queued_ms=round(self.output.queued_ms, 1),
+                silent_frames=self.output.silent_frames,
+                tasks_running=self.tasks.running,
+                engine_step_ms=round(self.engine.last_step_ms, 2),
             )
 
     # -- lifecycle --------------------------------------------------------------------
@@ -313,10 +426,11 @@ class Session:
         if self.pc.connectionState in ("failed", "closed"):
             await self.close(f"peer connection {self.pc.connectionState}")
 
-    def _spawn(self, coroutine: Any) -> None:
+    def _spawn(self, coroutine: Any) -> asyncio.Task[None]:
         task = asyncio.ensure_future(coroutine)
         self._tasks.add(task)
         task.add_done_callback(self._task_done)
+        return task
 
     def _task_done(self, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)

@@ -9,14 +9,20 @@ from opentelemetry.context import Context
 
 from server.config import ServerConfig
 from server.engine import Engine
+from server.metrics import Metrics
 from server.session import Session
+from server.tools import Tool
 
 
 class SessionRegistry:
-    def __init__(self, config: ServerConfig, engine: Engine, tracer: trace.Tracer) -> None:
+    def __init__(self, config: ServerConfig, engine: Engine, tracer: trace.Tracer, tools: dict[str, Tool],
+                 metrics: Metrics, capacity: int) -> None:
         self.config = config
         self.engine = engine
         self.tracer = tracer
+        self.tools = tools
+        self.metrics = metrics
+        self.capacity = min(capacity, config.max_sessions)
         self._sessions: dict[str, Session] = {}
 
     def __len__(self) -> int:
@@ -24,13 +30,14 @@ class SessionRegistry:
 
     @property
     def full(self) -> bool:
-        return len(self._sessions) >= self.config.max_sessions
+        return len(self._sessions) >= self.capacity
 
     def get(self, session_id: str) -> Session | None:
         return self._sessions.get(session_id)
 
     def new_session(self, session_id: str, parent: Context | None) -> Session:
-        session = Session(session_id, self.config, self.engine, self.tracer, parent, self._forget)
+        session = Session(session_id, self.config, self.engine, self.tracer, parent, self._forget,
+                          self.tools, self.metrics)
         self._sessions[session_id] = session
         return session
 

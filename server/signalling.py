@@ -52,15 +52,24 @@ async def create_session(request: Request) -> Response:
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if content_type != "application/sdp":
         return error_response(415, "unsupported_media_type", "send the offer as application/sdp")
-    body = await request.body()
-    if len(body) > registry.config.max_offer_bytes:
-        return error_response(413, "offer_too_large", f"offers are limited to {registry.config.max_offer_bytes} bytes")
+    limit = registry.config.max_offer_bytes
+    too_large = error_response(413, "offer_too_large", f"offers are limited to {limit} bytes")
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        return too_large
+    body = bytearray()
+    async for piece in request.stream():  # count as it arrives: never buffer more than the limit
+        body += piece
+        if len(body) > limit:
+            return too_large
     try:
-        offer = validate_offer(body)
+        offer = validate_offer(bytes(body))
     except OfferError as exc:
         return error_response(400, "bad_offer", str(exc))
     if registry.full:
-        return error_response(503, "at_capacity", "no free session slot, retry later", {"Retry-After": "5"})
+        registry.metrics.rejected_sessions.add(1, {"reason": "at_capacity"})
+        return error_response(503, "at_capacity", f"all {registry.capacity} session slots are taken, retry later",
+                              {"Retry-After": "5"})
 
     session = registry.new_session(secrets.token_urlsafe(12), parent=extract(request.headers))
     try:

@@ -20,6 +20,8 @@ TRACER_NAME = "microturn"
 SPAN_SESSION = "session"  # root of one WebRTC session, continues the page's traceparent
 SPAN_MICROTURN = "microturn"  # one session's micro-turn: chunk closed -> output queued
 SPAN_MODEL_STEP = "model.step"  # one batched model call, linked to the sessions it served
+SPAN_BACKGROUND_TASK = "background.task"  # one task of the background model, child of its session
+SPAN_TOOL_CALL = "tool.call"  # the tool doing the task's work
 
 # Attributes
 ATTR_SESSION_ID = "microturn.session.id"
@@ -31,6 +33,22 @@ ATTR_STEP_MS = "microturn.step.ms"
 ATTR_OVERRAN = "microturn.step.overran"
 ATTR_QUEUE_MS = "microturn.output.queued_ms"
 ATTR_CLOSE_REASON = "microturn.session.close_reason"
+ATTR_TASK_ID = "microturn.task.id"
+ATTR_TOOL = "microturn.task.tool"
+ATTR_TASK_ORIGIN = "microturn.task.origin"
+ATTR_TASK_OUTCOME = "microturn.task.outcome"
+
+# Metrics (OpenTelemetry instrument names; /metrics shows them Prometheus-style)
+METRIC_STEP_DURATION = "microturn.step.duration"  # histogram, ms
+METRIC_DEADLINE_MISSES = "microturn.step.deadline_misses"  # counter
+METRIC_ACTIVE_SESSIONS = "microturn.sessions.active"  # gauge
+METRIC_QUEUED_CHUNKS = "microturn.engine.queued_chunks"  # gauge: chunks waiting for a step
+METRIC_TASKS = "microturn.tasks"  # counter, by tool and outcome
+METRIC_PROTOCOL_ERRORS = "microturn.protocol.errors"  # counter, by code
+METRIC_REJECTED_SESSIONS = "microturn.sessions.rejected"  # counter, by reason
+ATTR_OUTCOME = "outcome"
+ATTR_CODE = "code"
+ATTR_REASON = "reason"
 
 
 def build_tracer_provider(extra_processors: list[SpanProcessor] | None = None) -> TracerProvider:

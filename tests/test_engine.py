@@ -16,6 +16,8 @@ from server.engine import TURN_S, EchoModel, Engine, StepInfo
 class Collector:
     """A session sink that records what the engine delivers (from its thread)."""
 
+    span_context = None  # no trace to link to
+
     def __init__(self) -> None:
         self.outputs: list[tuple[TurnOutput, StepInfo]] = []
         self.errors: list[tuple[int, str]] = []

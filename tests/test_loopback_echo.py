@@ -8,7 +8,7 @@ import asyncio
 import httpx
 import numpy as np
 
-from loadtest.peer import Peer
+from loadtest.peer import FRAME_SAMPLES, SEND_RATE, Peer, ScriptedAudioTrack
 from model.interface import SAMPLE_RATE
 
 # Measure: the peak of the normalised cross-correlation between the speech sent
@@ -114,3 +114,30 @@ async def test_tracing_continues_the_callers_trace_with_microturn_children(live_
         assert span.parent is not None and span.parent.span_id == session.context.span_id
         assert span.context.trace_id == session.context.trace_id
         assert span.attributes["microturn.batch.size"] >= 1
+
+
+class GappyTrack(ScriptedAudioTrack):
+    """Goes silent for a second once: no packets, and the next one's timestamp jumps."""
+
+    async def recv(self):
+        if self._pts == 50 * FRAME_SAMPLES:
+            self._pts += SEND_RATE  # a second of lost packets
+        return await super().recv()
+
+
+async def test_a_gap_in_the_stream_keeps_turns_contiguous(live_server, speech):
+    peer = Peer(live_server.url, speech[: 3 * SAMPLE_RATE])
+    peer.track = GappyTrack(speech[: 3 * SAMPLE_RATE])
+    await peer.connect()
+    try:
+        await peer.wait_for_event("session.ready")
+        await asyncio.sleep(4.0)
+        async with httpx.AsyncClient() as client:
+            info = (await client.get(peer.session_url)).json()
+    finally:
+        await peer.close()
+    indices = [event["turn"] for event in peer.events_of("turn")]
+    assert indices == list(range(indices[0], indices[0] + len(indices))), "turns repeated or skipped"
+    assert info["chunker"]["gap_samples"] + info["chunker"]["stall_samples"] >= 0.9 * 48_000
+    # The session clock kept pace with wall time through the gap.
+    assert info["chunks_in"] >= 18

@@ -62,11 +62,23 @@ async def test_a_queued_turn_plays_after_the_playout_delay_and_then_in_full():
 
 async def test_flush_drops_queued_audio_at_once():
     track = OutputAudioTrack(playout_delay_ms=0)
-    for _ in range(3):
+    for _ in range(2):
         track.enqueue(turn_of_tone())
-    assert track.queued_ms >= 590
+    assert track.queued_ms >= 390
     await receive(track, 2)
     dropped = track.flush()
-    assert dropped >= 25 and track.queued_ms == 0
+    assert dropped >= 15 and track.queued_ms == 0
     frames = await receive(track, 3)
     assert not any(f.any() for f in frames), "silence right after a barge-in"
+
+
+async def test_a_backlog_beyond_the_queue_limit_drops_the_oldest_audio():
+    track = OutputAudioTrack(playout_delay_ms=0, max_queue_ms=400)
+    for hz in (200.0, 300.0, 400.0, 500.0, 600.0):  # five turns at once, e.g. after a stall
+        track.enqueue(turn_of_tone(hz))
+    assert track.queued_ms <= 400 + 20
+    assert track.dropped_frames >= 29
+    # What is left is the newest audio: the 600 Hz turn is still there.
+    frames = np.concatenate(await receive(track, 20)).astype(np.float32)
+    spectrum = np.abs(np.fft.rfft(frames[-9600:]))
+    assert abs(np.argmax(spectrum) * OUTPUT_RATE / 9600 - 600) < 10

@@ -13,7 +13,9 @@ import time
 import httpx
 import pytest
 
+from conftest import running_server
 from loadtest.peer import Peer
+from server.config import ServerConfig
 
 DATA_CHANNEL_ONLY_OFFER = """v=0
 o=- 1 1 IN IP4 127.0.0.1
@@ -103,8 +105,13 @@ async def test_created_session_has_location_and_delete_frees_everything(live_ser
     await peer.close(delete=False)
 
 
-async def test_a_full_server_answers_503_with_retry_after(live_server, speech):
-    live_server.config.max_sessions = 1
+async def test_a_full_server_answers_503_with_retry_after(speech):
+    config = ServerConfig(engine="echo", ice_host_addresses=["127.0.0.1"], capacity=1)
+    with running_server(config) as live_server:
+        await _full_server_refuses_a_second_session(live_server, speech)
+
+
+async def _full_server_refuses_a_second_session(live_server, speech):
     peer = Peer(live_server.url, speech)
     await peer.connect()
     try:
@@ -158,3 +165,26 @@ def test_the_microturn_console_script_serves_and_stops_on_sigterm():
         assert process.wait(10) in (0, -signal.SIGTERM)
     assert process.stdout is not None
     assert "Application shutdown complete" in process.stdout.read()
+
+
+async def test_a_session_whose_peer_never_connects_is_freed(speech):
+    config = ServerConfig(engine="echo", ice_host_addresses=["127.0.0.1"], connect_timeout_s=1.0)
+    with running_server(config) as server:
+        peer = Peer(server.url, speech)
+        peer.pc.addTransceiver(peer.track, direction="sendrecv")
+        await peer.pc.setLocalDescription(await peer.pc.createOffer())
+        # No candidates and no end-of-candidates: ICE would wait for more forever.
+        offer = "".join(
+            line + "\r\n" for line in peer.pc.localDescription.sdp.splitlines()
+            if not line.startswith(("a=candidate", "a=end-of-candidates"))
+        )
+        async with httpx.AsyncClient() as client:
+            created = await client.post(f"{server.url}/v1/sessions", content=offer,
+                                        headers={"Content-Type": "application/sdp"})
+            assert created.status_code == 201
+            session_url = server.url + created.headers["Location"]
+            assert (await client.get(session_url)).status_code == 200
+            await asyncio.sleep(1.6)
+            assert (await client.get(session_url)).status_code == 404
+            assert (await health(client, server.url))["sessions"] == 0
+        await peer.pc.close()

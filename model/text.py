@@ -1,0 +1,50 @@
+"""Text <-> token ids: UTF-8 bytes, plus markers written as tags in strings.
+
+The markers let text carry structure without a tokenizer:
+``<task>calc: 12*34</task>`` is the model asking the background model for work;
+``<result>t1: 408</result>`` is a result coming back. In ids each tag is one
+marker token; in strings (events, transcripts) it is the tag.
+"""
+
+from __future__ import annotations
+
+import codecs
+import re
+
+from model.config import NO_TEXT, RESULT_CLOSE, RESULT_OPEN, TASK_CLOSE, TASK_OPEN
+
+MARKER_TAGS = {TASK_OPEN: "<task>", TASK_CLOSE: "</task>", RESULT_OPEN: "<result>", RESULT_CLOSE: "</result>"}
+_TAG_IDS = {tag: token for token, tag in MARKER_TAGS.items()}
+_TAG_PATTERN = re.compile("|".join(re.escape(tag) for tag in _TAG_IDS))
+
+
+def encode(text: str) -> list[int]:
+    """A string -> ids: marker tags become marker tokens, the rest UTF-8 bytes."""
+    ids: list[int] = []
+    position = 0
+    for match in _TAG_PATTERN.finditer(text):
+        ids += text[position : match.start()].encode("utf-8")
+        ids.append(_TAG_IDS[match.group()])
+        position = match.end()
+    ids += text[position:].encode("utf-8")
+    return ids
+
+
+class Decoder:
+    """Incremental ids -> string (a character split across micro-turns comes out whole)."""
+
+    def __init__(self) -> None:
+        self._utf8 = codecs.getincrementaldecoder("utf-8")("replace")
+
+    def decode(self, ids: list[int]) -> str:
+        parts = []
+        for token in ids:
+            if token < 256:
+                parts.append(self._utf8.decode(bytes([token])))
+            elif token in MARKER_TAGS:
+                parts.append(self._utf8.decode(b"", final=True) + MARKER_TAGS[token])
+            # NO_TEXT and unused ids say nothing
+        return "".join(parts)
+
+
+__all__ = ["MARKER_TAGS", "NO_TEXT", "Decoder", "encode"]
