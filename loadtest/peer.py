@@ -125,16 +125,17 @@ class Peer:
     def events_of(self, event_type: str) -> list[dict[str, Any]]:
         return [event for _, event in self.events if event.get("type") == event_type]
 
-    async def wait_for_event(self, event_type: str, timeout: float = 10.0) -> dict[str, Any]:
+    async def wait_for_event(self, event_type: str, timeout: float = 10.0, **fields: Any) -> dict[str, Any]:
+        """The first event of ``event_type`` whose fields include ``fields``."""
         deadline = time.monotonic() + timeout
         seen = 0
         while time.monotonic() < deadline:
             for _, event in self.events[seen:]:
-                if event.get("type") == event_type:
+                if event.get("type") == event_type and all(event.get(k) == v for k, v in fields.items()):
                     return event
             seen = len(self.events)
             await asyncio.sleep(0.02)
-        raise TimeoutError(f"no {event_type!r} event within {timeout} s")
+        raise TimeoutError(f"no {event_type!r} event with {fields} within {timeout} s")
 
     async def close(self, delete: bool = True) -> None:
         if delete and self.session_url:

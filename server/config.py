@@ -24,6 +24,7 @@ class ServerConfig:
     # A session whose peer has not connected by then is closed.
     connect_timeout_s: float = 15.0
     max_offer_bytes: int = 64 * 1024
+    gil_switch_interval_s: float = 0.001
     # Admission: sessions beyond ``capacity`` get 503. None: measured at start-up as
     # the count at which a model step reaches ``capacity_budget`` of the 200 ms turn.
     capacity: int | None = None

@@ -17,6 +17,7 @@ from opentelemetry.propagate import extract
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from server import telemetry as tm
 from server.sessions import SessionRegistry
 
 log = logging.getLogger(__name__)
@@ -67,7 +68,7 @@ async def create_session(request: Request) -> Response:
     except OfferError as exc:
         return error_response(400, "bad_offer", str(exc))
     if registry.full:
-        registry.metrics.rejected_sessions.add(1, {"reason": "at_capacity"})
+        registry.metrics.rejected_sessions.add(1, {tm.ATTR_REASON: "at_capacity"})
         return error_response(503, "at_capacity", f"all {registry.capacity} session slots are taken, retry later",
                               {"Retry-After": "5"})
 

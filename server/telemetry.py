@@ -46,6 +46,7 @@ METRIC_QUEUED_CHUNKS = "microturn.engine.queued_chunks"  # gauge: chunks waiting
 METRIC_TASKS = "microturn.tasks"  # counter, by tool and outcome
 METRIC_PROTOCOL_ERRORS = "microturn.protocol.errors"  # counter, by code
 METRIC_REJECTED_SESSIONS = "microturn.sessions.rejected"  # counter, by reason
+METRIC_LOOP_LAG = "microturn.loop.lag"  # histogram, ms: how late the event loop runs
 ATTR_OUTCOME = "outcome"
 ATTR_CODE = "code"
 ATTR_REASON = "reason"

@@ -13,12 +13,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import uvicorn
+from starlette.applications import Starlette
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from server.app import create_app
 from server.config import ServerConfig
 from server.telemetry import build_tracer_provider
+from server.tools import Tool
 
 DATA = Path(__file__).parent / "data"
 
@@ -37,13 +39,21 @@ class LiveServer:
     url: str
     config: ServerConfig
     spans: InMemorySpanExporter
+    app: Starlette  # for tests that reach inside (e.g. to load the engine directly)
 
 
 @contextmanager
-def running_server(config: ServerConfig) -> Iterator[LiveServer]:
+def running_server(config: ServerConfig, extra_tools: dict[str, Tool] | None = None) -> Iterator[LiveServer]:
     """The real app under uvicorn/uvloop in its own thread, on a free loopback port."""
     spans = InMemorySpanExporter()
-    app = create_app(config, build_tracer_provider([SimpleSpanProcessor(spans)]))
+    app = create_app(config, build_tracer_provider([SimpleSpanProcessor(spans)]), extra_tools)
+    with serving(app) as url:
+        yield LiveServer(url, config, spans, app)
+
+
+@contextmanager
+def serving(app: object) -> Iterator[str]:
+    """Any ASGI app under uvicorn/uvloop in a thread; yields its base URL."""
     server = uvicorn.Server(
         uvicorn.Config(app, host="127.0.0.1", port=0, loop="uvloop", log_level="warning", lifespan="on")
     )
@@ -56,7 +66,7 @@ def running_server(config: ServerConfig) -> Iterator[LiveServer]:
         time.sleep(0.02)
     port = server.servers[0].sockets[0].getsockname()[1]
     try:
-        yield LiveServer(f"http://127.0.0.1:{port}", config, spans)
+        yield f"http://127.0.0.1:{port}"
     finally:
         server.should_exit = True
         thread.join(10)
