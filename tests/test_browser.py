@@ -55,6 +55,16 @@ async def test_browser_streams_speech_and_hears_the_echo(live_server, tmp_path):
                 "window.microturn.turns >= 20 && (window.microturn.stats.totalAudioEnergy || 0) > 0.01",
                 timeout=20_000,
             )
+            # Type to the model (the echo engine says it back) and run a background task.
+            await page.fill("#text-input", "hello from the page")
+            await page.click("#text-form button")
+            await page.wait_for_function("window.microturn.transcript.includes('hello from the page')")
+            await page.select_option("#task-tool", "calc")
+            await page.fill("#task-input", "1234 * 5678")
+            await page.click("#task-form button")
+            await page.wait_for_selector("#tasks .task.done")
+            task_text = await page.text_content("#tasks .task.done")
+            await page.wait_for_function("window.microturn.transcript.includes('7006652</result>')")
             state = await page.evaluate("window.microturn")
             notice = await page.text_content("#notice")
             session_url = live_server.url + state["sessionUrl"]
@@ -73,6 +83,8 @@ async def test_browser_streams_speech_and_hears_the_echo(live_server, tmp_path):
 
     assert state["errors"] == [], state["errors"]
     assert notice is not None and "Echo engine" in notice
+    assert task_text is not None and "calc" in task_text and "7006652" in task_text
+    assert state["eventCounts"]["user.text"] == 1 and state["eventCounts"]["metrics"] >= 1
     # The server heard speech (not the silence of a flattened fake microphone)...
     assert server_view["input_rms_max"] > 0.05, server_view
     assert server_view["chunks_in"] >= 20

@@ -1,5 +1,8 @@
 // microturn web client: microphone -> WebRTC -> server; model voice back; events on
-// the "events" data channel. Plain ES module, no build step.
+// the "events" data channel (docs/protocol.md). Plain ES modules, no build step.
+
+import { TaskBoard } from "./tasks.js";
+import { Timeline } from "./timeline.js";
 
 const $ = (id) => document.getElementById(id);
 const MAX_LOG_ENTRIES = 200;
@@ -16,6 +19,7 @@ const state = {
   stats: {},
   errors: [],
   transcript: "",
+  tasks: {}, // task_id -> last task event type
 };
 window.microturn = state;
 
@@ -23,6 +27,10 @@ let pc = null;
 let channel = null;
 let microphone = null;
 let timers = [];
+let attempt = 0; // a Disconnect during connect() abandons that attempt
+
+const timeline = new Timeline($("timeline"));
+const taskBoard = new TaskBoard($("tasks"), (taskId) => sendEvent({ type: "task.cancel", task_id: taskId }));
 
 function setStatus(status) {
   state.status = status;
@@ -31,6 +39,10 @@ function setStatus(status) {
   const busy = status !== "idle" && status !== "closed" && status !== "failed";
   $("connect").disabled = busy;
   $("disconnect").disabled = !busy;
+}
+
+function setInputsEnabled(enabled) {
+  for (const element of document.querySelectorAll("#text-form > *, #task-form > *")) element.disabled = !enabled;
 }
 
 function log(text, kind = "") {
@@ -65,36 +77,6 @@ function waitForIceGathering(peer) {
   });
 }
 
-function onEvent(message) {
-  let event;
-  try {
-    event = JSON.parse(message.data);
-  } catch {
-    log(`unparsable event: ${message.data}`, "error");
-    return;
-  }
-  state.eventCounts[event.type] = (state.eventCounts[event.type] || 0) + 1;
-  if (event.type === "turn") {
-    state.turns += 1;
-    state.lastStepMs = event.step_ms;
-    $("stat-turns").textContent = String(event.turn + 1);
-    $("stat-step").textContent = `${event.step_ms.toFixed(1)} ms (batch ${event.batch})`;
-    return; // five a second: counted, not logged
-  }
-  if (event.type === "transcript.delta") {
-    state.transcript += event.text;
-    $("transcript").textContent = state.transcript.slice(-2000);
-    return;
-  }
-  if (event.type === "session.ready") showNotice(event);
-  if (event.type === "pong" && typeof event.t === "number") {
-    log(`pong: data-channel round trip ${(performance.now() - event.t).toFixed(1)} ms`);
-    return;
-  }
-  if (event.type === "error") state.errors.push(event);
-  log(`${event.type} ${JSON.stringify(event)}`, event.type === "error" ? "error" : "");
-}
-
 // Say plainly what is answering: users should not mistake babble for a bug.
 function showNotice(ready) {
   const notice = $("notice");
@@ -107,6 +89,60 @@ function showNotice(ready) {
     notice.textContent = `Model weights: ${ready.weights}`;
   }
   notice.hidden = false;
+  const select = $("task-tool");
+  select.replaceChildren(
+    ...Object.entries(ready.tools || {}).map(([name, description]) => {
+      const option = document.createElement("option");
+      option.value = name;
+      option.textContent = name;
+      option.title = description;
+      return option;
+    }),
+  );
+}
+
+const handlers = {
+  "session.ready": (event) => {
+    showNotice(event);
+    setInputsEnabled(true);
+    sendEvent({ type: "session.update", metrics_interval_ms: 1000 });
+  },
+  turn: (event) => {
+    state.turns += 1;
+    state.lastStepMs = event.step_ms;
+    $("stat-turns").textContent = String(event.turn + 1);
+    $("stat-step").textContent = `${event.step_ms.toFixed(1)} ms (batch ${event.batch})`;
+    if (event.latency_ms != null) $("stat-latency").textContent = `${event.latency_ms.toFixed(1)} ms`;
+    timeline.add(event);
+  },
+  "transcript.delta": (event) => {
+    state.transcript += event.text;
+    $("transcript").textContent = state.transcript.slice(-2000);
+  },
+  "task.created": (event) => taskBoard.created(event),
+  "task.progress": (event) => taskBoard.progress(event),
+  "task.done": (event) => taskBoard.finished(event, true),
+  "task.failed": (event) => taskBoard.finished(event, false),
+  pong: (event) => {
+    if (typeof event.t === "number") log(`pong: data-channel round trip ${(performance.now() - event.t).toFixed(1)} ms`);
+  },
+};
+// Frequent events are shown, not logged.
+const QUIET = new Set(["turn", "transcript.delta", "task.progress", "metrics", "pong"]);
+
+function onEvent(message) {
+  let event;
+  try {
+    event = JSON.parse(message.data);
+  } catch {
+    log(`unparsable event: ${message.data}`, "error");
+    return;
+  }
+  state.eventCounts[event.type] = (state.eventCounts[event.type] || 0) + 1;
+  if (event.task_id) state.tasks[event.task_id] = event.type;
+  if (event.type === "error") state.errors.push(event);
+  handlers[event.type]?.(event);
+  if (!QUIET.has(event.type)) log(`${event.type} ${JSON.stringify(event)}`, event.type === "error" ? "error" : "");
 }
 
 function sendEvent(event) {
@@ -139,11 +175,13 @@ async function updateStats() {
 }
 
 async function connect() {
+  const mine = ++attempt;
+  const abandoned = () => mine !== attempt;
   setStatus("connecting");
   try {
     // Browser audio processing flattens speech the model should hear as it is;
     // echo cancellation stays on by default so the model does not hear itself.
-    microphone = await navigator.mediaDevices.getUserMedia({
+    const stream = await navigator.mediaDevices.getUserMedia({
       audio: {
         echoCancellation: $("echo-cancellation").checked,
         noiseSuppression: false,
@@ -151,6 +189,11 @@ async function connect() {
         channelCount: 1,
       },
     });
+    if (abandoned()) {
+      stream.getTracks().forEach((track) => track.stop());
+      return;
+    }
+    microphone = stream;
     pc = new RTCPeerConnection({ iceServers: [] });
     pc.addTransceiver(microphone.getAudioTracks()[0], { direction: "sendrecv" });
     channel = pc.createDataChannel("events");
@@ -159,14 +202,16 @@ async function connect() {
     pc.addEventListener("track", (event) => {
       $("remote-audio").srcObject = event.streams[0] || new MediaStream([event.track]);
     });
+    const peer = pc;
     pc.addEventListener("connectionstatechange", () => {
-      log(`connection ${pc.connectionState}`);
-      if (pc.connectionState === "connected") setStatus("connected");
-      if (pc.connectionState === "failed") disconnect("failed");
+      log(`connection ${peer.connectionState}`);
+      if (peer.connectionState === "connected") setStatus("connected");
+      if (peer.connectionState === "failed") disconnect("failed");
     });
 
     await pc.setLocalDescription(await pc.createOffer());
     await waitForIceGathering(pc);
+    if (abandoned()) return;
     const response = await fetch("/v1/sessions", {
       method: "POST",
       headers: { "Content-Type": "application/sdp", traceparent: newTraceparent() },
@@ -178,10 +223,15 @@ async function connect() {
     }
     state.sessionUrl = response.headers.get("Location");
     log(`session ${state.sessionUrl}`);
+    if (abandoned()) {
+      fetch(state.sessionUrl, { method: "DELETE" });
+      return;
+    }
     await pc.setRemoteDescription({ type: "answer", sdp: await response.text() });
     timers.push(setInterval(updateStats, STATS_PERIOD_MS));
     timers.push(setInterval(() => sendEvent({ type: "ping", t: performance.now() }), PING_PERIOD_MS));
   } catch (error) {
+    if (abandoned()) return;
     log(String(error), "error");
     state.errors.push({ type: "client", message: String(error) });
     await disconnect("failed");
@@ -189,8 +239,10 @@ async function connect() {
 }
 
 async function disconnect(finalStatus = "closed") {
+  attempt += 1;
   timers.forEach(clearInterval);
   timers = [];
+  setInputsEnabled(false);
   const url = state.sessionUrl;
   state.sessionUrl = null;
   if (url) await fetch(url, { method: "DELETE" }).catch(() => {});
@@ -202,8 +254,23 @@ async function disconnect(finalStatus = "closed") {
 
 $("connect").addEventListener("click", connect);
 $("disconnect").addEventListener("click", () => disconnect());
+$("text-form").addEventListener("submit", (event) => {
+  event.preventDefault();
+  const text = $("text-input").value.trim();
+  if (!text) return;
+  sendEvent({ type: "text.input", text });
+  $("text-input").value = "";
+});
+$("task-form").addEventListener("submit", (event) => {
+  event.preventDefault();
+  const input = $("task-input").value.trim();
+  if (!input) return;
+  sendEvent({ type: "task.create", tool: $("task-tool").value, input });
+  $("task-input").value = "";
+});
 window.addEventListener("pagehide", () => {
   // keepalive lets the DELETE outlive the page; the server also notices the peer vanish.
   if (state.sessionUrl) fetch(state.sessionUrl, { method: "DELETE", keepalive: true });
 });
 setStatus("idle");
+setInputsEnabled(false);
