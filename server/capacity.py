@@ -43,7 +43,7 @@ def measure_capacity(model: MicroTurnModel, limit: int, budget: float) -> tuple[
     measured: dict[int, float] = {}
     capacity, count = 0, 1
     while count <= limit:
-        measured[count] = step_ms(model, count)
+        measured[count] = round(step_ms(model, count), 2)
         if measured[count] > budget_ms:
             break
         capacity = count

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 
 from server.config import ServerConfig
 from server.engine import ENGINES
@@ -32,6 +33,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="extra local address to offer as an ICE host candidate, e.g. 127.0.0.1 (repeatable)",
     )
     serve.add_argument("--playout-delay-ms", type=float, default=defaults.playout_delay_ms)
+    serve.add_argument("--capacity", type=int, default=None,
+                       help="sessions admitted before 503 (default: measured at start-up)")
+    serve.add_argument("--capacity-budget", type=float, default=defaults.capacity_budget,
+                       help="fraction of the 200 ms turn a step may take at capacity (default 0.6)")
+    serve.add_argument("--llm-url", default=None, help="OpenAI-compatible API base URL for the 'chat' tool")
+    serve.add_argument("--llm-model", default=defaults.llm_model)
     serve.add_argument("--log-level", default="info")
 
     bench = commands.add_parser("bench", help="run a benchmark (see bench/)")
@@ -55,6 +62,11 @@ def serve(args: argparse.Namespace) -> None:
         ice_servers=args.ice_server,
         ice_host_addresses=args.ice_host,
         playout_delay_ms=args.playout_delay_ms,
+        capacity=args.capacity,
+        capacity_budget=args.capacity_budget,
+        llm_url=args.llm_url,
+        llm_model=args.llm_model,
+        llm_api_key=os.environ.get("MICROTURN_LLM_API_KEY"),
     )
     provider = build_tracer_provider()
     trace.set_tracer_provider(provider)

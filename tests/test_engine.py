@@ -157,3 +157,20 @@ def test_lead_in_puts_a_new_session_on_the_tick_grid():
         aligned = closes_at - lead_in / SAMPLE_RATE
         phase = (aligned - engine.grid_origin) % TURN_S
         assert min(phase, TURN_S - phase) < 1 / SAMPLE_RATE + 1e-9
+
+
+def test_a_session_that_joins_mid_step_waits_at_most_one_step(engine_factory):
+    model = SlowModel(delay=0.15)
+    engine = engine_factory(model)
+    early, late = Collector(), Collector()
+    engine.open_session("early", early)
+    engine.submit(chunk("early", 0))
+    time.sleep(0.05)  # the engine is now inside early's step
+    engine.open_session("late", late)
+    engine.submit(chunk("late", 0))
+    engine.submit(chunk("early", 1))
+    late.wait_for(1)
+    early.wait_for(2)
+    # late was stepped in the very next step, together with early's next chunk.
+    assert model.batches[0] == [("early", 0)]
+    assert sorted(model.batches[1]) == [("early", 1), ("late", 0)]
