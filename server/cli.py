@@ -41,6 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--llm-model", default=defaults.llm_model)
     serve.add_argument("--log-level", default="info")
 
+    sample = commands.add_parser("sample", help="render a synthetic training conversation to a WAV")
+    sample.add_argument("args", nargs=argparse.REMAINDER, help="--seed N --held-out --seconds S --out FILE")
+
     bench = commands.add_parser("bench", help="run a benchmark (see bench/)")
     bench.add_argument("target", choices=["model"], help="what to measure")
     bench.add_argument("args", nargs=argparse.REMAINDER, help="the benchmark's own options, e.g. --json")
@@ -78,6 +81,10 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     if args.command == "serve":
         serve(args)
+    elif args.command == "sample":
+        from model.conversations import main as sample_main
+
+        sample_main(args.args)
     elif args.command == "bench":
         from bench.model import main as bench_model
 

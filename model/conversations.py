@@ -1,0 +1,344 @@
+"""Synthetic conversations on the micro-turn timeline — a pure function of a seed.
+
+A conversation is a user track (espeak-ng voices of many kinds, with level, noise
+and room augmentation), the model's own track (one fixed voice), the text the
+model writes at each output position, and the text that enters as input (typed
+text, background results). It teaches:
+
+- answering one or two micro-turns after the user stops (greetings, "what comes
+  after seven", counting, small arithmetic, the time via a background task);
+- not taking the turn during the user's mid-utterance pauses ("um");
+- yielding within one micro-turn when the user barges in;
+- delegating: big arithmetic gets a holding phrase and ``<task>calc: …</task>``,
+  and the answer is spoken when ``<result>…</result>`` arrives as text input;
+- staying silent when there is only noise or background talk.
+
+Time in the model track is *step time*: output ``t`` (the model's micro-turn
+``t``) is ``model_audio[3200·t : 3200·(t+1)]``, produced right after input chunk
+``t``; live, it plays one micro-turn later (``render_wav`` shows it that way).
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import random
+import wave
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import av
+import numpy as np
+
+from model.config import NO_TEXT
+from model.interface import SAMPLE_RATE, TURN_SAMPLES
+from model.speech import Voice, synthesize
+from model.text import encode
+
+OUT_POSITIONS = 4  # output positions per micro-turn (ModelConfig.out_positions)
+MODEL_VOICE = Voice("en-us", words_per_minute=165, pitch=45, pitch_range=40)
+_VARIANTS_TRAIN = ["f1", "f2", "f4", "m1", "m2", "m4", "m6", "m7", "Annie", "Alex", "Andy", "linda",
+                   "john", "steph", "paul", "robert", "belinda", "ian", "edward", "aunty"]
+_VARIANTS_HELD_OUT = ["f3", "m5", "grandma", "max", "zac", "quincy"]
+_LANGUAGES_TRAIN = ["en-us", "en", "en-gb-x-rp"]
+_LANGUAGES_HELD_OUT = ["en-gb-scotland", "en-029"]
+NUMBER_WORDS = ("zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen "
+                "fifteen sixteen seventeen eighteen nineteen twenty").split()
+
+
+@dataclass(frozen=True)
+class Event:
+    """What an evaluation should check, in seconds of step time."""
+
+    kind: str  # "answer", "pause", "barge_in", "delegation", "noise"
+    user_end_s: float  # when the user's relevant speech ended (barge-in: when it started)
+    expected_text: str = ""  # the answer's words, for accuracy checks
+    model_start_s: float | None = None  # when the model's reply starts in this conversation
+
+
+@dataclass
+class Conversation:
+    seed: int
+    user_audio: np.ndarray  # float32, 16 kHz
+    model_audio: np.ndarray  # float32, 16 kHz, step time
+    text_in: list[str]  # per micro-turn
+    text_out: np.ndarray  # (turns, OUT_POSITIONS) ids, NO_TEXT where silent
+    events: list[Event] = field(default_factory=list)
+
+    @property
+    def turns(self) -> int:
+        return len(self.text_in)
+
+
+def _to_16k(audio: np.ndarray, rate: int) -> np.ndarray:
+    if rate == SAMPLE_RATE:
+        return audio.astype(np.float32)
+    frame = av.AudioFrame.from_ndarray(audio.astype(np.float32).reshape(1, -1), format="flt", layout="mono")
+    frame.sample_rate = rate
+    resampler = av.AudioResampler(format="flt", layout="mono", rate=SAMPLE_RATE)
+    parts = [o.to_ndarray()[0] for o in resampler.resample(frame)] + [o.to_ndarray()[0] for o in resampler.resample(None)]
+    return np.concatenate(parts) if parts else np.zeros(0, np.float32)
+
+
+def _trim(audio: np.ndarray, threshold: float = 0.01) -> np.ndarray:
+    """Cut leading and trailing near-silence, so onsets and ends are where speech is."""
+    loud = np.flatnonzero(np.abs(audio) > threshold)
+    return audio[loud[0] : loud[-1] + 1] if loud.size else audio[:0]
+
+
+def speak(text: str, voice: Voice) -> np.ndarray:
+    utterance = synthesize(text, voice)
+    return _trim(_to_16k(utterance.audio, utterance.sample_rate))
+
+
+def _room(audio: np.ndarray, rng: random.Random) -> np.ndarray:
+    """A synthetic room: exponentially decaying noise as the impulse response."""
+    rt60 = rng.uniform(0.1, 0.5)
+    length = int(rt60 * SAMPLE_RATE)
+    noise_rng = np.random.default_rng(rng.getrandbits(32))
+    response = noise_rng.normal(0, 1, length) * np.exp(-6.9 * np.arange(length) / length)
+    response[0] = 1.0 / rng.uniform(0.2, 0.6)  # the direct path dominates
+    wet = np.convolve(audio, response / np.abs(response).sum() * 4)[: audio.size]
+    mix = rng.uniform(0.0, 0.5)
+    return ((1 - mix) * audio + mix * wet).astype(np.float32)
+
+
+class _Builder:
+    """Lays utterances on the timeline, turn by turn."""
+
+    def __init__(self, seed: int, held_out: bool, duration_s: float) -> None:
+        self.rng = random.Random(seed)
+        self.turns = int(duration_s * 5)
+        self.user = np.zeros(self.turns * TURN_SAMPLES, np.float32)
+        self.model = np.zeros(self.turns * TURN_SAMPLES, np.float32)
+        self.text_in = [""] * self.turns
+        self.text_out = np.full((self.turns, OUT_POSITIONS), NO_TEXT, dtype=np.int64)
+        self.events: list[Event] = []
+        variants = _VARIANTS_HELD_OUT if held_out else _VARIANTS_TRAIN
+        languages = _LANGUAGES_HELD_OUT if held_out else _LANGUAGES_TRAIN
+        self.user_voice = Voice(f"{self.rng.choice(languages)}+{self.rng.choice(variants)}",
+                                words_per_minute=self.rng.randint(130, 200), pitch=self.rng.randint(25, 80),
+                                pitch_range=self.rng.randint(20, 80))
+        self.level = 10 ** (self.rng.uniform(-20, -3) / 20)
+        self.cursor = self.rng.uniform(0.4, 1.2)  # seconds: where the next thing may start
+        self.tasks = 0
+
+    # -- placing audio --------------------------------------------------------------
+
+    def fits(self, seconds: float) -> bool:
+        return self.cursor + seconds < self.turns * 0.2 - 0.4
+
+    def user_says(self, parts: list[str], pauses_s: list[float] | None = None) -> tuple[float, float]:
+        """Place the user's words (parts separated by pauses); returns (start, end) seconds."""
+        start = self.cursor
+        position = int(start * SAMPLE_RATE)
+        for i, part in enumerate(parts):
+            audio = speak(part, self.user_voice)
+            end = min(position + audio.size, self.user.size)
+            self.user[position:end] += audio[: end - position] * self.level / max(np.abs(audio).max(), 1e-6)
+            position = end + int((pauses_s[i] if pauses_s and i < len(pauses_s) else 0) * SAMPLE_RATE)
+        end_s = position / SAMPLE_RATE
+        self.cursor = end_s
+        return start, end_s
+
+    def model_says(self, text: str, start_turn: int, stop_turn: int | None = None,
+                   markers: str = "") -> int:
+        """The model speaks ``text`` from ``start_turn`` (and writes it, plus ``markers``);
+        cut at ``stop_turn`` if given. Returns the turn after its speech ends."""
+        audio = speak(text, MODEL_VOICE) * 0.5
+        start = start_turn * TURN_SAMPLES
+        end = min(start + audio.size, self.model.size)
+        if stop_turn is not None:
+            end = min(end, stop_turn * TURN_SAMPLES)
+        piece = audio[: end - start].copy()
+        fade = min(160, piece.size)
+        if stop_turn is not None and fade:
+            piece[-fade:] *= np.linspace(1, 0, fade)  # a clean stop, not a click
+        self.model[start:end] += piece
+        written = encode(text + markers)
+        spoken_turns = -(-(end - start) // TURN_SAMPLES)
+        if stop_turn is not None:  # an interrupted model stops writing too
+            written = written[: spoken_turns * OUT_POSITIONS]
+        for i, token in enumerate(written):
+            turn, slot = divmod(i, OUT_POSITIONS)
+            if start_turn + turn < self.turns:
+                self.text_out[start_turn + turn, slot] = token
+        last_text_turn = start_turn + -(-len(written) // OUT_POSITIONS)
+        finished = max(start_turn + spoken_turns, last_text_turn)
+        self.cursor = max(self.cursor, finished * 0.2)
+        return finished
+
+    def reply_turn(self, user_end_s: float) -> int:
+        """One or two micro-turns after the turn in which the user stopped."""
+        return int(user_end_s / 0.2) + self.rng.choice((1, 1, 2))
+
+    # -- scenarios -------------------------------------------------------------------------
+
+    def question_and_answer(self) -> None:
+        kind = self.rng.choice(["greeting", "after", "count", "small_sum"])
+        if kind == "greeting":
+            question, answer = self.rng.choice([("hello", "hello! how can I help?"), ("hi there", "hi!"),
+                                                ("good morning", "good morning!")])
+        elif kind == "after":
+            n = self.rng.randint(0, 19)
+            question, answer = f"what comes after {NUMBER_WORDS[n]}?", f"{NUMBER_WORDS[n + 1]}."
+        elif kind == "count":
+            n = self.rng.randint(2, 6)
+            question, answer = f"count to {NUMBER_WORDS[n]}", ", ".join(NUMBER_WORDS[1 : n + 1]) + "."
+        else:
+            a, b = self.rng.randint(1, 9), self.rng.randint(1, 9)
+            question, answer = f"what is {NUMBER_WORDS[a]} plus {NUMBER_WORDS[b]}?", f"{NUMBER_WORDS[a + b]}."
+        if not self.fits(4.0):
+            return
+        _, end = self.user_says([question])
+        turn = self.reply_turn(end)
+        self.events.append(Event("answer", end, answer.rstrip("."), turn * 0.2))
+        self.model_says(answer, turn)
+        self.cursor += self.rng.uniform(0.6, 1.5)
+
+    def question_with_pause(self) -> None:
+        n = self.rng.randint(0, 19)
+        if not self.fits(5.0):
+            return
+        filler = self.rng.choice(["um", "uh", "", "hmm"])
+        parts = ["what comes after", f"{filler} {NUMBER_WORDS[n]}?".strip()]
+        pause = self.rng.uniform(0.4, 1.0)
+        _, end = self.user_says(parts, pauses_s=[pause])
+        turn = self.reply_turn(end)
+        self.events.append(Event("pause", end, NUMBER_WORDS[n + 1], turn * 0.2))
+        self.model_says(f"{NUMBER_WORDS[n + 1]}.", turn)
+        self.cursor += self.rng.uniform(0.6, 1.5)
+
+    def barge_in(self) -> None:
+        if not self.fits(7.0):
+            return
+        _, end = self.user_says(["count to ten"])
+        turn = self.reply_turn(end)
+        interrupt_s = turn * 0.2 + self.rng.uniform(0.8, 2.0)
+        # Output k, made right after the chunk in which the user starts, is the last with speech.
+        stop_turn = int(interrupt_s / 0.2) + 1
+        self.model_says("one, two, three, four, five, six, seven, eight, nine, ten.", turn, stop_turn=stop_turn)
+        self.cursor = interrupt_s
+        _, end = self.user_says([self.rng.choice(["stop", "wait", "okay thanks", "that's enough"])])
+        self.events.append(Event("barge_in", interrupt_s, model_start_s=turn * 0.2))
+        self.cursor = end + self.rng.uniform(0.6, 1.2)
+
+    def delegation(self) -> None:
+        if not self.fits(8.0):
+            return
+        if self.rng.random() < 0.3:
+            question, task, answer_of = "what time is it?", "clock: now", None
+        else:
+            a, b = self.rng.randint(100, 9999), self.rng.randint(100, 9999)
+            op, symbol = self.rng.choice([("times", "*"), ("plus", "+"), ("minus", "-")])
+            question, task = f"what is {a} {op} {b}?", f"calc: {a} {symbol} {b}"
+            answer_of = str(eval_arithmetic(a, symbol, b))
+        _, end = self.user_says([question])
+        turn = self.reply_turn(end)
+        self.tasks += 1
+        task_id = f"t{self.tasks}"
+        holding = self.rng.choice(["let me work that out.", "one moment.", "let me check."])
+        finished = self.model_says(holding, turn, markers=f"<task>{task}</task>")
+        result = answer_of if answer_of is not None else f"{self.rng.randint(1, 12)}:{self.rng.randint(0, 59):02d}"
+        result_turn = finished + self.rng.randint(3, 10)
+        if result_turn + 15 >= self.turns:
+            return
+        self.text_in[result_turn] += f"<result>{task_id}: {result}</result>"
+        # The result's text takes a few turns to enter (4 bytes a turn); answer after.
+        answer_turn = result_turn + -(-len(encode(self.text_in[result_turn])) // 4) + 1
+        self.model_says(f"it is {result}.", answer_turn)
+        self.events.append(Event("delegation", end, result, turn * 0.2))
+        self.cursor += self.rng.uniform(0.6, 1.5)
+
+    def background(self) -> None:
+        """Only noise or far-away talk: the model stays silent."""
+        if not self.fits(3.0):
+            return
+        start = int(self.cursor * SAMPLE_RATE)
+        length = int(self.rng.uniform(1.0, 2.5) * SAMPLE_RATE)
+        if self.rng.random() < 0.5:
+            noise = np.random.default_rng(self.rng.getrandbits(32)).normal(0, 1, length).astype(np.float32)
+            self.user[start : start + length] += noise * self.level * self.rng.uniform(0.05, 0.3)
+        else:
+            far = speak(self.rng.choice(["the meeting moved to thursday", "did you see the game last night",
+                                         "pass me the salt please"]),
+                        Voice(f"en+{self.rng.choice(_VARIANTS_TRAIN)}", self.rng.randint(140, 200)))
+            far = _room(far, self.rng)[:length]
+            self.user[start : start + far.size] += far * self.level * self.rng.uniform(0.05, 0.15)
+        self.events.append(Event("noise", (start + length) / SAMPLE_RATE))
+        self.cursor += length / SAMPLE_RATE + self.rng.uniform(0.5, 1.0)
+
+    def finish(self, seed: int) -> Conversation:
+        user = _room(self.user, self.rng)
+        noise_level = self.level * 10 ** (-self.rng.uniform(15, 40) / 20)
+        user += np.random.default_rng(self.rng.getrandbits(32)).normal(0, noise_level, user.size).astype(np.float32)
+        return Conversation(seed, np.clip(user, -1, 1), np.clip(self.model, -1, 1), self.text_in, self.text_out,
+                            self.events)
+
+
+def eval_arithmetic(a: int, symbol: str, b: int) -> int:
+    return {"*": a * b, "+": a + b, "-": a - b}[symbol]
+
+
+def make_conversation(seed: int, held_out: bool = False, duration_s: float = 24.0) -> Conversation:
+    """The conversation for ``seed``. Bit-identical across runs when it is the first
+    thing a process synthesises (see model/speech.py); ``generate`` ensures that."""
+    builder = _Builder(seed, held_out, duration_s)
+    scenarios = [builder.question_and_answer, builder.question_with_pause, builder.barge_in,
+                 builder.delegation, builder.background]
+    weights = [4, 2, 1.5, 2, 1]
+    while builder.fits(3.0):
+        before = builder.cursor
+        builder.rng.choices(scenarios, weights)[0]()
+        if builder.cursor == before:  # that scenario did not fit: try a shorter one, or stop
+            builder.question_and_answer()
+            if builder.cursor == before:
+                break
+    return builder.finish(seed)
+
+
+def _one(args: tuple[int, bool, float]) -> Conversation:
+    return make_conversation(*args)
+
+
+def generate(seeds: list[int], held_out: bool = False, duration_s: float = 24.0,
+             workers: int = 2) -> list[Conversation]:
+    """Conversations for ``seeds``, each made in a fresh process (forked from a server
+    that never ran espeak-ng), so every one is the same bits whatever ran before it."""
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["model.conversations"])
+    with context.Pool(workers, maxtasksperchild=1) as pool:
+        return pool.map(_one, [(seed, held_out, duration_s) for seed in seeds], chunksize=1)
+
+
+def render_wav(conversation: Conversation, path: str | Path) -> Path:
+    """Stereo WAV for listening: user left, model right, the model one micro-turn
+    later as it would sound live."""
+    path = Path(path)
+    model_live = np.concatenate([np.zeros(TURN_SAMPLES, np.float32), conversation.model_audio])[
+        : conversation.user_audio.size]
+    stereo = np.stack([conversation.user_audio, model_live], axis=1)
+    with wave.open(str(path), "wb") as wav:
+        wav.setnchannels(2)
+        wav.setsampwidth(2)
+        wav.setframerate(SAMPLE_RATE)
+        wav.writeframes((np.clip(stereo, -1, 1) * 32767).astype("<i2").tobytes())
+    return path
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="microturn sample",
+                                     description="Render a synthetic conversation to a stereo WAV.")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--held-out", action="store_true", help="use the held-out voices")
+    parser.add_argument("--seconds", type=float, default=24.0)
+    parser.add_argument("--out", default="conversation.wav")
+    args = parser.parse_args(argv)
+    conversation = generate([args.seed], args.held_out, args.seconds, workers=1)[0]
+    path = render_wav(conversation, args.out)
+    print(f"{path}: user left, model right (as heard live)")
+    for event in conversation.events:
+        print(f"  {event.kind:10s} user {event.user_end_s:6.2f} s  model {event.model_start_s or 0:6.2f} s  "
+              f"{event.expected_text}")
+

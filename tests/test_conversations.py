@@ -1,0 +1,115 @@
+"""Synthetic training conversations: deterministic, and teaching what they claim."""
+
+from __future__ import annotations
+
+import wave
+
+import numpy as np
+import pytest
+
+from model import conversations as conv
+from model.config import NO_TEXT, RESULT_OPEN, TASK_CLOSE, TASK_OPEN
+from model.interface import SAMPLE_RATE, TURN_SAMPLES
+from model.text import encode
+
+SEEDS = list(range(8))
+
+
+@pytest.fixture(scope="module")
+def sample() -> list[conv.Conversation]:
+    return conv.generate(SEEDS)
+
+
+def rms(audio: np.ndarray) -> float:
+    return float(np.sqrt(np.mean(np.square(audio)))) if audio.size else 0.0
+
+
+def seconds(audio: np.ndarray, start: float, end: float) -> np.ndarray:
+    return audio[int(max(start, 0) * SAMPLE_RATE) : int(end * SAMPLE_RATE)]
+
+
+def test_a_seed_gives_the_same_bits_whatever_was_generated_before(sample):
+    again = conv.generate([SEEDS[5], SEEDS[2]])
+    for original, repeat in ((sample[5], again[0]), (sample[2], again[1])):
+        assert np.array_equal(original.user_audio, repeat.user_audio)
+        assert np.array_equal(original.model_audio, repeat.model_audio)
+        assert np.array_equal(original.text_out, repeat.text_out) and original.text_in == repeat.text_in
+
+
+def test_layout_on_the_micro_turn_timeline(sample):
+    for c in sample:
+        assert c.user_audio.shape == c.model_audio.shape == (c.turns * TURN_SAMPLES,)
+        assert c.text_out.shape == (c.turns, conv.OUT_POSITIONS)
+        assert c.user_audio.dtype == np.float32 and np.abs(c.user_audio).max() <= 1.0
+    kinds = {event.kind for c in sample for event in c.events}
+    assert kinds == {"answer", "pause", "barge_in", "delegation", "noise"}
+
+
+def test_the_model_answers_after_the_user_not_over_them(sample):
+    answers = [(c, e) for c in sample for e in c.events if e.kind in ("answer", "pause")]
+    assert len(answers) >= 10
+    for c, event in answers:
+        # Silent while the user speaks; the reply is the model's output one or two
+        # micro-turns after the one in which the user stopped (step time: out_t is
+        # made once chunk t has closed, so live it is heard ~0.1-0.4 s later still).
+        assert rms(seconds(c.model_audio, event.user_end_s - 1.0, event.user_end_s)) < 1e-3
+        assert 0 < event.model_start_s - event.user_end_s <= 0.4 + 1e-9
+        assert rms(seconds(c.model_audio, event.model_start_s, event.model_start_s + 0.4)) > 0.01
+
+
+def test_the_model_waits_through_mid_utterance_pauses(sample):
+    pauses = [(c, e) for c in sample for e in c.events if e.kind == "pause"]
+    assert pauses
+    for c, event in pauses:
+        # Across the whole question, pause included, the model says nothing.
+        assert rms(seconds(c.model_audio, event.user_end_s - 2.5, event.user_end_s)) < 1e-3
+
+
+def test_the_model_yields_within_a_micro_turn_of_a_barge_in(sample):
+    barge_ins = [(c, e) for c in sample for e in c.events if e.kind == "barge_in"]
+    assert barge_ins
+    for c, event in barge_ins:
+        onset_turn = int(event.user_end_s / 0.2)
+        assert rms(seconds(c.model_audio, event.model_start_s, event.user_end_s)) > 0.01, "it was speaking"
+        # Output onset_turn is the last with speech; from the next one on, silence.
+        assert rms(seconds(c.model_audio, (onset_turn + 1) * 0.2, (onset_turn + 4) * 0.2)) < 1e-3
+
+
+def test_delegation_writes_a_task_request_and_answers_when_the_result_arrives(sample):
+    delegations = [(c, e) for c in sample for e in c.events if e.kind == "delegation"]
+    assert delegations
+    for c, event in delegations:
+        written = c.text_out.flatten().tolist()
+        assert TASK_OPEN in written and TASK_CLOSE in written
+        result_turns = [t for t, text in enumerate(c.text_in) if f": {event.expected_text}</result>" in text]
+        assert result_turns, "the result arrives as text input"
+        assert encode(c.text_in[result_turns[0]])[0] == RESULT_OPEN
+        # The spoken answer comes after the result arrived, and says it.
+        answer = encode(f"it is {event.expected_text}.")
+        spoken_from = result_turns[0] * conv.OUT_POSITIONS
+        later = [t for t in written[spoken_from:] if t != NO_TEXT]
+        assert later[: len(answer)] == answer
+
+
+def test_only_noise_gets_no_answer(sample):
+    for c in sample:
+        for event in (e for e in c.events if e.kind == "noise"):
+            assert rms(seconds(c.model_audio, event.user_end_s - 1.0, event.user_end_s + 0.4)) < 1e-3
+
+
+def test_held_out_voices_are_not_training_voices():
+    assert not set(conv._VARIANTS_HELD_OUT) & set(conv._VARIANTS_TRAIN)
+    assert not set(conv._LANGUAGES_HELD_OUT) & set(conv._LANGUAGES_TRAIN)
+    held_out = conv.generate([100], held_out=True)[0]
+    assert held_out.events
+
+
+def test_render_wav_for_listening(tmp_path, sample):
+    path = conv.render_wav(sample[0], tmp_path / "c.wav")
+    with wave.open(str(path)) as wav:
+        assert wav.getnchannels() == 2 and wav.getframerate() == SAMPLE_RATE
+        frames = np.frombuffer(wav.readframes(wav.getnframes()), dtype="<i2").reshape(-1, 2)
+    assert frames.shape[0] == sample[0].user_audio.size
+    # The model channel is the model track one micro-turn later, as heard live.
+    expected = np.round(np.clip(sample[0].model_audio[:-TURN_SAMPLES], -1, 1) * 32767)
+    assert np.abs(frames[TURN_SAMPLES:, 1] - expected).max() <= 1
