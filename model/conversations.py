@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import multiprocessing
 import random
+import re
 import wave
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -191,7 +192,7 @@ class _Builder:
             return
         _, end = self.user_says([question])
         turn = self.reply_turn(end)
-        self.events.append(Event("answer", end, answer.rstrip("."), turn * 0.2))
+        self.events.append(Event("answer", end, re.sub(r"[!?.,]", "", answer), turn * 0.2))
         self.model_says(answer, turn)
         self.cursor += self.rng.uniform(0.6, 1.5)
 

@@ -41,8 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--llm-model", default=defaults.llm_model)
     serve.add_argument("--log-level", default="info")
 
-    sample = commands.add_parser("sample", help="render a synthetic training conversation to a WAV")
-    sample.add_argument("args", nargs=argparse.REMAINDER, help="--seed N --held-out --seconds S --out FILE")
+    commands.add_parser("sample", help="render a synthetic training conversation to a WAV "
+                        "(--seed N --held-out --seconds S --out FILE)", add_help=False)
 
     bench = commands.add_parser("bench", help="run a benchmark (see bench/)")
     bench.add_argument("target", choices=["model"], help="what to measure")
@@ -78,13 +78,17 @@ def serve(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
-    if args.command == "serve":
-        serve(args)
-    elif args.command == "sample":
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    if args.command == "sample":  # its own options, parsed by the sample command
         from model.conversations import main as sample_main
 
-        sample_main(args.args)
+        sample_main(rest)
+        return
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    if args.command == "serve":
+        serve(args)
     elif args.command == "bench":
         from bench.model import main as bench_model
 
