@@ -83,6 +83,7 @@ class MoE(nn.Module):
         self.w_gate_up = nn.Parameter(torch.randn(e, 2 * h, d) / math.sqrt(d))
         self.w_down = nn.Parameter(torch.randn(e, d, h) / math.sqrt(h))
         self.shared = SwiGLU(d, config.shared_hidden)
+        self.last_load: torch.Tensor | None = None  # tokens per expert, last training step
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(expert ids (N, k), weights (N, k)) for each row of x (N, d)."""
@@ -93,6 +94,8 @@ class MoE(nn.Module):
 
     def forward(self, x: torch.Tensor, path: str = "grouped") -> torch.Tensor:
         chosen, weights = self.route(x)
+        if self.training:
+            self.last_load = torch.bincount(chosen.reshape(-1), minlength=self.w_down.shape[0]).detach()
         routed = self.routed_grouped(x, chosen) if path == "grouped" else self.routed_gather(x, chosen)
         return self.shared(x) + (routed * weights.unsqueeze(-1)).sum(1)
 

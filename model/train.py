@@ -1,0 +1,234 @@
+"""Training: synthetic conversations in, a checkpoint out (``microturn train``).
+
+Teacher forcing over the interleaved layout (``InteractionModel.layout``): every
+micro-turn's inputs — the user's dMel, text input — and the model's own outputs —
+its text bytes and dMel patches — in one sequence; the hidden state before each
+output predicts it. Loss: text cross-entropy plus the audio head's loss.
+
+CPU by default, bf16 autocast on CUDA, data-parallel under ``torchrun``. Resumable:
+``--resume`` continues from ``OUT/train_state.pt`` (weights, optimiser, step, data
+position). Generated conversations are cached as ``.npz`` under ``--cache``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from model import dmel
+from model.config import NO_TEXT, ModelConfig, preset
+from model.conversations import Conversation, generate
+from model.interaction import InteractionModel
+from model.text import encode
+from model.transformer import MoE
+from model.weights import load_checkpoint, save_checkpoint
+
+STATE_FILE = "train_state.pt"
+
+
+@dataclass
+class Example:
+    """One conversation as tensors, turn-aligned."""
+
+    user_bins: torch.Tensor  # (turns·16, mels)
+    model_bins: torch.Tensor  # (turns·16, mels)
+    text_in: torch.Tensor  # (turns, text_in_slots)
+    text_out: torch.Tensor  # (turns, out_positions)
+
+    @property
+    def turns(self) -> int:
+        return self.text_out.shape[0]
+
+
+def text_input_slots(text_in: list[str], slots: int) -> torch.Tensor:
+    """Per-turn input text as the server feeds it: queued, ``slots`` ids per turn."""
+    ids = torch.full((len(text_in), slots), NO_TEXT, dtype=torch.int64)
+    queue: list[int] = []
+    for turn, text in enumerate(text_in):
+        queue += encode(text)
+        taken, queue = queue[:slots], queue[slots:]
+        ids[turn, : len(taken)] = torch.tensor(taken, dtype=torch.int64)
+    return ids
+
+
+def to_example(conversation: Conversation, config: ModelConfig) -> Example:
+    user = dmel.dmel(torch.from_numpy(conversation.user_audio)[None])[0]
+    own = dmel.dmel(torch.from_numpy(conversation.model_audio)[None])[0]
+    text_out = torch.from_numpy(conversation.text_out)
+    if text_out.shape[1] != config.out_positions:
+        raise ValueError(f"conversations have {text_out.shape[1]} output positions, the model {config.out_positions}")
+    return Example(user, own, text_input_slots(conversation.text_in, config.text_in_slots), text_out)
+
+
+def load_examples(seeds: list[int], config: ModelConfig, cache: Path | None, workers: int = 2) -> list[Example]:
+    """Examples for ``seeds``, generating (in parallel) only what the cache lacks."""
+    examples: dict[int, Example] = {}
+    missing = []
+    for seed in seeds:
+        path = cache / f"{seed}.pt" if cache else None
+        if path is not None and path.exists():
+            examples[seed] = Example(**torch.load(path))
+        else:
+            missing.append(seed)
+    for start in range(0, len(missing), 64):
+        batch = missing[start : start + 64]
+        for seed, conversation in zip(batch, generate(batch, workers=workers), strict=True):
+            example = to_example(conversation, config)
+            examples[seed] = example
+            if cache is not None:
+                cache.mkdir(parents=True, exist_ok=True)
+                torch.save(example.__dict__, cache / f"{seed}.pt")
+    return [examples[seed] for seed in seeds]
+
+
+def crop(example: Example, turns: int, rng: random.Random) -> Example:
+    if example.turns <= turns:
+        return example
+    start = rng.randint(0, example.turns - turns)
+    frames = slice(start * 16, (start + turns) * 16)
+    return Example(example.user_bins[frames], example.model_bins[frames],
+                   example.text_in[start : start + turns], example.text_out[start : start + turns])
+
+
+def batch_loss(model: InteractionModel, batch: list[Example]) -> tuple[torch.Tensor, dict[str, float]]:
+    """Teacher-forced loss of a batch of equally long examples."""
+    config = model.config
+    b, turns = len(batch), batch[0].turns
+    user = torch.stack([e.user_bins for e in batch]).view(b * turns, 16, dmel.N_MELS)
+    own = torch.stack([e.model_bins for e in batch]).view(b, turns, 16, dmel.N_MELS)
+    text_in = torch.stack([e.text_in for e in batch]).view(b * turns, -1)
+    text_out = torch.stack([e.text_out for e in batch])  # (b, turns, out)
+    inputs = model.embed_inputs(user, text_in, None).view(b, turns, config.input_tokens, -1)
+    outputs = model.embed_output_targets(text_out, own)  # (b, turns, out, d)
+    hidden = model.trunk.forward_full(model.layout(inputs, outputs))
+    index = model.predictor_positions(turns).reshape(-1)
+    predicting = hidden[:, index].reshape(-1, hidden.shape[-1])  # (b·turns·out, d)
+    text_loss = F.cross_entropy(model.text_head(predicting).float(), text_out.reshape(-1))
+    targets = own.reshape(b * turns * config.out_positions, config.frames_per_output, dmel.N_MELS)
+    audio_loss = model.audio_head.loss(predicting, targets)
+    loss = text_loss + audio_loss
+    return loss, {"loss": loss.item(), "text": text_loss.item(), "audio": audio_loss.item()}
+
+
+def balance_experts(model: torch.nn.Module, rate: float) -> None:
+    """Auxiliary-loss-free load balancing: nudge each expert's selection bias
+    towards the mean load (the router's scores themselves are untouched)."""
+    for module in model.modules():
+        if isinstance(module, MoE) and module.last_load is not None:
+            load = module.last_load.float()
+            module.route_bias += rate * torch.sign(load.mean() - load)
+
+
+def learning_rate(step: int, total: int, peak: float, warmup: int) -> float:
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
+
+
+def train(args: argparse.Namespace) -> list[float]:
+    """Train as ``args`` say; returns the loss of every step this run made."""
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if distributed:
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    rank = dist.get_rank() if distributed else 0
+    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
+    out = Path(args.out)
+    state_path = out / STATE_FILE
+    torch.manual_seed(args.seed)
+
+    if args.resume and state_path.exists():
+        model = load_checkpoint(out)
+        state = torch.load(state_path, map_location="cpu")
+    else:
+        model = InteractionModel(preset(args.preset, audio_head=args.audio_head))
+        state = None
+    config = model.config
+    model.to(device).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.05, betas=(0.9, 0.95))
+    step = 0
+    if state is not None:
+        optimizer.load_state_dict(state["optimizer"])
+        step = state["step"]
+    trained = torch.nn.parallel.DistributedDataParallel(model) if distributed else model
+
+    seeds = list(range(args.first_seed, args.first_seed + args.conversations))
+    examples = load_examples(seeds, config, Path(args.cache) if args.cache else None, args.workers)
+    rng = random.Random(args.seed * 1000 + step + rank)
+    tokens_per_step = args.batch * args.turns * config.tokens_per_turn
+    started, last_report, first_step = time.monotonic(), time.monotonic(), step
+    losses: list[float] = []
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    while step < args.steps:
+        batch = [crop(rng.choice(examples), args.turns, rng) for _ in range(args.batch)]
+        batch = [Example(*(t.to(device) for t in (e.user_bins, e.model_bins, e.text_in, e.text_out))) for e in batch]
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(step, args.steps, args.lr, args.warmup)
+        with autocast:
+            loss, parts = batch_loss(trained if not distributed else trained.module, batch)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        balance_experts(model, args.balance_rate)
+        losses.append(parts["loss"])
+        step += 1
+        now = time.monotonic()
+        if rank == 0 and (now - last_report > 2 or step == args.steps):
+            rate = tokens_per_step * (step - first_step) / max(now - started, 1e-6)
+            bar = "#" * int(30 * step / args.steps)
+            print(f"\r[{bar:30s}] step {step}/{args.steps}  loss {parts['loss']:.3f} (text {parts['text']:.3f}, "
+                  f"audio {parts['audio']:.3f})  {rate:,.0f} tokens/s", end="", file=sys.stderr, flush=True)
+            last_report = now
+        if rank == 0 and (step % args.save_every == 0 or step == args.steps):
+            save(model, optimizer, step, out)
+    if rank == 0:
+        print(file=sys.stderr)
+    if distributed:
+        dist.destroy_process_group()
+    return losses
+
+
+def save(model: InteractionModel, optimizer: torch.optim.Optimizer, step: int, out: Path) -> None:
+    save_checkpoint(model, out)
+    torch.save({"optimizer": optimizer.state_dict(), "step": step}, out / STATE_FILE)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="microturn train", description="Train the interaction model.")
+    parser.add_argument("--out", required=True, help="checkpoint directory")
+    parser.add_argument("--preset", default="tiny")
+    parser.add_argument("--audio-head", choices=["classify", "flow"], default="classify")
+    parser.add_argument("--steps", type=int, default=2000)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--turns", type=int, default=40, help="micro-turns per training window (8 s)")
+    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--warmup", type=int, default=100)
+    parser.add_argument("--balance-rate", type=float, default=1e-3)
+    parser.add_argument("--conversations", type=int, default=400)
+    parser.add_argument("--first-seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--cache", default=".cache/conversations", help="'' disables the cache")
+    parser.add_argument("--workers", type=int, default=2, help="processes generating conversations")
+    parser.add_argument("--save-every", type=int, default=200)
+    parser.add_argument("--resume", action="store_true")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    train(build_parser().parse_args(argv))
+
+
+
+if __name__ == "__main__":  # torchrun -m model.train ...
+    main()
