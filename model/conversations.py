@@ -54,6 +54,7 @@ class Event:
     user_end_s: float  # when the user's relevant speech ended (barge-in: when it started)
     expected_text: str = ""  # the answer's words, for accuracy checks
     model_start_s: float | None = None  # when the model's reply starts in this conversation
+    user_start_s: float | None = None  # when the user's question began (the model is quiet from here)
 
 
 @dataclass
@@ -190,9 +191,9 @@ class _Builder:
             question, answer = f"what is {NUMBER_WORDS[a]} plus {NUMBER_WORDS[b]}?", f"{NUMBER_WORDS[a + b]}."
         if not self.fits(4.0):
             return
-        _, end = self.user_says([question])
+        begin, end = self.user_says([question])
         turn = self.reply_turn(end)
-        self.events.append(Event("answer", end, re.sub(r"[!?.,]", "", answer), turn * 0.2))
+        self.events.append(Event("answer", end, re.sub(r"[!?.,]", "", answer), turn * 0.2, begin))
         self.model_says(answer, turn)
         self.cursor += self.rng.uniform(0.6, 1.5)
 
@@ -203,9 +204,9 @@ class _Builder:
         filler = self.rng.choice(["um", "uh", "", "hmm"])
         parts = ["what comes after", f"{filler} {NUMBER_WORDS[n]}?".strip()]
         pause = self.rng.uniform(0.4, 1.0)
-        _, end = self.user_says(parts, pauses_s=[pause])
+        begin, end = self.user_says(parts, pauses_s=[pause])
         turn = self.reply_turn(end)
-        self.events.append(Event("pause", end, NUMBER_WORDS[n + 1], turn * 0.2))
+        self.events.append(Event("pause", end, NUMBER_WORDS[n + 1], turn * 0.2, begin))
         self.model_says(f"{NUMBER_WORDS[n + 1]}.", turn)
         self.cursor += self.rng.uniform(0.6, 1.5)
 
@@ -233,7 +234,7 @@ class _Builder:
             op, symbol = self.rng.choice([("times", "*"), ("plus", "+"), ("minus", "-")])
             question, task = f"what is {a} {op} {b}?", f"calc: {a} {symbol} {b}"
             answer_of = str(eval_arithmetic(a, symbol, b))
-        _, end = self.user_says([question])
+        begin, end = self.user_says([question])
         turn = self.reply_turn(end)
         self.tasks += 1
         task_id = f"t{self.tasks}"
@@ -247,7 +248,7 @@ class _Builder:
         # The result's text takes a few turns to enter (4 bytes a turn); answer after.
         answer_turn = result_turn + -(-len(encode(self.text_in[result_turn])) // 4) + 1
         self.model_says(f"it is {result}.", answer_turn)
-        self.events.append(Event("delegation", end, result, turn * 0.2))
+        self.events.append(Event("delegation", end, result, turn * 0.2, begin))
         self.cursor += self.rng.uniform(0.6, 1.5)
 
     def background(self) -> None:

@@ -141,3 +141,18 @@ class StreamingModel:
         extra = (-len(batch)) % ROW_MULTIPLE  # keep the stem's matmuls batch-invariant
         return torch.cat([frames, frames.new_zeros(extra, 3, size, size)]), torch.cat(
             [has_video, has_video.new_zeros(extra)])
+
+
+def load_engine(checkpoint: str | None = None, max_sessions: int = 64) -> StreamingModel:
+    """The interaction model as an engine: a checkpoint directory, or the tiny
+    preset with seeded random weights when there is none."""
+    import os
+
+    from model.config import preset
+    from model.weights import load_checkpoint
+
+    if checkpoint:
+        return StreamingModel(load_checkpoint(checkpoint), max_sessions,
+                              weights=os.path.basename(checkpoint.rstrip("/")))
+    torch.manual_seed(0)
+    return StreamingModel(InteractionModel(preset("tiny")), max_sessions, weights="random")

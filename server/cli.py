@@ -41,6 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--llm-model", default=defaults.llm_model)
     serve.add_argument("--log-level", default="info")
 
+    commands.add_parser("eval", help="evaluate the model on held-out conversations (--json)", add_help=False)
     commands.add_parser("train", help="train the interaction model (see microturn train --help)", add_help=False)
     commands.add_parser("sample", help="render a synthetic training conversation to a WAV "
                         "(--seed N --held-out --seconds S --out FILE)", add_help=False)
@@ -85,6 +86,11 @@ def main(argv: list[str] | None = None) -> None:
         from model.conversations import main as sample_main
 
         sample_main(rest)
+        return
+    if args.command == "eval":
+        from model.evaluate import main as eval_main
+
+        eval_main(rest)
         return
     if args.command == "train":
         from model.train import main as train_main

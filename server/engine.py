@@ -19,7 +19,6 @@ step, in order, on the following ticks, and every step's overrun is reported.
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 from collections import deque
@@ -281,17 +280,9 @@ class EchoModel:
 
 def _interaction_model(max_sessions: int, checkpoint: str | None) -> MicroTurnModel:
     # Imported here: torch takes a second or two to import, and the echo engine needs none of it.
-    import torch
+    from model.streaming import load_engine
 
-    from model.config import preset
-    from model.interaction import InteractionModel
-    from model.streaming import StreamingModel
-    from model.weights import load_checkpoint
-
-    if checkpoint:
-        return StreamingModel(load_checkpoint(checkpoint), max_sessions, weights=os.path.basename(checkpoint.rstrip("/")))
-    torch.manual_seed(0)
-    return StreamingModel(InteractionModel(preset("tiny")), max_sessions, weights="random")
+    return load_engine(checkpoint, max_sessions)
 
 
 ENGINES = ("model", "echo")

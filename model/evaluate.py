@@ -1,0 +1,165 @@
+"""Evaluation on held-out conversations, from the model's own output timeline.
+
+The model runs closed-loop, exactly as it serves: one ``StreamingModel.step`` per
+micro-turn on the conversation's user audio, its own outputs fed back. Background
+results enter on the conversation's schedule (an oracle background model, so the
+figures measure the interaction model alone). From what it says and writes:
+
+- ``turn_taking_tor``: questions after which it starts speaking within 1.4 s;
+- ``response_latency_s_median``: user speech end -> its speech onset, as heard live
+  (output turn ``t`` plays at 0.2·(t + 1) s);
+- ``overlap_rate``: questions it spoke over (from the question's start to its end);
+- ``pause_tor``: questions with a mid-utterance pause that it took over before the end;
+- ``stop_latency_s_p90``: user barge-in onset -> its speech stopping, live;
+- ``delegation_accuracy``: delegated questions whose answer it later wrote;
+- ``noise_silence_rate``: stretches of noise or background talk it stayed silent through.
+
+``reference_timeline`` scores the conversation's own model track — what a perfect
+model would do — which is how the metric code itself is tested.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from dataclasses import dataclass
+
+import numpy as np
+
+from model.conversations import Conversation, Event, generate
+from model.interface import TURN_SAMPLES, TurnInput
+from model.streaming import StreamingModel, load_engine
+from model.text import Decoder
+
+ACTIVE_RMS = 0.01  # a micro-turn of model audio louder than this is speech
+REPLY_WINDOW_TURNS = 7  # 1.4 s
+
+
+@dataclass
+class Timeline:
+    """The model's side of a conversation, one entry per output micro-turn."""
+
+    active: np.ndarray  # (turns,) bool
+    text: list[str]  # what it wrote in each micro-turn
+
+
+def _activity(audio: np.ndarray) -> np.ndarray:
+    turns = audio.size // TURN_SAMPLES
+    frames = audio[: turns * TURN_SAMPLES].reshape(turns, TURN_SAMPLES)
+    return np.sqrt(np.mean(np.square(frames), axis=1)) > ACTIVE_RMS
+
+
+def reference_timeline(conversation: Conversation) -> Timeline:
+    decoder = Decoder()
+    return Timeline(_activity(conversation.model_audio),
+                    [decoder.decode([int(t) for t in row]) for row in conversation.text_out])
+
+
+def model_timeline(engine: StreamingModel, conversation: Conversation, session_id: str = "eval") -> Timeline:
+    engine.open_session(session_id)
+    try:
+        audio, text = [], []
+        for turn in range(conversation.turns):
+            chunk = conversation.user_audio[turn * TURN_SAMPLES : (turn + 1) * TURN_SAMPLES]
+            output = engine.step([TurnInput(session_id, turn, chunk, conversation.text_in[turn])])[0]
+            audio.append(output.audio)
+            text.append(output.text)
+    finally:
+        engine.close_session(session_id)
+    # The vocoder emits each turn 600 samples late; activity per turn is unaffected.
+    return Timeline(_activity(np.concatenate(audio)), text)
+
+
+def _turn(seconds: float) -> int:
+    return int(seconds / 0.2 + 1e-9)
+
+
+def score(conversation: Conversation, timeline: Timeline) -> list[dict[str, object]]:
+    """One record per event: what the model did there."""
+    records = []
+    for event in conversation.events:
+        record: dict[str, object] = {"kind": event.kind, "user_end_s": round(event.user_end_s, 3)}
+        if event.kind in ("answer", "pause", "delegation"):
+            record.update(_reply(event, timeline))
+        if event.kind == "barge_in":
+            record.update(_stop(event, timeline))
+        if event.kind == "delegation":
+            later = "".join(timeline.text[_turn(event.user_end_s):])
+            record["answered"] = event.expected_text in later
+        if event.kind == "noise":
+            quiet = timeline.active[max(_turn(event.user_end_s - 1.0), 0) : _turn(event.user_end_s) + 2]
+            record["silent"] = not quiet.any()
+        records.append(record)
+    return records
+
+
+def _reply(event: Event, timeline: Timeline) -> dict[str, object]:
+    end_turn = _turn(event.user_end_s)  # outputs from this one on come after the user stopped
+    start = _turn(event.user_start_s) + 1 if event.user_start_s is not None else max(end_turn - 5, 0)
+    spoke_over = bool(timeline.active[start:end_turn].any())
+    window = timeline.active[end_turn : end_turn + REPLY_WINDOW_TURNS]
+    onset = int(np.argmax(window)) + end_turn if window.any() else None
+    latency = round(0.2 * (onset + 1) - event.user_end_s, 3) if onset is not None else None
+    return {"spoke_over": spoke_over, "took_turn": onset is not None, "latency_s": latency}
+
+
+def _stop(event: Event, timeline: Timeline) -> dict[str, object]:
+    onset_turn = _turn(event.user_end_s)  # for barge-in, user_end_s is when the user cut in
+    after = timeline.active[onset_turn:]
+    silent = np.flatnonzero(~after)
+    stop_turn = onset_turn + int(silent[0]) if silent.size else None
+    return {"stop_latency_s": round(0.2 * (stop_turn + 1) - event.user_end_s, 3) if stop_turn is not None else None}
+
+
+def aggregate(records: list[dict[str, object]]) -> dict[str, object]:
+    def of(kind: str) -> list[dict[str, object]]:
+        return [r for r in records if r["kind"] == kind]
+
+    def rate(items: list[dict[str, object]], key: str) -> float | None:
+        return round(sum(bool(r[key]) for r in items) / len(items), 3) if items else None
+
+    answers = of("answer")
+    latencies = [r["latency_s"] for r in answers if r["latency_s"] is not None]
+    stops = [r["stop_latency_s"] for r in of("barge_in")]
+    stops_known = sorted(s if s is not None else float("inf") for s in stops)
+    return {
+        "turn_taking_tor": rate(answers, "took_turn"),
+        "response_latency_s_median": round(statistics.median(latencies), 3) if latencies else None,
+        "overlap_rate": rate(answers + of("pause") + of("delegation"), "spoke_over"),
+        "pause_tor": rate(of("pause"), "spoke_over"),
+        "stop_latency_s_p90": (stops_known[int(0.9 * (len(stops_known) - 1))] if stops_known else None),
+        "delegation_accuracy": rate(of("delegation"), "answered"),
+        "noise_silence_rate": rate(of("noise"), "silent"),
+        "events": {kind: len(of(kind)) for kind in ("answer", "pause", "barge_in", "delegation", "noise")},
+    }
+
+
+def evaluate(engine: StreamingModel | None, seeds: list[int]) -> dict[str, object]:
+    """Scores over held-out conversations; ``engine=None`` scores the reference tracks."""
+    records = []
+    for conversation in generate(seeds, held_out=True):
+        timeline = reference_timeline(conversation) if engine is None else model_timeline(engine, conversation)
+        records += score(conversation, timeline)
+    result = aggregate(records)
+    if result["stop_latency_s_p90"] == float("inf"):
+        result["stop_latency_s_p90"] = None  # it never stopped in the worst decile
+    result["conversations"] = len(seeds)
+    return result
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="microturn eval", description=__doc__.splitlines()[0])
+    parser.add_argument("--checkpoint", default=None, help="checkpoint directory (default: random weights)")
+    parser.add_argument("--reference", action="store_true", help="score the reference model tracks instead")
+    parser.add_argument("--conversations", type=int, default=20)
+    parser.add_argument("--first-seed", type=int, default=1_000_000, help="held-out seeds start here")
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args(argv)
+    engine = None if args.reference else load_engine(args.checkpoint, max_sessions=1)
+    result = evaluate(engine, list(range(args.first_seed, args.first_seed + args.conversations)))
+    if args.json:
+        print(json.dumps(result))
+    else:
+        for key, value in result.items():
+            print(f"{key:28s} {value}")
