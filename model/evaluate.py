@@ -24,11 +24,13 @@ import argparse
 import json
 import statistics
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
 from model.conversations import Conversation, Event, generate
 from model.interface import TURN_SAMPLES, TurnInput
+from model.plot import timeline_image, write_png
 from model.streaming import StreamingModel, load_engine
 from model.text import Decoder
 
@@ -135,12 +137,17 @@ def aggregate(records: list[dict[str, object]]) -> dict[str, object]:
     }
 
 
-def evaluate(engine: StreamingModel | None, seeds: list[int]) -> dict[str, object]:
-    """Scores over held-out conversations; ``engine=None`` scores the reference tracks."""
+def evaluate(engine: StreamingModel | None, seeds: list[int], plots: Path | None = None) -> dict[str, object]:
+    """Scores over held-out conversations; ``engine=None`` scores the reference tracks.
+    With ``plots``, writes each conversation's timeline there as ``SEED.png``."""
     records = []
     for conversation in generate(seeds, held_out=True):
         timeline = reference_timeline(conversation) if engine is None else model_timeline(engine, conversation)
         records += score(conversation, timeline)
+        if plots is not None:
+            plots.mkdir(parents=True, exist_ok=True)
+            image = timeline_image(conversation.user_audio, timeline.active, timeline.text)
+            write_png(image, plots / f"{conversation.seed}.png")
     result = aggregate(records)
     if result["stop_latency_s_p90"] == float("inf"):
         result["stop_latency_s_p90"] = None  # it never stopped in the worst decile
@@ -155,9 +162,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--conversations", type=int, default=20)
     parser.add_argument("--first-seed", type=int, default=1_000_000, help="held-out seeds start here")
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--plots", default=None, help="directory for one timeline PNG per conversation")
     args = parser.parse_args(argv)
     engine = None if args.reference else load_engine(args.checkpoint, max_sessions=1)
-    result = evaluate(engine, list(range(args.first_seed, args.first_seed + args.conversations)))
+    seeds = list(range(args.first_seed, args.first_seed + args.conversations))
+    result = evaluate(engine, seeds, Path(args.plots) if args.plots else None)
     if args.json:
         print(json.dumps(result))
     else:
