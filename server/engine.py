@@ -45,7 +45,6 @@ class StepInfo:
 
     tick: int
     batch_size: int
-    started_at: float  # time.monotonic() when the model step began
     step_ms: float
     overran: bool  # the step took longer than one micro-turn
 
@@ -243,7 +242,7 @@ class Engine:
         span.set_attribute(tm.ATTR_STEP_MS, step_ms)
         span.set_attribute(tm.ATTR_OVERRAN, overran)
         span.end()
-        info = StepInfo(tick, len(batch), started, step_ms, overran)
+        info = StepInfo(tick, len(batch), step_ms, overran)
         self._on_step(info)
         for output, sink in zip(outputs, sinks, strict=True):
             sink.on_output(output, info)
