@@ -18,6 +18,7 @@ import numpy as np
 from aiortc import RTCDataChannel, RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
+from model.audio import resample_mono
 from model.interface import SAMPLE_RATE
 from server.ice import add_host_candidates, rtc_configuration
 
@@ -36,7 +37,7 @@ class ScriptedAudioTrack(MediaStreamTrack):
         lead = np.zeros(int(lead_silence_s * SAMPLE_RATE), dtype=np.float32)
         self.script = np.concatenate([lead, audio.astype(np.float32)])
         self.lead_samples = lead.size
-        self.samples = _resample_mono(self.script, SAMPLE_RATE, SEND_RATE, "s16")
+        self.samples = resample_mono(self.script, SAMPLE_RATE, SEND_RATE, "s16")
         self.started_at: float | None = None
         self._pts = 0
 
@@ -166,11 +167,3 @@ class Peer:
             pts = (frame.pts - rec.first_pts) % (1 << 32)
             samples = np.concatenate([o.to_ndarray()[0] for o in resampler.resample(frame)] or [np.zeros(0, np.float32)])
             rec.chunks.append((pts, samples))
-
-
-def _resample_mono(audio: np.ndarray, rate_in: int, rate_out: int, fmt: str) -> np.ndarray:
-    frame = av.AudioFrame.from_ndarray(audio.reshape(1, -1).astype(np.float32), format="flt", layout="mono")
-    frame.sample_rate = rate_in
-    resampler = av.AudioResampler(format=fmt, layout="mono", rate=rate_out)
-    parts = [o.to_ndarray()[0] for o in resampler.resample(frame)] + [o.to_ndarray()[0] for o in resampler.resample(None)]
-    return np.concatenate(parts)

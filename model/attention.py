@@ -27,7 +27,11 @@ def visibility(q: torch.Tensor, k: torch.Tensor, config: ModelConfig) -> torch.T
 def additive_mask(query_positions: torch.Tensor, key_positions: torch.Tensor, config: ModelConfig) -> torch.Tensor:
     """``visibility`` as 0 / −inf to add to the scores: computed once per pass and
     shared by every layer (a boolean mask would be converted again in each call)."""
-    visible = visibility(query_positions[:, None], key_positions[None, :], config)
+    return to_additive(visibility(query_positions[:, None], key_positions[None, :], config))
+
+
+def to_additive(visible: torch.Tensor) -> torch.Tensor:
+    """A boolean visibility mask as 0 / −inf to add to attention scores."""
     return torch.zeros(visible.shape).masked_fill_(~visible, float("-inf"))
 
 

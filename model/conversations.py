@@ -27,9 +27,9 @@ import wave
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import av
 import numpy as np
 
+from model.audio import resample_mono
 from model.config import NO_TEXT
 from model.interface import SAMPLE_RATE, TURN_SAMPLES
 from model.speech import Voice, synthesize
@@ -71,16 +71,6 @@ class Conversation:
         return len(self.text_in)
 
 
-def _to_16k(audio: np.ndarray, rate: int) -> np.ndarray:
-    if rate == SAMPLE_RATE:
-        return audio.astype(np.float32)
-    frame = av.AudioFrame.from_ndarray(audio.astype(np.float32).reshape(1, -1), format="flt", layout="mono")
-    frame.sample_rate = rate
-    resampler = av.AudioResampler(format="flt", layout="mono", rate=SAMPLE_RATE)
-    parts = [o.to_ndarray()[0] for o in resampler.resample(frame)] + [o.to_ndarray()[0] for o in resampler.resample(None)]
-    return np.concatenate(parts) if parts else np.zeros(0, np.float32)
-
-
 def _trim(audio: np.ndarray, threshold: float = 0.01) -> np.ndarray:
     """Cut leading and trailing near-silence, so onsets and ends are where speech is."""
     loud = np.flatnonzero(np.abs(audio) > threshold)
@@ -89,7 +79,7 @@ def _trim(audio: np.ndarray, threshold: float = 0.01) -> np.ndarray:
 
 def speak(text: str, voice: Voice) -> np.ndarray:
     utterance = synthesize(text, voice)
-    return _trim(_to_16k(utterance.audio, utterance.sample_rate))
+    return _trim(resample_mono(utterance.audio, utterance.sample_rate, SAMPLE_RATE))
 
 
 def _room(audio: np.ndarray, rng: random.Random) -> np.ndarray:

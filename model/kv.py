@@ -75,8 +75,7 @@ class KVPool:
             raise ValueError(f"at most {self.config.max_append} tokens per pass, got {count}")
         start = self.lengths[slot]
         positions = torch.arange(start, start + count, device=self.positions.device)
-        sinks, ring = self.config.sinks, self.capacity - self.config.sinks
-        index = torch.where(positions < sinks, positions, sinks + (positions - sinks) % ring)
+        index = self._entry_index(positions)
         self.positions[slot, index] = positions
         self.lengths[slot] = start + count
         return index, positions
@@ -86,11 +85,15 @@ class KVPool:
         benchmarks that need long contexts without spending minutes building them)."""
         start = self.lengths[slot]
         positions = torch.arange(start, start + count, device=self.positions.device)
-        sinks, ring = self.config.sinks, self.capacity - self.config.sinks
-        keep = positions[(positions < sinks) | (positions >= start + count - ring)]
-        index = torch.where(keep < sinks, keep, sinks + (keep - sinks) % ring)
-        self.positions[slot, index] = keep
+        ring = self.capacity - self.config.sinks
+        keep = positions[(positions < self.config.sinks) | (positions >= start + count - ring)]
+        self.positions[slot, self._entry_index(keep)] = keep
         self.lengths[slot] = start + count
+
+    def _entry_index(self, positions: torch.Tensor) -> torch.Tensor:
+        """Where each position lives in a slot: sinks first, then the ring."""
+        sinks, ring = self.config.sinks, self.capacity - self.config.sinks
+        return torch.where(positions < sinks, positions, sinks + (positions - sinks) % ring)
 
     def write(self, layer: int, slots: torch.Tensor, index: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store new keys/values (rows, kv heads, dim); row i goes to slot slots[i], entry index[i]."""

@@ -9,6 +9,7 @@ session's new input tokens to its cache, each later one a single output token.
 
 from __future__ import annotations
 
+import os
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -17,13 +18,15 @@ import numpy as np
 import torch
 
 from model import dmel
-from model.config import NO_TEXT
+from model.config import NO_TEXT, preset
 from model.interaction import InteractionModel
-from model.text import Decoder, encode
 from model.interface import TurnInput, TurnOutput
 from model.kv import KVPool
+from model.text import Decoder, encode
 from model.transformer import ROW_MULTIPLE, Segment, StreamBatch, pad_rows
 from model.vocoder import VocoderState, vocode_chunk
+from model.weights import load_checkpoint
+
 
 @dataclass
 class _Session:
@@ -146,11 +149,6 @@ class StreamingModel:
 def load_engine(checkpoint: str | None = None, max_sessions: int = 64) -> StreamingModel:
     """The interaction model as an engine: a checkpoint directory, or the tiny
     preset with seeded random weights when there is none."""
-    import os
-
-    from model.config import preset
-    from model.weights import load_checkpoint
-
     if checkpoint:
         return StreamingModel(load_checkpoint(checkpoint), max_sessions,
                               weights=os.path.basename(checkpoint.rstrip("/")))

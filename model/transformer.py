@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.attention import additive_mask, attend, visibility
+from model.attention import additive_mask, attend, to_additive, visibility
 from model.config import ModelConfig
 from model.kv import KVPool
 
@@ -243,7 +243,7 @@ class AttentionPlan:
         # Padding queries and idle sessions see nothing; let them see everything
         # instead (their output is dropped) so no row is all −inf (NaN).
         visible |= ~visible.any(-1, keepdim=True)
-        mask = torch.zeros(visible.shape).masked_fill_(~visible, float("-inf")).unsqueeze(1)
+        mask = to_additive(visible).unsqueeze(1)
         return cls(sessions, queries, row_session, row_query, None if in_place else slots, mask)
 
     def keys_values(self, pool: KVPool, layer: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -16,8 +16,8 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from server import signalling, telemetry
-from server.config import ServerConfig
 from server.capacity import measure_capacity
+from server.config import ServerConfig
 from server.engine import Engine, StepInfo, make_model
 from server.metrics import Metrics
 from server.sessions import SessionRegistry

@@ -26,10 +26,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+import numpy as np
 from opentelemetry import trace
 from opentelemetry.trace import Link, SpanContext, Status, StatusCode
-
-import numpy as np
 
 from model.interface import SAMPLE_RATE, TURN_MS, TURN_SAMPLES, MicroTurnModel, TurnInput, TurnOutput
 from server import telemetry as tm

@@ -13,9 +13,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import uvicorn
-from starlette.applications import Starlette
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from starlette.applications import Starlette
 
 from server.app import create_app
 from server.config import ServerConfig

@@ -9,9 +9,9 @@ import threading
 import httpx
 import numpy as np
 import pytest
-
 from conftest import running_server, serving
 from fake_llm import ANSWER_WORDS, fake_llm_app
+
 from loadtest.peer import Peer
 from model.interface import TURN_SAMPLES, TurnInput
 from server.config import ServerConfig

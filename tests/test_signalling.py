@@ -12,8 +12,8 @@ import time
 
 import httpx
 import pytest
-
 from conftest import running_server
+
 from loadtest.peer import Peer
 from server.config import ServerConfig
 
