@@ -1,7 +1,10 @@
 """Model serving benchmarks: step time by session count, streaming vs recomputing,
 batched vs one-at-a-time. Median of ``--repeats`` runs of each measurement.
 
-    microturn bench model [--json] [--preset tiny] [--repeats 5]
+    microturn bench model [--json] [--preset tiny] [--repeats 5] [--device cuda] [--attention sdpa|xformers]
+
+On CUDA with xformers installed it also runs the step-by-sessions sweep with SDPA
+in the same process and reports the ratio and the xformers kernels that ran.
 
 Sessions start with ``--context-s`` seconds of context already in their caches
 (marked as appended; the values do not change the cost). Attention always spans a
@@ -21,6 +24,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
+from model.attention import XFORMERS_OPS_USED
 from model.config import preset
 from model.interaction import InteractionModel
 from model.interface import TURN_SAMPLES, TurnInput
@@ -63,37 +67,57 @@ class Sessions:
             self.engine.close_session(session_id)
 
 
+def step_sweep(engine: StreamingModel, counts: tuple[int, ...], context_s: float, repeats: int) -> dict[str, float]:
+    step_ms: dict[str, float] = {}
+    for count in counts:
+        sessions = Sessions(engine, count, context_s, f"n{count}")
+        step_ms[str(count)] = round(median_ms(lambda s=sessions: (s.step(), synchronize(engine)), repeats), 2)
+        sessions.close()
+    return step_ms
+
+
+def synchronize(engine: StreamingModel) -> None:
+    if engine.device.type == "cuda":
+        torch.cuda.synchronize()
+
+
 def run(preset_name: str = "tiny", repeats: int = 5, context_s: float = 60.0,
-        counts: tuple[int, ...] = (1, 8, 32, 64)) -> dict[str, object]:
+        counts: tuple[int, ...] = (1, 8, 32, 64), device: str = "cpu",
+        attention: str | None = None) -> dict[str, object]:
     torch.manual_seed(0)
     model = InteractionModel(preset(preset_name)).eval()
     config = model.config
-    engine = StreamingModel(model, max_sessions=max(counts) + 1)
+    engine = StreamingModel(model, max_sessions=max(counts) + 1, device=device, attention=attention)
     results: dict[str, object] = {
         "preset": preset_name,
         "parameters_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 2),
+        "device": torch.cuda.get_device_name() if engine.device.type == "cuda" else "cpu",
+        "attention": engine.pool.backend,
         "torch_threads": torch.get_num_threads(),
         "cpu_count": os.cpu_count(),
         "context_s": context_s,
         "repeats": repeats,
     }
 
-    step_ms: dict[str, float] = {}
-    for count in counts:
-        sessions = Sessions(engine, count, context_s, f"n{count}")
-        step_ms[str(count)] = round(median_ms(sessions.step, repeats), 2)
-        sessions.close()
+    step_ms = step_sweep(engine, counts, context_s, repeats)
     results["step_ms_by_sessions"] = step_ms
+    if engine.pool.backend == "xformers":
+        results["xformers_ops"] = dict(XFORMERS_OPS_USED)
+        sdpa = StreamingModel(model, max_sessions=max(counts) + 1, device=device, attention="sdpa")
+        sdpa_ms = step_sweep(sdpa, counts, context_s, repeats)
+        del sdpa
+        results["sdpa_step_ms_by_sessions"] = sdpa_ms
+        results["sdpa_over_xformers_step_ratio"] = {n: round(sdpa_ms[n] / step_ms[n], 2) for n in step_ms}
     results["batch32_throughput_ratio"] = round(32 * step_ms["1"] / step_ms["32"], 2) if "32" in step_ms else None
 
     # Streaming a micro-turn at 2 minutes of context vs recomputing those 2 minutes.
     two_minutes = 120 * TURNS_PER_SECOND * config.tokens_per_turn
     sessions = Sessions(engine, 1, 120.0, "stream")
-    stream_ms = median_ms(sessions.step, repeats)
+    stream_ms = median_ms(lambda: (sessions.step(), synchronize(engine)), repeats)
     sessions.close()
-    tokens = torch.randn(1, two_minutes + config.tokens_per_turn, config.d_model)
-    with torch.inference_mode():
-        recompute_ms = median_ms(lambda: model.trunk.forward_full(tokens), max(1, repeats // 2))
+    tokens = torch.randn(1, two_minutes + config.tokens_per_turn, config.d_model, device=engine.device)
+    with torch.inference_mode(), engine.autocast:
+        recompute_ms = median_ms(lambda: (model.trunk.forward_full(tokens), synchronize(engine)), max(1, repeats // 2))
     results["stream_step_ms_2min"] = round(stream_ms, 2)
     results["recompute_ms_2min"] = round(recompute_ms, 2)
     results["append_vs_recompute_ratio_2min"] = round(recompute_ms / stream_ms, 1)
@@ -106,8 +130,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--preset", default="tiny")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--context-s", type=float, default=60.0)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--attention", choices=["sdpa", "xformers"], default=None,
+                        help="attention backend (default: xformers on CUDA when installed, else SDPA)")
     args = parser.parse_args(argv)
-    results = run(args.preset, args.repeats, args.context_s)
+    results = run(args.preset, args.repeats, args.context_s, device=args.device, attention=args.attention)
     if args.json:
         print(json.dumps(results))
         return

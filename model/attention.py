@@ -5,17 +5,60 @@ the KV pool can keep each session in a ring buffer:
 
     key visible to query  <=>  0 <= k_pos <= q_pos  and  (k_pos < sinks  or  k_pos > q_pos - window)
 
-On CPU this is ``scaled_dot_product_attention`` with that explicit boolean mask
-(never ``is_causal=True`` with a cache: PyTorch aligns it top-left, which is wrong
-when queries are the last tokens of a longer sequence).
+Two backends behind one rule, chosen at run time (``choose_backend``):
+
+- ``sdpa`` (CPU, and CUDA without xformers): ``scaled_dot_product_attention`` with
+  that rule as an explicit additive mask (never ``is_causal=True`` with a cache:
+  PyTorch aligns it top-left, wrong when queries are the last tokens of a longer
+  sequence).
+- ``xformers`` (CUDA with the ``gpu`` extra): ``memory_efficient_attention``. While
+  every session of a pass is shorter than ``sinks + window`` the rule is plain
+  bottom-right causal attention over keys stored in position order, which is
+  exactly ``BlockDiagonalCausalWithOffsetPaddedKeysMask``: queries packed back to
+  back, each session's keys one padded block read in place from the KV pool. Once
+  a session's ring has wrapped, keys are no longer in position order and the pass
+  uses the same additive mask as SDPA as a tensor bias.
 """
 
 from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from model.config import ModelConfig
+
+BACKENDS = ("sdpa", "xformers")
+
+
+@functools.cache
+def xformers_ops() -> Any | None:
+    """``xformers.ops`` when it is installed and usable (it has CUDA kernels only), else None."""
+    if not torch.cuda.is_available():
+        return None
+    try:
+        import xformers.ops
+    except ImportError:
+        return None
+    return xformers.ops
+
+
+def choose_backend(device: torch.device, requested: str | None = None) -> str:
+    """``requested`` (or ``$MICROTURN_ATTENTION``) if given, else xformers on CUDA when
+    installed, else SDPA. Asking for xformers where it cannot run is an error, not a
+    silent fallback: benchmarks must know what they measured."""
+    requested = requested or os.environ.get("MICROTURN_ATTENTION") or None
+    if requested is not None and requested not in BACKENDS:
+        raise ValueError(f"unknown attention backend {requested!r}; choose from {BACKENDS}")
+    if requested == "xformers" and (device.type != "cuda" or xformers_ops() is None):
+        raise RuntimeError("the xformers backend needs a CUDA device and the 'gpu' extra (pip install microturn[gpu])")
+    if requested:
+        return requested
+    return "xformers" if device.type == "cuda" and xformers_ops() is not None else "sdpa"
 
 
 def visibility(q: torch.Tensor, k: torch.Tensor, config: ModelConfig) -> torch.Tensor:
@@ -32,7 +75,61 @@ def additive_mask(query_positions: torch.Tensor, key_positions: torch.Tensor, co
 
 def to_additive(visible: torch.Tensor) -> torch.Tensor:
     """A boolean visibility mask as 0 / −inf to add to attention scores."""
-    return torch.zeros(visible.shape).masked_fill_(~visible, float("-inf"))
+    return torch.zeros(visible.shape, device=visible.device).masked_fill_(~visible, float("-inf"))
+
+
+def causal_padded_bias(q_seqlen: Sequence[int], kv_padding: int, kv_seqlen: Sequence[int]) -> Any:
+    """xformers' ``BlockDiagonalCausalWithOffsetPaddedKeysMask``: block i's queries are
+    the last ``q_seqlen[i]`` of its ``kv_seqlen[i]`` keys, which start at ``i·kv_padding``."""
+    from xformers.ops.fmha.attn_bias import BlockDiagonalCausalWithOffsetPaddedKeysMask
+
+    return BlockDiagonalCausalWithOffsetPaddedKeysMask.from_seqlens(
+        q_seqlen=list(q_seqlen), kv_padding=kv_padding, kv_seqlen=list(kv_seqlen))
+
+
+def attend_xformers(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Any) -> torch.Tensor:
+    """q: (batch, queries, heads, dim); k, v: (batch, keys, kv heads, dim) -> like q.
+    Grouped-query attention in xformers' 5-D form: each kv head broadcast (stride 0)
+    over its group of query heads. ``bias``: an xformers bias, or an additive tensor
+    broadcastable to (batch, 1, queries, keys)."""
+    ops = xformers_ops()
+    batch, queries, heads, dim = q.shape
+    groups = k.shape[2]
+    per_group = heads // groups
+    q5 = q.reshape(batch, queries, groups, per_group, dim)
+    k5 = k.unsqueeze(3).expand(batch, k.shape[1], groups, per_group, dim)
+    v5 = v.unsqueeze(3).expand(batch, v.shape[1], groups, per_group, dim)
+    if isinstance(bias, torch.Tensor):
+        bias = aligned_bias(bias.to(q.dtype), groups, per_group)
+    op = _xformers_op(q5, k5, v5, bias)
+    return ops.memory_efficient_attention_forward(q5, k5, v5, attn_bias=bias, op=op).reshape(q.shape)
+
+
+XFORMERS_OPS_USED: dict[str, str] = {}  # bias kind / dtype -> the kernel xformers chose (benchmarks report it)
+_XFORMERS_OP_CACHE: dict[tuple[object, ...], Any] = {}
+
+
+def _xformers_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Any) -> Any:
+    """xformers' own dispatch, once per kind of call, then passed explicitly: what we
+    record as having run is what runs."""
+    key = (type(bias).__name__, q.dtype, q.shape[-1], q.shape[1] <= 32)
+    if key not in _XFORMERS_OP_CACHE:
+        from xformers.ops import fmha
+        from xformers.ops.fmha.dispatch import _dispatch_fw
+
+        op = _dispatch_fw(fmha.Inputs(query=q, key=k, value=v, attn_bias=bias), False)
+        _XFORMERS_OP_CACHE[key] = op
+        XFORMERS_OPS_USED[f"{type(bias).__name__}/{str(q.dtype).removeprefix('torch.')}"] = op.NAME
+    return _XFORMERS_OP_CACHE[key]
+
+
+def aligned_bias(mask: torch.Tensor, groups: int, per_group: int) -> torch.Tensor:
+    """An additive (batch, 1, queries, keys) mask as xformers' 5-D tensor bias. Its
+    kernels want the key stride a multiple of 8: store padded, hand over a slice."""
+    batch, _, queries, keys = mask.shape
+    padded = mask.new_zeros(batch, 1, 1, queries, -(-keys // 8) * 8)
+    padded[..., :keys] = mask[:, :, None]
+    return padded[..., :keys].expand(batch, groups, per_group, queries, keys)
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

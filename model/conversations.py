@@ -5,10 +5,12 @@ and room augmentation), the model's own track (one fixed voice), the text the
 model writes at each output position, and the text that enters as input (typed
 text, background results). It teaches:
 
-- answering one or two micro-turns after the user stops (greetings, "what comes
-  after seven", counting, small arithmetic, the time via a background task);
+- answering once it has heard ``REPLY_AFTER_SILENCE_S`` of silence after a complete
+  question (greetings, "what comes after seven", counting, small arithmetic, the
+  time via a background task) — one or two micro-turns after the user stops;
 - not taking the turn during the user's mid-utterance pauses ("um");
-- yielding within one micro-turn when the user barges in;
+- yielding within one micro-turn when the user barges in (in the first output made
+  after hearing ``STOP_AFTER_SPEECH_S`` of them);
 - delegating: big arithmetic gets a holding phrase and ``<task>calc: …</task>``,
   and the answer is spoken when ``<result>…</result>`` arrives as text input;
 - staying silent when there is only noise or background talk.
@@ -20,6 +22,7 @@ Time in the model track is *step time*: output ``t`` (the model's micro-turn
 
 from __future__ import annotations
 
+import math
 import multiprocessing
 import random
 import re
@@ -36,6 +39,14 @@ from model.speech import Voice, synthesize
 from model.text import encode
 
 OUT_POSITIONS = 4  # output positions per micro-turn (ModelConfig.out_positions)
+DATA_VERSION = 2  # bump when the same seed would give a different conversation (cache key)
+# Timing rules, fixed rather than random so the model has one thing to learn: the
+# reply starts in the first output made after hearing this much silence after a
+# complete question (heard live 0.15-0.35 s after the user stops; a mid-utterance
+# pause is told apart by what was said, not by a long wait) ...
+REPLY_AFTER_SILENCE_S = 0.15
+# ... and a barge-in silences the first output made after hearing this much of it.
+STOP_AFTER_SPEECH_S = 0.08
 MODEL_VOICE = Voice("en-us", words_per_minute=165, pitch=45, pitch_range=40)
 _VARIANTS_TRAIN = ["f1", "f2", "f4", "m1", "m2", "m4", "m6", "m7", "Annie", "Alex", "Andy", "linda",
                    "john", "steph", "paul", "robert", "belinda", "ian", "edward", "aunty"]
@@ -159,9 +170,16 @@ class _Builder:
         self.cursor = max(self.cursor, finished * 0.2)
         return finished
 
-    def reply_turn(self, user_end_s: float) -> int:
-        """One or two micro-turns after the turn in which the user stopped."""
-        return int(user_end_s / 0.2) + self.rng.choice((1, 1, 2))
+    @staticmethod
+    def reply_turn(user_end_s: float) -> int:
+        """The first output made (after its input chunk closed, at 0.2·(t + 1) s) once
+        ``REPLY_AFTER_SILENCE_S`` of silence has been heard."""
+        return math.ceil((user_end_s + REPLY_AFTER_SILENCE_S) / 0.2 - 1 - 1e-9)
+
+    @staticmethod
+    def stop_turn(interrupt_s: float) -> int:
+        """The first output made once ``STOP_AFTER_SPEECH_S`` of the barge-in was heard."""
+        return math.ceil((interrupt_s + STOP_AFTER_SPEECH_S) / 0.2 - 1 - 1e-9)
 
     # -- scenarios -------------------------------------------------------------------------
 
@@ -206,8 +224,7 @@ class _Builder:
         _, end = self.user_says(["count to ten"])
         turn = self.reply_turn(end)
         interrupt_s = turn * 0.2 + self.rng.uniform(0.8, 2.0)
-        # Output k, made right after the chunk in which the user starts, is the last with speech.
-        stop_turn = int(interrupt_s / 0.2) + 1
+        stop_turn = self.stop_turn(interrupt_s)  # silent from this output on
         self.model_says("one, two, three, four, five, six, seven, eight, nine, ten.", turn, stop_turn=stop_turn)
         self.cursor = interrupt_s
         _, end = self.user_says([self.rng.choice(["stop", "wait", "okay thanks", "that's enough"])])
@@ -220,7 +237,8 @@ class _Builder:
         if self.rng.random() < 0.3:
             question, task, answer_of = "what time is it?", "clock: now", None
         else:
-            a, b = self.rng.randint(100, 9999), self.rng.randint(100, 9999)
+            # Beyond mental arithmetic for a tiny model, yet short enough to transcribe.
+            a, b = self.rng.randint(12, 99), self.rng.randint(12, 99)
             op, symbol = self.rng.choice([("times", "*"), ("plus", "+"), ("minus", "-")])
             question, task = f"what is {a} {op} {b}?", f"calc: {a} {symbol} {b}"
             answer_of = str(eval_arithmetic(a, symbol, b))

@@ -46,11 +46,12 @@ class ClassifyHead(nn.Module):
         if temperature <= 0 or generators is None:
             bins = logits.argmax(-1)
         else:
-            probs = torch.softmax(logits / temperature, -1)
+            # Sessions' generators live on the CPU (reproducible on any device): sample there.
+            probs = torch.softmax(logits.float() / temperature, -1).cpu()
             bins = torch.stack([
                 torch.multinomial(p.reshape(-1, dmel.N_BINS), 1, generator=g).view(p.shape[:-1])
                 for p, g in zip(probs, generators, strict=True)
-            ])
+            ]).to(hidden.device)
         return dmel.dequantize(bins)
 
 

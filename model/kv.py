@@ -14,17 +14,20 @@ from __future__ import annotations
 
 import torch
 
+from model.attention import choose_backend
 from model.config import ModelConfig
 
 
 class KVPool:
     def __init__(self, config: ModelConfig, max_sessions: int, device: str | torch.device = "cpu",
-                 dtype: torch.dtype = torch.float32) -> None:
+                 dtype: torch.dtype = torch.float32, backend: str | None = None) -> None:
         self.config = config
+        self.backend = choose_backend(torch.device(device), backend)  # "sdpa" or "xformers"
         self.capacity = config.sinks + config.window + config.max_append
-        # (layer, slot, head, entry, dim): a session's keys of one head are contiguous,
-        # so attention reads them in place.
-        shape = (config.n_layers, max_sessions, config.n_kv_heads, self.capacity, config.head_dim)
+        # (layer, slot, entry, kv head, dim): one layout for both attention backends.
+        # xformers reads a run of packed slots as one padded key sequence (a view);
+        # SDPA reads the same memory transposed to (slot, head, entry, dim), in place.
+        shape = (config.n_layers, max_sessions, self.capacity, config.n_kv_heads, config.head_dim)
         self.keys = torch.zeros(shape, device=device, dtype=dtype)
         self.values = torch.zeros(shape, device=device, dtype=dtype)
         self.positions = torch.full((max_sessions, self.capacity), -1, dtype=torch.int64, device=device)
@@ -97,5 +100,5 @@ class KVPool:
 
     def write(self, layer: int, slots: torch.Tensor, index: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store new keys/values (rows, kv heads, dim); row i goes to slot slots[i], entry index[i]."""
-        self.keys[layer, slots, :, index] = k
-        self.values[layer, slots, :, index] = v
+        self.keys[layer, slots, index] = k
+        self.values[layer, slots, index] = v

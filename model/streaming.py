@@ -9,6 +9,7 @@ session's new input tokens to its cache, each later one a single output token.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import zlib
 from collections.abc import Sequence
@@ -45,10 +46,17 @@ class StreamingModel:
     name = "model"
 
     def __init__(self, model: InteractionModel, max_sessions: int = 64, seed: int = 0,
-                 temperature: float = 0.0, weights: str = "random") -> None:
-        self.model = model.eval()
+                 temperature: float = 0.0, weights: str = "random", device: str = "cpu",
+                 attention: str | None = None) -> None:
+        # On CUDA: weights fp32, compute and the KV pool in bf16 (autocast). Features,
+        # sampling generators and the vocoder stay on the CPU: small per-session work.
+        self.device = torch.device(device)
+        self.model = model.to(self.device).eval()
         self.config = model.config
-        self.pool = KVPool(self.config, max_sessions)
+        self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda"
+                         else contextlib.nullcontext())
+        self.pool = KVPool(self.config, max_sessions, self.device,
+                           torch.bfloat16 if self.device.type == "cuda" else torch.float32, attention)
         self.seed = seed
         self.temperature = temperature
         self.weights = weights  # what the page shows: "random" or the checkpoint's name
@@ -66,6 +74,10 @@ class StreamingModel:
 
     @torch.inference_mode()
     def step(self, batch: Sequence[TurnInput]) -> list[TurnOutput]:
+        with self.autocast:
+            return self._step(batch)
+
+    def _step(self, batch: Sequence[TurnInput]) -> list[TurnOutput]:
         sessions = [self._sessions[chunk.session_id] for chunk in batch]
         model, config = self.model, self.config
         n = len(batch)
@@ -77,7 +89,9 @@ class StreamingModel:
             session.dmel_context = contexts[i : i + 1]
         text = self._take_text(batch, sessions)
         video, has_video = self._video(batch)
-        inputs = model.embed_inputs(bins, text, video, has_video)
+        device = self.device
+        inputs = model.embed_inputs(bins.to(device), text.to(device), video if video is None else video.to(device),
+                                    has_video if has_video is None else has_video.to(device))
 
         first = [inputs[i] if s.pending is None else torch.cat([s.pending, inputs[i]]) for i, s in enumerate(sessions)]
         hidden = self._forward(sessions, first)
@@ -93,10 +107,11 @@ class StreamingModel:
         for i, session in enumerate(sessions):
             session.pending = fed_back[i : i + 1].clone()
 
-        voice, states = vocode_chunk(VocoderState.stack([s.vocoder for s in sessions]), torch.cat(mels, dim=1))
+        voice, states = vocode_chunk(VocoderState.stack([s.vocoder for s in sessions]),
+                                     torch.cat(mels, dim=1).float().cpu())
         for session, state in zip(sessions, states.unstack(), strict=True):
             session.vocoder = state
-        spoken = torch.stack(texts, dim=1)  # (n, out_positions)
+        spoken = torch.stack(texts, dim=1).cpu()  # (n, out_positions)
         return [
             TurnOutput(chunk.session_id, chunk.turn, voice[i].clamp(-1, 1).numpy().astype(np.float32),
                        session.decoder.decode(spoken[i].tolist()))
@@ -113,7 +128,7 @@ class StreamingModel:
             positions.append(pos)
             start += new.shape[0]
         rows = pad_rows(torch.cat(tokens))
-        row_positions = torch.zeros(rows.shape[0], dtype=torch.int64)
+        row_positions = torch.zeros(rows.shape[0], dtype=torch.int64, device=rows.device)
         row_positions[:start] = torch.cat(positions)
         hidden = self.model.trunk.forward_stream(rows, StreamBatch(segments, row_positions), self.pool)
         return hidden[[seg.start + seg.count - 1 for seg in segments]]
@@ -146,11 +161,11 @@ class StreamingModel:
             [has_video, has_video.new_zeros(extra)])
 
 
-def load_engine(checkpoint: str | None = None, max_sessions: int = 64) -> StreamingModel:
+def load_engine(checkpoint: str | None = None, max_sessions: int = 64, device: str = "cpu") -> StreamingModel:
     """The interaction model as an engine: a checkpoint directory, or the tiny
     preset with seeded random weights when there is none."""
     if checkpoint:
         return StreamingModel(load_checkpoint(checkpoint), max_sessions,
-                              weights=os.path.basename(checkpoint.rstrip("/")))
+                              weights=os.path.basename(checkpoint.rstrip("/")), device=device)
     torch.manual_seed(0)
-    return StreamingModel(InteractionModel(preset("tiny")), max_sessions, weights="random")
+    return StreamingModel(InteractionModel(preset("tiny")), max_sessions, weights="random", device=device)

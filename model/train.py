@@ -7,7 +7,11 @@ output predicts it. Loss: text cross-entropy plus the audio head's loss.
 
 CPU by default, bf16 autocast on CUDA, data-parallel under ``torchrun``. Resumable:
 ``--resume`` continues from ``OUT/train_state.pt`` (weights, optimiser, step, data
-position). Generated conversations are cached as ``.npz`` under ``--cache``.
+position). Generated conversations are cached under ``--cache``/v``DATA_VERSION``
+(dMel bins as uint8: ~0.3 MB a conversation).
+
+The model's own audio history is teacher-forced with light noise (``--history-noise``):
+served closed-loop it hears its own imperfect output, not the clean reference.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ import torch.nn.functional as F
 
 from model import dmel
 from model.config import NO_TEXT, ModelConfig, preset
-from model.conversations import Conversation, generate
+from model.conversations import DATA_VERSION, Conversation, generate
 from model.interaction import InteractionModel
 from model.text import encode
 from model.transformer import MoE
@@ -40,8 +44,8 @@ STATE_FILE = "train_state.pt"
 class Example:
     """One conversation as tensors, turn-aligned."""
 
-    user_bins: torch.Tensor  # (turns·16, mels)
-    model_bins: torch.Tensor  # (turns·16, mels)
+    user_bins: torch.Tensor  # (turns·16, mels) uint8
+    model_bins: torch.Tensor  # (turns·16, mels) uint8
     text_in: torch.Tensor  # (turns, text_in_slots)
     text_out: torch.Tensor  # (turns, out_positions)
 
@@ -62,8 +66,9 @@ def text_input_slots(text_in: list[str], slots: int) -> torch.Tensor:
 
 
 def to_example(conversation: Conversation, config: ModelConfig) -> Example:
-    user = dmel.dmel(torch.from_numpy(conversation.user_audio)[None])[0]
-    own = dmel.dmel(torch.from_numpy(conversation.model_audio)[None])[0]
+    # Bins as uint8 (16 levels): thousands of conversations fit in memory; batches widen them.
+    user = dmel.dmel(torch.from_numpy(conversation.user_audio)[None])[0].to(torch.uint8)
+    own = dmel.dmel(torch.from_numpy(conversation.model_audio)[None])[0].to(torch.uint8)
     text_out = torch.from_numpy(conversation.text_out)
     if text_out.shape[1] != config.out_positions:
         raise ValueError(f"conversations have {text_out.shape[1]} output positions, the model {config.out_positions}")
@@ -74,6 +79,7 @@ def load_examples(seeds: list[int], config: ModelConfig, cache: Path | None, wor
     """Examples for ``seeds``, generating (in parallel) only what the cache lacks."""
     examples: dict[int, Example] = {}
     missing = []
+    cache = cache / f"v{DATA_VERSION}" if cache else None
     for seed in seeds:
         path = cache / f"{seed}.pt" if cache else None
         if path is not None and path.exists():
@@ -100,16 +106,27 @@ def crop(example: Example, turns: int, rng: random.Random) -> Example:
                    example.text_in[start : start + turns], example.text_out[start : start + turns])
 
 
-def batch_loss(model: InteractionModel, batch: list[Example]) -> tuple[torch.Tensor, dict[str, float]]:
-    """Teacher-forced loss of a batch of equally long examples."""
+def jitter_bins(bins: torch.Tensor, rate: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Move a ``rate`` fraction of dMel bins one step up or down (clamped to the range)."""
+    if rate <= 0:
+        return bins
+    hit = torch.rand(bins.shape, generator=generator) < rate
+    step = torch.randint(0, 2, bins.shape, generator=generator) * 2 - 1
+    return torch.where(hit.to(bins.device), (bins + step.to(bins.device)).clamp(0, dmel.N_BINS - 1), bins)
+
+
+def batch_loss(model: InteractionModel, batch: list[Example],
+               history_noise: float = 0.0) -> tuple[torch.Tensor, dict[str, float]]:
+    """Teacher-forced loss of a batch of equally long examples; the model's own audio
+    is fed back with ``history_noise`` (see ``jitter_bins``) but predicted clean."""
     config = model.config
     b, turns = len(batch), batch[0].turns
-    user = torch.stack([e.user_bins for e in batch]).view(b * turns, 16, dmel.N_MELS)
-    own = torch.stack([e.model_bins for e in batch]).view(b, turns, 16, dmel.N_MELS)
+    user = torch.stack([e.user_bins for e in batch]).long().view(b * turns, 16, dmel.N_MELS)
+    own = torch.stack([e.model_bins for e in batch]).long().view(b, turns, 16, dmel.N_MELS)
     text_in = torch.stack([e.text_in for e in batch]).view(b * turns, -1)
     text_out = torch.stack([e.text_out for e in batch])  # (b, turns, out)
     inputs = model.embed_inputs(user, text_in, None).view(b, turns, config.input_tokens, -1)
-    outputs = model.embed_output_targets(text_out, own)  # (b, turns, out, d)
+    outputs = model.embed_output_targets(text_out, jitter_bins(own, history_noise))  # (b, turns, out, d)
     hidden = model.trunk.forward_full(model.layout(inputs, outputs))
     index = model.predictor_positions(turns).reshape(-1)
     predicting = hidden[:, index].reshape(-1, hidden.shape[-1])  # (b·turns·out, d)
@@ -127,6 +144,30 @@ def balance_experts(model: torch.nn.Module, rate: float) -> None:
         if isinstance(module, MoE) and module.last_load is not None:
             load = module.last_load.float()
             module.route_bias += rate * torch.sign(load.mean() - load)
+
+
+def average_gradients(model: torch.nn.Module) -> None:
+    """Data parallelism by hand: every rank steps with the mean gradient. (The loss
+    calls several sub-modules, not one ``forward``, so DistributedDataParallel's
+    forward hooks would never run.) One flat all-reduce, not one per tensor."""
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in model.parameters()]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= dist.get_world_size()
+    offset = 0
+    for parameter, grad in zip(model.parameters(), grads, strict=True):
+        parameter.grad = flat[offset : offset + grad.numel()].view_as(grad)
+        offset += grad.numel()
+
+
+def check_replicas_agree(model: torch.nn.Module) -> None:
+    """Every rank must end with the same weights; if not, gradients were not averaged."""
+    checksum = torch.stack([p.detach().double().sum() for p in model.parameters()]).sum().view(1)
+    low, high = checksum.clone(), checksum.clone()
+    dist.all_reduce(low, op=dist.ReduceOp.MIN)
+    dist.all_reduce(high, op=dist.ReduceOp.MAX)
+    if not torch.equal(low, high):
+        raise RuntimeError(f"data-parallel replicas diverged: weight checksums {low.item()} .. {high.item()}")
 
 
 def learning_rate(step: int, total: int, peak: float, warmup: int) -> float:
@@ -160,7 +201,6 @@ def train(args: argparse.Namespace) -> list[float]:
     if state is not None:
         optimizer.load_state_dict(state["optimizer"])
         step = state["step"]
-    trained = torch.nn.parallel.DistributedDataParallel(model) if distributed else model
 
     seeds = list(range(args.first_seed, args.first_seed + args.conversations))
     examples = load_examples(seeds, config, Path(args.cache) if args.cache else None, args.workers)
@@ -175,9 +215,11 @@ def train(args: argparse.Namespace) -> list[float]:
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, args.steps, args.lr, args.warmup)
         with autocast:
-            loss, parts = batch_loss(trained if not distributed else trained.module, batch)
+            loss, parts = batch_loss(model, batch, args.history_noise)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if distributed:
+            average_gradients(model)
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         balance_experts(model, args.balance_rate)
@@ -195,6 +237,7 @@ def train(args: argparse.Namespace) -> list[float]:
     if rank == 0:
         print(file=sys.stderr)
     if distributed:
+        check_replicas_agree(model)
         dist.destroy_process_group()
     return losses
 
@@ -215,6 +258,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--warmup", type=int, default=100)
     parser.add_argument("--balance-rate", type=float, default=1e-3)
+    parser.add_argument("--history-noise", type=float, default=0.1,
+                        help="fraction of the model's own fed-back dMel bins moved by one step")
     parser.add_argument("--conversations", type=int, default=400)
     parser.add_argument("--first-seed", type=int, default=0)
     parser.add_argument("--seed", type=int, default=0)
@@ -227,7 +272,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     train(build_parser().parse_args(argv))
-
 
 
 if __name__ == "__main__":  # torchrun -m model.train ...

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.attention import additive_mask, attend, to_additive, visibility
+from model.attention import additive_mask, attend, attend_xformers, causal_padded_bias, to_additive, visibility
 from model.config import ModelConfig
 from model.kv import KVPool
 
@@ -51,7 +51,7 @@ def rope(x: torch.Tensor, positions: torch.Tensor, base: float) -> torch.Tensor:
     half = x.shape[-1] // 2
     inv_freq = base ** (-torch.arange(half, device=x.device, dtype=torch.float32) / half)
     angles = positions.to(torch.float32)[:, None] * inv_freq  # (tokens, half)
-    cos, sin = angles.cos()[:, None, :], angles.sin()[:, None, :]
+    cos, sin = angles.cos()[:, None, :].to(x.dtype), angles.sin()[:, None, :].to(x.dtype)
     x1, x2 = x[..., :half], x[..., half:]
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
 
@@ -150,14 +150,8 @@ class Attention(nn.Module):
         q, k, v = self._project(x, batch.row_positions)
         real = batch.real_rows
         pool.write(layer, batch.row_slots, batch.row_cache_index, k[:real], v[:real])
-        plan = batch.plan(pool)
-        keys, values = plan.keys_values(pool, layer)
-        # One attention call for every session: (sessions, heads, queries, dim).
-        queries = q.new_zeros(plan.sessions, q.shape[1], plan.queries, q.shape[2])
-        queries[plan.row_session, :, plan.row_query] = q[:real]
-        attended = attend(queries, keys, values, plan.mask)
         out = q.new_zeros(q.shape)
-        out[:real] = attended[plan.row_session, :, plan.row_query]
+        out[:real] = batch.plan(pool).attend(q[:real], pool, layer)  # one call for every session
         return self.out(out.reshape(x.shape[0], -1))
 
     def forward_full(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -185,7 +179,7 @@ class StreamBatch:
 
     segments: list[Segment]
     row_positions: torch.Tensor  # absolute position of every row (padding rows: 0)
-    _plan: AttentionPlan | None = field(default=None, init=False, repr=False, compare=False)
+    _plan: AttentionPlan | PackedPlan | None = field(default=None, init=False, repr=False, compare=False)
 
     @functools.cached_property
     def real_rows(self) -> int:
@@ -193,16 +187,20 @@ class StreamBatch:
 
     @functools.cached_property
     def row_slots(self) -> torch.Tensor:
-        return torch.cat([torch.full((seg.count,), seg.slot, dtype=torch.int64) for seg in self.segments])
+        device = self.segments[0].cache_index.device
+        return torch.cat([torch.full((seg.count,), seg.slot, dtype=torch.int64, device=device) for seg in self.segments])
 
     @functools.cached_property
     def row_cache_index(self) -> torch.Tensor:
         return torch.cat([seg.cache_index for seg in self.segments])
 
-    def plan(self, pool: KVPool) -> AttentionPlan:
+    def plan(self, pool: KVPool) -> AttentionPlan | PackedPlan:
         """How this pass lays its queries out against the pool; the same for every layer."""
         if self._plan is None:
-            self._plan = AttentionPlan.build(self, pool)
+            if pool.backend == "xformers" and PackedPlan.applies(self, pool):
+                self._plan = PackedPlan.build(self, pool)
+            else:
+                self._plan = AttentionPlan.build(self, pool, xformers=pool.backend == "xformers")
         return self._plan
 
 
@@ -225,9 +223,10 @@ class AttentionPlan:
     row_query: torch.Tensor  # (real rows,) which query within it
     gather: torch.Tensor | None  # slots to gather, or None to read slots 0..sessions−1
     mask: torch.Tensor  # (sessions, 1, queries, capacity) additive
+    xformers: bool = False  # the same layout and mask through xformers (wrapped rings on CUDA)
 
     @classmethod
-    def build(cls, batch: StreamBatch, pool: KVPool) -> AttentionPlan:
+    def build(cls, batch: StreamBatch, pool: KVPool, xformers: bool = False) -> AttentionPlan:
         segments = batch.segments
         queries = 1 if all(seg.count == 1 for seg in segments) else pool.config.max_append
         slots = torch.tensor([seg.slot for seg in segments])
@@ -236,20 +235,73 @@ class AttentionPlan:
         row_session = torch.repeat_interleave(slots if in_place else torch.arange(len(segments)),
                                               torch.tensor([seg.count for seg in segments]))
         row_query = torch.cat([torch.arange(seg.count) for seg in segments])
-        query_positions = torch.full((sessions, queries), -1, dtype=torch.int64)
+        device = pool.positions.device
+        row_session, row_query = row_session.to(device), row_query.to(device)
+        query_positions = torch.full((sessions, queries), -1, dtype=torch.int64, device=device)
         query_positions[row_session, row_query] = batch.row_positions[: batch.real_rows]
         key_positions = pool.positions[:sessions] if in_place else pool.positions[slots]
         visible = visibility(query_positions[:, :, None], key_positions[:, None, :], pool.config)
         # Padding queries and idle sessions see nothing; let them see everything
         # instead (their output is dropped) so no row is all −inf (NaN).
         visible |= ~visible.any(-1, keepdim=True)
-        mask = to_additive(visible).unsqueeze(1)
-        return cls(sessions, queries, row_session, row_query, None if in_place else slots, mask)
+        mask = to_additive(visible).unsqueeze(1).to(pool.keys.dtype)
+        return cls(sessions, queries, row_session, row_query, None if in_place else slots.to(device), mask, xformers)
 
-    def keys_values(self, pool: KVPool, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def attend(self, q: torch.Tensor, pool: KVPool, layer: int) -> torch.Tensor:
+        """q: (real rows, heads, dim) -> attention output, same shape."""
         if self.gather is None:
-            return pool.keys[layer, : self.sessions], pool.values[layer, : self.sessions]
-        return pool.keys[layer].index_select(0, self.gather), pool.values[layer].index_select(0, self.gather)
+            keys, values = pool.keys[layer, : self.sessions], pool.values[layer, : self.sessions]
+        else:
+            keys, values = pool.keys[layer].index_select(0, self.gather), pool.values[layer].index_select(0, self.gather)
+        if self.xformers:  # (sessions, queries, heads, dim), keys as stored
+            queries = q.new_zeros(self.sessions, self.queries, q.shape[1], q.shape[2])
+            queries[self.row_session, self.row_query] = q
+            return attend_xformers(queries, keys, values, self.mask)[self.row_session, self.row_query]
+        queries = q.new_zeros(self.sessions, q.shape[1], self.queries, q.shape[2])
+        queries[self.row_session, :, self.row_query] = q
+        attended = attend(queries, keys.transpose(1, 2), values.transpose(1, 2), self.mask)
+        return attended[self.row_session, :, self.row_query]
+
+
+@dataclass(frozen=True)
+class PackedPlan:
+    """xformers on CUDA while no session of the pass has outgrown ``sinks + window``:
+    every session sees all its earlier keys, stored in position order, so the rule is
+    ``BlockDiagonalCausalWithOffsetPaddedKeysMask`` — queries packed with no padding,
+    each session's slot one key block (``capacity`` entries, the first ``length`` used)."""
+
+    sessions: int
+    order: torch.Tensor  # (real rows,) the pass's rows with sessions in slot order
+    gather: torch.Tensor | None  # slots to gather, or None: the pass is slots 0..n−1, read in place
+    bias: object  # BlockDiagonalCausalWithOffsetPaddedKeysMask
+
+    @staticmethod
+    def applies(batch: StreamBatch, pool: KVPool) -> bool:
+        limit = pool.config.sinks + pool.config.window
+        return all(pool.lengths[seg.slot] <= limit for seg in batch.segments)
+
+    @classmethod
+    def build(cls, batch: StreamBatch, pool: KVPool) -> PackedPlan:
+        segments = sorted(batch.segments, key=lambda seg: seg.slot)
+        slots = [seg.slot for seg in segments]
+        order = torch.cat([torch.arange(seg.start, seg.start + seg.count) for seg in segments])
+        bias = causal_padded_bias([seg.count for seg in segments], pool.capacity,
+                                  [pool.lengths[slot] for slot in slots])
+        gather = None if slots == list(range(len(slots))) else torch.tensor(slots, device=pool.keys.device)
+        return cls(len(slots), order.to(pool.keys.device), gather, bias)
+
+    def attend(self, q: torch.Tensor, pool: KVPool, layer: int) -> torch.Tensor:
+        keys, values = pool.keys[layer], pool.values[layer]
+        if self.gather is None:
+            keys, values = keys[: self.sessions], values[: self.sessions]
+        else:
+            keys, values = keys.index_select(0, self.gather), values.index_select(0, self.gather)
+        packed_keys = keys.reshape(1, -1, *keys.shape[2:])  # a view when read in place
+        packed_values = values.reshape(1, -1, *values.shape[2:])
+        out = attend_xformers(q[self.order][None], packed_keys, packed_values, self.bias)[0]
+        result = torch.empty_like(out)
+        result[self.order] = out
+        return result
 
 
 class Block(nn.Module):

@@ -45,15 +45,21 @@ def test_layout_on_the_micro_turn_timeline(sample):
     assert kinds == {"answer", "pause", "barge_in", "delegation", "noise"}
 
 
+def live(step_start_s: float) -> float:
+    """When output audio made in step time at ``step_start_s`` is heard: its input chunk
+    closes 0.2 s after the output turn starts."""
+    return step_start_s + 0.2
+
+
 def test_the_model_answers_after_the_user_not_over_them(sample):
     answers = [(c, e) for c in sample for e in c.events if e.kind in ("answer", "pause")]
     assert len(answers) >= 10
     for c, event in answers:
-        # Silent while the user speaks; the reply is the model's output one or two
-        # micro-turns after the one in which the user stopped (step time: out_t is
-        # made once chunk t has closed, so live it is heard ~0.1-0.4 s later still).
-        assert rms(seconds(c.model_audio, event.user_end_s - 1.0, event.user_end_s)) < 1e-3
-        assert 0 < event.model_start_s - event.user_end_s <= 0.4 + 1e-9
+        # Silent while the user speaks; the reply is the first output made after the
+        # model heard REPLY_AFTER_SILENCE_S of silence (heard live 0.15-0.35 s after the end).
+        assert rms(seconds(c.model_audio, event.user_end_s - 1.0, event.model_start_s)) < 1e-3
+        latency = live(event.model_start_s) - event.user_end_s
+        assert conv.REPLY_AFTER_SILENCE_S - 1e-9 <= latency < conv.REPLY_AFTER_SILENCE_S + 0.2
         assert rms(seconds(c.model_audio, event.model_start_s, event.model_start_s + 0.4)) > 0.01
 
 
@@ -62,17 +68,19 @@ def test_the_model_waits_through_mid_utterance_pauses(sample):
     assert pauses
     for c, event in pauses:
         # Across the whole question, pause included, the model says nothing.
-        assert rms(seconds(c.model_audio, event.user_end_s - 2.5, event.user_end_s)) < 1e-3
+        assert rms(seconds(c.model_audio, event.user_end_s - 2.5, event.model_start_s)) < 1e-3
 
 
 def test_the_model_yields_within_a_micro_turn_of_a_barge_in(sample):
     barge_ins = [(c, e) for c in sample for e in c.events if e.kind == "barge_in"]
     assert barge_ins
     for c, event in barge_ins:
-        onset_turn = int(event.user_end_s / 0.2)
         assert rms(seconds(c.model_audio, event.model_start_s, event.user_end_s)) > 0.01, "it was speaking"
-        # Output onset_turn is the last with speech; from the next one on, silence.
-        assert rms(seconds(c.model_audio, (onset_turn + 1) * 0.2, (onset_turn + 4) * 0.2)) < 1e-3
+        # Silent from the first output made after hearing STOP_AFTER_SPEECH_S of the user.
+        stop = int(np.ceil((event.user_end_s + conv.STOP_AFTER_SPEECH_S) / 0.2 - 1 - 1e-9)) * 0.2
+        assert rms(seconds(c.model_audio, stop, stop + 0.6)) < 1e-3
+        assert rms(seconds(c.model_audio, stop - 0.2, stop)) > 1e-3, "and not before"
+        assert conv.STOP_AFTER_SPEECH_S - 1e-9 <= live(stop) - event.user_end_s < conv.STOP_AFTER_SPEECH_S + 0.2
 
 
 def test_delegation_writes_a_task_request_and_answers_when_the_result_arrives(sample):

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import statistics
+import subprocess
+import sys
 
 import numpy as np
 import torch
@@ -35,3 +38,16 @@ def test_training_lowers_the_loss_resumes_and_serves(tmp_path):
     engine.open_session("s")
     output = engine.step([TurnInput("s", 0, np.zeros(TURN_SAMPLES, dtype=np.float32))])[0]
     assert output.audio.shape == (TURN_SAMPLES,) and np.isfinite(output.audio).all()
+
+
+def test_data_parallel_under_torchrun_keeps_replicas_identical(tmp_path):
+    """Two CPU ranks (gloo) train on different batches; train() raises at the end if
+    their weights differ, so a clean exit means the gradients were averaged."""
+    out = tmp_path / "ckpt"
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29533",
+               "-m", "model.train", "--out", str(out), "--batch", "1", "--turns", "6", "--conversations", "2",
+               "--cache", str(tmp_path / "cache"), "--steps", "3", "--warmup", "1", "--workers", "1"]
+    run = subprocess.run(command, capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert torch.load(out / "train_state.pt")["step"] == 3
