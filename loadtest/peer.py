@@ -21,6 +21,7 @@ from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 from model.audio import resample_mono
 from model.interface import SAMPLE_RATE
 from server.ice import add_host_candidates, rtc_configuration
+from server.rtp_tuning import ArrivalStampingJitterBuffer, audio_jitter_buffers, set_audio_jitter_prefetch
 
 SEND_RATE = 48_000
 FRAME_SAMPLES = SEND_RATE // 50  # 20 ms
@@ -39,6 +40,7 @@ class ScriptedAudioTrack(MediaStreamTrack):
         self.lead_samples = lead.size
         self.samples = resample_mono(self.script, SAMPLE_RATE, SEND_RATE, "s16")
         self.started_at: float | None = None
+        self.started_wall: float | None = None  # time.time() of the first sample, to align with server clocks
         self._pts = 0
 
     async def recv(self) -> av.AudioFrame:
@@ -46,7 +48,7 @@ class ScriptedAudioTrack(MediaStreamTrack):
             raise MediaStreamError
         now = time.monotonic()
         if self.started_at is None:
-            self.started_at = now
+            self.started_at, self.started_wall = now, time.time()
         due = self.started_at + self._pts / SEND_RATE
         if due > now:
             await asyncio.sleep(due - now)
@@ -68,6 +70,7 @@ class Recording:
     first_arrival: float | None = None  # monotonic time of the first received frame
     first_pts: int | None = None
     chunks: list[tuple[int, np.ndarray]] = field(default_factory=list)  # (pts at 48 kHz, 16 kHz samples)
+    arrivals: dict[int, float] = field(default_factory=dict)  # pts -> wall-clock arrival (time.time())
 
     def audio(self) -> np.ndarray:
         """The received audio at 16 kHz, gaps (lost packets) filled with silence."""
@@ -83,7 +86,8 @@ class Recording:
 
 class Peer:
     def __init__(self, base_url: str, audio: np.ndarray, ice_host_addresses: list[str] | None = None,
-                 lead_silence_s: float = 0.0) -> None:
+                 lead_silence_s: float = 0.0, jitter_prefetch: int | None = None) -> None:
+        self.jitter_prefetch = jitter_prefetch  # None: aiortc's default (4), like a stock client
         self.base_url = base_url.rstrip("/")
         self.ice_host_addresses = ice_host_addresses or ["127.0.0.1"]
         self.pc = RTCPeerConnection(rtc_configuration())
@@ -93,12 +97,15 @@ class Peer:
         self.channel: RTCDataChannel | None = None
         self.session_url: str | None = None
         self.connect_ms: float | None = None
+        self.event_lag_ms: list[float] = []  # arrival − server send time, per event (same clock on one host)
         self._channel_open = asyncio.Event()
         self._reader: asyncio.Task[None] | None = None
 
     async def connect(self, traceparent: str | None = None) -> None:
         started = time.monotonic()
         self.pc.addTransceiver(self.track, direction="sendrecv")
+        if self.jitter_prefetch is not None:
+            set_audio_jitter_prefetch(self.pc, self.jitter_prefetch, ArrivalStampingJitterBuffer)
         self.channel = self.pc.createDataChannel("events")
         self.channel.on("message", self._on_message)
         self.channel.on("open", self._channel_open.set)
@@ -122,6 +129,17 @@ class Peer:
     def send(self, message: dict[str, Any] | str | bytes) -> None:
         assert self.channel is not None
         self.channel.send(message if isinstance(message, (str, bytes)) else json.dumps(message))
+
+    def packet_arrivals(self) -> dict[int, float]:
+        """Wall-clock arrival of each received audio packet, by RTP timestamp relative to
+        the first packet's (aiortc starts decoded frames' pts at 0 the same way, so these
+        match ``Recording``); empty unless ``jitter_prefetch`` was set."""
+        stamped = [b for b in audio_jitter_buffers(self.pc) if isinstance(b, ArrivalStampingJitterBuffer)]
+        if not stamped or not stamped[0].arrivals:
+            return {}
+        arrivals = stamped[0].arrivals
+        first = min(arrivals, key=arrivals.__getitem__)
+        return {(timestamp - first) % (1 << 32): at for timestamp, at in arrivals.items()}
 
     def events_of(self, event_type: str) -> list[dict[str, Any]]:
         return [event for _, event in self.events if event.get("type") == event_type]
@@ -149,6 +167,8 @@ class Peer:
     def _on_message(self, raw: str | bytes) -> None:
         event = json.loads(raw) if isinstance(raw, str) else {"type": "<binary>"}
         self.events.append((time.monotonic(), event))
+        if "ts_ms" in event:
+            self.event_lag_ms.append(time.time() * 1000 - event["ts_ms"])
 
     def _on_track(self, track: MediaStreamTrack) -> None:
         if track.kind == "audio":
@@ -165,5 +185,6 @@ class Peer:
             if rec.first_arrival is None:
                 rec.first_arrival, rec.first_pts = time.monotonic(), frame.pts
             pts = (frame.pts - rec.first_pts) % (1 << 32)
+            rec.arrivals[pts] = time.time()
             samples = np.concatenate([o.to_ndarray()[0] for o in resampler.resample(frame)] or [np.zeros(0, np.float32)])
             rec.chunks.append((pts, samples))

@@ -33,6 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="extra local address to offer as an ICE host candidate, e.g. 127.0.0.1 (repeatable)",
     )
     serve.add_argument("--playout-delay-ms", type=float, default=defaults.playout_delay_ms)
+    serve.add_argument("--jitter-prefetch", type=int, default=defaults.jitter_prefetch,
+                       help="incoming audio packets held before release (aiortc's default: 4)")
     serve.add_argument("--capacity", type=int, default=None,
                        help="sessions admitted before 503 (default: measured at start-up)")
     serve.add_argument("--capacity-budget", type=float, default=defaults.capacity_budget,
@@ -43,6 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     commands.add_parser("eval", help="evaluate the model on held-out conversations (--json)", add_help=False)
     commands.add_parser("train", help="train the interaction model (see microturn train --help)", add_help=False)
+    commands.add_parser("loadtest", help="simulated WebRTC peers against a server (see microturn loadtest --help)",
+                        add_help=False)
     commands.add_parser("sample", help="render a synthetic training conversation to a WAV "
                         "(--seed N --held-out --seconds S --out FILE)", add_help=False)
 
@@ -67,6 +71,7 @@ def serve(args: argparse.Namespace) -> None:
         ice_servers=args.ice_server,
         ice_host_addresses=args.ice_host,
         playout_delay_ms=args.playout_delay_ms,
+        jitter_prefetch=args.jitter_prefetch,
         capacity=args.capacity,
         capacity_budget=args.capacity_budget,
         llm_url=args.llm_url,
@@ -91,6 +96,11 @@ def main(argv: list[str] | None = None) -> None:
         from model.evaluate import main as eval_main
 
         eval_main(rest)
+        return
+    if args.command == "loadtest":
+        from loadtest.run import main as loadtest_main
+
+        loadtest_main(rest)
         return
     if args.command == "train":
         from model.train import main as train_main

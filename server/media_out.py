@@ -46,9 +46,17 @@ class OutputAudioTrack(MediaStreamTrack):
         self.max_queue_frames = int(max_queue_ms * OUTPUT_RATE / 1000) // FRAME_SAMPLES
         self.frames_sent = 0
         self.silent_frames = 0  # frames sent because nothing was queued
+        self.underrun_frames = 0  # of those, after audio first played: the queue ran dry
         self.flushed_frames = 0
         self.dropped_frames = 0  # dropped to keep latency bounded
         self._queue: deque[np.ndarray] = deque()
+        # Which turn's audio starts where: (index of its first frame among all frames
+        # ever queued, turn). When that frame is sent, (turn, pts) goes to
+        # ``started_turns`` — what a client needs to time a turn's arrival.
+        self._turn_marks: deque[tuple[int, int]] = deque()
+        self._frames_queued = 0  # frames ever queued
+        self._frames_taken = 0  # frames ever taken from the queue (sent, flushed or dropped)
+        self.started_turns: list[tuple[int, int]] = []
         self._pending = np.zeros(0, dtype=np.int16)  # < one frame of resampled audio
         self._resampler = self._new_resampler()
         self._clock_start: float | None = None
@@ -65,7 +73,7 @@ class OutputAudioTrack(MediaStreamTrack):
     def queued_ms(self) -> float:
         return (len(self._queue) * FRAME_SAMPLES + self._pending.size) * 1000 / OUTPUT_RATE
 
-    def enqueue(self, audio: np.ndarray) -> None:
+    def enqueue(self, audio: np.ndarray, turn: int | None = None) -> None:
         """Queue 16 kHz mono float32 audio (one micro-turn's output) for playback."""
         frame = av.AudioFrame.from_ndarray(
             np.ascontiguousarray(audio, dtype=np.float32).reshape(1, -1),
@@ -76,17 +84,31 @@ class OutputAudioTrack(MediaStreamTrack):
         parts = [self._pending] + [o.to_ndarray()[0] for o in self._resampler.resample(frame)]
         samples = np.concatenate(parts)
         whole = samples.size - samples.size % FRAME_SAMPLES
+        if turn is not None and whole:
+            self._turn_marks.append((self._frames_queued, turn))
         self._queue.extend(samples[:whole].reshape(-1, FRAME_SAMPLES))
+        self._frames_queued += whole // FRAME_SAMPLES
         self._pending = samples[whole:]
         while len(self._queue) > self.max_queue_frames:
-            self._queue.popleft()
+            self._take()
             self.dropped_frames += 1
+
+    def _take(self, pts: int | None = None) -> np.ndarray:
+        """The next queued frame; ``pts`` when it is being sent (not dropped)."""
+        index = self._frames_taken
+        self._frames_taken += 1
+        while self._turn_marks and self._turn_marks[0][0] <= index:
+            first, turn = self._turn_marks.popleft()
+            if first == index and pts is not None:
+                self.started_turns.append((turn, pts))
+        return self._queue.popleft()
 
     def flush(self) -> int:
         """Drop everything not yet sent (barge-in). Returns the frames dropped."""
         dropped = len(self._queue)
         self.flushed_frames += dropped
-        self._queue.clear()
+        for _ in range(dropped):
+            self._take()
         self._pending = np.zeros(0, dtype=np.int16)
         self._resampler = self._new_resampler()  # forget the filter's tail too
         self._playing, self._refill_since = False, None  # the next turn waits the playout delay
@@ -124,7 +146,9 @@ class OutputAudioTrack(MediaStreamTrack):
             if now - self._refill_since >= self.playout_delay_s:
                 self._playing, self._refill_since = True, None
         if self._playing and self._queue:
-            return self._queue.popleft()
+            return self._take(self._pts)
         self._playing = False
         self.silent_frames += 1
+        if self._frames_taken:
+            self.underrun_frames += 1
         return self._silence

@@ -15,7 +15,7 @@ from opentelemetry.exporter.prometheus import PrometheusMetricReader
 from opentelemetry.metrics import CallbackOptions, Observation
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.resources import Resource
-from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client import CollectorRegistry, ProcessCollector, generate_latest
 
 from server import telemetry as tm
 
@@ -25,6 +25,9 @@ STEP_BUCKETS_MS = (5, 10, 20, 40, 60, 80, 100, 120, 150, 200, 300, 500, 1000)
 class Metrics:
     def __init__(self, active_sessions: Callable[[], int], queued_chunks: Callable[[], int]) -> None:
         self.registry = CollectorRegistry()
+        # process_cpu_seconds_total, resident memory, open fds: what the load test
+        # reads to report server CPU per session, and what leak checks watch.
+        ProcessCollector(registry=self.registry)
         reader = PrometheusMetricReader(registry=self.registry)
         self.provider = MeterProvider(metric_readers=[reader], resource=Resource.create({"service.name": "microturn"}))
         meter = self.provider.get_meter(tm.TRACER_NAME)

@@ -33,6 +33,7 @@ from server.ice import add_host_candidates, rtc_configuration
 from server.media_in import AudioChunker
 from server.media_out import OutputAudioTrack
 from server.metrics import Metrics
+from server.rtp_tuning import set_audio_jitter_prefetch
 from server.tasks import TaskError, TaskManager, TaskRequestParser
 from server.tools import Tool
 
@@ -111,6 +112,7 @@ class Session:
         self.pc.on("datachannel", self._on_datachannel)
         self.pc.on("connectionstatechange", self._on_connection_state)
         await self.pc.setRemoteDescription(RTCSessionDescription(offer_sdp, "offer"))
+        set_audio_jitter_prefetch(self.pc, self.config.jitter_prefetch)
         self.pc.addTrack(self.output)
         answer = await self.pc.createAnswer()
         await add_host_candidates(self.pc, self.config.ice_host_addresses)
@@ -156,6 +158,7 @@ class Session:
             "output": {
                 "frames_sent": self.output.frames_sent,
                 "silent_frames": self.output.silent_frames,
+                "underrun_frames": self.output.underrun_frames,
                 "flushed_frames": self.output.flushed_frames,
                 "dropped_frames": self.output.dropped_frames,
                 "queued_ms": self.output.queued_ms,
@@ -256,7 +259,7 @@ class Session:
     def _deliver(self, output: TurnOutput, info: StepInfo) -> None:
         if self.close_reason is not None:
             return
-        self.output.enqueue(output.audio)
+        self.output.enqueue(output.audio, output.turn)
         self.stats.turns_out += 1
         self.stats.overruns += info.overran
         out_rms = _rms(output.audio)
@@ -270,6 +273,9 @@ class Session:
             "batch": info.batch_size,
             # chunk closed -> its output queued for sending: what the server adds
             "latency_ms": round((time.time_ns() - closed_ns) / 1e6, 2) if closed_ns else None,
+            "closed_at_ms": round(closed_ns / 1e6, 1) if closed_ns else None,  # server wall clock
+            # turns whose first output frame went out since the last event: [turn, RTP pts]
+            "played": self._drain_started_turns(),
             "in_rms": round(self._chunk_rms.pop(output.turn, 0.0), 4),
             "out_rms": round(out_rms, 4),
         }
@@ -280,6 +286,10 @@ class Session:
             self.emit("transcript.delta", turn=output.turn, text=output.text)
             for tool, tool_input in self._task_requests.feed(output.text):
                 self._create_task(tool, tool_input, origin="model")
+
+    def _drain_started_turns(self) -> list[list[int]]:
+        started, self.output.started_turns = self.output.started_turns, []
+        return [[turn, pts] for turn, pts in started]
 
     def _trace_microturn(self, output: TurnOutput, info: StepInfo, closed_ns: int | None) -> None:
         span = self.tracer.start_span(
@@ -319,8 +329,9 @@ class Session:
             self._flush_early_events()
 
     def emit(self, event_type: str, **fields: Any) -> None:
-        """Send one event, stamped with the protocol version and this session's trace."""
-        self.send(server_event(event_type, trace_id=self.trace_id, **fields))
+        """Send one event, stamped with the protocol version, this session's trace and
+        the server's wall clock (ms; clients measure event lag with it)."""
+        self.send(server_event(event_type, trace_id=self.trace_id, ts_ms=round(time.time() * 1000, 1), **fields))
 
     def send(self, text: str) -> None:
         channel = self.channel

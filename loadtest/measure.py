@@ -1,0 +1,136 @@
+"""What one simulated peer measured, from its recording, its events and its script.
+
+Clocks: server events carry the server's wall clock (``closed_at_ms``, ``ts_ms``)
+and the peer stamps arrivals with its own, so cross-clock figures (server-added
+latency, event lag) need both on one host or NTP-synchronised hosts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+from loadtest.peer import FRAME_SAMPLES, Peer
+from model.conversations import Conversation
+from model.evaluate import Timeline, score
+from model.interface import SAMPLE_RATE, TURN_SAMPLES
+
+ACTIVE_RMS = 0.01  # as model/evaluate.py: a 20 ms window louder than this is speech
+ONSET_SEARCH_S = 2.0  # a reply must start within this long after the user stops
+
+
+@dataclass
+class PeerResult:
+    peer: int
+    connect_ms: float | None = None
+    server_added_ms: list[float] = field(default_factory=list)  # per turn: chunk closed -> its audio arrived
+    voice_to_voice_ms: list[float] = field(default_factory=list)  # per answered question
+    unanswered: int = 0  # questions with no reply onset within ONSET_SEARCH_S
+    event_lag_ms: list[float] = field(default_factory=list)
+    turns: int = 0
+    deadline_misses: int = 0
+    underrun_frames: int = 0  # the server's output queue ran dry after audio started
+    concealed_frames: int = 0  # 20 ms frames missing from what arrived (loss)
+    received_frames: int = 0
+    interaction: list[dict[str, Any]] = field(default_factory=list)  # model/evaluate.py records
+    error: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def measure(index: int, peer: Peer, script: Conversation, info: dict[str, Any] | None) -> PeerResult:
+    result = PeerResult(index, connect_ms=peer.connect_ms)
+    turns = peer.events_of("turn")
+    result.turns = len(turns)
+    result.deadline_misses = sum(bool(t.get("overran")) for t in turns)
+    result.event_lag_ms = [round(lag, 2) for lag in peer.event_lag_ms]
+    result.server_added_ms = server_added(peer, turns)
+    arrivals = peer.recording.arrivals
+    if arrivals:
+        first, last = min(arrivals), max(arrivals)
+        result.received_frames = len(arrivals)
+        result.concealed_frames = (last - first) // FRAME_SAMPLES + 1 - len(arrivals)
+    if info is not None:
+        result.underrun_frames = info["output"]["underrun_frames"]
+    ready = peer.events_of("session.ready")
+    echo = bool(ready) and ready[0].get("engine") == "echo"  # echo repeats the user: no replies to time
+    heard = heard_in_script_time(peer, script)
+    if heard is not None and not echo:
+        result.voice_to_voice_ms, result.unanswered = voice_to_voice(script, heard)
+        result.interaction = score(script, timeline(peer, script, heard))
+    return result
+
+
+def server_added(peer: Peer, turns: list[dict[str, Any]]) -> list[float]:
+    """Per turn: the server's chunk-close time -> when the first packet of that turn's
+    output arrived here, before any client buffering (its RTP timestamp is in a later
+    ``turn`` event's ``played``)."""
+    closed = {t["turn"]: t["closed_at_ms"] for t in turns if t.get("closed_at_ms") is not None}
+    arrivals = peer.packet_arrivals() or peer.recording.arrivals
+    out = []
+    for event in turns:
+        for turn, pts in event.get("played", []):
+            arrived = arrivals.get(pts)
+            if arrived is not None and turn in closed:
+                out.append(round(arrived * 1000 - closed[turn], 2))
+    return out
+
+
+def heard_in_script_time(peer: Peer, script: Conversation) -> np.ndarray | None:
+    """What the peer heard, placed on its script's timeline (sample i of the result
+    arrived i/16000 s after the script's first sample was sent)."""
+    rec = peer.recording
+    if peer.track.started_wall is None or not rec.arrivals or 0 not in rec.arrivals:
+        return None
+    offset = int(round((rec.arrivals[0] - peer.track.started_wall) * SAMPLE_RATE)) - peer.track.lead_samples
+    audio = rec.audio()
+    heard = np.zeros(script.user_audio.size, dtype=np.float32)
+    source = audio[max(-offset, 0):]
+    start = max(offset, 0)
+    n = max(0, min(source.size, heard.size - start))
+    heard[start : start + n] = source[:n]
+    return heard
+
+
+def _active_windows(audio: np.ndarray, window: int = SAMPLE_RATE // 50) -> np.ndarray:
+    frames = audio[: audio.size // window * window].reshape(-1, window)
+    return np.sqrt(np.mean(np.square(frames), axis=1)) > ACTIVE_RMS
+
+
+def voice_to_voice(script: Conversation, heard: np.ndarray) -> tuple[list[float], int]:
+    """User speech end -> first model audio heard, for each question in the script."""
+    active = _active_windows(heard)
+    latencies, missed = [], 0
+    for event in script.events:
+        if event.kind not in ("answer", "pause", "delegation"):
+            continue
+        first = int(event.user_end_s * 50)
+        window = active[first : first + int(ONSET_SEARCH_S * 50)]
+        if window.any():
+            latencies.append(round((first + int(np.argmax(window))) * 20 - event.user_end_s * 1000, 1))
+        else:
+            missed += 1
+    return latencies, missed
+
+
+def timeline(peer: Peer, script: Conversation, heard: np.ndarray) -> Timeline:
+    """The model's timeline as model/evaluate.py scores it: output turn t is heard at
+    0.2·(t + 1) s, so turn t is active if the peer heard speech then (real latency
+    included); text goes to the turn in which it arrived."""
+    turns = script.turns
+    frames = heard[: turns * TURN_SAMPLES].reshape(turns, TURN_SAMPLES)
+    live = np.sqrt(np.mean(np.square(frames), axis=1)) > ACTIVE_RMS
+    active = np.zeros(turns, dtype=bool)
+    active[:-1] = live[1:]
+    text = [""] * turns
+    start = peer.track.started_wall or 0.0
+    for _, event in peer.events:
+        if event.get("type") == "transcript.delta":
+            wall = event["ts_ms"] / 1000
+            turn = int((wall - start) / 0.2) - 1
+            if 0 <= turn < turns:
+                text[turn] += event["text"]
+    return Timeline(active, text)

@@ -1,0 +1,33 @@
+"""CI smoke for the load tester: real peers in worker processes against a live echo
+server, 10 seconds, with bounds on continuity and latency."""
+
+from __future__ import annotations
+
+import json
+
+from loadtest.run import main as loadtest_main
+
+
+def test_two_peers_for_ten_seconds(live_server, tmp_path):
+    out = tmp_path / "result.json"
+    result = loadtest_main(["--url", live_server.url, "--peers", "2", "--seconds", "10", "--workers", "1",
+                            "--scripts", "2", "--json", str(out), "--report", str(tmp_path / "report")])
+    written = json.loads(out.read_text())
+    for key in ("peers", "connect_ms_p50", "server_added_ms_p50", "server_added_ms_p99", "voice_to_voice_ms_p50",
+                "underruns", "deadline_miss_rate", "server_cpu_pct_per_session"):
+        assert key in written, key
+    assert result["peers"] == result["peers_ok"] == 2, result["errors"]
+    # Continuity: every 20 ms frame arrived; the server's output ran dry in at most 1 %
+    # of frames (0 on a quiet machine; a step delayed past the 20 ms playout delay by a
+    # busy one costs a frame).
+    assert result["concealed_frames"] == 0 and result["received_frames"] >= 2 * 10 * 50 * 0.9
+    assert result["underruns"] <= 0.01 * result["received_frames"]
+    assert result["deadline_miss_rate"] == 0
+    # Latency bounds, loose enough for a busy CI machine: measured here p50 39 ms, p99 57 ms.
+    assert 0 < result["server_added_ms_p50"] < 100
+    assert result["server_added_ms_p99"] < 200
+    assert result["connect_ms_p50"] < 3000
+    assert result["event_lag_ms"]["p99"] < 100
+    assert result["turns"] >= 2 * 10 * 5 * 0.9
+    assert result["server_cpu_pct_per_session"] is not None and result["generator_cpu_pct"] > 0
+    assert (tmp_path / "report" / "report.md").exists() and (tmp_path / "report" / "latency_cdf.png").exists()
