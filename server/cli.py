@@ -35,6 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--playout-delay-ms", type=float, default=defaults.playout_delay_ms)
     serve.add_argument("--jitter-prefetch", type=int, default=defaults.jitter_prefetch,
                        help="incoming audio packets held before release (aiortc's default: 4)")
+    serve.add_argument("--aiortc-encoder", action="store_true",
+                       help="hand aiortc raw frames to encode (slower; for A/B benchmarks)")
     serve.add_argument("--capacity", type=int, default=None,
                        help="sessions admitted before 503 (default: measured at start-up)")
     serve.add_argument("--capacity-budget", type=float, default=defaults.capacity_budget,
@@ -72,6 +74,7 @@ def serve(args: argparse.Namespace) -> None:
         ice_host_addresses=args.ice_host,
         playout_delay_ms=args.playout_delay_ms,
         jitter_prefetch=args.jitter_prefetch,
+        pre_encode_opus=not args.aiortc_encoder,
         capacity=args.capacity,
         capacity_budget=args.capacity_budget,
         llm_url=args.llm_url,

@@ -23,6 +23,9 @@ class ServerConfig:
     playout_delay_ms: float = 20.0
     # Incoming audio: packets aiortc's jitter buffer holds before releasing (aiortc: 4).
     jitter_prefetch: int = 1
+    # Outgoing audio as mono Opus encoded by the track (see media_out.py); False hands
+    # aiortc raw frames (its stereo encoder), kept for A/B benchmarks.
+    pre_encode_opus: bool = True
     # A sender silent this long is treated as stalled: its clock advances with silence.
     stall_after_s: float = 0.5
     # A session whose peer has not connected by then is closed.

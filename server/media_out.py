@@ -5,6 +5,13 @@ frame every 20 ms. This track keeps a small queue of ready frames, paces ``recv`
 on a monotonic clock, sends silence when the queue is empty, and can drop
 everything queued at once when the user barges in.
 
+Frames leave as mono Opus packets encoded here (``pre_encode``, set when Opus was
+negotiated): aiortc would upmix every 20 ms frame to stereo, encode stereo at 96
+kbit/s on a thread-pool hop, and compute an RFC 6465 audio level in a pure-Python
+loop over every sample — together most of the server's per-session send cost
+(py-spy; docs/benchmarks.md). A pre-encoded packet skips all three. Opus packets
+say how many channels they carry, so a stereo-negotiated decoder plays mono fine.
+
 Because the model produces audio exactly as fast as it is played, the queue runs
 nearly dry at the end of every turn. After running dry the track waits a short
 playout delay before resuming, so ordinary jitter in step completion does not turn
@@ -37,8 +44,17 @@ class OutputAudioTrack(MediaStreamTrack):
 
     kind = "audio"
 
-    def __init__(self, playout_delay_ms: float = 40.0, max_queue_ms: float = 400.0) -> None:
+    def __init__(self, playout_delay_ms: float = 20.0, max_queue_ms: float = 400.0,
+                 opus_bitrate: int = 32_000) -> None:
         super().__init__()
+        self.pre_encode = False  # the session sets it once it knows Opus was negotiated
+        self._encoder = av.CodecContext.create("libopus", "w")
+        self._encoder.bit_rate = opus_bitrate  # mono voice; aiortc's own is 96 kbit/s stereo
+        self._encoder.format = "s16"
+        self._encoder.layout = "mono"
+        self._encoder.sample_rate = OUTPUT_RATE
+        self._encoder.time_base = _TIME_BASE
+        self._encoder.options = {"application": "voip"}
         self.playout_delay_s = playout_delay_ms / 1000
         # Beyond this much queued audio (a backlog of turns after a stall, or a
         # client clock running fast) the oldest frames are dropped: late speech is
@@ -114,7 +130,7 @@ class OutputAudioTrack(MediaStreamTrack):
         self._playing, self._refill_since = False, None  # the next turn waits the playout delay
         return dropped
 
-    async def recv(self) -> av.AudioFrame:
+    async def recv(self) -> av.AudioFrame | av.Packet:
         if self.readyState != "live":
             raise MediaStreamError
         await self._wait_for_next_frame()
@@ -126,7 +142,13 @@ class OutputAudioTrack(MediaStreamTrack):
         frame.time_base = _TIME_BASE
         self._pts += FRAME_SAMPLES
         self.frames_sent += 1
-        return frame
+        if not self.pre_encode:
+            return frame
+        # libopus emits one packet per 20 ms frame at once; label it with this
+        # frame's timestamp (not libopus's, which starts 312 samples early).
+        packet = self._encoder.encode(frame)[0]
+        packet.pts, packet.time_base = frame.pts, _TIME_BASE
+        return packet
 
     async def _wait_for_next_frame(self) -> None:
         now = time.monotonic()

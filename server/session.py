@@ -117,9 +117,18 @@ class Session:
         answer = await self.pc.createAnswer()
         await add_host_candidates(self.pc, self.config.ice_host_addresses)
         await self.pc.setLocalDescription(answer)
+        self.output.pre_encode = self.config.pre_encode_opus and self._negotiated_opus()
         self.engine.open_session(self.id, self)
         self._spawn(self._close_unless_connected(self.config.connect_timeout_s))
         return self.pc.localDescription.sdp
+
+    def _negotiated_opus(self) -> bool:
+        """Whether our audio goes out as Opus (then the track hands aiortc Opus packets)."""
+        for transceiver in self.pc.getTransceivers():
+            if transceiver.sender.track is self.output:
+                codecs = transceiver._codecs  # aiortc keeps the negotiated list here, first = used
+                return bool(codecs) and codecs[0].mimeType.lower() == "audio/opus"
+        return False
 
     async def _close_unless_connected(self, timeout_s: float) -> None:
         """A client that never completes ICE must not hold a slot: aioice keeps waiting
