@@ -54,7 +54,9 @@ class OutputAudioTrack(MediaStreamTrack):
         self._encoder.layout = "mono"
         self._encoder.sample_rate = OUTPUT_RATE
         self._encoder.time_base = _TIME_BASE
-        self._encoder.options = {"application": "voip"}
+        # CELT only: a fraction of the CPU of voip mode and 2.5 ms of codec delay, not
+        # 6.5; at 32 kbit/s it carries 16 kHz synthetic speech without audible loss.
+        self._encoder.options = {"application": "lowdelay"}
         self.playout_delay_s = playout_delay_ms / 1000
         # Beyond this much queued audio (a backlog of turns after a stall, or a
         # client clock running fast) the oldest frames are dropped: late speech is

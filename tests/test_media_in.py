@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from model.interface import SAMPLE_RATE, TURN_SAMPLES
-from server.media_in import AudioChunker
+from server.media_in import AudioChunker, Decimator
 
 RATE = 48_000
 FRAME = 960  # aiortc hands over 20 ms frames
@@ -153,3 +153,25 @@ def test_a_partly_late_frame_keeps_only_its_new_samples():
     late.pts -= FRAME // 2  # starts half a frame before the stream's end
     chunker.push(late)
     assert chunker.stats.late_samples == FRAME // 2
+
+
+def test_a_chunk_closes_with_its_own_last_frame():
+    """No resampler lookahead: the tenth 20 ms frame closes the first chunk (FFmpeg's
+    resampler held 16 samples back, so it took an eleventh frame: +20 ms per reply)."""
+    chunker = AudioChunker()
+    assert feed(chunker, (make_frame(i) for i in range(9))) == []
+    assert len(chunker.push(make_frame(9))) == 1
+
+
+@pytest.mark.parametrize("hz,low,high", [(300, 0.98, 1.02), (3000, 0.98, 1.02), (6000, 0.9, 1.05),
+                                          (8800, 0.0, 0.01), (15000, 0.0, 0.001)])
+def test_the_decimator_keeps_the_speech_band_and_stops_aliases(hz, low, high):
+    t = np.arange(RATE) / RATE
+    x = np.sin(2 * np.pi * hz * t).astype(np.float32)
+    whole = Decimator(RATE)(x)
+    assert whole.size == SAMPLE_RATE
+    gain = np.sqrt(2 * np.mean(np.square(whole[200:])))
+    assert low <= gain <= high, gain
+    decimator = Decimator(RATE)
+    streamed = np.concatenate([decimator(x[i : i + FRAME]) for i in range(0, x.size, FRAME)])
+    np.testing.assert_allclose(streamed, whole, atol=1e-6)
