@@ -12,7 +12,11 @@ figures measure the interaction model alone). From what it says and writes:
 - ``pause_tor``: questions with a mid-utterance pause that it took over before the end;
 - ``stop_latency_s_p90``: user barge-in onset -> its speech stopping, live;
 - ``delegation_accuracy``: delegated questions whose answer it later wrote;
-- ``noise_silence_rate``: stretches of noise or background talk it stayed silent through.
+- ``noise_silence_rate``: stretches of noise or background talk it stayed silent through;
+- ``spoken_word_accuracy``: one-word number answers whose first 1.2 s of speech
+  is nearest (DTW, model/recognise.py) to the right word in the model's voice;
+  ``spoken_word_accuracy_asr``: the same judged by pocketsphinx (closed vocabulary;
+  with ``--reference``, its ceiling).
 
 ``reference_timeline`` scores the conversation's own model track — what a perfect
 model would do — which is how the metric code itself is tested.
@@ -28,14 +32,16 @@ from pathlib import Path
 
 import numpy as np
 
-from model.conversations import Conversation, Event, generate
-from model.interface import TURN_SAMPLES, TurnInput
+from model import recognise
+from model.conversations import NUMBER_WORDS, Conversation, Event, generate
+from model.interface import SAMPLE_RATE, TURN_SAMPLES, TurnInput
 from model.plot import timeline_image, write_png
 from model.streaming import StreamingModel, load_engine
 from model.text import Decoder
 
 ACTIVE_RMS = 0.01  # a micro-turn of model audio louder than this is speech
 REPLY_WINDOW_TURNS = 7  # 1.4 s
+WORD_SECONDS = 1.2  # the stretch of a reply the recogniser hears
 
 
 @dataclass
@@ -44,6 +50,7 @@ class Timeline:
 
     active: np.ndarray  # (turns,) bool
     text: list[str]  # what it wrote in each micro-turn
+    audio: np.ndarray | None = None  # its speech in step time (output t at 3200·t), for the recogniser
 
 
 def _activity(audio: np.ndarray) -> np.ndarray:
@@ -55,7 +62,7 @@ def _activity(audio: np.ndarray) -> np.ndarray:
 def reference_timeline(conversation: Conversation) -> Timeline:
     decoder = Decoder()
     return Timeline(_activity(conversation.model_audio),
-                    [decoder.decode([int(t) for t in row]) for row in conversation.text_out])
+                    [decoder.decode([int(t) for t in row]) for row in conversation.text_out], conversation.model_audio)
 
 
 def model_timeline(engine: StreamingModel, conversation: Conversation, session_id: str = "eval") -> Timeline:
@@ -70,7 +77,8 @@ def model_timeline(engine: StreamingModel, conversation: Conversation, session_i
     finally:
         engine.close_session(session_id)
     # The vocoder emits each turn 600 samples late; activity per turn is unaffected.
-    return Timeline(_activity(np.concatenate(audio)), text)
+    speech = np.concatenate(audio)
+    return Timeline(_activity(speech), text, speech)
 
 
 def _turn(seconds: float) -> int:
@@ -84,6 +92,8 @@ def score(conversation: Conversation, timeline: Timeline) -> list[dict[str, obje
         record: dict[str, object] = {"kind": event.kind, "user_end_s": round(event.user_end_s, 3)}
         if event.kind in ("answer", "pause", "delegation"):
             record.update(_reply(event, timeline))
+        if event.kind in ("answer", "pause") and event.expected_text in NUMBER_WORDS:
+            record["heard"] = _heard(event, timeline)
         if event.kind == "barge_in":
             record.update(_stop(event, timeline))
         if event.kind == "delegation":
@@ -106,6 +116,23 @@ def _reply(event: Event, timeline: Timeline) -> dict[str, object]:
     return {"spoke_over": spoke_over, "took_turn": onset is not None, "latency_s": latency}
 
 
+def _heard(event: Event, timeline: Timeline) -> dict[str, object] | None:
+    """Which word the reply is (None: no audio kept). No reply counts as wrong."""
+    if timeline.audio is None:
+        return None
+    window = timeline.active[_turn(event.user_end_s) : _turn(event.user_end_s) + REPLY_WINDOW_TURNS]
+    heard: dict[str, object] = {"expected": event.expected_text, "dtw": "", "asr": None}
+    if window.any():
+        start = (_turn(event.user_end_s) + int(np.argmax(window))) * TURN_SAMPLES
+        reply = timeline.audio[start : start + int(WORD_SECONDS * SAMPLE_RATE)]
+        heard["dtw"] = recognise.nearest_word(reply, NUMBER_WORDS)
+        if recognise.available():
+            heard["asr"] = recognise.recognise(reply, NUMBER_WORDS)
+    heard["right"] = heard["dtw"] == event.expected_text
+    heard["right_asr"] = heard["asr"] == event.expected_text if recognise.available() else None
+    return heard
+
+
 def _stop(event: Event, timeline: Timeline) -> dict[str, object]:
     onset_turn = _turn(event.user_end_s)  # for barge-in, user_end_s is when the user cut in
     after = timeline.active[onset_turn:]
@@ -123,6 +150,7 @@ def aggregate(records: list[dict[str, object]]) -> dict[str, object]:
 
     answers = of("answer")
     latencies = [r["latency_s"] for r in answers if r["latency_s"] is not None]
+    heard = [r["heard"] for r in records if r.get("heard") is not None]
     stops = [r["stop_latency_s"] for r in of("barge_in")]
     stops_known = sorted(s if s is not None else float("inf") for s in stops)
     return {
@@ -133,6 +161,8 @@ def aggregate(records: list[dict[str, object]]) -> dict[str, object]:
         "stop_latency_s_p90": (stops_known[int(0.9 * (len(stops_known) - 1))] if stops_known else None),
         "delegation_accuracy": rate(of("delegation"), "answered"),
         "noise_silence_rate": rate(of("noise"), "silent"),
+        "spoken_word_accuracy": rate(heard, "right"),
+        "spoken_word_accuracy_asr": rate([h for h in heard if h["right_asr"] is not None], "right_asr"),
         "events": {kind: len(of(kind)) for kind in ("answer", "pause", "barge_in", "delegation", "noise")},
     }
 

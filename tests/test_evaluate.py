@@ -10,7 +10,7 @@ from model.evaluate import Timeline, evaluate, reference_timeline, score
 from model.streaming import load_engine
 
 KEYS = {"turn_taking_tor", "response_latency_s_median", "overlap_rate", "pause_tor", "stop_latency_s_p90",
-        "delegation_accuracy", "noise_silence_rate"}
+        "delegation_accuracy", "noise_silence_rate", "spoken_word_accuracy", "spoken_word_accuracy_asr"}
 
 
 def test_the_reference_tracks_score_as_a_perfect_model():
@@ -20,6 +20,8 @@ def test_the_reference_tracks_score_as_a_perfect_model():
     assert 0.1 < result["response_latency_s_median"] <= 0.45
     assert result["stop_latency_s_p90"] <= 0.4
     assert result["delegation_accuracy"] == 1.0 and result["noise_silence_rate"] == 1.0
+    assert result["spoken_word_accuracy"] == 1.0  # the reference says its words in the model's voice
+    assert 0.4 <= result["spoken_word_accuracy_asr"] <= 1.0  # pocketsphinx's ceiling (0.63 here)
 
 
 def test_the_metrics_notice_a_model_that_talks_all_the_time_or_never():
@@ -41,3 +43,30 @@ def test_the_random_model_runs_through_the_evaluation_and_draws_its_timeline(tmp
     assert KEYS <= result.keys() and result["conversations"] == 1
     png = (tmp_path / "1000002.png").read_bytes()
     assert png.startswith(b"\x89PNG\r\n\x1a\n") and b"IEND" in png[-12:]
+
+
+def test_the_word_judge_hears_the_word_through_the_vocoder_and_not_a_wrong_one():
+    """What a perfect model could say at best — the word in its voice, quantised to dMel
+    and re-synthesised by the streaming vocoder — is judged right; another word,
+    another voice's garble or silence is not."""
+    import torch
+
+    from model import dmel
+    from model.conversations import MODEL_VOICE, speak
+    from model.recognise import nearest_word
+    from model.vocoder import VocoderState, vocode_chunk
+
+    def vocoded(audio: np.ndarray) -> np.ndarray:
+        audio = np.concatenate([audio, np.zeros(-audio.size % 3200 + 3200, np.float32)])
+        mel = dmel.dequantize(dmel.dmel(torch.from_numpy(audio)[None]))
+        state, out = VocoderState.silence(), []
+        for start in range(0, mel.shape[1], 16):
+            voice, state = vocode_chunk(state, mel[:, start : start + 16])
+            out.append(voice[0].numpy())
+        return np.concatenate(out)
+
+    words = ["one", "two", "three", "seven", "eight", "twelve", "seventeen"]
+    for word in ("seven", "twelve"):
+        assert nearest_word(vocoded(speak(f"{word}.", MODEL_VOICE) * 0.5), words) == word
+    assert nearest_word(vocoded(speak("three.", MODEL_VOICE) * 0.5), words) != "seven"
+    assert nearest_word(np.zeros(16000, np.float32), words) == ""
