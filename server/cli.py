@@ -22,7 +22,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--engine", choices=ENGINES, default=defaults.engine,
         help="what steps the sessions: the interaction model, or 'echo' (diagnostic: you hear yourself 200 ms later)",
     )
-    serve.add_argument("--checkpoint", default=None, help="model checkpoint directory (default: random weights)")
+    serve.add_argument("--checkpoint", default=defaults.checkpoint,
+                       help="model checkpoint directory, or 'random' (default: the shipped checkpoints/tiny)")
     serve.add_argument("--max-sessions", type=int, default=defaults.max_sessions)
     serve.add_argument(
         "--ice-server", action="append", default=[], metavar="URL",
@@ -68,7 +69,7 @@ def serve(args: argparse.Namespace) -> None:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = ServerConfig(
         engine=args.engine,
-        checkpoint=args.checkpoint,
+        checkpoint=None if args.checkpoint == "random" else args.checkpoint,
         max_sessions=args.max_sessions,
         ice_servers=args.ice_server,
         ice_host_addresses=args.ice_host,

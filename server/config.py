@@ -6,12 +6,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 WEB_ROOT = Path(__file__).resolve().parent.parent / "web"
+# The trained tiny checkpoint shipped in the repository (docs/training.md); served by
+# default. ``--checkpoint random`` serves random weights instead.
+SHIPPED_CHECKPOINT = Path(__file__).resolve().parent.parent / "checkpoints" / "tiny"
+
+
+def default_checkpoint() -> str | None:
+    return str(SHIPPED_CHECKPOINT) if (SHIPPED_CHECKPOINT / "config.json").exists() else None
 
 
 @dataclass(slots=True)
 class ServerConfig:
     engine: str = "model"
-    checkpoint: str | None = None  # a directory from model.weights; random weights when None
+    checkpoint: str | None = field(default_factory=default_checkpoint)  # a model.weights directory; None: random
     max_sessions: int = 32
     # ICE: STUN/TURN URLs (none unless configured) and extra host-candidate
     # addresses such as 127.0.0.1 for loopback-only networks (see ice.py).

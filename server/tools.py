@@ -95,7 +95,9 @@ async def calculator(text: str, progress: Progress) -> str:
 # -- clock and timer ---------------------------------------------------------------------
 
 async def clock(text: str, progress: Progress) -> str:
-    return time.strftime("%H:%M", time.localtime())
+    """The local time as people say it, "9:41" (twelve-hour, as the model was taught)."""
+    now = time.localtime()
+    return f"{(now.tm_hour - 1) % 12 + 1}:{now.tm_min:02d}"
 
 
 _NUMBER_WORDS = {word: n for n, word in enumerate(

@@ -82,6 +82,16 @@ def live_server() -> Iterator[LiveServer]:
 
 @pytest.fixture
 def model_server() -> Iterator[LiveServer]:
-    """A server with the interaction model (random weights), as ``make serve`` runs it."""
-    with running_server(ServerConfig(engine="model", ice_host_addresses=["127.0.0.1"], max_sessions=4)) as server:
+    """A server with the interaction model, random weights."""
+    config = ServerConfig(engine="model", checkpoint=None, ice_host_addresses=["127.0.0.1"], max_sessions=4)
+    with running_server(config) as server:
+        yield server
+
+
+@pytest.fixture
+def trained_server() -> Iterator[LiveServer]:
+    """The interaction model with the shipped checkpoint, as ``make serve`` runs it."""
+    config = ServerConfig(engine="model", ice_host_addresses=["127.0.0.1"], max_sessions=4)
+    assert config.checkpoint is not None, "checkpoints/tiny is missing"
+    with running_server(config) as server:
         yield server

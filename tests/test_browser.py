@@ -114,3 +114,61 @@ async def test_the_page_says_when_the_model_has_random_weights(model_server):
         finally:
             await browser.close()
     assert notice is not None and "random weights" in notice
+
+
+def scripted_microphone(path: Path) -> Path:
+    """A held-out voice asks two questions with silence after each (Chromium loops the file)."""
+    import wave
+
+    import numpy as np
+
+    from model.conversations import speak
+    from model.speech import Voice
+
+    voice = Voice("en-gb-scotland+f3", words_per_minute=160, pitch=55, pitch_range=50)
+    parts = [np.zeros(16_000, np.float32)]
+    for question, silence_s in (("what comes after seven?", 3.0), ("what time is it?", 7.0)):
+        spoken = speak(question, voice)
+        parts += [0.3 * spoken / np.abs(spoken).max(), np.zeros(int(silence_s * 16_000), np.float32)]
+    audio = np.concatenate(parts)
+    with wave.open(str(path), "wb") as wav:
+        wav.setnchannels(1)
+        wav.setsampwidth(2)
+        wav.setframerate(16_000)
+        wav.writeframes((audio * 32767).astype("<i2").tobytes())
+    return path
+
+
+async def test_the_trained_model_answers_and_reports_a_background_result(trained_server, tmp_path):
+    """Through the page, with the shipped checkpoint: a spoken question gets a spoken,
+    written answer; "what time is it?" becomes a task request the server runs, and
+    the page shows its result."""
+    microphone = scripted_microphone(tmp_path / "questions.wav")
+    args = [a for a in CHROMIUM_ARGS if not a.startswith("--use-file-for-fake-audio-capture")]
+    async with async_playwright() as playwright:
+        browser = await playwright.chromium.launch(
+            executable_path=str(CHROMIUM), args=[*args, f"--use-file-for-fake-audio-capture={microphone}"])
+        try:
+            page = await browser.new_page()
+            await page.goto(trained_server.url)
+            await page.uncheck("#echo-cancellation")
+            await page.click("#connect")
+            await page.wait_for_function("(window.microturn.eventCounts['session.ready'] || 0) === 1",
+                                         timeout=15_000)
+            notice = await page.text_content("#notice")
+            await page.wait_for_function("(window.microturn.eventCounts['task.done'] || 0) >= 1", timeout=40_000)
+            await page.wait_for_selector("#tasks .task.done")
+            task_text = await page.text_content("#tasks .task.done")
+            state = await page.evaluate("window.microturn")
+            await page.screenshot(path=str(tmp_path / "trained.png"), full_page=True)
+            await page.click("#disconnect")
+        finally:
+            await browser.close()
+
+    assert notice is not None and "random weights" not in notice and "tiny" in notice
+    assert state["errors"] == [], state["errors"]
+    transcript = state["transcript"]
+    assert "eight" in transcript, transcript  # what comes after seven
+    assert "<task>clock" in transcript, transcript  # it delegated the time
+    assert task_text is not None and "clock" in task_text
+    assert state["stats"]["totalAudioEnergy"] > 0.01  # and it spoke
