@@ -7,6 +7,8 @@ latency, event lag) need both on one host or NTP-synchronised hosts.
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -17,7 +19,10 @@ from model.conversations import Conversation
 from model.evaluate import Timeline, score
 from model.interface import SAMPLE_RATE, TURN_SAMPLES
 
-ACTIVE_RMS = 0.01  # as model/evaluate.py: a 20 ms window louder than this is speech
+# As model/evaluate.py's threshold. The interaction timeline applies it to 200 ms
+# turns exactly as the offline evaluation does; voice-to-voice onsets to 20 ms windows
+# (finer timing; a reply's first 20 ms are at least as loud as its turn's average).
+ACTIVE_RMS = 0.01
 ONSET_SEARCH_S = 2.0  # a reply must start within this long after the user stops
 
 
@@ -28,6 +33,8 @@ class PeerResult:
     server_added_ms: list[float] = field(default_factory=list)  # per turn: chunk closed -> its audio arrived
     voice_to_voice_ms: list[float] = field(default_factory=list)  # per answered question
     unanswered: int = 0  # questions with no reply onset within ONSET_SEARCH_S
+    overlapped: int = 0  # questions the model was already speaking at the end of (no onset to time)
+    arrival_source: str = ""  # "packet" (stamped entering the jitter buffer) or "decoded" (after it)
     event_lag_ms: list[float] = field(default_factory=list)
     turns: int = 0
     deadline_misses: int = 0
@@ -41,51 +48,65 @@ class PeerResult:
         return asdict(self)
 
 
+def played_part(script: Conversation, seconds: float) -> Conversation:
+    """The script as far as it was played: events whose reply could be heard in time."""
+    events = [e for e in script.events if e.user_end_s + ONSET_SEARCH_S <= seconds]
+    return dataclasses.replace(script, events=events)
+
+
 def measure(index: int, peer: Peer, script: Conversation, info: dict[str, Any] | None) -> PeerResult:
     result = PeerResult(index, connect_ms=peer.connect_ms)
+    script = played_part(script, (peer.track.script.size - peer.track.lead_samples) / SAMPLE_RATE)
     turns = peer.events_of("turn")
     result.turns = len(turns)
     result.deadline_misses = sum(bool(t.get("overran")) for t in turns)
     result.event_lag_ms = [round(lag, 2) for lag in peer.event_lag_ms]
-    result.server_added_ms = server_added(peer, turns)
+    result.server_added_ms, result.arrival_source = server_added(peer, turns)
     arrivals = peer.recording.arrivals
     if arrivals:
         first, last = min(arrivals), max(arrivals)
         result.received_frames = len(arrivals)
         result.concealed_frames = (last - first) // FRAME_SAMPLES + 1 - len(arrivals)
     if info is not None:
-        result.underrun_frames = info["output"]["underrun_frames"]
+        result.underrun_frames = info.get("output", {}).get("underrun_frames", 0)
     ready = peer.events_of("session.ready")
     echo = bool(ready) and ready[0].get("engine") == "echo"  # echo repeats the user: no replies to time
     heard = heard_in_script_time(peer, script)
     if heard is not None and not echo:
-        result.voice_to_voice_ms, result.unanswered = voice_to_voice(script, heard)
+        result.voice_to_voice_ms, result.unanswered, result.overlapped = voice_to_voice(script, heard)
         result.interaction = score(script, timeline(peer, script, heard))
     return result
 
 
-def server_added(peer: Peer, turns: list[dict[str, Any]]) -> list[float]:
+def server_added(peer: Peer, turns: list[dict[str, Any]]) -> tuple[list[float], str]:
     """Per turn: the server's chunk-close time -> when the first packet of that turn's
     output arrived here, before any client buffering (its RTP timestamp is in a later
-    ``turn`` event's ``played``)."""
+    ``turn`` event's ``played``). Falls back to decoded-frame arrival (after the
+    client's jitter buffer) when packets were not stamped; says which it used."""
     closed = {t["turn"]: t["closed_at_ms"] for t in turns if t.get("closed_at_ms") is not None}
-    arrivals = peer.packet_arrivals() or peer.recording.arrivals
+    arrivals, source = peer.packet_arrivals(), "packet"
+    if not arrivals:
+        arrivals, source = peer.recording.arrivals, "decoded"
     out = []
     for event in turns:
         for turn, pts in event.get("played", []):
             arrived = arrivals.get(pts)
             if arrived is not None and turn in closed:
                 out.append(round(arrived * 1000 - closed[turn], 2))
-    return out
+    return out, source
 
 
 def heard_in_script_time(peer: Peer, script: Conversation) -> np.ndarray | None:
     """What the peer heard, placed on its script's timeline (sample i of the result
     arrived i/16000 s after the script's first sample was sent)."""
     rec = peer.recording
-    if peer.track.started_wall is None or not rec.arrivals or 0 not in rec.arrivals:
+    arrivals = peer.packet_arrivals() or rec.arrivals
+    if peer.track.started_wall is None or not arrivals:
         return None
-    offset = int(round((rec.arrivals[0] - peer.track.started_wall) * SAMPLE_RATE)) - peer.track.lead_samples
+    # When the stream's sample 0 arrived: the earliest any packet implies (one late
+    # stamp — a busy event loop — must not shift the whole timeline).
+    origin = min(at - pts / 48_000 for pts, at in arrivals.items())
+    offset = int(round((origin - peer.track.started_wall) * SAMPLE_RATE)) - peer.track.lead_samples
     audio = rec.audio()
     heard = np.zeros(script.user_audio.size, dtype=np.float32)
     source = audio[max(-offset, 0):]
@@ -100,20 +121,25 @@ def _active_windows(audio: np.ndarray, window: int = SAMPLE_RATE // 50) -> np.nd
     return np.sqrt(np.mean(np.square(frames), axis=1)) > ACTIVE_RMS
 
 
-def voice_to_voice(script: Conversation, heard: np.ndarray) -> tuple[list[float], int]:
-    """User speech end -> first model audio heard, for each question in the script."""
+def voice_to_voice(script: Conversation, heard: np.ndarray) -> tuple[list[float], int, int]:
+    """User speech end -> onset of model audio heard after it, for each question:
+    (latencies ms, questions with no onset in time, questions it was already
+    speaking at the end of — overlap, reported separately, not a latency)."""
     active = _active_windows(heard)
-    latencies, missed = [], 0
+    latencies, missed, overlapped = [], 0, 0
     for event in script.events:
         if event.kind not in ("answer", "pause", "delegation"):
             continue
-        first = int(event.user_end_s * 50)
+        first = math.ceil(event.user_end_s * 50)  # the first 20 ms window wholly after the end
+        if first > 0 and active[first - 1 : first].any():
+            overlapped += 1
+            continue
         window = active[first : first + int(ONSET_SEARCH_S * 50)]
         if window.any():
             latencies.append(round((first + int(np.argmax(window))) * 20 - event.user_end_s * 1000, 1))
         else:
             missed += 1
-    return latencies, missed
+    return latencies, missed, overlapped
 
 
 def timeline(peer: Peer, script: Conversation, heard: np.ndarray) -> Timeline:
@@ -126,7 +152,7 @@ def timeline(peer: Peer, script: Conversation, heard: np.ndarray) -> Timeline:
     active = np.zeros(turns, dtype=bool)
     active[:-1] = live[1:]
     text = [""] * turns
-    start = peer.track.started_wall or 0.0
+    start = (peer.track.started_wall or 0.0) + peer.track.lead_samples / SAMPLE_RATE
     for _, event in peer.events:
         if event.get("type") == "transcript.delta":
             wall = event["ts_ms"] / 1000

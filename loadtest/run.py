@@ -94,22 +94,28 @@ def run_level(url: str, peers: int, seconds: float, workers: int, scripts: list[
     context = multiprocessing.get_context("spawn")
     progress, results = context.Queue(), context.Queue()
     shares = [list(range(peers))[w::workers] for w in range(min(workers, peers))]
-    cpu_before, wall_before = server_cpu_seconds(url), time.monotonic()
+    started = time.monotonic()
     processes = [context.Process(target=work, args=(share, url, scripts, seconds, jitter_prefetch, progress, results))
                  for share in shares]
     for process in processes:
         process.start()
+    # Server CPU is read over the steady part only: from all peers connected until
+    # shortly before their scripts end (not worker start-up, connects or teardown).
+    window: list[tuple[float, float | None]] = []
     connected, outcome = 0, []
-    deadline = time.monotonic() + seconds + 120
+    deadline = started + seconds + 120
     while len(outcome) < len(processes) and time.monotonic() < deadline:
         while not progress.empty():
             progress.get()
             connected += 1
+            if connected == peers:
+                window.append((time.monotonic(), server_cpu_seconds(url)))
+        if len(window) == 1 and time.monotonic() - window[0][0] >= 0.7 * seconds:
+            window.append((time.monotonic(), server_cpu_seconds(url)))
         while not results.empty():
             outcome.append(results.get())
         if show_progress:
-            elapsed = time.monotonic() - wall_before
-            print(f"\r  {peers} peers: {connected} connected, {elapsed:5.1f} s / {seconds:.0f} s, "
+            print(f"\r  {peers} peers: {connected} connected, {time.monotonic() - started:5.1f} s / {seconds:.0f} s, "
                   f"{len(outcome)}/{len(processes)} workers done", end="", file=sys.stderr, flush=True)
         time.sleep(0.25)
     if show_progress:
@@ -118,11 +124,12 @@ def run_level(url: str, peers: int, seconds: float, workers: int, scripts: list[
         process.join(5)
         if process.is_alive():
             process.kill()
-    wall = time.monotonic() - wall_before
-    cpu_after = server_cpu_seconds(url)
+    wall = time.monotonic() - started
+    server_cpu_pct = None
+    if len(window) == 2 and window[0][1] is not None and window[1][1] is not None:
+        server_cpu_pct = 100 * (window[1][1] - window[0][1]) / (window[1][0] - window[0][0])
     results_by_peer = sorted((p for o in outcome for p in o["peers"]), key=lambda p: p["peer"])
     generator_cpu = sum(o["cpu_s"] for o in outcome)
-    server_cpu_pct = (100 * (cpu_after - cpu_before) / wall) if cpu_before is not None and cpu_after else None
     return aggregate_level(peers, results_by_peer, server_cpu_pct, 100 * generator_cpu / wall)
 
 
@@ -149,6 +156,8 @@ def aggregate_level(peers: int, results: list[dict[str, Any]], server_cpu_pct: f
         "voice_to_voice_ms_p50": percentile(v2v, 0.5),
         "voice_to_voice_ms": summary(v2v),
         "unanswered": sum(r["unanswered"] for r in ok),
+        "overlapped": sum(r["overlapped"] for r in ok),
+        "arrival_source": sorted({r["arrival_source"] for r in ok if r["arrival_source"]}),
         "event_lag_ms": summary(every("event_lag_ms")),
         "turns": turns,
         "underruns": sum(r["underrun_frames"] for r in ok),

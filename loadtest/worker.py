@@ -11,7 +11,7 @@ from typing import Any
 
 import httpx
 
-from loadtest.measure import measure
+from loadtest.measure import PeerResult, measure
 from loadtest.peer import Peer
 from model.conversations import Conversation
 
@@ -23,7 +23,7 @@ async def run_peer(index: int, url: str, script: Conversation, seconds: float, d
     await asyncio.sleep(delay_s)
     audio = script.user_audio[: int(seconds * 16_000)]
     peer = Peer(url, audio, jitter_prefetch=jitter_prefetch)
-    info = None
+    info, error = None, None
     try:
         await peer.connect()
         if progress is not None:
@@ -33,12 +33,14 @@ async def run_peer(index: int, url: str, script: Conversation, seconds: float, d
             response = await client.get(peer.session_url)
             info = response.json() if response.status_code == 200 else None
     except Exception as exc:  # a refused or failed peer is a result, not a crash
-        result = measure(index, peer, script, None)
-        result.error = f"{type(exc).__name__}: {exc}"
+        error = f"{type(exc).__name__}: {exc}"
+    try:
         await peer.close(delete=peer.session_url is not None)
-        return result.to_dict()
-    await peer.close()
-    return measure(index, peer, script, info).to_dict()
+        result = measure(index, peer, script, info)
+    except Exception as exc:
+        result, error = PeerResult(index), error or f"measuring failed: {type(exc).__name__}: {exc}"
+    result.error = error
+    return result.to_dict()
 
 
 async def run_peers(indices: list[int], url: str, scripts: list[Conversation], seconds: float,

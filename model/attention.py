@@ -78,20 +78,22 @@ def to_additive(visible: torch.Tensor) -> torch.Tensor:
     return torch.zeros(visible.shape, device=visible.device).masked_fill_(~visible, float("-inf"))
 
 
-def causal_padded_bias(q_seqlen: Sequence[int], kv_padding: int, kv_seqlen: Sequence[int]) -> Any:
+def causal_padded_bias(q_seqlen: Sequence[int], kv_padding: int, kv_seqlen: Sequence[int],
+                       device: torch.device | None = None) -> Any:
     """xformers' ``BlockDiagonalCausalWithOffsetPaddedKeysMask``: block i's queries are
     the last ``q_seqlen[i]`` of its ``kv_seqlen[i]`` keys, which start at ``i·kv_padding``."""
     from xformers.ops.fmha.attn_bias import BlockDiagonalCausalWithOffsetPaddedKeysMask
 
     return BlockDiagonalCausalWithOffsetPaddedKeysMask.from_seqlens(
-        q_seqlen=list(q_seqlen), kv_padding=kv_padding, kv_seqlen=list(kv_seqlen))
+        q_seqlen=list(q_seqlen), kv_padding=kv_padding, kv_seqlen=list(kv_seqlen), device=device)
 
 
 def attend_xformers(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Any) -> torch.Tensor:
     """q: (batch, queries, heads, dim); k, v: (batch, keys, kv heads, dim) -> like q.
     Grouped-query attention in xformers' 5-D form: each kv head broadcast (stride 0)
     over its group of query heads. ``bias``: an xformers bias, or an additive tensor
-    broadcastable to (batch, 1, queries, keys)."""
+    (batch, 1, queries, keys) — best already through ``aligned_bias`` (once per pass,
+    not per layer)."""
     ops = xformers_ops()
     batch, queries, heads, dim = q.shape
     groups = k.shape[2]
@@ -99,28 +101,24 @@ def attend_xformers(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Any
     q5 = q.reshape(batch, queries, groups, per_group, dim)
     k5 = k.unsqueeze(3).expand(batch, k.shape[1], groups, per_group, dim)
     v5 = v.unsqueeze(3).expand(batch, v.shape[1], groups, per_group, dim)
-    if isinstance(bias, torch.Tensor):
-        bias = aligned_bias(bias.to(q.dtype), groups, per_group)
+    if isinstance(bias, torch.Tensor) and bias.dim() == 4:
+        bias = aligned_bias(bias, groups, per_group)
     op = _xformers_op(q5, k5, v5, bias)
     return ops.memory_efficient_attention_forward(q5, k5, v5, attn_bias=bias, op=op).reshape(q.shape)
 
 
 XFORMERS_OPS_USED: dict[str, str] = {}  # bias kind / dtype -> the kernel xformers chose (benchmarks report it)
-_XFORMERS_OP_CACHE: dict[tuple[object, ...], Any] = {}
 
 
 def _xformers_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Any) -> Any:
-    """xformers' own dispatch, once per kind of call, then passed explicitly: what we
-    record as having run is what runs."""
-    key = (type(bias).__name__, q.dtype, q.shape[-1], q.shape[1] <= 32)
-    if key not in _XFORMERS_OP_CACHE:
-        from xformers.ops import fmha
-        from xformers.ops.fmha.dispatch import _dispatch_fw
+    """xformers' own dispatch (what it would do with op=None, so no extra cost), made
+    here so that the kernel benchmarks report is the one that ran."""
+    from xformers.ops import fmha
+    from xformers.ops.fmha.dispatch import _dispatch_fw
 
-        op = _dispatch_fw(fmha.Inputs(query=q, key=k, value=v, attn_bias=bias), False)
-        _XFORMERS_OP_CACHE[key] = op
-        XFORMERS_OPS_USED[f"{type(bias).__name__}/{str(q.dtype).removeprefix('torch.')}"] = op.NAME
-    return _XFORMERS_OP_CACHE[key]
+    op = _dispatch_fw(fmha.Inputs(query=q, key=k, value=v, attn_bias=bias), False)
+    XFORMERS_OPS_USED[f"{type(bias).__name__}/{str(q.dtype).removeprefix('torch.')}"] = op.NAME
+    return op
 
 
 def aligned_bias(mask: torch.Tensor, groups: int, per_group: int) -> torch.Tensor:

@@ -137,12 +137,16 @@ def batch_loss(model: InteractionModel, batch: list[Example],
     return loss, {"loss": loss.item(), "text": text_loss.item(), "audio": audio_loss.item()}
 
 
-def balance_experts(model: torch.nn.Module, rate: float) -> None:
+def balance_experts(model: torch.nn.Module, rate: float, distributed: bool = False) -> None:
     """Auxiliary-loss-free load balancing: nudge each expert's selection bias
-    towards the mean load (the router's scores themselves are untouched)."""
+    towards the mean load (the router's scores themselves are untouched). Under
+    data parallelism the loads are summed over ranks first, so every replica's
+    biases move alike."""
     for module in model.modules():
         if isinstance(module, MoE) and module.last_load is not None:
             load = module.last_load.float()
+            if distributed:
+                dist.all_reduce(load)
             module.route_bias += rate * torch.sign(load.mean() - load)
 
 
@@ -161,8 +165,10 @@ def average_gradients(model: torch.nn.Module) -> None:
 
 
 def check_replicas_agree(model: torch.nn.Module) -> None:
-    """Every rank must end with the same weights; if not, gradients were not averaged."""
-    checksum = torch.stack([p.detach().double().sum() for p in model.parameters()]).sum().view(1)
+    """Every rank must end with the same weights and buffers (the experts' routing
+    biases); if not, gradients or loads were not shared."""
+    tensors = [*model.parameters(), *model.buffers()]
+    checksum = torch.stack([t.detach().double().sum() for t in tensors]).sum().view(1)
     low, high = checksum.clone(), checksum.clone()
     dist.all_reduce(low, op=dist.ReduceOp.MIN)
     dist.all_reduce(high, op=dist.ReduceOp.MAX)
@@ -186,7 +192,7 @@ def train(args: argparse.Namespace) -> list[float]:
     device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
     out = Path(args.out)
     state_path = out / STATE_FILE
-    torch.manual_seed(args.seed)
+    torch.manual_seed(args.seed)  # the same initial weights on every rank
 
     if args.resume and state_path.exists():
         model = load_checkpoint(out)
@@ -203,7 +209,13 @@ def train(args: argparse.Namespace) -> list[float]:
         step = state["step"]
 
     seeds = list(range(args.first_seed, args.first_seed + args.conversations))
-    examples = load_examples(seeds, config, Path(args.cache) if args.cache else None, args.workers)
+    cache = Path(args.cache) if args.cache else None
+    if distributed and rank != 0 and cache is not None:
+        dist.barrier()  # rank 0 generates and caches; the others then read the cache
+    examples = load_examples(seeds, config, cache, args.workers)
+    if distributed and rank == 0 and cache is not None:
+        dist.barrier()
+    torch.manual_seed(args.seed * 1000 + rank + step)  # history noise differs by rank
     rng = random.Random(args.seed * 1000 + step + rank)
     tokens_per_step = args.batch * args.turns * config.tokens_per_turn
     started, last_report, first_step = time.monotonic(), time.monotonic(), step
@@ -222,7 +234,7 @@ def train(args: argparse.Namespace) -> list[float]:
             average_gradients(model)
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
-        balance_experts(model, args.balance_rate)
+        balance_experts(model, args.balance_rate, distributed)
         losses.append(parts["loss"])
         step += 1
         now = time.monotonic()

@@ -24,7 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.attention import additive_mask, attend, attend_xformers, causal_padded_bias, to_additive, visibility
+from model.attention import (additive_mask, aligned_bias, attend, attend_xformers, causal_padded_bias, to_additive,
+                             visibility)
 from model.config import ModelConfig
 from model.kv import KVPool
 
@@ -51,9 +52,9 @@ def rope(x: torch.Tensor, positions: torch.Tensor, base: float) -> torch.Tensor:
     half = x.shape[-1] // 2
     inv_freq = base ** (-torch.arange(half, device=x.device, dtype=torch.float32) / half)
     angles = positions.to(torch.float32)[:, None] * inv_freq  # (tokens, half)
-    cos, sin = angles.cos()[:, None, :].to(x.dtype), angles.sin()[:, None, :].to(x.dtype)
-    x1, x2 = x[..., :half], x[..., half:]
-    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+    cos, sin = angles.cos()[:, None, :], angles.sin()[:, None, :]
+    x1, x2 = x[..., :half].float(), x[..., half:].float()  # rotate in fp32 (bf16 on CUDA)
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).to(x.dtype)
 
 
 class SwiGLU(nn.Module):
@@ -222,7 +223,7 @@ class AttentionPlan:
     row_session: torch.Tensor  # (real rows,) which attention row each token is
     row_query: torch.Tensor  # (real rows,) which query within it
     gather: torch.Tensor | None  # slots to gather, or None to read slots 0..sessions−1
-    mask: torch.Tensor  # (sessions, 1, queries, capacity) additive
+    mask: torch.Tensor  # (sessions, 1, queries, capacity) additive (for xformers: aligned_bias of it)
     xformers: bool = False  # the same layout and mask through xformers (wrapped rings on CUDA)
 
     @classmethod
@@ -245,6 +246,9 @@ class AttentionPlan:
         # instead (their output is dropped) so no row is all −inf (NaN).
         visible |= ~visible.any(-1, keepdim=True)
         mask = to_additive(visible).unsqueeze(1).to(pool.keys.dtype)
+        if xformers:  # its 5-D, stride-aligned form, built once for every layer of the pass
+            config = pool.config
+            mask = aligned_bias(mask, config.n_kv_heads, config.n_heads // config.n_kv_heads)
         return cls(sessions, queries, row_session, row_query, None if in_place else slots.to(device), mask, xformers)
 
     def attend(self, q: torch.Tensor, pool: KVPool, layer: int) -> torch.Tensor:
@@ -286,7 +290,7 @@ class PackedPlan:
         slots = [seg.slot for seg in segments]
         order = torch.cat([torch.arange(seg.start, seg.start + seg.count) for seg in segments])
         bias = causal_padded_bias([seg.count for seg in segments], pool.capacity,
-                                  [pool.lengths[slot] for slot in slots])
+                                  [pool.lengths[slot] for slot in slots], device=pool.keys.device)
         gather = None if slots == list(range(len(slots))) else torch.tensor(slots, device=pool.keys.device)
         return cls(len(slots), order.to(pool.keys.device), gather, bias)
 

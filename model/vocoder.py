@@ -104,14 +104,17 @@ def vocode_chunk(state: VocoderState, log_mel: torch.Tensor, iterations: int = 8
     new_frames = torch.polar(magnitude[:, c:], last_phase[:, None, :] + steps)
     spectrum = torch.cat([state.spectrum, new_frames], dim=1)
     fixed = state.committed.shape[1]
-    previous = spectrum
-    for step in range(iterations + 1):
+    projected = spectrum
+    for _ in range(iterations):
         audio = synthesise(spectrum)
         audio[:, :fixed] = state.committed  # what was emitted stays as it was
-        if step < iterations:
-            projected = magnitude * _unit(analyse(audio))
-            spectrum = projected + momentum * (projected - previous)
-            previous = projected
+        previous, projected = projected, magnitude * _unit(analyse(audio))
+        spectrum = projected + momentum * (projected - previous)
+    # Speak (and carry on from) the last projection, whose magnitudes are the target's,
+    # not the extrapolated spectrum.
+    spectrum = projected
+    audio = synthesise(spectrum)
+    audio[:, :fixed] = state.committed
     # Samples before the first frame not yet known are final.
     out = audio[:, fixed : fixed + n * dmel.HOP]
     following = VocoderState(spectrum[:, -c:].clone(), magnitude[:, -c:].clone(),

@@ -20,6 +20,7 @@ from server.capacity import measure_capacity
 from server.config import ServerConfig
 from server.engine import Engine, StepInfo, make_model
 from server.metrics import Metrics
+from server.rtp_tuning import validate_jitter_prefetch
 from server.sessions import SessionRegistry
 from server.tools import ChatBackend, Tool, default_tools
 
@@ -28,6 +29,7 @@ def create_app(config: ServerConfig, tracer_provider: TracerProvider | None = No
                extra_tools: dict[str, Tool] | None = None) -> Starlette:
     """The whole server as an ASGI app. ``extra_tools`` adds background-model tools
     (deployments with their own tools; tests with faulty ones)."""
+    validate_jitter_prefetch(config.jitter_prefetch)  # a bad setting fails here, not in every offer
     provider = tracer_provider or telemetry.build_tracer_provider()
     model = make_model(config.engine, config.max_sessions, config.checkpoint)  # fail now, not at first request
 

@@ -32,7 +32,7 @@ _MAX_GAP_SECONDS = 5.0
 # FFmpeg downmixes stereo to mono as 0.707·(L + R), so Opus's usual "stereo" made
 # of two identical channels would come out 3 dB louder than it was spoken. This
 # gain turns that into the plain average (L + R) / 2.
-_STEREO_DOWNMIX_GAIN = np.float32(0.5 / np.sqrt(0.5))
+STEREO_DOWNMIX_GAIN = np.float32(0.5 / np.sqrt(0.5))
 
 
 class Decimator:
@@ -63,7 +63,7 @@ class Decimator:
 
     def __call__(self, samples: np.ndarray) -> np.ndarray:
         """Mono float32 at the input rate -> mono float32 at 16 kHz."""
-        if self.factor == 1:
+        if self.factor == 1 or not samples.size:
             return samples.astype(np.float32, copy=False)
         buffer = np.concatenate([self._history, samples.astype(np.float32, copy=False)])
         # Outputs fall on input indices ≡ 0 (mod factor): with an odd tap count whose
@@ -184,7 +184,7 @@ class AudioChunker:
         else:
             self._decimator = None
             self._resampler = av.AudioResampler(format="flt", layout="mono", rate=SAMPLE_RATE)
-        self._gain = _STEREO_DOWNMIX_GAIN if fmt[1] == "stereo" else np.float32(1)
+        self._gain = STEREO_DOWNMIX_GAIN if fmt[1] == "stereo" else np.float32(1)
         return closed
 
     def _drain_resampler(self) -> list[np.ndarray]:

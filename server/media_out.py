@@ -74,6 +74,12 @@ class OutputAudioTrack(MediaStreamTrack):
         self._turn_marks: deque[tuple[int, int]] = deque()
         self._frames_queued = 0  # frames ever queued
         self._frames_taken = 0  # frames ever taken from the queue (sent, flushed or dropped)
+        # Where the resampler's output stream began (a frame boundary: reset by flush)
+        # and how many 16 kHz samples went in since: the 48 kHz sample at which the
+        # next turn's audio starts is exactly base + 3·input (the resampler delays
+        # nothing, it only holds samples back until it can emit them).
+        self._stream_base = 0
+        self._input_since_reset = 0
         self.started_turns: list[tuple[int, int]] = []
         self._pending = np.zeros(0, dtype=np.int16)  # < one frame of resampled audio
         self._resampler = self._new_resampler()
@@ -102,8 +108,10 @@ class OutputAudioTrack(MediaStreamTrack):
         parts = [self._pending] + [o.to_ndarray()[0] for o in self._resampler.resample(frame)]
         samples = np.concatenate(parts)
         whole = samples.size - samples.size % FRAME_SAMPLES
-        if turn is not None and whole:
-            self._turn_marks.append((self._frames_queued, turn))
+        if turn is not None:  # the frame holding this turn's first sample
+            first_sample = self._stream_base + self._input_since_reset * (OUTPUT_RATE // SAMPLE_RATE)
+            self._turn_marks.append((first_sample // FRAME_SAMPLES, turn))
+        self._input_since_reset += audio.size
         self._queue.extend(samples[:whole].reshape(-1, FRAME_SAMPLES))
         self._frames_queued += whole // FRAME_SAMPLES
         self._pending = samples[whole:]
@@ -129,6 +137,7 @@ class OutputAudioTrack(MediaStreamTrack):
             self._take()
         self._pending = np.zeros(0, dtype=np.int16)
         self._resampler = self._new_resampler()  # forget the filter's tail too
+        self._stream_base, self._input_since_reset = self._frames_queued * FRAME_SAMPLES, 0
         self._playing, self._refill_since = False, None  # the next turn waits the playout delay
         return dropped
 
@@ -147,8 +156,11 @@ class OutputAudioTrack(MediaStreamTrack):
         if not self.pre_encode:
             return frame
         # libopus emits one packet per 20 ms frame at once; label it with this
-        # frame's timestamp (not libopus's, which starts 312 samples early).
-        packet = self._encoder.encode(frame)[0]
+        # frame's timestamp (libopus's own starts 120 samples early, its lookahead).
+        packets = self._encoder.encode(frame)
+        if not packets:  # not seen with libopus; a raw frame beats a muted session
+            return frame
+        packet = packets[0]
         packet.pts, packet.time_base = frame.pts, _TIME_BASE
         return packet
 
@@ -171,8 +183,8 @@ class OutputAudioTrack(MediaStreamTrack):
                 self._playing, self._refill_since = True, None
         if self._playing and self._queue:
             return self._take(self._pts)
+        if not self._queue and self._frames_taken:  # ran dry (not a playout-delay wait)
+            self.underrun_frames += 1
         self._playing = False
         self.silent_frames += 1
-        if self._frames_taken:
-            self.underrun_frames += 1
         return self._silence

@@ -34,6 +34,11 @@ class ArrivalStampingJitterBuffer(JitterBuffer):
         return super().add(packet)
 
 
+def validate_jitter_prefetch(prefetch: int) -> None:
+    if not 1 <= prefetch <= AIORTC_AUDIO_CAPACITY // 2:
+        raise ValueError(f"jitter prefetch must be 1..{AIORTC_AUDIO_CAPACITY // 2} packets, got {prefetch}")
+
+
 def set_audio_jitter_prefetch(pc: RTCPeerConnection, prefetch: int,
                               buffer_class: type[JitterBuffer] = JitterBuffer) -> int:
     """Give each audio receiver of ``pc`` a jitter buffer releasing after ``prefetch``
@@ -42,8 +47,7 @@ def set_audio_jitter_prefetch(pc: RTCPeerConnection, prefetch: int,
 
     1 is the floor: aiortc's buffer knows a frame is complete only when a packet with
     the next timestamp arrives, so every packet waits for its successor (20 ms)."""
-    if not 1 <= prefetch <= AIORTC_AUDIO_CAPACITY // 2:
-        raise ValueError(f"jitter prefetch must be 1..{AIORTC_AUDIO_CAPACITY // 2} packets, got {prefetch}")
+    validate_jitter_prefetch(prefetch)
     changed = 0
     for transceiver in pc.getTransceivers():
         receiver = transceiver.receiver

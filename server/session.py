@@ -84,7 +84,7 @@ class Session:
         self._clock_wall = 0.0  # wall time matching the end of the audio consumed so far
         self._chunk_closed_ns: dict[int, int] = {}
         self._chunk_rms: dict[int, float] = {}
-        self._early_events: list[str] = []
+        self._early_events: list[tuple[str, dict[str, Any]]] = []
         self._ready_sent = False
         self._audio_track_seen = False
         self._tasks: set[asyncio.Task[None]] = set()
@@ -112,7 +112,10 @@ class Session:
         self.pc.on("datachannel", self._on_datachannel)
         self.pc.on("connectionstatechange", self._on_connection_state)
         await self.pc.setRemoteDescription(RTCSessionDescription(offer_sdp, "offer"))
-        set_audio_jitter_prefetch(self.pc, self.config.jitter_prefetch)
+        audio_receivers = sum(t.kind == "audio" for t in self.pc.getTransceivers())
+        if set_audio_jitter_prefetch(self.pc, self.config.jitter_prefetch) != audio_receivers:
+            # aiortc renamed what rtp_tuning touches: everything works, 60 ms slower.
+            log.warning("could not set the audio jitter buffer (aiortc changed?); using aiortc's default")
         self.pc.addTrack(self.output)
         answer = await self.pc.createAnswer()
         await add_host_candidates(self.pc, self.config.ice_host_addresses)
@@ -283,7 +286,8 @@ class Session:
             # chunk closed -> its output queued for sending: what the server adds
             "latency_ms": round((time.time_ns() - closed_ns) / 1e6, 2) if closed_ns else None,
             "closed_at_ms": round(closed_ns / 1e6, 1) if closed_ns else None,  # server wall clock
-            # turns whose first output frame went out since the last event: [turn, RTP pts]
+            # turns whose first output frame went out since the last event: [turn, offset of
+            # that frame's RTP timestamp from the stream's first]
             "played": self._drain_started_turns(),
             "in_rms": round(self._chunk_rms.pop(output.turn, 0.0), 4),
             "out_rms": round(out_rms, 4),
@@ -339,20 +343,19 @@ class Session:
 
     def emit(self, event_type: str, **fields: Any) -> None:
         """Send one event, stamped with the protocol version, this session's trace and
-        the server's wall clock (ms; clients measure event lag with it)."""
-        self.send(server_event(event_type, trace_id=self.trace_id, ts_ms=round(time.time() * 1000, 1), **fields))
-
-    def send(self, text: str) -> None:
+        the server's wall clock when it is sent (ms; clients measure event lag with it).
+        Events from before the channel opened wait, unserialised, and go out on open."""
         channel = self.channel
         if channel is not None and channel.readyState == "open":
-            channel.send(text)
+            channel.send(server_event(event_type, trace_id=self.trace_id, ts_ms=round(time.time() * 1000, 1),
+                                      **fields))
         elif len(self._early_events) < _MAX_EARLY_EVENTS:
-            self._early_events.append(text)
+            self._early_events.append((event_type, fields))
 
     def _flush_early_events(self) -> None:
         events, self._early_events = self._early_events, []
-        for text in events:
-            self.send(text)
+        for event_type, fields in events:
+            self.emit(event_type, **fields)
         if not self._ready_sent and self.stats.frames_in:
             self._send_ready()
 

@@ -82,3 +82,22 @@ async def test_a_backlog_beyond_the_queue_limit_drops_the_oldest_audio():
     frames = np.concatenate(await receive(track, 20)).astype(np.float32)
     spectrum = np.abs(np.fft.rfft(frames[-9600:]))
     assert abs(np.argmax(spectrum) * OUTPUT_RATE / 9600 - 600) < 10
+
+
+async def test_a_turn_is_marked_at_the_frame_holding_its_first_sample():
+    """``started_turns`` (what the ``played`` field reports) gives the pts of the frame
+    that carries a turn's first sample. The resampler holds the last 48 samples of
+    the first turn back, so after 9 frames the queue runs dry once (a silent frame,
+    pts 8640) and every later frame is sent one frame later than its index."""
+    track = OutputAudioTrack(playout_delay_ms=0)
+    track._wait_for_next_frame = _no_wait
+    for turn in range(3):
+        track.enqueue(np.full(TURN_SAMPLES, 0.1 * (turn + 1), dtype=np.float32), turn)
+        for _ in range(10 if turn < 2 else 11):  # the last turn's tail waits in the resampler
+            await track.recv()
+    assert track.started_turns == [(0, 0), (1, 11 * 960), (2, 21 * 960)]
+    assert track.underrun_frames == 2  # after the first turn's 9 frames, and at the end
+
+
+async def _no_wait() -> None:
+    return None
