@@ -16,9 +16,6 @@ import json
 import statistics
 import sys
 
-from loadtest.run import SCRIPT_SEED, run_level, start_server
-from model.conversations import generate
-
 VARIANTS = {"aiortc": ["--aiortc-encoder"], "pre-encoded": []}
 
 
@@ -29,6 +26,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--workers", type=int, default=1)
     args = parser.parse_args(argv)
+    # Imported here, not at the top: conversation workers re-import this module (it is
+    # __main__ under -m), and torch work at import in a forked child can deadlock.
+    from loadtest.run import SCRIPT_SEED, run_level, start_server
+    from model.conversations import generate
+
     scripts = generate([SCRIPT_SEED, SCRIPT_SEED + 1], held_out=True, duration_s=args.seconds + 2)
     samples: dict[str, list[float]] = {name: [] for name in VARIANTS}
     underruns: dict[str, list[int]] = {name: [] for name in VARIANTS}

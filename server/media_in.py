@@ -70,10 +70,12 @@ class Decimator:
         # group delay, (TAPS − 1) / 2 = 60 samples, is a multiple of the factor, the
         # output is the input delayed by a whole number of 16 kHz samples (20).
         first = (-self._consumed) % self.factor
-        windows = np.lib.stride_tricks.sliding_window_view(buffer, self.TAPS)[first :: self.factor]
+        # Every output at the input rate, then every factor-th: in C, faster here than
+        # computing only the kept ones through a strided window view (14 vs 21 µs a frame).
+        filtered = np.convolve(buffer, self._taps[::-1], mode="valid")[first :: self.factor]
         self._history = buffer[buffer.size - (self.TAPS - 1) :]
         self._consumed += samples.size
-        return windows @ self._taps
+        return filtered.astype(np.float32, copy=False)
 
 
 @dataclass(slots=True)
@@ -243,9 +245,12 @@ def _mono(frame: av.AudioFrame) -> np.ndarray:
     """A decoded frame as mono float32 in [-1, 1]: the plain average of its channels."""
     data = frame.to_ndarray()
     channels = len(frame.layout.channels)
-    if not frame.format.is_planar:  # packed: one row of interleaved samples
-        data = data.reshape(-1, channels).T
-    mono = data[0] if channels == 1 else data.mean(axis=0, dtype=np.float32)
+    if channels == 1:
+        mono = data[0]
+    elif frame.format.is_planar:
+        mono = data.mean(axis=0, dtype=np.float32)
+    else:  # packed: one row of interleaved samples
+        mono = data.reshape(-1, channels).mean(axis=1, dtype=np.float32)
     return mono.astype(np.float32, copy=False) * _NUMPY_FORMATS[frame.format.name]
 
 
