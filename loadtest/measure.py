@@ -159,4 +159,5 @@ def timeline(peer: Peer, script: Conversation, heard: np.ndarray) -> Timeline:
             turn = int((wall - start) / 0.2) - 1
             if 0 <= turn < turns:
                 text[turn] += event["text"]
-    return Timeline(active, text)
+    # Its speech in step time (output t at 3200·t, heard 0.2 s later), for the word judge.
+    return Timeline(active, text, heard[TURN_SAMPLES:])
