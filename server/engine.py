@@ -19,6 +19,7 @@ step, in order, on the following ticks, and every step's overrun is reported.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections import deque
@@ -276,10 +277,21 @@ class EchoModel:
         return outputs
 
 
+def model_threads() -> int:
+    """Torch threads for the model: every core but one, which the event loop, aiortc's
+    codec threads and the network need. On the 2-core VM, 2 threads made a 4-session
+    step take 49 ms inside the loaded server against 29 ms with 1 (docs/benchmarks.md)."""
+    return max(1, (os.cpu_count() or 2) - 1)
+
+
 def _interaction_model(max_sessions: int, checkpoint: str | None) -> MicroTurnModel:
     # Imported here: torch takes a second or two to import, and the echo engine needs none of it.
+    import torch
+
     from model.streaming import load_engine
 
+    if "OMP_NUM_THREADS" not in os.environ:  # an explicit setting wins
+        torch.set_num_threads(model_threads())
     return load_engine(checkpoint, max_sessions)
 
 

@@ -41,6 +41,7 @@ log = logging.getLogger(__name__)
 
 _MAX_EARLY_EVENTS = 64  # events kept for a data channel that is not open yet
 _WATCHDOG_PERIOD_S = 0.1
+_ALIGN_FRAMES = 5  # frames whose arrival times place the first chunk on the engine grid
 
 
 @dataclass(slots=True)
@@ -81,6 +82,7 @@ class Session:
         self.close_reason: str | None = None
         self._on_closed = on_closed
         self._chunker: AudioChunker | None = None
+        self._first_frames: list[tuple[av.AudioFrame, float]] = []  # held until the chunker is aligned
         self._clock_wall = 0.0  # wall time matching the end of the audio consumed so far
         self._chunk_closed_ns: dict[int, int] = {}
         self._chunk_rms: dict[int, float] = {}
@@ -207,16 +209,39 @@ class Session:
             assert isinstance(frame, av.AudioFrame)
             self.stats.frames_in += 1
             now = time.monotonic()
-            if self._chunker is None:
-                self._chunker = self._new_chunker(frame, now)
             self._clock_wall = now
-            self._submit_all(self._chunker.push(frame))
+            if self._chunker is None:
+                self._first_frames.append((frame, now))
+                if len(self._first_frames) < _ALIGN_FRAMES:
+                    continue
+                self._chunker = self._new_chunker(self._first_frames)
+                frames, self._first_frames = [f for f, _ in self._first_frames], []
+            else:
+                frames = [frame]
+            for each in frames:
+                self._submit_all(self._chunker.push(each))
             if not self._ready_sent:
                 self._send_ready()
 
-    def _new_chunker(self, first: av.AudioFrame, now: float) -> AudioChunker:
-        first_16k = first.samples * SAMPLE_RATE // first.sample_rate
-        closes_at = now + (TURN_SAMPLES - first_16k) / SAMPLE_RATE
+    def _new_chunker(self, first_frames: list[tuple[av.AudioFrame, float]]) -> AudioChunker:
+        """A chunker whose lead-in puts this session's chunk closes on the engine's grid.
+
+        When chunks close follows from when frames arrive. The first frames of a call
+        often come in a burst (sent during the handshake), so one frame's arrival says
+        little; the earliest arrival relative to media time over the first few frames
+        is the sender's real-time clock (a burst only makes frames late). Sessions
+        aligned from a single frame missed their neighbours' steps one time in five.
+        """
+        first, _ = first_frames[0]
+        rate = first.sample_rate
+        start = 0
+        earliest = math.inf
+        for frame, arrived in first_frames:  # arrival minus media time since the first frame
+            earliest = min(earliest, arrived - start / rate)
+            start += frame.samples
+        # The first chunk closes when its last sample arrives; frames arrive as their
+        # last sample is sent.
+        closes_at = earliest + (TURN_SAMPLES * rate // SAMPLE_RATE - first.samples) / rate
         return AudioChunker(lead_in_samples=self.engine.lead_in_samples(closes_at))
 
     async def _watch_for_stalls(self) -> None:
