@@ -16,13 +16,12 @@ import numpy as np
 
 from loadtest.peer import FRAME_SAMPLES, Peer
 from model.conversations import Conversation
-from model.evaluate import Timeline, score
+from model.evaluate import Timeline, activity, score
 from model.interface import SAMPLE_RATE, TURN_SAMPLES
 
-# As model/evaluate.py's threshold. The interaction timeline applies it to 200 ms
-# turns exactly as the offline evaluation does; voice-to-voice onsets to 20 ms windows
-# (finer timing; a reply's first 20 ms are at least as loud as its turn's average).
-ACTIVE_RMS = 0.01
+# model/evaluate.py's speech test: on 200 ms turns for the interaction timeline, as
+# offline; on 20 ms windows for voice-to-voice onsets (finer timing).
+ONSET_WINDOW = SAMPLE_RATE // 50
 ONSET_SEARCH_S = 2.0  # a reply must start within this long after the user stops
 
 
@@ -106,7 +105,7 @@ def heard_in_script_time(peer: Peer, script: Conversation) -> np.ndarray | None:
     # When the stream's sample 0 arrived: the earliest any packet implies (one late
     # stamp — a busy event loop — must not shift the whole timeline).
     origin = min(at - pts / 48_000 for pts, at in arrivals.items())
-    offset = int(round((origin - peer.track.started_wall) * SAMPLE_RATE)) - peer.track.lead_samples
+    offset = round((origin - peer.track.started_wall) * SAMPLE_RATE) - peer.track.lead_samples
     audio = rec.audio()
     heard = np.zeros(script.user_audio.size, dtype=np.float32)
     source = audio[max(-offset, 0):]
@@ -116,16 +115,11 @@ def heard_in_script_time(peer: Peer, script: Conversation) -> np.ndarray | None:
     return heard
 
 
-def _active_windows(audio: np.ndarray, window: int = SAMPLE_RATE // 50) -> np.ndarray:
-    frames = audio[: audio.size // window * window].reshape(-1, window)
-    return np.sqrt(np.mean(np.square(frames), axis=1)) > ACTIVE_RMS
-
-
 def voice_to_voice(script: Conversation, heard: np.ndarray) -> tuple[list[float], int, int]:
     """User speech end -> onset of model audio heard after it, for each question:
     (latencies ms, questions with no onset in time, questions it was already
     speaking at the end of — overlap, reported separately, not a latency)."""
-    active = _active_windows(heard)
+    active = activity(heard, ONSET_WINDOW)
     latencies, missed, overlapped = [], 0, 0
     for event in script.events:
         if event.kind not in ("answer", "pause", "delegation"):
@@ -147,8 +141,7 @@ def timeline(peer: Peer, script: Conversation, heard: np.ndarray) -> Timeline:
     0.2·(t + 1) s, so turn t is active if the peer heard speech then (real latency
     included); text goes to the turn in which it arrived."""
     turns = script.turns
-    frames = heard[: turns * TURN_SAMPLES].reshape(turns, TURN_SAMPLES)
-    live = np.sqrt(np.mean(np.square(frames), axis=1)) > ACTIVE_RMS
+    live = activity(heard[: turns * TURN_SAMPLES])
     active = np.zeros(turns, dtype=bool)
     active[:-1] = live[1:]
     text = [""] * turns

@@ -21,7 +21,7 @@ from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 from model.audio import resample_mono
 from model.interface import SAMPLE_RATE
 from server.ice import add_host_candidates, rtc_configuration
-from server.media_in import STEREO_DOWNMIX_GAIN
+from server.media_in import Decimator, to_mono
 from server.rtp_tuning import ArrivalStampingJitterBuffer, audio_jitter_buffers, set_audio_jitter_prefetch
 
 SEND_RATE = 48_000
@@ -176,7 +176,7 @@ class Peer:
             self._reader = asyncio.ensure_future(self._record(track))
 
     async def _record(self, track: MediaStreamTrack) -> None:
-        resampler = av.AudioResampler(format="flt", layout="mono", rate=SAMPLE_RATE)
+        decimator: Decimator | None = None  # the server's own path: channel average, causal FIR
         while True:
             try:
                 frame = await track.recv()
@@ -187,7 +187,5 @@ class Peer:
                 rec.first_arrival, rec.first_pts = time.monotonic(), frame.pts
             pts = (frame.pts - rec.first_pts) % (1 << 32)
             rec.arrivals[pts] = time.time()
-            samples = np.concatenate([o.to_ndarray()[0] for o in resampler.resample(frame)] or [np.zeros(0, np.float32)])
-            if frame.layout.name == "stereo":  # FFmpeg's downmix is 0.707·(L + R): make it the average
-                samples = samples * STEREO_DOWNMIX_GAIN
-            rec.chunks.append((pts, samples))
+            decimator = decimator or Decimator(frame.sample_rate)
+            rec.chunks.append((pts, decimator(to_mono(frame))))

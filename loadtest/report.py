@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 from typing import Any
 
@@ -28,10 +29,10 @@ def line_plot(series: list[tuple[list[float], list[float], tuple[int, int, int]]
 
     for xs, ys, colour in series:
         points = [pixel(x, y) for x, y in zip(xs, ys, strict=True)]
-        for (r0, c0), (r1, c1) in zip(points, points[1:], strict=False):
+        for (r0, c0), (r1, c1) in itertools.pairwise(points):
             steps = max(abs(r1 - r0), abs(c1 - c0), 1)
             for t in np.linspace(0, 1, steps + 1):
-                r, c = int(round(r0 + t * (r1 - r0))), int(round(c0 + t * (c1 - c0)))
+                r, c = round(r0 + t * (r1 - r0)), round(c0 + t * (c1 - c0))
                 image[max(r - 1, 0) : r + 1, max(c - 1, 0) : c + 1] = colour
     return image
 

@@ -32,12 +32,12 @@ async def run_peer(index: int, url: str, script: Conversation, seconds: float, d
         async with httpx.AsyncClient(timeout=10) as client:
             response = await client.get(peer.session_url)
             info = response.json() if response.status_code == 200 else None
-    except Exception as exc:  # a refused or failed peer is a result, not a crash
+    except Exception as exc:  # noqa: BLE001 — a refused or failed peer is a result, not a crash
         error = f"{type(exc).__name__}: {exc}"
     try:
         await peer.close(delete=peer.session_url is not None)
         result = measure(index, peer, script, info)
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 — as above: one peer's failure stays its own
         result, error = PeerResult(index), error or f"measuring failed: {type(exc).__name__}: {exc}"
     result.error = error
     return result.to_dict()

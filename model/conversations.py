@@ -82,7 +82,7 @@ class Conversation:
         return len(self.text_in)
 
 
-def _trim(audio: np.ndarray, threshold: float = 0.01) -> np.ndarray:
+def trim_silence(audio: np.ndarray, threshold: float = 0.01) -> np.ndarray:
     """Cut leading and trailing near-silence, so onsets and ends are where speech is."""
     loud = np.flatnonzero(np.abs(audio) > threshold)
     return audio[loud[0] : loud[-1] + 1] if loud.size else audio[:0]
@@ -90,7 +90,7 @@ def _trim(audio: np.ndarray, threshold: float = 0.01) -> np.ndarray:
 
 def speak(text: str, voice: Voice) -> np.ndarray:
     utterance = synthesize(text, voice)
-    return _trim(resample_mono(utterance.audio, utterance.sample_rate, SAMPLE_RATE))
+    return trim_silence(resample_mono(utterance.audio, utterance.sample_rate, SAMPLE_RATE))
 
 
 def _room(audio: np.ndarray, rng: random.Random) -> np.ndarray:

@@ -53,15 +53,16 @@ class Timeline:
     audio: np.ndarray | None = None  # its speech in step time (output t at 3200·t), for the recogniser
 
 
-def _activity(audio: np.ndarray) -> np.ndarray:
-    turns = audio.size // TURN_SAMPLES
-    frames = audio[: turns * TURN_SAMPLES].reshape(turns, TURN_SAMPLES)
+def activity(audio: np.ndarray, window: int = TURN_SAMPLES) -> np.ndarray:
+    """Per window (default: per micro-turn), whether the audio in it is speech."""
+    count = audio.size // window
+    frames = audio[: count * window].reshape(count, window)
     return np.sqrt(np.mean(np.square(frames), axis=1)) > ACTIVE_RMS
 
 
 def reference_timeline(conversation: Conversation) -> Timeline:
     decoder = Decoder()
-    return Timeline(_activity(conversation.model_audio),
+    return Timeline(activity(conversation.model_audio),
                     [decoder.decode([int(t) for t in row]) for row in conversation.text_out], conversation.model_audio)
 
 
@@ -78,7 +79,7 @@ def model_timeline(engine: StreamingModel, conversation: Conversation, session_i
         engine.close_session(session_id)
     # The vocoder emits each turn 600 samples late; activity per turn is unaffected.
     speech = np.concatenate(audio)
-    return Timeline(_activity(speech), text, speech)
+    return Timeline(activity(speech), text, speech)
 
 
 def _turn(seconds: float) -> int:

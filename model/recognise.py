@@ -32,11 +32,6 @@ def _features(audio: np.ndarray) -> np.ndarray:
     return frames / (np.linalg.norm(frames, axis=1, keepdims=True) + 1e-6)
 
 
-def _trim(audio: np.ndarray, threshold: float = 0.01) -> np.ndarray:
-    loud = np.flatnonzero(np.abs(audio) > threshold)
-    return audio[loud[0] : loud[-1] + 1] if loud.size else audio[:0]
-
-
 def dtw_distance(a: np.ndarray, b: np.ndarray) -> float:
     """Mean cosine distance along the best monotone alignment of two frame sequences."""
     cost = 1.0 - a @ b.T
@@ -59,7 +54,9 @@ def _templates(vocabulary: tuple[str, ...]) -> dict[str, np.ndarray]:
 
 def nearest_word(audio: np.ndarray, vocabulary: Sequence[str]) -> str:
     """The vocabulary word whose model-voice rendering ``audio`` is nearest to ("" if silent)."""
-    speech = _trim(audio)
+    from model.conversations import trim_silence
+
+    speech = trim_silence(audio)
     if speech.size < SAMPLE_RATE // 10:
         return ""
     heard = _features(speech)

@@ -24,8 +24,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.attention import (additive_mask, aligned_bias, attend, attend_xformers, causal_padded_bias, to_additive,
-                             visibility)
+from model.attention import (
+    additive_mask,
+    aligned_bias,
+    attend,
+    attend_xformers,
+    causal_padded_bias,
+    to_additive,
+    visibility,
+)
 from model.config import ModelConfig
 from model.kv import KVPool
 

@@ -200,7 +200,7 @@ class AudioChunker:
 
     def _feed(self, frame: av.AudioFrame) -> list[np.ndarray]:
         if self._decimator is not None:
-            return self._append(self._decimator(_mono(frame)), downmixed=True)
+            return self._append(self._decimator(to_mono(frame)), downmixed=True)
         assert self._resampler is not None
         closed: list[np.ndarray] = []
         for out in self._resampler.resample(frame):
@@ -241,7 +241,7 @@ def _frame_pts(frame: av.AudioFrame) -> int | None:
 _NUMPY_FORMATS = {"s16": np.float32(1 / 32768), "s16p": np.float32(1 / 32768), "flt": np.float32(1), "fltp": np.float32(1)}
 
 
-def _mono(frame: av.AudioFrame) -> np.ndarray:
+def to_mono(frame: av.AudioFrame) -> np.ndarray:
     """A decoded frame as mono float32 in [-1, 1]: the plain average of its channels."""
     data = frame.to_ndarray()
     channels = len(frame.layout.channels)

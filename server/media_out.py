@@ -30,7 +30,7 @@ import av
 import numpy as np
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
-from model.interface import SAMPLE_RATE
+from model.interface import SAMPLE_RATE, TURN_SAMPLES
 
 OUTPUT_RATE = 48_000
 FRAME_SAMPLES = OUTPUT_RATE // 50  # 20 ms
@@ -38,6 +38,7 @@ _TIME_BASE = Fraction(1, OUTPUT_RATE)
 # If the sender fell this far behind (a stalled loop), restart the clock rather
 # than sending a burst of frames to catch up.
 _MAX_LAG_S = 0.1
+_TURN_FRAMES = TURN_SAMPLES * (OUTPUT_RATE // SAMPLE_RATE) // FRAME_SAMPLES  # 10
 _QUIET = 64  # int16 peak below which a frame is inaudible (-54 dBFS)
 
 
@@ -60,6 +61,8 @@ class OutputAudioTrack(MediaStreamTrack):
         # 6.5; at 32 kbit/s it carries 16 kHz synthetic speech without audible loss.
         self._encoder.options = {"application": "lowdelay"}
         self.playout_delay_s = playout_delay_ms / 1000
+        # Steady-state depth right after a turn is queued: the turn, the playout delay, one spare.
+        self._target_frames = _TURN_FRAMES + math.ceil(playout_delay_ms * OUTPUT_RATE / 1000 / FRAME_SAMPLES) + 1
         # Beyond this much queued audio (a backlog of turns after a stall, or a
         # client clock running fast) the oldest frames are dropped: late speech is
         # worse than a skip, and latency must not ratchet up for good.
@@ -115,24 +118,19 @@ class OutputAudioTrack(MediaStreamTrack):
             first_sample = self._stream_base + self._input_since_reset * (OUTPUT_RATE // SAMPLE_RATE)
             self._turn_marks.append((first_sample // FRAME_SAMPLES, turn))
         self._input_since_reset += audio.size
+        if self._frames_queued == 0 and whole:
+            self._align_clock_to_now()  # the first audio: tick in step with the engine's turns
         self._queue.extend(samples[:whole].reshape(-1, FRAME_SAMPLES))
         self._frames_queued += whole // FRAME_SAMPLES
         self._pending = samples[whole:]
-        if self._frames_queued == whole // FRAME_SAMPLES and whole:
-            self._align_clock_to_now()  # the first audio: tick in step with the engine's turns
         while len(self._queue) > self.max_queue_frames:
             self._take()
             self.dropped_frames += 1
         # After a late turn the queue stays that much deeper, and every later reply with
         # it: drop quiet frames at its head (pauses, nothing audible) down to the target.
-        target = self._target_frames()
-        while len(self._queue) > target and np.abs(self._queue[0]).max() < _QUIET:
+        while len(self._queue) > self._target_frames and np.abs(self._queue[0]).max() < _QUIET:
             self._take()
             self.skipped_quiet_frames += 1
-
-    def _target_frames(self) -> int:
-        """Steady-state depth right after a turn is queued: the turn plus the playout delay."""
-        return 10 + math.ceil(self.playout_delay_s * OUTPUT_RATE / FRAME_SAMPLES) + 1
 
     def _align_clock_to_now(self) -> None:
         """Put the 20 ms send ticks in phase with now. Turns arrive on the engine's 200 ms

@@ -21,19 +21,24 @@ pytestmark = [
     ),
 ]
 
-CHROMIUM_ARGS = [
-    "--no-sandbox",  # tests run as root
-    "--use-fake-ui-for-media-stream",
-    "--use-fake-device-for-media-stream",
-    f"--use-file-for-fake-audio-capture={SPEECH}",
-    "--allow-loopback-in-peer-connection",
-    "--autoplay-policy=no-user-gesture-required",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-]
+def chromium_args(microphone: Path = SPEECH) -> list[str]:
+    """Headless Chromium with ``microphone`` (a WAV file) as its fake microphone."""
+    return [
+        "--no-sandbox",  # tests run as root
+        "--use-fake-ui-for-media-stream",
+        "--use-fake-device-for-media-stream",
+        f"--use-file-for-fake-audio-capture={microphone}",
+        "--allow-loopback-in-peer-connection",
+        "--autoplay-policy=no-user-gesture-required",
+        "--disable-gpu",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--no-first-run",
+    ]
+
+
+CHROMIUM_ARGS = chromium_args()
 
 
 async def test_browser_streams_speech_and_hears_the_echo(live_server, tmp_path):
@@ -146,10 +151,8 @@ async def test_the_trained_model_answers_and_reports_a_background_result(trained
     written answer; "what time is it?" becomes a task request the server runs, and
     the page shows its result."""
     microphone = scripted_microphone(tmp_path / "questions.wav")
-    args = [a for a in CHROMIUM_ARGS if not a.startswith("--use-file-for-fake-audio-capture")]
     async with async_playwright() as playwright:
-        browser = await playwright.chromium.launch(
-            executable_path=str(CHROMIUM), args=[*args, f"--use-file-for-fake-audio-capture={microphone}"])
+        browser = await playwright.chromium.launch(executable_path=str(CHROMIUM), args=chromium_args(microphone))
         try:
             page = await browser.new_page()
             await page.goto(trained_server.url)
