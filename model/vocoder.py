@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import functools
 import math
-from dataclasses import astuple, dataclass
+from dataclasses import dataclass
 
 import torch
 
@@ -87,10 +87,14 @@ class VocoderState:
 
     @classmethod
     def stack(cls, states: list[VocoderState]) -> VocoderState:
-        return cls(*(torch.cat(parts) for parts in zip(*(astuple(s) for s in states), strict=True)))
+        return cls(*(torch.cat(parts) for parts in zip(*(s.tensors() for s in states), strict=True)))
 
     def unstack(self) -> list[VocoderState]:
-        return [VocoderState(*(t[i : i + 1] for t in astuple(self))) for i in range(self.spectrum.shape[0])]
+        return [VocoderState(*(t[i : i + 1] for t in self.tensors())) for i in range(self.spectrum.shape[0])]
+
+    def tensors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        # Not dataclasses.astuple: that deep-copies every tensor (a whole batch copied per row).
+        return self.spectrum, self.magnitude, self.committed
 
 
 def vocode_chunk(state: VocoderState, log_mel: torch.Tensor, iterations: int = 8,

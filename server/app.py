@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -53,6 +54,10 @@ def create_app(config: ServerConfig, tracer_provider: TracerProvider | None = No
         metrics = Metrics(lambda: len(holder["registry"]), lambda: engine.queued_chunks)
         engine = Engine(model, tracer=tracer, on_step=lambda info: _record_step(metrics, info))
         engine.start()
+        # Imports, the model and the probe made hundreds of thousands of objects that live
+        # as long as the server; a full collection stops every thread while it scans them
+        # (65-160 ms measured). Frozen, full collections scan only what sessions made.
+        gc.freeze()
         holder["registry"] = app.state.registry = SessionRegistry(config, engine, tracer, tools, metrics, capacity)
         app.state.metrics = metrics
         app.state.capacity_probe = measured

@@ -292,9 +292,11 @@ class CountingSink:
 async def test_the_event_loop_keeps_moving_while_the_model_engine_is_saturated(speech):
     """80 extra sessions of the real model are fed straight into the server's engine,
     so its steps take longer than a micro-turn and it never rests; meanwhile the
-    server's event loop (measured by the server itself) keeps p99 lag under 80 ms
-    (measured 23-45 ms here; a loop that waited for the model would lag by whole
-    300 ms steps) and a WebRTC session keeps receiving turns."""
+    server's event loop (measured by the server itself) keeps p99 lag under 50 ms
+    (measured 2-5 ms here; a loop that waited for the model would lag by whole
+    300 ms steps, and the 80-175 ms outliers CI once saw were full garbage
+    collections, now cut by gc.freeze() and by the vocoder no longer deep-copying
+    its state) and a WebRTC session keeps receiving turns."""
     config = ServerConfig(engine="model", ice_host_addresses=["127.0.0.1"], capacity=4, max_sessions=96)
     with running_server(config) as server:
         engine = server.app.state.registry.engine
@@ -327,7 +329,7 @@ async def test_the_event_loop_keeps_moving_while_the_model_engine_is_saturated(s
     lag = health["loop_lag_ms"]
     print(f"saturated engine: last step {health['last_step_ms']:.0f} ms, overruns {health['overruns']}, loop lag {lag}")
     assert health["last_step_ms"] > 150 and health["overruns"] > 0, "the engine was not saturated"
-    assert lag["samples"] >= 150 and lag["p99"] < 80, lag
+    assert lag["samples"] >= 150 and lag["p99"] < 50, lag
     assert len(peer.events_of("turn")) >= 10, "the WebRTC session starved"
 
 
