@@ -87,7 +87,13 @@ class Recording:
 
 class Peer:
     def __init__(self, base_url: str, audio: np.ndarray, ice_host_addresses: list[str] | None = None,
-                 lead_silence_s: float = 0.0, jitter_prefetch: int | None = None) -> None:
+                 lead_silence_s: float = 0.0, jitter_prefetch: int | None = None,
+                 direction: str = "sendrecv", data_channel: bool = True) -> None:
+        # direction "sendonly" and no data channel: a plain WHIP publisher (OBS-like).
+        self.direction = direction
+        self.data_channel = data_channel
+        self.response_headers: httpx.Headers | None = None
+        self.auth_headers: dict[str, str] = {}
         self.jitter_prefetch = jitter_prefetch  # None: aiortc's default (4), like a stock client
         self.base_url = base_url.rstrip("/")
         self.ice_host_addresses = ice_host_addresses or ["127.0.0.1"]
@@ -102,29 +108,41 @@ class Peer:
         self._channel_open = asyncio.Event()
         self._reader: asyncio.Task[None] | None = None
 
-    async def connect(self, traceparent: str | None = None) -> None:
+    async def connect(self, traceparent: str | None = None, headers: dict[str, str] | None = None,
+                      path: str = "/v1/sessions") -> None:
+        """Offer, answer, and wait until the events channel opens (or, without one,
+        until the connection is up). ``headers`` are sent with the offer (auth);
+        redirects (a router's 307) are followed."""
         started = time.monotonic()
-        self.pc.addTransceiver(self.track, direction="sendrecv")
+        self.pc.addTransceiver(self.track, direction=self.direction)
         if self.jitter_prefetch is not None:
             set_audio_jitter_prefetch(self.pc, self.jitter_prefetch, ArrivalStampingJitterBuffer)
-        self.channel = self.pc.createDataChannel("events")
-        self.channel.on("message", self._on_message)
-        self.channel.on("open", self._channel_open.set)
+        if self.data_channel:
+            self.channel = self.pc.createDataChannel("events")
+            self.channel.on("message", self._on_message)
+            self.channel.on("open", self._channel_open.set)
+        connected = asyncio.Event()
+        self.pc.on("connectionstatechange",
+                   lambda: connected.set() if self.pc.connectionState == "connected" else None)
         self.pc.on("track", self._on_track)
         offer = await self.pc.createOffer()
         await add_host_candidates(self.pc, self.ice_host_addresses)
         await self.pc.setLocalDescription(offer)
-        async with httpx.AsyncClient() as client:
+        async with httpx.AsyncClient(follow_redirects=True) as client:
             response = await client.post(
-                f"{self.base_url}/v1/sessions",
+                f"{self.base_url}{path}",
                 content=self.pc.localDescription.sdp,
-                headers={"Content-Type": "application/sdp", **({"traceparent": traceparent} if traceparent else {})},
+                headers={"Content-Type": "application/sdp", **({"traceparent": traceparent} if traceparent else {}),
+                         **(headers or {})},
             )
         if response.status_code != 201:
             raise RuntimeError(f"signalling failed: {response.status_code} {response.text}")
-        self.session_url = self.base_url + response.headers["Location"]
+        self.response_headers = response.headers
+        # Relative to where the offer landed (after any redirect), as WHIP says.
+        self.session_url = str(response.url.join(response.headers["Location"]))
+        self.auth_headers = {k: v for k, v in (headers or {}).items() if k.lower() == "authorization"}
         await self.pc.setRemoteDescription(RTCSessionDescription(response.text, "answer"))
-        await asyncio.wait_for(self._channel_open.wait(), 10)
+        await asyncio.wait_for(self._channel_open.wait() if self.data_channel else connected.wait(), 10)
         self.connect_ms = (time.monotonic() - started) * 1000
 
     def send(self, message: dict[str, Any] | str | bytes) -> None:
@@ -160,7 +178,7 @@ class Peer:
     async def close(self, delete: bool = True) -> None:
         if delete and self.session_url:
             async with httpx.AsyncClient() as client:
-                await client.delete(self.session_url)
+                await client.delete(self.session_url, headers=self.auth_headers)
         if self._reader:
             self._reader.cancel()
         await self.pc.close()

@@ -13,17 +13,22 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from server import signalling, telemetry
+from server.auth import BearerAuth, Verifier
 from server.capacity import measure_capacity
 from server.config import ServerConfig
 from server.engine import Engine, StepInfo, make_model
 from server.metrics import Metrics
+from server.router import report_capacity
 from server.rtp_tuning import validate_jitter_prefetch
 from server.sessions import SessionRegistry
 from server.tools import ChatBackend, Tool, default_tools
+from server.whip import EXPOSED_HEADERS
 
 
 def create_app(config: ServerConfig, tracer_provider: TracerProvider | None = None,
@@ -61,11 +66,14 @@ def create_app(config: ServerConfig, tracer_provider: TracerProvider | None = No
         holder["registry"] = app.state.registry = SessionRegistry(config, engine, tracer, tools, metrics, capacity)
         app.state.metrics = metrics
         app.state.capacity_probe = measured
-        lag_watch = asyncio.ensure_future(metrics.watch_loop_lag())
+        background = [asyncio.ensure_future(metrics.watch_loop_lag())]
+        if config.router_url:
+            background.append(asyncio.ensure_future(report_capacity(config, app.state.registry)))
         try:
             yield
         finally:
-            lag_watch.cancel()
+            for task in background:
+                task.cancel()
             await app.state.registry.close_all("server shutting down")
             engine.stop()
             provider.force_flush()
@@ -95,6 +103,15 @@ def create_app(config: ServerConfig, tracer_provider: TracerProvider | None = No
             },
         )
 
+    async def readyz(request: Request) -> Response:
+        """Readiness: ready while a new session would be admitted. A full server leaves
+        a load balancer's pool (or Kubernetes' Service) without dropping its calls,
+        whose media flows to the pod directly."""
+        registry: SessionRegistry = request.app.state.registry
+        ready = registry.engine.alive and registry.free > 0
+        return JSONResponse({"ready": ready, "free": registry.free, "capacity": registry.capacity,
+                             "sessions": len(registry)}, status_code=200 if ready else 503)
+
     async def metrics_endpoint(request: Request) -> Response:
         return Response(request.app.state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
@@ -102,12 +119,31 @@ def create_app(config: ServerConfig, tracer_provider: TracerProvider | None = No
         Route("/", index),
         Route("/healthz", healthz),
         Route("/metrics", metrics_endpoint),
+        Route("/readyz", readyz),
         Route("/v1/sessions", signalling.create_session, methods=["POST"]),
+        Route("/v1/sessions", signalling.session_options, methods=["OPTIONS"]),
+        Route("/v1/sessions/{session_id}", signalling.patch_session, methods=["PATCH"]),
         Route("/v1/sessions/{session_id}", signalling.delete_session, methods=["DELETE"]),
         Route("/v1/sessions/{session_id}", signalling.get_session, methods=["GET"]),
+        Route("/v1/sessions/{session_id}/whep", signalling.create_viewer, methods=["POST"]),
+        Route("/v1/sessions/{session_id}/whep/{viewer_id}", signalling.patch_viewer, methods=["PATCH"]),
+        Route("/v1/sessions/{session_id}/whep/{viewer_id}", signalling.delete_viewer, methods=["DELETE"]),
         Mount("/static", StaticFiles(directory=config.web_root), name="static"),
     ]
-    return Starlette(routes=routes, lifespan=lifespan)
+    return Starlette(routes=routes, lifespan=lifespan, middleware=signalling_middleware(config))
+
+
+def signalling_middleware(config: ServerConfig) -> list[Middleware]:
+    """CORS outermost, so refusals (401) are readable cross-origin too; then auth."""
+    middleware = []
+    if config.cors_origins:
+        middleware.append(Middleware(
+            CORSMiddleware, allow_origins=config.cors_origins, allow_methods=["GET", "POST", "PATCH", "DELETE"],
+            allow_headers=["Authorization", "Content-Type", "If-Match", "traceparent", "tracestate"],
+            expose_headers=EXPOSED_HEADERS, max_age=600,
+        ))
+    middleware.append(Middleware(BearerAuth, verifier=Verifier(config.auth_tokens, config.auth_secret)))
+    return middleware
 
 
 def _record_step(metrics: Metrics, info: StepInfo) -> None:

@@ -33,6 +33,23 @@ def build_parser() -> argparse.ArgumentParser:
         "--ice-host", action="append", default=[], metavar="ADDR",
         help="extra local address to offer as an ICE host candidate, e.g. 127.0.0.1 (repeatable)",
     )
+    serve.add_argument("--turn-secret", default=os.environ.get("MICROTURN_TURN_SECRET"),
+                       help="secret shared with the TURN server (coturn use-auth-secret): per-session "
+                            "short-lived TURN credentials (or MICROTURN_TURN_SECRET)")
+    serve.add_argument("--turn-username", default=None, help="static TURN username (without --turn-secret)")
+    serve.add_argument("--turn-credential", default=os.environ.get("MICROTURN_TURN_CREDENTIAL"),
+                       help="static TURN password (or MICROTURN_TURN_CREDENTIAL)")
+    serve.add_argument("--auth-token", action="append", default=[], metavar="TOKEN",
+                       help="accept this bearer token on signalling (repeatable; also MICROTURN_AUTH_TOKENS, "
+                            "comma-separated)")
+    serve.add_argument("--auth-secret", default=os.environ.get("MICROTURN_AUTH_SECRET"),
+                       help="accept tokens minted by `microturn token` with this secret (or MICROTURN_AUTH_SECRET)")
+    serve.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
+                       help="let pages from this origin use signalling (repeatable; '*' for any)")
+    serve.add_argument("--router", default=None, metavar="URL",
+                       help="report free capacity to `microturn router` at URL")
+    serve.add_argument("--advertise", default=None, metavar="URL",
+                       help="this server's URL as clients reach it (required with --router)")
     serve.add_argument("--playout-delay-ms", type=float, default=defaults.playout_delay_ms)
     serve.add_argument("--jitter-prefetch", type=int, default=defaults.jitter_prefetch,
                        help="incoming audio packets held before release (aiortc's default: 4)")
@@ -46,6 +63,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--llm-model", default=defaults.llm_model)
     serve.add_argument("--log-level", default="info")
 
+    commands.add_parser("router", help="send new sessions to servers with room (see microturn router --help)",
+                        add_help=False)
+    token = commands.add_parser("token", help="mint a short-lived bearer token for signalling")
+    token.add_argument("--secret", default=os.environ.get("MICROTURN_AUTH_SECRET"),
+                       help="the servers' --auth-secret (or MICROTURN_AUTH_SECRET)")
+    token.add_argument("--ttl", type=float, default=3600, help="seconds until it expires (default 3600)")
+    token.add_argument("--subject", default="", help="who it is for (kept in the token)")
     commands.add_parser("eval", help="evaluate the model on held-out conversations (--json)", add_help=False)
     commands.add_parser("train", help="train the interaction model (see microturn train --help)", add_help=False)
     commands.add_parser("loadtest", help="simulated WebRTC peers against a server (see microturn loadtest --help)",
@@ -81,7 +105,17 @@ def serve(args: argparse.Namespace) -> None:
         llm_url=args.llm_url,
         llm_model=args.llm_model,
         llm_api_key=os.environ.get("MICROTURN_LLM_API_KEY"),
+        turn_secret=args.turn_secret,
+        turn_username=args.turn_username,
+        turn_credential=args.turn_credential,
+        auth_tokens=args.auth_token + [t for t in os.environ.get("MICROTURN_AUTH_TOKENS", "").split(",") if t],
+        auth_secret=args.auth_secret,
+        cors_origins=args.cors_origin,
+        router_url=args.router,
+        advertise_url=args.advertise,
     )
+    if config.router_url and not config.advertise_url:
+        raise SystemExit("--router needs --advertise URL: the address clients reach this server at")
     provider = build_tracer_provider()
     trace.set_tracer_provider(provider)
     app = create_app(config, provider)
@@ -106,6 +140,11 @@ def main(argv: list[str] | None = None) -> None:
 
         loadtest_main(rest)
         return
+    if args.command == "router":
+        from server.router import main as router_main
+
+        router_main(rest)
+        return
     if args.command == "train":
         from model.train import main as train_main
 
@@ -115,6 +154,12 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     if args.command == "serve":
         serve(args)
+    elif args.command == "token":
+        from server.auth import mint_token
+
+        if not args.secret:
+            parser.error("token needs --secret (or MICROTURN_AUTH_SECRET)")
+        print(mint_token(args.secret, args.ttl, args.subject))
     elif args.command == "bench":
         from bench.model import main as bench_model
 

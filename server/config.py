@@ -24,6 +24,23 @@ class ServerConfig:
     # addresses such as 127.0.0.1 for loopback-only networks (see ice.py).
     ice_servers: list[str] = field(default_factory=list)
     ice_host_addresses: list[str] = field(default_factory=list)
+    # TURN credentials: a secret shared with the TURN server (coturn use-auth-secret)
+    # gives every session its own short-lived pair; else one static pair.
+    turn_secret: str | None = None
+    turn_username: str | None = None
+    turn_credential: str | None = None
+    # Signalling auth (server/auth.py): static bearer tokens and/or an HMAC secret
+    # for tokens minted by ``microturn token``. Neither set: signalling is open.
+    auth_tokens: list[str] = field(default_factory=list)
+    auth_secret: str | None = None
+    # Origins whose pages may call signalling cross-origin (CORS); "*" for any.
+    cors_origins: list[str] = field(default_factory=list)
+    max_viewers_per_session: int = 4
+    # Multi-node: report free capacity to ``microturn router`` at ``router_url``,
+    # reachable by clients at ``advertise_url``.
+    router_url: str | None = None
+    advertise_url: str | None = None
+    heartbeat_period_s: float = 1.0
     # Outgoing audio waits this long after running dry (absorbs step jitter). Part of
     # every reply's latency: 40 ms put echo's p99 server-added latency at 78 ms, 20 ms
     # at 57 ms, with no underruns either way (loadtest, 2 peers, docs/benchmarks.md).

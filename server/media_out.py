@@ -94,6 +94,8 @@ class OutputAudioTrack(MediaStreamTrack):
         self._playing = False  # False after running dry, until the playout delay passes
         self._refill_since: float | None = None
         self._silence = np.zeros(FRAME_SAMPLES, dtype=np.int16)
+        # WHEP viewers: each gets a copy of what this track sends (see VoiceListener).
+        self.listeners: set[VoiceListener] = set()
 
     @staticmethod
     def _new_resampler() -> av.AudioResampler:
@@ -172,13 +174,17 @@ class OutputAudioTrack(MediaStreamTrack):
         frame.time_base = _TIME_BASE
         self._pts += FRAME_SAMPLES
         self.frames_sent += 1
-        if not self.pre_encode:
-            return frame
+        packet = self._encode(frame) if self.pre_encode else None
+        for listener in self.listeners:
+            listener.put(packet if packet is not None and listener.takes_opus else frame)
+        return packet if packet is not None else frame
+
+    def _encode(self, frame: av.AudioFrame) -> av.Packet | None:
         # libopus emits one packet per 20 ms frame at once; label it with this
         # frame's timestamp (libopus's own starts 120 samples early, its lookahead).
         packets = self._encoder.encode(frame)
         if not packets:  # not seen with libopus; a raw frame beats a muted session
-            return frame
+            return None
         packet = packets[0]
         packet.pts, packet.time_base = frame.pts, _TIME_BASE
         return packet
@@ -207,3 +213,45 @@ class OutputAudioTrack(MediaStreamTrack):
         self._playing = False
         self.silent_frames += 1
         return self._silence
+
+
+class VoiceListener(MediaStreamTrack):
+    """A copy of a session's voice for another peer connection (a WHEP viewer).
+
+    The session's own track stays the one paced clock; this one hands on whatever
+    it sent, at once. Packets are shared when the viewer negotiated Opus too (no
+    second encode), else raw frames go to the viewer's own encoder. A viewer that
+    falls behind loses its oldest frames, never the session's.
+    """
+
+    kind = "audio"
+
+    def __init__(self, source: OutputAudioTrack, max_queue_frames: int = 10) -> None:
+        super().__init__()
+        self.source = source
+        self.takes_opus = False  # set once the viewer's codec is known
+        self.dropped_frames = 0
+        self._queue: deque[av.AudioFrame | av.Packet] = deque()
+        self._max = max_queue_frames
+        self._ready = asyncio.Event()
+        source.listeners.add(self)
+
+    def put(self, item: av.AudioFrame | av.Packet) -> None:
+        if len(self._queue) >= self._max:
+            self._queue.popleft()
+            self.dropped_frames += 1
+        self._queue.append(item)
+        self._ready.set()
+
+    async def recv(self) -> av.AudioFrame | av.Packet:
+        while not self._queue:
+            if self.readyState != "live" or self.source.readyState != "live":
+                raise MediaStreamError
+            self._ready.clear()
+            await self._ready.wait()
+        return self._queue.popleft()
+
+    def stop(self) -> None:
+        self.source.listeners.discard(self)
+        super().stop()
+        self._ready.set()  # wake a waiting recv so it sees the end

@@ -29,13 +29,14 @@ from server import telemetry as tm
 from server.config import ServerConfig
 from server.engine import Engine, StepInfo
 from server.events import CHANNEL_LABEL, PROTOCOL_VERSION, ProtocolError, RateLimit, parse_client_message, server_event
-from server.ice import add_host_candidates, rtc_configuration
+from server.ice import IceServer, add_host_candidates, rtc_configuration
 from server.media_in import AudioChunker
 from server.media_out import OutputAudioTrack
 from server.metrics import Metrics
 from server.rtp_tuning import set_audio_jitter_prefetch
 from server.tasks import TaskError, TaskManager, TaskRequestParser
 from server.tools import Tool
+from server.whep import Viewer
 
 log = logging.getLogger(__name__)
 
@@ -69,13 +70,18 @@ class Session:
         on_closed: Callable[[Session], None],
         tools: dict[str, Tool],
         metrics: Metrics,
+        ice_servers: list[IceServer] | None = None,
     ) -> None:
         self.id = session_id
         self.config = config
         self.engine = engine
         self.tracer = tracer
         self.loop = asyncio.get_running_loop()
-        self.pc = RTCPeerConnection(rtc_configuration(config.ice_servers))
+        # STUN/TURN for this session (TURN credentials may be per session); the client
+        # gets the same list in WHIP Link headers.
+        self.ice_servers = ice_servers or []
+        self.pc = RTCPeerConnection(rtc_configuration(self.ice_servers))
+        self.viewers: dict[str, Viewer] = {}  # WHEP peers playing this session's voice
         self.output = OutputAudioTrack(config.playout_delay_ms)
         self.stats = SessionStats()
         self.channel: RTCDataChannel | None = None
@@ -123,6 +129,10 @@ class Session:
         await add_host_candidates(self.pc, self.config.ice_host_addresses)
         await self.pc.setLocalDescription(answer)
         self.output.pre_encode = self.config.pre_encode_opus and self._negotiated_opus()
+        if not self._sends_voice():
+            # A send-only WHIP publisher hears nothing back, so no sender paces the
+            # voice: pace it here, for turn timing and for WHEP viewers.
+            self._spawn(self._pace_unsent_voice())
         self.engine.open_session(self.id, self)
         self._spawn(self._close_unless_connected(self.config.connect_timeout_s))
         return self.pc.localDescription.sdp
@@ -134,6 +144,29 @@ class Session:
                 codecs = transceiver._codecs  # aiortc keeps the negotiated list here, first = used
                 return bool(codecs) and codecs[0].mimeType.lower() == "audio/opus"
         return False
+
+    def _sends_voice(self) -> bool:
+        return any(t.sender.track is self.output and "send" in (t.currentDirection or "")
+                   for t in self.pc.getTransceivers())
+
+    async def _pace_unsent_voice(self) -> None:
+        while True:
+            try:
+                await self.output.recv()
+            except MediaStreamError:
+                return
+
+    async def add_viewer(self, viewer_id: str, offer_sdp: str) -> tuple[Viewer, str]:
+        """A WHEP viewer of this session's voice; its answer SDP. ValueError for an
+        offer that cannot receive audio (the viewer is then already closed)."""
+        viewer = Viewer(viewer_id, self.output, self.ice_servers, self.config.ice_host_addresses,
+                        lambda v: self.viewers.pop(v.id, None))
+        self.viewers[viewer_id] = viewer
+        try:
+            return viewer, await viewer.accept(offer_sdp, self.config.connect_timeout_s)
+        except BaseException:
+            await viewer.close("offer rejected")
+            raise
 
     async def _close_unless_connected(self, timeout_s: float) -> None:
         """A client that never completes ICE must not hold a slot: aioice keeps waiting
@@ -153,6 +186,7 @@ class Session:
             for task in list(self._tasks):
                 if task is not current:
                     task.cancel()
+            await asyncio.gather(*(v.close("session ended") for v in list(self.viewers.values())))
             self.output.stop()
             await self.tasks.close()
             await self.pc.close()
@@ -178,6 +212,7 @@ class Session:
                 "queued_ms": self.output.queued_ms,
             },
             **asdict(self.stats),
+            "viewers": [v.describe() for v in self.viewers.values()],
             "tasks_running": self.tasks.running,
             "trace_id": self.trace_id,
         }

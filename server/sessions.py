@@ -9,6 +9,7 @@ from opentelemetry.context import Context
 
 from server.config import ServerConfig
 from server.engine import Engine
+from server.ice import IceServer, ice_servers_for
 from server.metrics import Metrics
 from server.session import Session
 from server.tools import Tool
@@ -35,9 +36,17 @@ class SessionRegistry:
     def get(self, session_id: str) -> Session | None:
         return self._sessions.get(session_id)
 
+    @property
+    def free(self) -> int:
+        return max(0, self.capacity - len(self._sessions))
+
+    def ice_servers_for(self, session_id: str) -> list[IceServer]:
+        c = self.config
+        return ice_servers_for(c.ice_servers, session_id, c.turn_secret, c.turn_username, c.turn_credential)
+
     def new_session(self, session_id: str, parent: Context | None) -> Session:
         session = Session(session_id, self.config, self.engine, self.tracer, parent, self._forget,
-                          self.tools, self.metrics)
+                          self.tools, self.metrics, self.ice_servers_for(session_id))
         self._sessions[session_id] = session
         return session
 

@@ -1,7 +1,12 @@
-"""WHIP-shaped signalling: create a session from an SDP offer, delete it.
+"""WHIP signalling (RFC 9725) for sessions, WHEP for their voice.
 
-POST /v1/sessions (application/sdp offer) -> 201, SDP answer, Location header.
-DELETE /v1/sessions/{id} -> 204. GET /v1/sessions/{id} -> JSON diagnostics.
+POST   /v1/sessions               application/sdp offer -> 201, answer, Location, ETag, Link
+OPTIONS /v1/sessions              -> 204, Accept-Post (and CORS, from the middleware)
+PATCH  /v1/sessions/{id}          trickle ICE -> 204; ICE restart (If-Match: "*") -> 200
+DELETE /v1/sessions/{id}          -> 204
+GET    /v1/sessions/{id}          -> JSON diagnostics
+POST   /v1/sessions/{id}/whep     receive-only offer -> 201 (a viewer of the session's voice)
+PATCH/DELETE /v1/sessions/{id}/whep/{viewer}
 Every refusal is an HTTP status with a JSON body, decided before anything is
 allocated, so a bad request leaves nothing behind.
 """
@@ -18,13 +23,12 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from server import telemetry as tm
+from server.session import Session
 from server.sessions import SessionRegistry
+from server.whep import Viewer
+from server.whip import SDP, SDPFRAG, error_response, etag, ice_server_links, patch_ice, read_limited, with_links
 
 log = logging.getLogger(__name__)
-
-
-def error_response(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse({"error": code, "message": message}, status_code=status, headers=headers)
 
 
 class OfferError(ValueError):
@@ -48,25 +52,25 @@ def validate_offer(body: bytes) -> str:
     return text
 
 
-async def create_session(request: Request) -> Response:
-    registry: SessionRegistry = request.app.state.registry
+async def read_offer(request: Request, limit: int) -> str | Response:
+    """The request's SDP offer, or the error response to send instead."""
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    if content_type != "application/sdp":
+    if content_type != SDP:
         return error_response(415, "unsupported_media_type", "send the offer as application/sdp")
-    limit = registry.config.max_offer_bytes
-    too_large = error_response(413, "offer_too_large", f"offers are limited to {limit} bytes")
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
-        return too_large
-    body = bytearray()
-    async for piece in request.stream():  # count as it arrives: never buffer more than the limit
-        body += piece
-        if len(body) > limit:
-            return too_large
+    body = await read_limited(request, limit)
+    if body is None:
+        return error_response(413, "offer_too_large", f"offers are limited to {limit} bytes")
     try:
-        offer = validate_offer(bytes(body))
+        return validate_offer(body)
     except OfferError as exc:
         return error_response(400, "bad_offer", str(exc))
+
+
+async def create_session(request: Request) -> Response:
+    registry: SessionRegistry = request.app.state.registry
+    offer = await read_offer(request, registry.config.max_offer_bytes)
+    if isinstance(offer, Response):
+        return offer
     if registry.full:
         registry.metrics.rejected_sessions.add(1, {tm.ATTR_REASON: "at_capacity"})
         return error_response(503, "at_capacity", f"all {registry.capacity} session slots are taken, retry later",
@@ -82,26 +86,82 @@ async def create_session(request: Request) -> Response:
         log.exception("session %s failed to start", session.id)
         await session.close("internal error during set-up")
         return error_response(500, "internal_error", "the session could not be started")
-    return Response(
-        answer,
-        status_code=201,
-        media_type="application/sdp",
-        headers={"Location": f"/v1/sessions/{session.id}"},
-    )
+    response = Response(answer, status_code=201, media_type=SDP,
+                        headers={"Location": f"/v1/sessions/{session.id}", "ETag": etag(session.pc),
+                                 "Accept-Patch": SDPFRAG})
+    return with_links(response, ice_server_links(session.ice_servers))
+
+
+async def session_options(request: Request) -> Response:
+    """WHIP's OPTIONS: what may be posted, and (when configured) which ICE servers to use."""
+    registry: SessionRegistry = request.app.state.registry
+    response = Response(status_code=204, headers={"Accept-Post": SDP})
+    return with_links(response, ice_server_links(registry.ice_servers_for("options")))
+
+
+def _session(request: Request) -> Session | Response:
+    registry: SessionRegistry = request.app.state.registry
+    session = registry.get(request.path_params["session_id"])
+    return session if session is not None else error_response(404, "not_found", "no such session")
+
+
+async def patch_session(request: Request) -> Response:
+    session = _session(request)
+    return session if isinstance(session, Response) else await patch_ice(request, session.pc)
 
 
 async def delete_session(request: Request) -> Response:
-    registry: SessionRegistry = request.app.state.registry
-    session = registry.get(request.path_params["session_id"])
-    if session is None:
-        return error_response(404, "not_found", "no such session")
+    session = _session(request)
+    if isinstance(session, Response):
+        return session
     await session.close("deleted by client")
     return Response(status_code=204)
 
 
 async def get_session(request: Request) -> Response:
-    registry: SessionRegistry = request.app.state.registry
-    session = registry.get(request.path_params["session_id"])
-    if session is None:
-        return error_response(404, "not_found", "no such session")
-    return JSONResponse(session.describe())
+    session = _session(request)
+    return session if isinstance(session, Response) else JSONResponse(session.describe())
+
+
+async def create_viewer(request: Request) -> Response:
+    session = _session(request)
+    if isinstance(session, Response):
+        return session
+    offer = await read_offer(request, session.config.max_offer_bytes)
+    if isinstance(offer, Response):
+        return offer
+    if len(session.viewers) >= session.config.max_viewers_per_session:
+        return error_response(409, "too_many_viewers",
+                              f"a session has at most {session.config.max_viewers_per_session} WHEP viewers")
+    try:
+        viewer, answer = await session.add_viewer(secrets.token_urlsafe(9), offer)
+    except (ValueError, InvalidAccessError, InvalidStateError) as exc:
+        return error_response(400, "bad_offer", f"the offer could not be applied: {exc}")
+    except Exception:
+        log.exception("viewer of session %s failed to start", session.id)
+        return error_response(500, "internal_error", "the viewer could not be started")
+    response = Response(answer, status_code=201, media_type=SDP,
+                        headers={"Location": f"/v1/sessions/{session.id}/whep/{viewer.id}",
+                                 "ETag": etag(viewer.pc), "Accept-Patch": SDPFRAG})
+    return with_links(response, ice_server_links(session.ice_servers))
+
+
+def _viewer(request: Request) -> Viewer | Response:
+    session = _session(request)
+    if isinstance(session, Response):
+        return session
+    viewer = session.viewers.get(request.path_params["viewer_id"])
+    return viewer if viewer is not None else error_response(404, "not_found", "no such viewer")
+
+
+async def patch_viewer(request: Request) -> Response:
+    viewer = _viewer(request)
+    return viewer if isinstance(viewer, Response) else await patch_ice(request, viewer.pc)
+
+
+async def delete_viewer(request: Request) -> Response:
+    viewer = _viewer(request)
+    if isinstance(viewer, Response):
+        return viewer
+    await viewer.close("deleted by client")
+    return Response(status_code=204)
