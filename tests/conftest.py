@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import socket
+import subprocess
+import sys
 import threading
 import time
 import wave
@@ -10,6 +14,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
 import uvicorn
@@ -95,3 +100,28 @@ def trained_server() -> Iterator[LiveServer]:
     assert config.checkpoint is not None, "checkpoints/tiny is missing"
     with running_server(config) as server:
         yield server
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def microturn_process(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+    """The installed ``microturn`` console script in its own process."""
+    command = [os.path.join(os.path.dirname(sys.executable), "microturn"), *args]
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, **(env or {})})
+
+
+def wait_for_http(process: subprocess.Popen[str], url: str, timeout_s: float = 30) -> httpx.Response:
+    """Poll ``url`` until it answers; fail with the process's output if it died."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            return httpx.get(url, timeout=1)
+        except httpx.TransportError:
+            assert process.poll() is None, process.stdout.read() if process.stdout else ""
+            assert time.monotonic() < deadline, f"{url} did not come up"
+            time.sleep(0.2)

@@ -3,16 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
-import socket
-import subprocess
-import sys
-import time
 
 import httpx
 import pytest
-from conftest import running_server
+from conftest import free_port, microturn_process, running_server, wait_for_http
 
 from loadtest.peer import Peer
 from server.config import ServerConfig
@@ -138,26 +133,11 @@ async def test_the_page_and_its_module_are_served(live_server):
         assert script.status_code == 200 and "javascript" in script.headers["content-type"]
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def test_the_microturn_console_script_serves_and_stops_on_sigterm():
     port = free_port()
-    command = [os.path.join(os.path.dirname(sys.executable), "microturn"), "serve", "--port", str(port), "--engine", "echo"]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    process = microturn_process("serve", "--port", str(port), "--engine", "echo")
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                response = httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1)
-                break
-            except httpx.TransportError:
-                assert process.poll() is None, process.stdout.read() if process.stdout else ""
-                assert time.monotonic() < deadline, "server did not come up"
-                time.sleep(0.2)
+        response = wait_for_http(process, f"http://127.0.0.1:{port}/healthz")
         assert response.json()["engine"] == "echo"
     finally:
         process.send_signal(signal.SIGTERM)
