@@ -19,8 +19,6 @@ import argparse
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from urllib.parse import urlencode, urlsplit
 

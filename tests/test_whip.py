@@ -23,7 +23,7 @@ from server.auth import mint_token
 from server.config import ServerConfig
 from server.whip import SDPFRAG, format_sdpfrag, parse_sdpfrag
 
-ECHO = dict(engine="echo", ice_host_addresses=["127.0.0.1"], max_sessions=4)
+ECHO = {"engine": "echo", "ice_host_addresses": ["127.0.0.1"], "max_sessions": 4}
 
 
 def server_session(server, peer: Peer):
