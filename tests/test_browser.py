@@ -72,7 +72,7 @@ async def test_browser_streams_speech_and_hears_the_echo(live_server, tmp_path):
             await page.wait_for_function("window.microturn.transcript.includes('7006652</result>')")
             state = await page.evaluate("window.microturn")
             notice = await page.text_content("#notice")
-            session_url = live_server.url + state["sessionUrl"]
+            session_url = state["sessionUrl"]
             async with httpx.AsyncClient() as client:
                 server_view = (await client.get(session_url)).json()
 
@@ -177,3 +177,40 @@ async def test_the_trained_model_answers_and_reports_a_background_result(trained
     assert "<task>clock" in transcript, transcript  # it delegated the time
     assert task_text is not None and "clock" in task_text
     assert state["stats"]["totalAudioEnergy"] > 0.01  # and it spoke
+
+
+async def test_the_page_restarts_ice_over_whip_patch_and_the_call_carries_on(live_server):
+    """Chromium's own ICE agent restarts (new ufrag/pwd, new candidates) through the
+    page's WHIP PATCH; the server's agent must answer the new credentials, or the
+    browser's checks fail and media stops."""
+    from server import ice
+
+    async with async_playwright() as playwright:
+        browser = await playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            page = await browser.new_page()
+            await page.goto(live_server.url)
+            await page.click("#connect")
+            await page.wait_for_function("window.microturn.status === 'connected' && window.microturn.turns >= 5",
+                                         timeout=15_000)
+            session_url = await page.evaluate("window.microturn.sessionUrl")
+            session = live_server.app.state.registry.get(session_url.rsplit("/", 1)[1])
+            browser_ufrag = ice.remote_ufrag(session.pc)
+            server_ufrag = ice.local_ice(session.pc)[0].ufrag
+
+            assert await page.evaluate("window.microturn.restartIce()") is True
+            for _ in range(100):
+                if ice.nominated_in_current_generation(session.pc):
+                    break
+                await asyncio.sleep(0.1)
+            assert ice.nominated_in_current_generation(session.pc), "no pair of the new generation was nominated"
+            assert ice.remote_ufrag(session.pc) != browser_ufrag
+            assert ice.local_ice(session.pc)[0].ufrag != server_ufrag
+            turns = await page.evaluate("window.microturn.turns")
+            await page.wait_for_function(f"window.microturn.turns >= {turns + 10}", timeout=10_000)
+            state = await page.evaluate(
+                "({status: window.microturn.status, restarts: window.microturn.iceRestarts, ice: null})")
+            assert state["status"] == "connected" and state["restarts"] == 1
+            assert session.close_reason is None
+        finally:
+            await browser.close()

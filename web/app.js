@@ -20,6 +20,7 @@ const state = {
   errors: [],
   transcript: "",
   tasks: {}, // task_id -> last task event type
+  iceRestarts: 0,
 };
 window.microturn = state;
 
@@ -174,6 +175,66 @@ async function updateStats() {
   $("stat-packets-out").textContent = `${stats.packetsSent ?? "–"}`;
 }
 
+// ?token=... on the page URL: sent as a bearer token (servers run with --auth-*).
+const TOKEN = new URLSearchParams(location.search).get("token");
+const AUTH = TOKEN ? { Authorization: `Bearer ${TOKEN}` } : {};
+
+/** STUN/TURN servers from the server's WHIP Link headers (RFC 9725 §4.6). */
+async function iceServersFromServer() {
+  const response = await fetch("/v1/sessions", { method: "OPTIONS", headers: AUTH }).catch(() => null);
+  const header = response && response.headers.get("Link");
+  if (!header) return [];
+  const servers = [];
+  for (const link of header.split(/,\s*(?=<)/)) {
+    const url = link.match(/^<([^>]+)>/);
+    if (!url || !/rel="ice-server"/.test(link)) continue;
+    const param = (name) => (link.match(new RegExp(`${name}="([^"]*)"`)) || [])[1];
+    const server = { urls: url[1] };
+    if (param("username") !== undefined) {
+      server.username = param("username");
+      server.credential = param("credential");
+    }
+    servers.push(server);
+  }
+  return servers;
+}
+
+/** ICE restart the WHIP way (RFC 9725 §4.3.2): new credentials and candidates in a
+ *  PATCH, the server's back in its answer; media and data channel carry on. */
+async function restartIce() {
+  if (!pc || !state.sessionUrl) return false;
+  pc.restartIce();
+  await pc.setLocalDescription(await pc.createOffer());
+  await waitForIceGathering(pc);
+  const offer = pc.localDescription.sdp;
+  const pick = (sdp, re) => sdp.split("\r\n").filter((line) => re.test(line));
+  const mid = pick(offer, /^a=mid:/)[0];
+  const fragment = [
+    ...pick(offer, /^a=ice-(ufrag|pwd):/).slice(0, 2), "m=audio 9 UDP/TLS/RTP/SAVPF 0", mid,
+    ...pick(offer, /^a=candidate:/), "a=end-of-candidates", "",
+  ].join("\r\n");
+  const response = await fetch(state.sessionUrl, {
+    method: "PATCH",
+    headers: { "Content-Type": "application/trickle-ice-sdpfrag", "If-Match": "*", ...AUTH },
+    body: fragment,
+  });
+  if (response.status !== 200) throw new Error(`ICE restart refused: HTTP ${response.status}`);
+  const answer = await response.text();
+  const ufrag = pick(answer, /^a=ice-ufrag:/)[0];
+  const pwd = pick(answer, /^a=ice-pwd:/)[0];
+  const candidates = pick(answer, /^a=candidate:/);
+  // The last answer with the server's new credentials and candidates in every m= section.
+  const sections = pc.remoteDescription.sdp.split(/\r\n(?=m=)/).map((section, index) => {
+    const lines = section.split("\r\n").filter((line) => line && !/^a=(ice-ufrag|ice-pwd|candidate|end-of-candidates)/.test(line));
+    return index === 0 ? lines : [...lines, ufrag, pwd, ...candidates, "a=end-of-candidates"];
+  });
+  await pc.setRemoteDescription({ type: "answer", sdp: sections.map((l) => l.join("\r\n")).join("\r\n") + "\r\n" });
+  state.iceRestarts += 1;
+  log("ICE restarted");
+  return true;
+}
+state.restartIce = restartIce;
+
 async function connect() {
   const mine = ++attempt;
   const abandoned = () => mine !== attempt;
@@ -194,7 +255,7 @@ async function connect() {
       return;
     }
     microphone = stream;
-    pc = new RTCPeerConnection({ iceServers: [] });
+    pc = new RTCPeerConnection({ iceServers: await iceServersFromServer() });
     pc.addTransceiver(microphone.getAudioTracks()[0], { direction: "sendrecv" });
     channel = pc.createDataChannel("events");
     channel.addEventListener("message", onEvent);
@@ -208,23 +269,33 @@ async function connect() {
       if (peer.connectionState === "connected") setStatus("connected");
       if (peer.connectionState === "failed") disconnect("failed");
     });
+    // A network change (Wi-Fi to cellular, a new address) drops ICE: restart it
+    // rather than the call. One try per disconnection.
+    pc.addEventListener("iceconnectionstatechange", () => {
+      if (peer.iceConnectionState === "disconnected" && !state.restarting) {
+        state.restarting = true;
+        restartIce().catch((error) => log(String(error), "error")).finally(() => { state.restarting = false; });
+      }
+    });
 
     await pc.setLocalDescription(await pc.createOffer());
     await waitForIceGathering(pc);
     if (abandoned()) return;
     const response = await fetch("/v1/sessions", {
       method: "POST",
-      headers: { "Content-Type": "application/sdp", traceparent: newTraceparent() },
+      headers: { "Content-Type": "application/sdp", traceparent: newTraceparent(), ...AUTH },
       body: pc.localDescription.sdp,
     });
     if (response.status !== 201) {
       const body = await response.json().catch(() => ({}));
-      throw new Error(`signalling failed: HTTP ${response.status} ${body.message || ""}`);
+      const hint = response.status === 401 ? " (open the page with ?token=...)" : "";
+      throw new Error(`signalling failed: HTTP ${response.status} ${body.message || ""}${hint}`);
     }
-    state.sessionUrl = response.headers.get("Location");
+    // Relative to where the offer landed: a router may have redirected it to a node.
+    state.sessionUrl = new URL(response.headers.get("Location"), response.url).href;
     log(`session ${state.sessionUrl}`);
     if (abandoned()) {
-      fetch(state.sessionUrl, { method: "DELETE" });
+      fetch(state.sessionUrl, { method: "DELETE", headers: AUTH });
       return;
     }
     await pc.setRemoteDescription({ type: "answer", sdp: await response.text() });
@@ -245,7 +316,7 @@ async function disconnect(finalStatus = "closed") {
   setInputsEnabled(false);
   const url = state.sessionUrl;
   state.sessionUrl = null;
-  if (url) await fetch(url, { method: "DELETE" }).catch(() => {});
+  if (url) await fetch(url, { method: "DELETE", headers: AUTH }).catch(() => {});
   if (pc) pc.close();
   if (microphone) microphone.getTracks().forEach((track) => track.stop());
   pc = channel = microphone = null;
@@ -270,7 +341,7 @@ $("task-form").addEventListener("submit", (event) => {
 });
 window.addEventListener("pagehide", () => {
   // keepalive lets the DELETE outlive the page; the server also notices the peer vanish.
-  if (state.sessionUrl) fetch(state.sessionUrl, { method: "DELETE", keepalive: true });
+  if (state.sessionUrl) fetch(state.sessionUrl, { method: "DELETE", headers: AUTH, keepalive: true });
 });
 setStatus("idle");
 setInputsEnabled(false);
