@@ -11,7 +11,7 @@ PORT ?= 8000
 ENGINE ?= model
 APT_GET := $(if $(shell [ "$$(id -u)" = 0 ] && echo root),apt-get,sudo apt-get)
 
-.PHONY: serve test install install-dev browser clean
+.PHONY: serve test install install-dev browser whip-client clean
 
 # Debian's Python needs python3-venv for `-m venv`; install it if that is missing.
 $(BIN)/python:
@@ -38,10 +38,17 @@ browser:
 		$(APT_GET) update -q && DEBIAN_FRONTEND=noninteractive $(APT_GET) install -y -q chromium; \
 	fi
 
+# A third-party WHIP client for the interop test (Debian's simple-whip-client), and a
+# C compiler for the small shim that test preloads into it (tests/test_whip_client.py).
+whip-client:
+	@if ! command -v whip-client >/dev/null || ! command -v cc >/dev/null; then \
+		$(APT_GET) update -q && DEBIAN_FRONTEND=noninteractive $(APT_GET) install -y -q simple-whip-client gcc libc6-dev; \
+	fi
+
 serve: install
 	$(BIN)/microturn serve --host $(HOST) --port $(PORT) --engine $(ENGINE)
 
-test: install-dev browser
+test: install-dev browser whip-client
 	tests/run $(BIN)/python -m pytest $(PYTEST_ARGS)
 
 clean:

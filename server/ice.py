@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 from aioice import Connection
 from aioice.ice import CandidatePair
-from aiortc import RTCConfiguration, RTCIceCandidate, RTCIceServer, RTCPeerConnection
+from aiortc import RTCConfiguration, RTCIceCandidate, RTCIceServer, RTCPeerConnection, RTCSessionDescription
 from aiortc.rtcicetransport import RTCIceGatherer, candidate_to_aioice
 from aiortc.sdp import candidate_from_sdp
 
@@ -209,6 +209,16 @@ def _start_checks(agent: Connection) -> None:
         if pair.state == CandidatePair.State.FROZEN and pair.task is None:
             agent.check_state(pair, CandidatePair.State.WAITING)
             agent.check_start_task(pair)
+
+
+def passive_dtls(answer: RTCSessionDescription) -> RTCSessionDescription:
+    """The answer with us as DTLS server (``a=setup:passive``) where aiortc chose
+    client. As client aiortc offers only ECDHE-ECDSA ciphers, which a DTLS server
+    with an RSA certificate (GStreamer's webrtcbin: OBS-style WHIP clients) cannot
+    accept ("no shared cipher"); as server it picks from what the client offers.
+    aiortc takes its DTLS role from the local description, so this is all it needs.
+    Only valid when the offer said ``actpass``, as every WebRTC offer does."""
+    return RTCSessionDescription(answer.sdp.replace("a=setup:active", "a=setup:passive"), answer.type)
 
 
 def _random_ice_string(length: int) -> str:

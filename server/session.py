@@ -29,7 +29,7 @@ from server import telemetry as tm
 from server.config import ServerConfig
 from server.engine import Engine, StepInfo
 from server.events import CHANNEL_LABEL, PROTOCOL_VERSION, ProtocolError, RateLimit, parse_client_message, server_event
-from server.ice import IceServer, add_host_candidates, rtc_configuration
+from server.ice import IceServer, add_host_candidates, passive_dtls, rtc_configuration
 from server.media_in import AudioChunker
 from server.media_out import OutputAudioTrack
 from server.metrics import Metrics
@@ -127,7 +127,7 @@ class Session:
         self.pc.addTrack(self.output)
         answer = await self.pc.createAnswer()
         await add_host_candidates(self.pc, self.config.ice_host_addresses)
-        await self.pc.setLocalDescription(answer)
+        await self.pc.setLocalDescription(passive_dtls(answer) if "a=setup:actpass" in offer_sdp else answer)
         self.output.pre_encode = self.config.pre_encode_opus and self._negotiated_opus()
         if not self._sends_voice():
             # A send-only WHIP publisher hears nothing back, so no sender paces the

@@ -86,8 +86,11 @@ async def create_session(request: Request) -> Response:
         log.exception("session %s failed to start", session.id)
         await session.close("internal error during set-up")
         return error_response(500, "internal_error", "the session could not be started")
+    # Absolute when this node is advertised: a client redirected here by the router
+    # may resolve a relative Location against the router (simple-whip-client does).
+    base = (registry.config.advertise_url or "").rstrip("/")
     response = Response(answer, status_code=201, media_type=SDP,
-                        headers={"Location": f"/v1/sessions/{session.id}", "ETag": etag(session.pc),
+                        headers={"Location": f"{base}/v1/sessions/{session.id}", "ETag": etag(session.pc),
                                  "Accept-Patch": SDPFRAG})
     return with_links(response, ice_server_links(session.ice_servers))
 
@@ -141,7 +144,8 @@ async def create_viewer(request: Request) -> Response:
         log.exception("viewer of session %s failed to start", session.id)
         return error_response(500, "internal_error", "the viewer could not be started")
     response = Response(answer, status_code=201, media_type=SDP,
-                        headers={"Location": f"/v1/sessions/{session.id}/whep/{viewer.id}",
+                        headers={"Location": f"{(session.config.advertise_url or '').rstrip('/')}"
+                                             f"/v1/sessions/{session.id}/whep/{viewer.id}",
                                  "ETag": etag(viewer.pc), "Accept-Patch": SDPFRAG})
     return with_links(response, ice_server_links(session.ice_servers))
 

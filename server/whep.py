@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 
 from aiortc import RTCPeerConnection, RTCSessionDescription
 
-from server.ice import IceServer, add_host_candidates, rtc_configuration
+from server.ice import IceServer, add_host_candidates, passive_dtls, rtc_configuration
 from server.media_out import OutputAudioTrack, VoiceListener
 
 log = logging.getLogger(__name__)
@@ -43,7 +43,7 @@ class Viewer:
         self.pc.addTrack(self.track)
         answer = await self.pc.createAnswer()
         await add_host_candidates(self.pc, self._host_addresses)
-        await self.pc.setLocalDescription(answer)
+        await self.pc.setLocalDescription(passive_dtls(answer) if "a=setup:actpass" in offer_sdp else answer)
         sending = next(t for t in self.pc.getTransceivers() if t.sender.track is self.track)
         codecs = sending._codecs  # aiortc keeps the negotiated list here, first = used
         self.track.takes_opus = bool(codecs) and codecs[0].mimeType.lower() == "audio/opus"
