@@ -37,7 +37,7 @@ def create_app(config: ServerConfig, tracer_provider: TracerProvider | None = No
     (deployments with their own tools; tests with faulty ones)."""
     validate_jitter_prefetch(config.jitter_prefetch)  # a bad setting fails here, not in every offer
     provider = tracer_provider or telemetry.build_tracer_provider()
-    model = make_model(config.engine, config.max_sessions, config.checkpoint)  # fail now, not at first request
+    model = make_model(config.engine, config.max_sessions, config.checkpoint, config.device)  # fail now, not at first request
 
     tracer = provider.get_tracer(telemetry.TRACER_NAME)
     chat = ChatBackend(config.llm_url, config.llm_model, config.llm_api_key) if config.llm_url else None

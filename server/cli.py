@@ -25,6 +25,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--checkpoint", default=defaults.checkpoint,
                        help="model checkpoint directory, or 'random' (default: the shipped checkpoints/tiny)")
     serve.add_argument("--max-sessions", type=int, default=defaults.max_sessions)
+    serve.add_argument("--device", default=defaults.device,
+                       help="where the model steps: cpu (default) or cuda (the GPU image)")
     serve.add_argument(
         "--ice-server", action="append", default=[], metavar="URL",
         help="STUN/TURN server URL (repeatable); none by default, so nothing leaves the machine",
@@ -95,6 +97,7 @@ def serve(args: argparse.Namespace) -> None:
         engine=args.engine,
         checkpoint=None if args.checkpoint == "random" else args.checkpoint,
         max_sessions=args.max_sessions,
+        device=args.device,
         ice_servers=args.ice_server,
         ice_host_addresses=args.ice_host,
         playout_delay_ms=args.playout_delay_ms,

@@ -20,6 +20,7 @@ class ServerConfig:
     engine: str = "model"
     checkpoint: str | None = field(default_factory=default_checkpoint)  # a model.weights directory; None: random
     max_sessions: int = 32
+    device: str = "cpu"  # where the model steps: "cpu", or "cuda" (bf16, xformers when installed)
     # ICE: STUN/TURN URLs (none unless configured) and extra host-candidate
     # addresses such as 127.0.0.1 for loopback-only networks (see ice.py).
     ice_servers: list[str] = field(default_factory=list)

@@ -284,7 +284,7 @@ def model_threads() -> int:
     return max(1, (os.cpu_count() or 2) - 1)
 
 
-def _interaction_model(max_sessions: int, checkpoint: str | None) -> MicroTurnModel:
+def _interaction_model(max_sessions: int, checkpoint: str | None, device: str) -> MicroTurnModel:
     # Imported here: torch takes a second or two to import, and the echo engine needs none of it.
     import torch
 
@@ -292,16 +292,17 @@ def _interaction_model(max_sessions: int, checkpoint: str | None) -> MicroTurnMo
 
     if "OMP_NUM_THREADS" not in os.environ:  # an explicit setting wins
         torch.set_num_threads(model_threads())
-    return load_engine(checkpoint, max_sessions)
+    return load_engine(checkpoint, max_sessions, device=device)
 
 
 ENGINES = ("model", "echo")
 
 
-def make_model(name: str, max_sessions: int = 32, checkpoint: str | None = None) -> MicroTurnModel:
-    """The engine's model by name: ``model`` (the interaction model) or ``echo``."""
+def make_model(name: str, max_sessions: int = 32, checkpoint: str | None = None,
+               device: str = "cpu") -> MicroTurnModel:
+    """The engine's model by name: ``model`` (the interaction model, on ``device``) or ``echo``."""
     if name == "echo":
         return EchoModel()
     if name == "model":
-        return _interaction_model(max_sessions, checkpoint)
+        return _interaction_model(max_sessions, checkpoint, device)
     raise ValueError(f"unknown engine {name!r}; choose from {list(ENGINES)}")

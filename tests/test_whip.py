@@ -246,7 +246,10 @@ async def test_whep_refuses_offers_that_cannot_receive_and_bounds_viewers(speech
                 pc = RTCPeerConnection(ice.rtc_configuration())
                 pcs.append(pc)
                 pc.addTransceiver("audio", direction=direction)
-                await pc.setLocalDescription(await pc.createOffer())
+                offer = await pc.createOffer()
+                # A candidate, or ICE fails at once in a loopback-only namespace and the viewer ends.
+                await ice.add_host_candidates(pc, ["127.0.0.1"])
+                await pc.setLocalDescription(offer)
                 return pc.localDescription.sdp
 
             async with httpx.AsyncClient() as client:
