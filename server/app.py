@@ -122,12 +122,12 @@ def create_app(config: ServerConfig, tracer_provider: TracerProvider | None = No
         Route("/readyz", readyz),
         Route("/v1/sessions", signalling.create_session, methods=["POST"]),
         Route("/v1/sessions", signalling.session_options, methods=["OPTIONS"]),
-        Route("/v1/sessions/{session_id}", signalling.patch_session, methods=["PATCH"]),
-        Route("/v1/sessions/{session_id}", signalling.delete_session, methods=["DELETE"]),
+        Route("/v1/sessions/{session_id}", signalling.patch_resource, methods=["PATCH"]),
+        Route("/v1/sessions/{session_id}", signalling.delete_resource, methods=["DELETE"]),
         Route("/v1/sessions/{session_id}", signalling.get_session, methods=["GET"]),
         Route("/v1/sessions/{session_id}/whep", signalling.create_viewer, methods=["POST"]),
-        Route("/v1/sessions/{session_id}/whep/{viewer_id}", signalling.patch_viewer, methods=["PATCH"]),
-        Route("/v1/sessions/{session_id}/whep/{viewer_id}", signalling.delete_viewer, methods=["DELETE"]),
+        Route("/v1/sessions/{session_id}/whep/{viewer_id}", signalling.patch_resource, methods=["PATCH"]),
+        Route("/v1/sessions/{session_id}/whep/{viewer_id}", signalling.delete_resource, methods=["DELETE"]),
         Mount("/static", StaticFiles(directory=config.web_root), name="static"),
     ]
     return Starlette(routes=routes, lifespan=lifespan, middleware=signalling_middleware(config))

@@ -108,16 +108,26 @@ def _session(request: Request) -> Session | Response:
     return session if session is not None else error_response(404, "not_found", "no such session")
 
 
-async def patch_session(request: Request) -> Response:
+def _resource(request: Request) -> Session | Viewer | Response:
+    """The session, or with ``viewer_id`` in the path its WHEP viewer; else a 404."""
     session = _session(request)
-    return session if isinstance(session, Response) else await patch_ice(request, session.pc)
-
-
-async def delete_session(request: Request) -> Response:
-    session = _session(request)
-    if isinstance(session, Response):
+    if isinstance(session, Response) or "viewer_id" not in request.path_params:
         return session
-    await session.close("deleted by client")
+    viewer = session.viewers.get(request.path_params["viewer_id"])
+    return viewer if viewer is not None else error_response(404, "not_found", "no such viewer")
+
+
+async def patch_resource(request: Request) -> Response:
+    """WHIP/WHEP PATCH: trickle ICE or ICE restart."""
+    resource = _resource(request)
+    return resource if isinstance(resource, Response) else await patch_ice(request, resource.pc)
+
+
+async def delete_resource(request: Request) -> Response:
+    resource = _resource(request)
+    if isinstance(resource, Response):
+        return resource
+    await resource.close("deleted by client")
     return Response(status_code=204)
 
 
@@ -148,24 +158,3 @@ async def create_viewer(request: Request) -> Response:
                                              f"/v1/sessions/{session.id}/whep/{viewer.id}",
                                  "ETag": etag(viewer.pc), "Accept-Patch": SDPFRAG})
     return with_links(response, ice_server_links(session.ice_servers))
-
-
-def _viewer(request: Request) -> Viewer | Response:
-    session = _session(request)
-    if isinstance(session, Response):
-        return session
-    viewer = session.viewers.get(request.path_params["viewer_id"])
-    return viewer if viewer is not None else error_response(404, "not_found", "no such viewer")
-
-
-async def patch_viewer(request: Request) -> Response:
-    viewer = _viewer(request)
-    return viewer if isinstance(viewer, Response) else await patch_ice(request, viewer.pc)
-
-
-async def delete_viewer(request: Request) -> Response:
-    viewer = _viewer(request)
-    if isinstance(viewer, Response):
-        return viewer
-    await viewer.close("deleted by client")
-    return Response(status_code=204)
