@@ -250,6 +250,9 @@ def train(args: argparse.Namespace) -> list[float]:
         print(file=sys.stderr)
     if distributed:
         check_replicas_agree(model)
+        # Leave together: a rank tearing down gloo while the other still uses it (rank 0
+        # saving) ended once in "terminate called without an active exception".
+        dist.barrier()
         dist.destroy_process_group()
     return losses
 
