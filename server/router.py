@@ -153,15 +153,11 @@ async def report_capacity(config: ServerConfig, registry: SessionRegistry) -> No
     assert config.router_url is not None
     url = config.router_url.rstrip("/") + "/v1/nodes"
     advertise = config.advertise_url
-    headers = {}
-    if config.auth_secret:
-        headers["Authorization"] = f"Bearer {mint_token(config.auth_secret, 3600, 'node')}"
-    elif config.auth_tokens:
-        headers["Authorization"] = f"Bearer {config.auth_tokens[0]}"
+    headers = {"Authorization": f"Bearer {config.auth_tokens[0]}"} if config.auth_tokens else {}
     failing = False
     async with httpx.AsyncClient(timeout=2.0) as client:
         while True:
-            if config.auth_secret:  # refresh well before the hour is up
+            if config.auth_secret:  # a fresh token each beat: never near its expiry
                 headers["Authorization"] = f"Bearer {mint_token(config.auth_secret, 3600, 'node')}"
             beat = {"url": advertise, "capacity": registry.capacity, "free": registry.free,
                     "ready": registry.engine.alive and registry.free > 0}

@@ -23,6 +23,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from server import telemetry as tm
+from server.config import ServerConfig
 from server.session import Session
 from server.sessions import SessionRegistry
 from server.whep import Viewer
@@ -86,13 +87,17 @@ async def create_session(request: Request) -> Response:
         log.exception("session %s failed to start", session.id)
         await session.close("internal error during set-up")
         return error_response(500, "internal_error", "the session could not be started")
-    # Absolute when this node is advertised: a client redirected here by the router
-    # may resolve a relative Location against the router (simple-whip-client does).
-    base = (registry.config.advertise_url or "").rstrip("/")
     response = Response(answer, status_code=201, media_type=SDP,
-                        headers={"Location": f"{base}/v1/sessions/{session.id}", "ETag": etag(session.pc),
+                        headers={"Location": _location(registry.config, f"/v1/sessions/{session.id}"),
+                                 "ETag": etag(session.pc),
                                  "Accept-Patch": SDPFRAG})
     return with_links(response, ice_server_links(session.ice_servers))
+
+
+def _location(config: ServerConfig, path: str) -> str:
+    """Absolute when this node is advertised: a client redirected here by the router
+    may resolve a relative Location against the router (simple-whip-client does)."""
+    return (config.advertise_url or "").rstrip("/") + path
 
 
 async def session_options(request: Request) -> Response:
@@ -154,7 +159,6 @@ async def create_viewer(request: Request) -> Response:
         log.exception("viewer of session %s failed to start", session.id)
         return error_response(500, "internal_error", "the viewer could not be started")
     response = Response(answer, status_code=201, media_type=SDP,
-                        headers={"Location": f"{(session.config.advertise_url or '').rstrip('/')}"
-                                             f"/v1/sessions/{session.id}/whep/{viewer.id}",
+                        headers={"Location": _location(session.config, f"/v1/sessions/{session.id}/whep/{viewer.id}"),
                                  "ETag": etag(viewer.pc), "Accept-Patch": SDPFRAG})
     return with_links(response, ice_server_links(session.ice_servers))
