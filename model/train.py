@@ -197,6 +197,9 @@ def train(args: argparse.Namespace) -> list[float]:
     if args.resume and state_path.exists():
         model = load_checkpoint(out)
         state = torch.load(state_path, map_location="cpu")
+    elif args.init:  # fine-tune: its weights, a fresh optimiser and schedule
+        model = load_checkpoint(args.init)
+        state = None
     else:
         model = InteractionModel(preset(args.preset, audio_head=args.audio_head))
         state = None
@@ -282,6 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--workers", type=int, default=2, help="processes generating conversations")
     parser.add_argument("--save-every", type=int, default=200)
     parser.add_argument("--resume", action="store_true")
+    parser.add_argument("--init", default="", help="start from this checkpoint's weights (not with --resume)")
     return parser
 
 
