@@ -74,7 +74,9 @@ def create_app(config: ServerConfig, tracer_provider: TracerProvider | None = No
         finally:
             for task in background:
                 task.cancel()
-            await app.state.registry.close_all("server shutting down")
+            # SIGTERM: uvicorn has stopped accepting connections; tell every client,
+            # let replies and tasks finish (bounded), then flush what must not be lost.
+            await app.state.registry.drain("server_shutdown", config.drain_timeout_s)
             engine.stop()
             provider.force_flush()
             metrics.shutdown()
@@ -108,7 +110,7 @@ def create_app(config: ServerConfig, tracer_provider: TracerProvider | None = No
         a load balancer's pool (or Kubernetes' Service) without dropping its calls,
         whose media flows to the pod directly."""
         registry: SessionRegistry = request.app.state.registry
-        ready = registry.engine.alive and registry.free > 0
+        ready = registry.engine.alive and registry.free > 0 and not registry.draining
         return JSONResponse({"ready": ready, "free": registry.free, "capacity": registry.capacity,
                              "sessions": len(registry)}, status_code=200 if ready else 503)
 

@@ -55,6 +55,16 @@ class ServerConfig:
     stall_after_s: float = 0.5
     # A session whose peer has not connected by then is closed.
     connect_timeout_s: float = 15.0
+    # A connected peer that has sent nothing (no audio, no message) for this long has
+    # vanished (closed its laptop, lost its network): its slot is freed. Much sooner
+    # than ICE consent expiry (30 s). Clients that send no audio must ping.
+    peer_timeout_s: float = 5.0
+    # Sessions end after this long (``session.ending``, then a drain): a slot is not
+    # held for ever by a forgotten tab. 0: no limit.
+    max_session_s: float = 3600.0
+    # On SIGTERM (or the max duration) a session is told ``session.ending`` and given
+    # this long to finish the reply being spoken and its running tasks.
+    drain_timeout_s: float = 10.0
     max_offer_bytes: int = 64 * 1024
     gil_switch_interval_s: float = 0.001
     # Admission: sessions beyond ``capacity`` get 503. None: measured at start-up as
@@ -64,7 +74,12 @@ class ServerConfig:
     # Data channel and background model limits.
     messages_per_second: float = 20.0
     message_burst: float = 40.0
+    max_message_bytes: int = 16 * 1024
+    max_text_chars: int = 2_000  # one text.input
     max_tasks_per_session: int = 4
+    # Session recordings (server/recording.py): off unless a directory is given, and
+    # then only for sessions whose client asks (the page's consent box: ?record=1).
+    record_dir: str | None = None
     # OpenAI-compatible chat backend for the background model (the `chat` tool).
     llm_url: str | None = None
     llm_model: str = "gpt-4o-mini"

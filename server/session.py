@@ -42,6 +42,8 @@ log = logging.getLogger(__name__)
 
 _MAX_EARLY_EVENTS = 64  # events kept for a data channel that is not open yet
 _WATCHDOG_PERIOD_S = 0.1
+_PEER_WATCH_PERIOD_S = 0.25
+_QUIET_RMS = 0.01  # an output turn quieter than this is not speech (drain waits for one)
 _ALIGN_FRAMES = 5  # frames whose arrival times place the first chunk on the engine grid
 
 
@@ -86,6 +88,9 @@ class Session:
         self.stats = SessionStats()
         self.channel: RTCDataChannel | None = None
         self.close_reason: str | None = None
+        self.ending_reason: str | None = None  # set once ``session.ending`` went out
+        self._last_heard = time.monotonic()  # the peer's last audio frame or message
+        self._last_output_rms = 0.0
         self._on_closed = on_closed
         self._chunker: AudioChunker | None = None
         self._first_frames: list[tuple[av.AudioFrame, float]] = []  # held until the chunker is aligned
@@ -135,6 +140,9 @@ class Session:
             self._spawn(self._pace_unsent_voice())
         self.engine.open_session(self.id, self)
         self._spawn(self._close_unless_connected(self.config.connect_timeout_s))
+        self._spawn(self._close_if_vanished())
+        if self.config.max_session_s > 0:
+            self._spawn(self._end_after(self.config.max_session_s))
         return self.pc.localDescription.sdp
 
     def _negotiated_opus(self) -> bool:
@@ -174,6 +182,37 @@ class Session:
         await asyncio.sleep(timeout_s)
         if self.pc.connectionState != "connected":
             await self.close(f"not connected within {timeout_s:g} s")
+
+    async def _close_if_vanished(self) -> None:
+        """A peer that went away without closing (lid shut, network gone) sends
+        nothing more; ICE consent would notice only after 30 s."""
+        timeout = self.config.peer_timeout_s
+        while True:
+            await asyncio.sleep(_PEER_WATCH_PERIOD_S)
+            if self.pc.connectionState != "connected":
+                self._last_heard = time.monotonic()  # the connect timeout covers this phase
+            elif time.monotonic() - self._last_heard > timeout:
+                await self.close(f"peer vanished (nothing heard for {timeout:g} s)")
+                return
+
+    async def _end_after(self, seconds: float) -> None:
+        await asyncio.sleep(seconds)
+        await self.end("max_duration", self.config.drain_timeout_s)
+
+    async def end(self, reason: str, drain_s: float) -> None:
+        """End gracefully: tell the client (``session.ending``), let the reply being
+        spoken and the running tasks finish — at most ``drain_s`` — then close."""
+        if self.ending_reason is not None or self.close_reason is not None:
+            return
+        self.ending_reason = reason
+        deadline = time.monotonic() + drain_s
+        self.emit("session.ending", reason=reason, deadline_ms=round((time.time() + drain_s) * 1000))
+        while time.monotonic() < deadline and self.close_reason is None:
+            if self.tasks.running == 0 and self._last_output_rms < _QUIET_RMS:
+                break
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(min(0.1, max(0.0, deadline - time.monotonic())))  # let the last events go out
+        await self.close(reason)
 
     async def close(self, reason: str) -> None:
         """Release everything the session holds. Safe to call more than once."""
@@ -244,7 +283,7 @@ class Session:
             assert isinstance(frame, av.AudioFrame)
             self.stats.frames_in += 1
             now = time.monotonic()
-            self._clock_wall = now
+            self._clock_wall = self._last_heard = now
             if self._chunker is None:
                 self._first_frames.append((frame, now))
                 if len(self._first_frames) < _ALIGN_FRAMES:
@@ -334,7 +373,7 @@ class Session:
         self.output.enqueue(output.audio, output.turn)
         self.stats.turns_out += 1
         self.stats.overruns += info.overran
-        out_rms = _rms(output.audio)
+        out_rms = self._last_output_rms = _rms(output.audio)
         self.stats.output_rms_max = max(self.stats.output_rms_max, out_rms)
         closed_ns = self._chunk_closed_ns.pop(output.turn, None)
         self._trace_microturn(output, info, closed_ns)
@@ -436,6 +475,7 @@ class Session:
         )
 
     def _on_message(self, raw: str | bytes) -> None:
+        self._last_heard = time.monotonic()
         try:
             if not self._rate.allow():
                 raise ProtocolError("rate_limited", "too many messages; slow down")
@@ -481,6 +521,8 @@ class Session:
 
     def _create_task(self, tool: str, tool_input: str, origin: str, ref: str | None = None) -> None:
         try:
+            if self.ending_reason is not None:
+                raise TaskError("session_ending", f"the session is ending ({self.ending_reason}); no new tasks")
             self.tasks.create(tool, tool_input, origin, ref)
             self.stats.tasks_created += 1
         except TaskError as exc:

@@ -24,6 +24,7 @@ class SessionRegistry:
         self.tools = tools
         self.metrics = metrics
         self.capacity = min(capacity, config.max_sessions)
+        self.draining = False  # shutting down: no new sessions
         self._sessions: dict[str, Session] = {}
 
     def __len__(self) -> int:
@@ -55,3 +56,9 @@ class SessionRegistry:
 
     async def close_all(self, reason: str) -> None:
         await asyncio.gather(*(s.close(reason) for s in list(self._sessions.values())))
+
+    async def drain(self, reason: str, timeout_s: float) -> None:
+        """Stop admitting, end every session gracefully, and close what is left."""
+        self.draining = True
+        await asyncio.gather(*(s.end(reason, timeout_s) for s in list(self._sessions.values())))
+        await self.close_all(reason)

@@ -72,6 +72,10 @@ async def create_session(request: Request) -> Response:
     offer = await read_offer(request, registry.config.max_offer_bytes)
     if isinstance(offer, Response):
         return offer
+    if registry.draining:
+        registry.metrics.rejected_sessions.add(1, {tm.ATTR_REASON: "draining"})
+        return error_response(503, "draining", "this server is shutting down; retry (elsewhere)",
+                              {"Retry-After": "1"})
     if registry.full:
         registry.metrics.rejected_sessions.add(1, {tm.ATTR_REASON: "at_capacity"})
         return error_response(503, "at_capacity", f"all {registry.capacity} session slots are taken, retry later",

@@ -1,0 +1,142 @@
+"""How sessions end: graceful shutdown on SIGTERM, the maximum duration, and peers
+that vanish without closing — each over real WebRTC against a real server."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+
+import httpx
+from conftest import free_port, microturn_process, running_server, serving, wait_for_http
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from loadtest.peer import Peer
+from server.config import ServerConfig
+
+ECHO = dict(engine="echo", ice_host_addresses=["127.0.0.1"])
+
+
+def otlp_collector() -> tuple[Starlette, list[bytes]]:
+    """A stand-in for the OpenTelemetry Collector (an external service we do not
+    ship): it keeps every OTLP/HTTP trace export it is sent."""
+    received: list[bytes] = []
+
+    async def traces(request: Request) -> Response:
+        received.append(await request.body())
+        return Response(b"", media_type="application/x-protobuf")
+
+    return Starlette(routes=[Route("/v1/traces", traces, methods=["POST"])]), received
+
+
+async def test_sigterm_tells_clients_drains_running_tasks_and_flushes_traces(speech):
+    collector, exports = otlp_collector()
+    port = free_port()
+    with serving(collector) as collector_url:
+        process = microturn_process(
+            "serve", "--port", str(port), "--engine", "echo", "--ice-host", "127.0.0.1", "--drain-timeout-s", "5",
+            env={"OTEL_TRACES_EXPORTER": "otlp", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": f"{collector_url}/v1/traces",
+                 "OTEL_BSP_SCHEDULE_DELAY": "60000"})  # nothing leaves before the shutdown flush
+        url = f"http://127.0.0.1:{port}"
+        try:
+            wait_for_http(process, f"{url}/healthz")
+            peer = Peer(url, speech)
+            await peer.connect()
+            await peer.wait_for_event("session.ready")
+            session_id = peer.session_url.rsplit("/", 1)[1]
+            peer.send({"type": "task.create", "tool": "timer", "input": "2 s: tea", "ref": "r1"})
+            created = await peer.wait_for_event("task.created", ref="r1")
+            process.send_signal(signal.SIGTERM)
+            signalled = time.monotonic()
+
+            ending = await peer.wait_for_event("session.ending", timeout=5)
+            assert ending["reason"] == "server_shutdown"
+            assert ending["deadline_ms"] > time.time() * 1000
+            # The running task was allowed to finish and its result reached the client.
+            done = await peer.wait_for_event("task.done", timeout=6, task_id=created["task_id"])
+            assert "tea" in str(done["result"])
+            assert process.wait(10) in (0, -signal.SIGTERM)
+            exited_s = time.monotonic() - signalled
+            assert 1.0 < exited_s < 5 + 3, exited_s  # waited for the task, not for the full deadline
+            # New sessions are no longer admitted: the listener is gone.
+            async with httpx.AsyncClient() as client:
+                try:
+                    refused = await client.post(f"{url}/v1/sessions", content="v=0\r\n",
+                                                headers={"Content-Type": "application/sdp"})
+                    assert refused.status_code == 503
+                except httpx.ConnectError:
+                    pass
+            for _ in range(50):  # the peer sees its connection end
+                if peer.pc.connectionState in ("closed", "failed"):
+                    break
+                await asyncio.sleep(0.1)
+            await peer.close(delete=False)
+        finally:
+            if process.poll() is None:
+                process.kill()
+            output = process.stdout.read() if process.stdout else ""
+        # The trace of the session (ended at shutdown) was exported before exit.
+        assert any(session_id.encode() in body for body in exports), output[-2000:]
+        assert "Application shutdown complete" in output
+
+
+async def test_a_draining_server_refuses_new_sessions_with_503(speech):
+    with running_server(ServerConfig(**ECHO)) as server:
+        registry = server.app.state.registry
+        registry.draining = True
+        peer = Peer(server.url, speech)
+        try:
+            await peer.connect()
+            raise AssertionError("a draining server admitted a session")
+        except RuntimeError as exc:
+            assert "503" in str(exc) and "draining" in str(exc)
+        finally:
+            await peer.close(delete=False)
+        async with httpx.AsyncClient() as client:
+            assert (await client.get(f"{server.url}/readyz")).status_code == 503
+        registry.draining = False
+
+
+async def test_a_session_ends_gracefully_at_its_maximum_duration(speech):
+    with running_server(ServerConfig(**ECHO, max_session_s=1.5, drain_timeout_s=1.0)) as server:
+        peer = Peer(server.url, speech)
+        await peer.connect()
+        await peer.wait_for_event("session.ready")
+        ending = await peer.wait_for_event("session.ending", timeout=4)
+        assert ending["reason"] == "max_duration"
+        # Ending refuses new tasks with a clear error ...
+        peer.send({"type": "task.create", "tool": "calc", "input": "1 + 1", "ref": "late"})
+        error = await peer.wait_for_event("error", timeout=2, ref="late")
+        assert error["code"] == "session_ending"
+        # ... and within the drain deadline the session is gone.
+        async with httpx.AsyncClient() as client:
+            for _ in range(40):
+                if (await client.get(peer.session_url)).status_code == 404:
+                    break
+                await asyncio.sleep(0.1)
+            assert (await client.get(peer.session_url)).status_code == 404
+        await peer.close(delete=False)
+
+
+async def test_a_peer_that_falls_silent_is_freed_after_the_peer_timeout(speech):
+    with running_server(ServerConfig(**ECHO, peer_timeout_s=1.0)) as server:
+        quiet, talking = Peer(server.url, speech), Peer(server.url, speech)
+        for peer in (quiet, talking):
+            await peer.connect()
+            await peer.wait_for_event("session.ready")
+        # No more audio and no messages, but the connection itself stays up.
+        quiet.pc.getSenders()[0].replaceTrack(None)
+        stopped = time.monotonic()
+        async with httpx.AsyncClient() as client:
+            while (await client.get(quiet.session_url)).status_code != 404:
+                assert time.monotonic() - stopped < 4, "the silent session was not freed"
+                await asyncio.sleep(0.1)
+            freed_s = time.monotonic() - stopped
+            assert freed_s > 0.9  # not before the timeout
+            # Its neighbour, still talking, is untouched.
+            assert (await client.get(talking.session_url)).status_code == 200
+        for peer in (quiet, talking):
+            await peer.close()
