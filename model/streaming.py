@@ -5,6 +5,15 @@ and a little streaming state (dMel left context, vocoder phase, the output token
 waiting to be fed, queued input text, its own random generator). A step runs
 ``out_positions`` forward passes over the whole batch: the first appends every
 session's new input tokens to its cache, each later one a single output token.
+
+Faults stay with their session. A step is all-or-nothing: if it raises, every
+session of the batch is put back as it was (``_Saved``), so the engine can retry
+the batch's sessions in smaller groups to find the one that broke it. A session
+whose hidden state turns non-finite (NaN/Inf) is caught after each pass: it gets
+silence and no text for the turn, its model state is reset (a fresh conversation)
+and ``faults`` says so. Nothing mixes rows across sessions (per-row matmuls and
+norms, attention over each session's own slot), so its NaN reaches no one else
+(tests/test_faults.py, on the SDPA backend).
 """
 
 from __future__ import annotations
@@ -12,7 +21,7 @@ from __future__ import annotations
 import contextlib
 import os
 import zlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -40,6 +49,34 @@ class _Session:
     decoder: Decoder = field(default_factory=Decoder)
 
 
+@dataclass(slots=True)
+class _Saved:
+    """A session as it was before a step, to put back if the step raises. Tensors the
+    step replaces (rather than writes into) are kept by reference, so saving is cheap;
+    the decoder is left out because it is only touched once nothing can fail."""
+
+    session: _Session
+    dmel_context: torch.Tensor
+    vocoder: VocoderState
+    pending: torch.Tensor | None
+    text_queue: list[int]
+    generator_state: torch.Tensor
+
+    @classmethod
+    def of(cls, session: _Session) -> _Saved:
+        return cls(session, session.dmel_context, session.vocoder, session.pending, list(session.text_queue),
+                   session.generator.get_state())
+
+    def restore(self) -> None:
+        session = self.session
+        session.dmel_context, session.vocoder, session.pending = self.dmel_context, self.vocoder, self.pending
+        session.text_queue = self.text_queue
+        session.generator.set_state(self.generator_state)
+
+
+NON_FINITE = "the model's state for this session turned non-finite (NaN/Inf); it was reset"
+
+
 class StreamingModel:
     """The ``model`` engine. Every method is called from the engine thread only."""
 
@@ -61,9 +98,16 @@ class StreamingModel:
         self.temperature = temperature
         self.weights = weights  # what the page shows: "random" or the checkpoint's name
         self._sessions: dict[str, _Session] = {}
+        # Sessions whose state the last ``step`` had to reset, and why (the engine
+        # reads it after each step; models without it report no faults).
+        self.faults: Mapping[str, str] = {}
 
     def open_session(self, session_id: str) -> None:
-        self.pool.open(session_id)
+        slot = self.pool.open(session_id)
+        # A slot's old entries are masked, but a masked NaN still poisons attention
+        # (its weight is 0, and 0·NaN is NaN): a new session starts from zeros.
+        self.pool.keys[:, slot] = 0
+        self.pool.values[:, slot] = 0
         # Seeded from the session id (not Python's salted hash): reproducible runs.
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + zlib.crc32(session_id.encode()))
         self._sessions[session_id] = _Session(session_id, generator)
@@ -74,11 +118,42 @@ class StreamingModel:
 
     @torch.inference_mode()
     def step(self, batch: Sequence[TurnInput]) -> list[TurnOutput]:
-        with self.autocast:
-            return self._step(batch)
-
-    def _step(self, batch: Sequence[TurnInput]) -> list[TurnOutput]:
+        self.faults = {}
         sessions = [self._sessions[chunk.session_id] for chunk in batch]
+        saved = [_Saved.of(session) for session in sessions]
+        slots = [self.pool.slot(chunk.session_id) for chunk in batch]
+        lengths = [self.pool.lengths[slot] for slot in slots]
+        positions = self.pool.positions[slots]  # advanced indexing: a copy
+        try:
+            with self.autocast:
+                outputs, faulted = self._step(batch, sessions)
+        except BaseException:
+            for state in saved:
+                state.restore()
+            self._restore_pool(slots, lengths, positions)
+            raise
+        for i in faulted:
+            session_id = batch[i].session_id
+            self.close_session(session_id)
+            self.open_session(session_id)
+        self.faults = {batch[i].session_id: NON_FINITE for i in faulted}
+        return outputs
+
+    def _restore_pool(self, slots: list[int], lengths: list[int], positions: torch.Tensor) -> None:
+        """Undo a failed step's appends. The entries it wrote were empty or held keys no
+        later query can see (the ring is sized so): they get their old positions back,
+        zeroed, so they stay masked and finite whatever it wrote (see open_session)."""
+        pool = self.pool
+        rows, entries = (pool.positions[slots] != positions).nonzero(as_tuple=True)
+        touched = torch.tensor(slots, dtype=torch.int64, device=rows.device)[rows]
+        pool.keys[:, touched, entries] = 0
+        pool.values[:, touched, entries] = 0
+        pool.positions[slots] = positions
+        for slot, length in zip(slots, lengths, strict=True):
+            pool.lengths[slot] = length
+
+    def _step(self, batch: Sequence[TurnInput], sessions: list[_Session]) -> tuple[list[TurnOutput], list[int]]:
+        """The batch's outputs, and which of its rows faulted (non-finite)."""
         model, config = self.model, self.config
         n = len(batch)
 
@@ -95,10 +170,16 @@ class StreamingModel:
 
         first = [inputs[i] if s.pending is None else torch.cat([s.pending, inputs[i]]) for i, s in enumerate(sessions)]
         hidden = self._forward(sessions, first)
+        finite = torch.ones(n, dtype=torch.bool, device=device)
         texts, mels = [], []
         for position in range(config.out_positions):
+            finite &= hidden.isfinite().all(-1)
+            # A faulted row goes on with zeros: the heads then cannot raise on it
+            # (e.g. sampling from NaN probabilities); its outputs are discarded.
+            hidden = torch.where(finite[:, None], hidden, 0.0)
             text_ids = model.text_head(pad_rows(hidden))[:n].argmax(-1)
             mel = model.audio_head.sample(hidden, [s.generator for s in sessions], self.temperature)
+            finite &= mel.isfinite().flatten(1).all(-1)
             texts.append(text_ids)
             mels.append(mel)
             fed_back = model.embed_outputs(text_ids, mel)
@@ -107,16 +188,22 @@ class StreamingModel:
         for i, session in enumerate(sessions):
             session.pending = fed_back[i : i + 1].clone()
 
-        voice, states = vocode_chunk(VocoderState.stack([s.vocoder for s in sessions]),
-                                     torch.cat(mels, dim=1).float().cpu())
+        faulted = (~finite).nonzero().flatten().tolist()
+        mel_chunk = torch.cat(mels, dim=1).float().cpu()
+        if faulted:  # the vocoder's rows are independent; this only keeps its input finite
+            mel_chunk[faulted] = dmel.LOG_MIN
+        voice, states = vocode_chunk(VocoderState.stack([s.vocoder for s in sessions]), mel_chunk)
         for session, state in zip(sessions, states.unstack(), strict=True):
             session.vocoder = state
         spoken = torch.stack(texts, dim=1).cpu()  # (n, out_positions)
-        return [
-            TurnOutput(chunk.session_id, chunk.turn, voice[i].clamp(-1, 1).numpy().astype(np.float32),
-                       session.decoder.decode(spoken[i].tolist()))
-            for i, (chunk, session) in enumerate(zip(batch, sessions, strict=True))
-        ]
+        voices = [voice[i].clamp(-1, 1).numpy().astype(np.float32) for i in range(n)]
+        for i in faulted:
+            voices[i] = np.zeros_like(voices[i])
+        # Decoding changes the decoders, so it comes last, where nothing can fail.
+        texts_out = ["" if i in faulted else session.decoder.decode(spoken[i].tolist())
+                     for i, session in enumerate(sessions)]
+        return [TurnOutput(chunk.session_id, chunk.turn, voices[i], texts_out[i])
+                for i, chunk in enumerate(batch)], faulted
 
     def _forward(self, sessions: list[_Session], tokens: list[torch.Tensor]) -> torch.Tensor:
         """Append each session's new tokens; return each session's last hidden state (n, d)."""

@@ -14,6 +14,19 @@ extra small step, never 200 ms of waiting.
 
 Nothing is dropped: a session with a backlog (a slow step) gets one chunk per
 step, in order, on the following ticks, and every step's overrun is reported.
+
+Faults stay with the session that caused them. When ``model.step`` raises for a
+batch, the engine steps its halves, and their halves, until only the session(s)
+that fail alone are left: they get ``on_step_error`` (``step_failed``), everyone
+else gets their output within the same tick. This relies on the model's step
+being all-or-nothing (``StreamingModel`` and ``EchoModel`` are): a failed call
+must leave every session as it was, so the retry computes the same bits. A
+session that failed recently is stepped on its own, after the others, until it
+succeeds; after ``MAX_FAILURES`` failures in a row its model state is reset
+(``session_reset``). A model may also report sessions it reset itself (e.g. a NaN
+in one session's state) through an optional ``faults`` attribute, a mapping of
+session id to reason for the last step; the engine passes those on as
+``session_reset`` too.
 """
 
 from __future__ import annotations
@@ -23,7 +36,7 @@ import os
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -37,6 +50,11 @@ from server import telemetry as tm
 log = logging.getLogger(__name__)
 
 TURN_S = TURN_MS / 1000
+MAX_FAILURES = 3  # failed steps in a row after which a session's model state is reset
+
+# Codes for ``SessionSink.on_step_error``:
+STEP_FAILED = "step_failed"  # this session's step raised; its turn is skipped, its state kept
+SESSION_RESET = "session_reset"  # its model state was reset: the model forgets the conversation
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,9 +62,9 @@ class StepInfo:
     """How the step that produced an output went; shared by a whole batch."""
 
     tick: int
-    batch_size: int
-    step_ms: float
-    overran: bool  # the step took longer than one micro-turn
+    batch_size: int  # sessions in the model call that produced it
+    step_ms: float  # from the start of the tick to the output (with any retries after a fault)
+    overran: bool  # that took longer than one micro-turn
 
 
 class SessionSink(Protocol):
@@ -59,7 +77,9 @@ class SessionSink(Protocol):
 
     def on_output(self, output: TurnOutput, info: StepInfo) -> None: ...
 
-    def on_step_error(self, turn: int, message: str) -> None: ...
+    def on_step_error(self, turn: int, message: str, code: str = STEP_FAILED) -> None:
+        """No output for ``turn`` (``STEP_FAILED``), or the model's state for this
+        session was reset (``SESSION_RESET``; an output may still have come)."""
 
 
 @dataclass(slots=True)
@@ -79,7 +99,10 @@ class Engine:
         self.ticks = 0
         self.overruns = 0
         self.last_step_ms = 0.0
+        self.step_failures = 0  # sessions' turns lost to a failing step
+        self.session_resets = 0  # sessions whose model state was reset
         self._slots: dict[str, _Slot] = {}
+        self._failures: dict[str, int] = {}  # failed steps in a row, by session (engine thread only)
         self._to_open: list[str] = []
         self._to_close: list[str] = []
         self._cond = threading.Condition()
@@ -189,6 +212,7 @@ class Engine:
         # Called with the lock held; the model calls are cheap bookkeeping.
         for session_id in self._to_close:
             self._safe_close(session_id)
+            self._failures.pop(session_id, None)
         for session_id in self._to_open:
             slot = self._slots.get(session_id)
             if slot is None:
@@ -217,7 +241,45 @@ class Engine:
     def _step(self, batch: Sequence[TurnInput], sinks: Sequence[SessionSink]) -> None:
         tick = self.ticks
         self.ticks += 1
-        links = [Link(context) for sink in sinks if (context := sink.span_context) is not None]
+        started = time.monotonic()
+        work = list(zip(batch, sinks, strict=True))
+        # Sessions that failed lately go alone, after the rest: a session whose input
+        # keeps breaking the model then costs the others no retries.
+        suspects = [item for item in work if self._failures.get(item[0].session_id)]
+        healthy = [item for item in work if not self._failures.get(item[0].session_id)]
+        groups = ([healthy] if healthy else []) + [[item] for item in suspects]
+        for group in groups:
+            self._step_isolating(tick, started, group)
+        self.last_step_ms = (time.monotonic() - started) * 1000
+        self.overruns += self.last_step_ms > TURN_MS
+
+    def _step_isolating(self, tick: int, started: float, work: list[tuple[TurnInput, SessionSink]]) -> None:
+        """Step ``work``; if the model raises, step each half instead, down to the
+        sessions that fail on their own."""
+        try:
+            outputs = self._call_model(tick, work)
+        except Exception as exc:  # noqa: BLE001 - any fault of a model step; _failed logs it
+            if len(work) == 1:
+                self._failed(*work[0], exc)
+            else:
+                self._step_isolating(tick, started, work[: len(work) // 2])
+                self._step_isolating(tick, started, work[len(work) // 2 :])
+            return
+        step_ms = (time.monotonic() - started) * 1000
+        info = StepInfo(tick, len(work), step_ms, step_ms > TURN_MS)
+        self._on_step(info)
+        faults: Mapping[str, str] = getattr(self.model, "faults", None) or {}
+        for output, (chunk, sink) in zip(outputs, work, strict=True):
+            self._failures.pop(chunk.session_id, None)
+            _safely(sink.on_output, output, info)
+            if chunk.session_id in faults:
+                self.session_resets += 1
+                _safely(sink.on_step_error, chunk.turn, faults[chunk.session_id], code=SESSION_RESET)
+
+    def _call_model(self, tick: int, work: list[tuple[TurnInput, SessionSink]]) -> list[TurnOutput]:
+        """One ``model.step`` under its own span."""
+        batch = [chunk for chunk, _ in work]
+        links = [Link(context) for _, sink in work if (context := sink.span_context) is not None]
         span = self.tracer.start_span(
             tm.SPAN_MODEL_STEP, links=links,
             attributes={tm.ATTR_TICK: tick, tm.ATTR_BATCH_SIZE: len(batch), tm.ATTR_ENGINE: self.model.name},
@@ -228,24 +290,50 @@ class Engine:
             if len(outputs) != len(batch):
                 raise RuntimeError(f"model returned {len(outputs)} outputs for {len(batch)} inputs")
         except Exception as exc:
-            log.exception("model step failed for a batch of %d", len(batch))
+            log.warning("model step failed for a batch of %d: %r", len(batch), exc)
             span.record_exception(exc)
             span.set_status(Status(StatusCode.ERROR, str(exc)))
             span.end()
-            for chunk, sink in zip(batch, sinks, strict=True):
-                sink.on_step_error(chunk.turn, f"model step failed: {exc}")
-            return
+            raise
         step_ms = (time.monotonic() - started) * 1000
-        self.last_step_ms = step_ms
-        overran = step_ms > TURN_MS
-        self.overruns += overran
         span.set_attribute(tm.ATTR_STEP_MS, step_ms)
-        span.set_attribute(tm.ATTR_OVERRAN, overran)
+        span.set_attribute(tm.ATTR_OVERRAN, step_ms > TURN_MS)
         span.end()
-        info = StepInfo(tick, len(batch), step_ms, overran)
-        self._on_step(info)
-        for output, sink in zip(outputs, sinks, strict=True):
-            sink.on_output(output, info)
+        return outputs
+
+    def _failed(self, chunk: TurnInput, sink: SessionSink, exc: Exception) -> None:
+        """``chunk`` failed on its own: report it; reset the session after MAX_FAILURES in a row."""
+        session_id = chunk.session_id
+        log.error("model step failed for session %s, turn %d", session_id, chunk.turn, exc_info=exc)
+        self.step_failures += 1
+        failures = self._failures.get(session_id, 0) + 1
+        if failures < MAX_FAILURES:
+            self._failures[session_id] = failures
+            _safely(sink.on_step_error, chunk.turn, f"model step failed: {exc}")
+            return
+        self._failures.pop(session_id, None)
+        self.session_resets += 1
+        self._safe_close(session_id)
+        try:
+            self.model.open_session(session_id)
+        except Exception as reopen:  # it cannot come back: it is gone, like a failed open
+            log.exception("model.open_session(%s) failed after a reset", session_id)
+            with self._cond:
+                self._slots.pop(session_id, None)
+            _safely(sink.on_step_error, chunk.turn, f"the model could not take this session back: {reopen}",
+                    code=SESSION_RESET)
+            return
+        _safely(sink.on_step_error, chunk.turn,
+                f"model step failed {MAX_FAILURES} times in a row ({exc}); the session's model state was reset",
+                code=SESSION_RESET)
+
+
+def _safely(call: Callable[..., None], *args: object, **kwargs: object) -> None:
+    """Call a sink; a broken one must not keep the other sessions' results from them."""
+    try:
+        call(*args, **kwargs)
+    except Exception:
+        log.exception("session sink %s failed", getattr(call, "__qualname__", call))
 
 
 class EchoModel:
@@ -268,11 +356,10 @@ class EchoModel:
         self._previous.pop(session_id, None)
 
     def step(self, batch: Sequence[TurnInput]) -> list[TurnOutput]:
-        outputs = []
+        # All lookups before any change: a failing step changes nothing (see Engine).
+        outputs = [TurnOutput(chunk.session_id, chunk.turn, self._previous[chunk.session_id], chunk.text)
+                   for chunk in batch]
         for chunk in batch:
-            outputs.append(
-                TurnOutput(chunk.session_id, chunk.turn, self._previous[chunk.session_id], chunk.text)
-            )
             self._previous[chunk.session_id] = chunk.audio
         return outputs
 

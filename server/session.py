@@ -364,8 +364,8 @@ class Session:
     def on_output(self, output: TurnOutput, info: StepInfo) -> None:
         self.loop.call_soon_threadsafe(self._deliver, output, info)
 
-    def on_step_error(self, turn: int, message: str) -> None:
-        self.loop.call_soon_threadsafe(self._report_step_error, turn, message)
+    def on_step_error(self, turn: int, message: str, code: str = "step_failed") -> None:
+        self.loop.call_soon_threadsafe(self._report_step_error, turn, message, code)
 
     def _deliver(self, output: TurnOutput, info: StepInfo) -> None:
         if self.close_reason is not None:
@@ -420,13 +420,13 @@ class Session:
         )
         span.end()
 
-    def _report_step_error(self, turn: int, message: str) -> None:
+    def _report_step_error(self, turn: int, message: str, code: str) -> None:
         if self.close_reason is not None:
             return
         self.stats.step_errors += 1
         self._chunk_closed_ns.pop(turn, None)
         self._chunk_rms.pop(turn, None)
-        self.emit("error", code="step_failed", message=message, turn=turn)
+        self.emit("error", code=code, message=message, turn=turn)
 
     # -- data channel -----------------------------------------------------------------
 

@@ -6,6 +6,11 @@ Each task runs as an asyncio task with the tool's timeout; it reports
 ``task.created``, ``task.progress``, then ``task.done`` or ``task.failed``. A
 result goes back to the model as text input, ``<result>ID: RESULT</result>``, at
 the session's next micro-turn, so the model can speak it.
+
+A tool that raises, returns something other than text, or outlives its timeout
+fails its own task (``task.failed`` with the reason) and nothing else; one that
+ignores being cancelled is left behind rather than waited for, so its task still
+fails on time and frees its place.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ from typing import Any
 from opentelemetry import trace
 
 from server import telemetry as tm
-from server.tools import Tool, ToolError
+from server.tools import Progress, Tool, ToolError
 
 log = logging.getLogger(__name__)
 
@@ -99,8 +104,9 @@ class TaskManager:
             outcome = "failed"
             try:
                 with self._tracer.start_as_current_span(tm.SPAN_TOOL_CALL, attributes={tm.ATTR_TOOL: tool.name}):
-                    async with asyncio.timeout(tool.timeout_s):
-                        result = await tool.run(tool_input, self._progress(task))
+                    result = await _call(tool, tool_input, self._progress(task))
+                if not isinstance(result, str):
+                    raise ToolError(f"tool returned {type(result).__name__}, not text")
                 outcome = "done"
                 self._emit("task.done", task_id=task.task_id, tool=tool.name, result=result)
                 self._deliver_result(f"<result>{task.task_id}: {result}</result>")
@@ -127,6 +133,27 @@ class TaskManager:
                 self._emit("task.progress", task_id=task.task_id, fraction=value, message=message)
 
         return report
+
+
+async def _call(tool: Tool, tool_input: str, progress: Progress) -> object:
+    """``tool.run``'s result, or TimeoutError at its timeout even if the tool ignores
+    cancellation (``asyncio.timeout`` would wait for such a tool for ever)."""
+    call = asyncio.ensure_future(tool.run(tool_input, progress))
+    try:
+        done, _ = await asyncio.wait({call}, timeout=tool.timeout_s)
+    finally:
+        if not call.done():  # timed out, or this task was cancelled
+            call.cancel()
+            call.add_done_callback(_forget)
+    if not done:
+        raise TimeoutError
+    return call.result()
+
+
+def _forget(call: asyncio.Future[object]) -> None:
+    """Retrieve an abandoned call's outcome, so asyncio does not log it as never retrieved."""
+    if not call.cancelled():
+        call.exception()
 
 
 _REQUEST = re.compile(r"<task>(.*?)</task>", re.DOTALL)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from model.interface import SAMPLE_RATE, TURN_SAMPLES, TurnInput, TurnOutput
-from server.engine import TURN_S, EchoModel, Engine, StepInfo
+from server.engine import MAX_FAILURES, SESSION_RESET, STEP_FAILED, TURN_S, EchoModel, Engine, StepInfo
 
 
 class Collector:
@@ -21,14 +21,16 @@ class Collector:
     def __init__(self) -> None:
         self.outputs: list[tuple[TurnOutput, StepInfo]] = []
         self.errors: list[tuple[int, str]] = []
+        self.codes: list[str] = []
         self.event = threading.Event()
 
     def on_output(self, output: TurnOutput, info: StepInfo) -> None:
         self.outputs.append((output, info))
         self.event.set()
 
-    def on_step_error(self, turn: int, message: str) -> None:
+    def on_step_error(self, turn: int, message: str, code: str = STEP_FAILED) -> None:
         self.errors.append((turn, message))
+        self.codes.append(code)
         self.event.set()
 
     def wait_for(self, count: int, timeout: float = 5.0) -> None:
@@ -53,6 +55,26 @@ class SlowModel(EchoModel):
         if any(c.turn == self.fail_on_turn for c in batch):
             raise RuntimeError("boom")
         return super().step(batch)
+
+
+class PickyModel(EchoModel):
+    """The echo model, failing every step that includes a session in ``refuse``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.refuse: set[str] = set()
+        self.batches: list[list[str]] = []
+
+    def step(self, batch: Sequence[TurnInput]) -> list[TurnOutput]:
+        self.batches.append([c.session_id for c in batch])
+        if refused := sorted(c.session_id for c in batch if c.session_id in self.refuse):
+            raise RuntimeError(f"cannot step {refused}")
+        return super().step(batch)
+
+
+class BrokenSink(Collector):
+    def on_output(self, output: TurnOutput, info: StepInfo) -> None:
+        raise RuntimeError("sink bug")
 
 
 def chunk(session_id: str, turn: int, value: float = 0.0) -> TurnInput:
@@ -174,3 +196,54 @@ def test_a_session_that_joins_mid_step_waits_at_most_one_step(engine_factory):
     # late was stepped in the very next step, together with early's next chunk.
     assert model.batches[0] == [("early", 0)]
     assert sorted(model.batches[1]) == [("early", 1), ("late", 0)]
+
+
+def test_a_failing_session_is_found_and_only_it_loses_its_turn(engine_factory):
+    model = PickyModel()
+    engine = engine_factory(model, batch_window_s=1.0)
+    sinks = {name: Collector() for name in "abcd"}
+    for name, sink in sinks.items():
+        engine.open_session(name, sink)
+
+    def turn(t: int) -> None:
+        for name in "abcd":
+            engine.submit(chunk(name, t, value=t + 1))
+        for sink in sinks.values():
+            sink.wait_for(t + 1)
+
+    turn(0)
+    model.refuse = {"b"}
+    model.batches.clear()
+    turn(1)
+    # Halves of the batch, down to the session that fails alone; in one tick.
+    assert model.batches == [["a", "b", "c", "d"], ["a", "b"], ["a"], ["b"], ["c", "d"]]
+    assert sinks["b"].errors == [(1, "model step failed: cannot step ['b']")]
+    assert all(sinks[name].outputs[-1][0].turn == 1 for name in "acd")
+    assert {sinks[name].outputs[-1][1].tick for name in "acd"} == {1}
+    model.batches.clear()
+    for t in range(2, 1 + MAX_FAILURES):
+        turn(t)
+    # A suspect steps alone, after the others; at MAX_FAILURES in a row it is reset.
+    assert model.batches == [["a", "c", "d"], ["b"]] * (MAX_FAILURES - 1)
+    assert sinks["b"].codes == [STEP_FAILED] * (MAX_FAILURES - 1) + [SESSION_RESET]
+    assert engine.step_failures == MAX_FAILURES and engine.session_resets == 1
+    model.refuse.clear()
+    model.batches.clear()
+    turn(1 + MAX_FAILURES)
+    assert model.batches == [["a", "b", "c", "d"]]
+    # The echo model's state for b was reset: it says silence, not its turn-0 chunk.
+    assert not sinks["b"].outputs[-1][0].audio.any()
+    assert sinks["a"].outputs[-1][0].audio[0] == MAX_FAILURES + 1
+    assert [out.turn for out, _ in sinks["a"].outputs] == list(range(2 + MAX_FAILURES))
+
+
+def test_a_broken_sink_does_not_keep_outputs_from_the_others(engine_factory):
+    engine = engine_factory(EchoModel(), batch_window_s=1.0)
+    broken, fine = BrokenSink(), Collector()
+    engine.open_session("broken", broken)
+    engine.open_session("fine", fine)
+    for turn in range(3):
+        engine.submit(chunk("broken", turn))
+        engine.submit(chunk("fine", turn))
+    fine.wait_for(3)
+    assert [out.turn for out, _ in fine.outputs] == [0, 1, 2]
