@@ -1,4 +1,5 @@
-"""Training: synthetic conversations in, a checkpoint out (``microturn train``).
+"""Training: synthetic conversations (and recorded sessions, ``--recordings``) in, a
+checkpoint out (``microturn train``).
 
 Teacher forcing over the interleaved layout (``InteractionModel.layout``): every
 micro-turn's inputs — the user's dMel, text input — and the model's own outputs —
@@ -218,6 +219,12 @@ def train(args: argparse.Namespace) -> list[float]:
     examples = load_examples(seeds, config, cache, args.workers)
     if distributed and rank == 0 and cache is not None:
         dist.barrier()
+    if args.recordings:  # served sessions (docs/recording.md); every rank reads them itself
+        from model.recordings import load_recording_examples
+
+        examples += load_recording_examples(args.recordings, config, args.turns)
+    if not examples:
+        raise SystemExit("no training examples: --conversations is 0 and no usable --recordings")
     torch.manual_seed(args.seed * 1000 + rank + step)  # history noise differs by rank
     rng = random.Random(args.seed * 1000 + step + rank)
     tokens_per_step = args.batch * args.turns * config.tokens_per_turn
@@ -279,6 +286,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--history-noise", type=float, default=0.1,
                         help="fraction of the model's own fed-back dMel bins moved by one step")
     parser.add_argument("--conversations", type=int, default=400)
+    parser.add_argument("--recordings", action="append", default=[], metavar="DIR",
+                        help="also train on every session recording under DIR (repeatable)")
     parser.add_argument("--first-seed", type=int, default=0)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cache", default=".cache/conversations", help="'' disables the cache")

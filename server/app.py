@@ -24,6 +24,7 @@ from server.capacity import measure_capacity
 from server.config import ServerConfig
 from server.engine import Engine, StepInfo, make_model
 from server.metrics import Metrics
+from server.recording import RecordingWriter
 from server.router import report_capacity
 from server.rtp_tuning import validate_jitter_prefetch
 from server.sessions import SessionRegistry
@@ -63,7 +64,9 @@ def create_app(config: ServerConfig, tracer_provider: TracerProvider | None = No
         # as long as the server; a full collection stops every thread while it scans them
         # (65-160 ms measured). Frozen, full collections scan only what sessions made.
         gc.freeze()
-        holder["registry"] = app.state.registry = SessionRegistry(config, engine, tracer, tools, metrics, capacity)
+        recording = RecordingWriter(config.record_dir) if config.record_dir else None
+        holder["registry"] = app.state.registry = SessionRegistry(config, engine, tracer, tools, metrics, capacity,
+                                                                  recording)
         app.state.metrics = metrics
         app.state.capacity_probe = measured
         background = [asyncio.ensure_future(metrics.watch_loop_lag())]
@@ -77,6 +80,8 @@ def create_app(config: ServerConfig, tracer_provider: TracerProvider | None = No
             # SIGTERM: uvicorn has stopped accepting connections; tell every client,
             # let replies and tasks finish (bounded), then flush what must not be lost.
             await app.state.registry.drain("server_shutdown", config.drain_timeout_s)
+            if recording is not None:  # every queued record and manifest on disk
+                await asyncio.to_thread(recording.close, 10.0)
             engine.stop()
             provider.force_flush()
             metrics.shutdown()

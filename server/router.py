@@ -101,11 +101,14 @@ def create_router_app(verifier: Verifier | None = None, cors_origins: list[str] 
             return error_response(503, "at_capacity", "every node is full or silent, retry later",
                                   {"Retry-After": "5"})
         location = f"{node.url.rstrip('/')}/v1/sessions"
+        # The client's own parameters (e.g. record=1, its consent) go along.
+        query = [(k, v) for k, v in request.query_params.multi_items() if k != "access_token"]
         if verifier.secret:
             # Browsers drop Authorization on a cross-origin redirect: carry a short-lived
             # token of our own in the URL (RFC 6750 access_token) instead.
-            location += "?" + urlencode({"access_token": mint_token(verifier.secret, _REDIRECT_TOKEN_TTL_S,
-                                                                      "router")})
+            query.append(("access_token", mint_token(verifier.secret, _REDIRECT_TOKEN_TTL_S, "router")))
+        if query:
+            location += "?" + urlencode(query)
         return Response(status_code=307, headers={"Location": location, "Cache-Control": "no-store"})
 
     async def options(request: Request) -> Response:

@@ -33,6 +33,7 @@ from server.ice import IceServer, add_host_candidates, passive_dtls, rtc_configu
 from server.media_in import AudioChunker
 from server.media_out import OutputAudioTrack
 from server.metrics import Metrics
+from server.recording import RecordingWriter
 from server.rtp_tuning import set_audio_jitter_prefetch
 from server.tasks import TaskError, TaskManager, TaskRequestParser
 from server.tools import Tool
@@ -43,6 +44,7 @@ log = logging.getLogger(__name__)
 _MAX_EARLY_EVENTS = 64  # events kept for a data channel that is not open yet
 _WATCHDOG_PERIOD_S = 0.1
 _PEER_WATCH_PERIOD_S = 0.25
+_RECORDED_VIDEO_WIDTH = 160  # pixels; the height keeps the camera's aspect
 _QUIET_RMS = 0.01  # an output turn quieter than this is not speech (drain waits for one)
 _ALIGN_FRAMES = 5  # frames whose arrival times place the first chunk on the engine grid
 
@@ -73,6 +75,7 @@ class Session:
         tools: dict[str, Tool],
         metrics: Metrics,
         ice_servers: list[IceServer] | None = None,
+        recording: RecordingWriter | None = None,
     ) -> None:
         self.id = session_id
         self.config = config
@@ -107,6 +110,11 @@ class Session:
             attributes={tm.ATTR_SESSION_ID: session_id, tm.ATTR_ENGINE: engine.model.name},
         )
         self.trace_id = format(self.span.get_span_context().trace_id, "032x")
+        # Time-aligned record of the session (the client consented); never blocks the loop.
+        self.recorder = recording.open(
+            session_id, {"engine": engine.model.name, "weights": engine.model.weights, "trace_id": self.trace_id},
+            on_failure=lambda message: self.loop.call_soon_threadsafe(self._recording_failed, message),
+        ) if recording is not None else None
         self.metrics = metrics
         self.tasks = TaskManager(
             tools, self.emit, self._queue_model_text, tracer, self.span,
@@ -230,6 +238,8 @@ class Session:
             await self.tasks.close()
             await self.pc.close()
         finally:  # whatever failed above, the session is gone and its slot free
+            if self.recorder is not None:
+                self.recorder.close(reason)  # the writer thread writes the manifest after every record
             self.span.set_attribute(tm.ATTR_CLOSE_REASON, reason)
             self.span.end()
             self._on_closed(self)
@@ -346,6 +356,8 @@ class Session:
         self._chunk_rms[turn] = rms
         self._chunk_closed_ns[turn] = time.time_ns()
         text, self._model_text = "".join(self._model_text), []
+        if self.recorder is not None:
+            self.recorder.input(turn, chunk, text)
         self.engine.submit(TurnInput(self.id, turn, chunk, text))
 
     def _queue_model_text(self, text: str) -> None:
@@ -353,11 +365,20 @@ class Session:
         self._model_text.append(text)
 
     async def _drain(self, track: MediaStreamTrack) -> None:
+        recorded_turn = -1
         while True:
             try:
-                await track.recv()
+                frame = await track.recv()
             except MediaStreamError:
                 return
+            # Camera frames are recorded (small, one per micro-turn) though the model
+            # does not see them yet: the recording is tomorrow's training data.
+            turn = self._chunker.next_turn if self._chunker else 0
+            if self.recorder is not None and isinstance(frame, av.VideoFrame) and turn != recorded_turn:
+                recorded_turn = turn
+                height = max(2, round(_RECORDED_VIDEO_WIDTH * frame.height / max(frame.width, 1) / 2) * 2)
+                self.recorder.video(turn, frame.to_ndarray(width=_RECORDED_VIDEO_WIDTH, height=height,
+                                                           format="rgb24"))
 
     # -- engine output (called on the engine thread) ------------------------------
 
@@ -370,6 +391,8 @@ class Session:
     def _deliver(self, output: TurnOutput, info: StepInfo) -> None:
         if self.close_reason is not None:
             return
+        if self.recorder is not None:
+            self.recorder.output(output.turn, output.audio, output.text)
         self.output.enqueue(output.audio, output.turn)
         self.stats.turns_out += 1
         self.stats.overruns += info.overran
@@ -444,6 +467,11 @@ class Session:
         """Send one event, stamped with the protocol version, this session's trace and
         the server's wall clock when it is sent (ms; clients measure event lag with it).
         Events from before the channel opened wait, unserialised, and go out on open."""
+        if self.recorder is not None:
+            self.recorder.event("out", {"type": event_type, **fields})
+        self._send(event_type, fields)
+
+    def _send(self, event_type: str, fields: dict[str, Any]) -> None:
         channel = self.channel
         if channel is not None and channel.readyState == "open":
             channel.send(server_event(event_type, trace_id=self.trace_id, ts_ms=round(time.time() * 1000, 1),
@@ -454,7 +482,7 @@ class Session:
     def _flush_early_events(self) -> None:
         events, self._early_events = self._early_events, []
         for event_type, fields in events:
-            self.emit(event_type, **fields)
+            self._send(event_type, fields)
         if not self._ready_sent and self.stats.frames_in:
             self._send_ready()
 
@@ -483,8 +511,13 @@ class Session:
         except ProtocolError as exc:
             self._protocol_error(exc.code, exc.message)
             return
+        if self.recorder is not None:
+            self.recorder.event("in", message)
         handler = getattr(self, "_on_" + message["type"].replace(".", "_"))
         handler(message)
+
+    def _recording_failed(self, message: str) -> None:
+        self.emit("error", code="recording_failed", message=f"recording stopped: {message}")
 
     def _protocol_error(self, code: str, message: str, **fields: Any) -> None:
         self.stats.protocol_errors += 1

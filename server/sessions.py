@@ -11,13 +11,14 @@ from server.config import ServerConfig
 from server.engine import Engine
 from server.ice import IceServer, ice_servers_for
 from server.metrics import Metrics
+from server.recording import RecordingWriter
 from server.session import Session
 from server.tools import Tool
 
 
 class SessionRegistry:
     def __init__(self, config: ServerConfig, engine: Engine, tracer: trace.Tracer, tools: dict[str, Tool],
-                 metrics: Metrics, capacity: int) -> None:
+                 metrics: Metrics, capacity: int, recording: RecordingWriter | None = None) -> None:
         self.config = config
         self.engine = engine
         self.tracer = tracer
@@ -25,6 +26,7 @@ class SessionRegistry:
         self.metrics = metrics
         self.capacity = min(capacity, config.max_sessions)
         self.draining = False  # shutting down: no new sessions
+        self.recording = recording  # None: this server does not offer recording
         self._sessions: dict[str, Session] = {}
 
     def __len__(self) -> int:
@@ -45,9 +47,10 @@ class SessionRegistry:
         c = self.config
         return ice_servers_for(c.ice_servers, session_id, c.turn_secret, c.turn_username, c.turn_credential)
 
-    def new_session(self, session_id: str, parent: Context | None) -> Session:
+    def new_session(self, session_id: str, parent: Context | None, record: bool = False) -> Session:
         session = Session(session_id, self.config, self.engine, self.tracer, parent, self._forget,
-                          self.tools, self.metrics, self.ice_servers_for(session_id))
+                          self.tools, self.metrics, self.ice_servers_for(session_id),
+                          self.recording if record else None)
         self._sessions[session_id] = session
         return session
 

@@ -8,6 +8,8 @@ import signal
 import time
 
 import httpx
+import numpy as np
+from aiortc import VideoStreamTrack
 from conftest import free_port, microturn_process, running_server, serving, wait_for_http
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -16,8 +18,9 @@ from starlette.routing import Route
 
 from loadtest.peer import Peer
 from server.config import ServerConfig
+from server.recording import find_recordings, read_recording
 
-ECHO = dict(engine="echo", ice_host_addresses=["127.0.0.1"])
+ECHO = {"engine": "echo", "ice_host_addresses": ["127.0.0.1"]}
 
 
 def otlp_collector() -> tuple[Starlette, list[bytes]]:
@@ -32,19 +35,20 @@ def otlp_collector() -> tuple[Starlette, list[bytes]]:
     return Starlette(routes=[Route("/v1/traces", traces, methods=["POST"])]), received
 
 
-async def test_sigterm_tells_clients_drains_running_tasks_and_flushes_traces(speech):
+async def test_sigterm_tells_clients_drains_tasks_and_flushes_recordings_and_traces(speech, tmp_path):
     collector, exports = otlp_collector()
     port = free_port()
     with serving(collector) as collector_url:
         process = microturn_process(
             "serve", "--port", str(port), "--engine", "echo", "--ice-host", "127.0.0.1", "--drain-timeout-s", "5",
+            "--record-dir", str(tmp_path),
             env={"OTEL_TRACES_EXPORTER": "otlp", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": f"{collector_url}/v1/traces",
                  "OTEL_BSP_SCHEDULE_DELAY": "60000"})  # nothing leaves before the shutdown flush
         url = f"http://127.0.0.1:{port}"
         try:
             wait_for_http(process, f"{url}/healthz")
             peer = Peer(url, speech)
-            await peer.connect()
+            await peer.connect(path="/v1/sessions?record=1")
             await peer.wait_for_event("session.ready")
             session_id = peer.session_url.rsplit("/", 1)[1]
             peer.send({"type": "task.create", "tool": "timer", "input": "2 s: tea", "ref": "r1"})
@@ -81,6 +85,10 @@ async def test_sigterm_tells_clients_drains_running_tasks_and_flushes_traces(spe
         # The trace of the session (ended at shutdown) was exported before exit.
         assert any(session_id.encode() in body for body in exports), output[-2000:]
         assert "Application shutdown complete" in output
+        # The recording was finished before exit: every record, then its manifest.
+        recording = read_recording(tmp_path / session_id)
+        assert recording.complete and recording.end_reason == "server_shutdown"
+        assert [r["result"] for r in recording.task_results] == [done["result"]]
 
 
 async def test_a_draining_server_refuses_new_sessions_with_503(speech):
@@ -140,3 +148,44 @@ async def test_a_peer_that_falls_silent_is_freed_after_the_peer_timeout(speech):
             assert (await client.get(talking.session_url)).status_code == 200
         for peer in (quiet, talking):
             await peer.close()
+
+
+async def test_a_consenting_session_is_recorded_time_aligned_and_complete(speech, tmp_path):
+    config = ServerConfig(**ECHO, record_dir=str(tmp_path))
+    with running_server(config) as server:
+        async with httpx.AsyncClient() as client:
+            offered = await client.options(f"{server.url}/v1/sessions")
+            assert offered.headers["Microturn-Recording"] == "available"
+        unrecorded = Peer(server.url, speech)
+        await unrecorded.connect()
+        recorded = Peer(server.url, speech)
+        recorded.pc.addTransceiver(VideoStreamTrack(), direction="sendonly")  # a camera, too
+        await recorded.connect(path="/v1/sessions?record=1")
+        assert recorded.response_headers["Microturn-Recording"] == "on"
+        assert "Microturn-Recording" not in unrecorded.response_headers
+        await recorded.wait_for_event("session.ready")
+        recorded.send({"type": "text.input", "text": "hello there"})
+        recorded.send({"type": "task.create", "tool": "calc", "input": "6 * 7", "ref": "c"})
+        await recorded.wait_for_event("task.done", ref=None, result="42")
+        await asyncio.sleep(1.0)
+        await recorded.close()  # DELETE: a clean end
+        await unrecorded.close()
+    session_id = recorded.session_url.rsplit("/", 1)[1]
+    assert [p.name for p in find_recordings(tmp_path)] == [session_id]  # consent is per session
+    recording = read_recording(tmp_path / session_id)
+    assert recording.complete and recording.end_reason == "deleted by client"
+    assert recording.manifest["meta"]["engine"] == "echo"
+    assert recording.turns >= 5 and len(recording.outputs) >= recording.turns - 2
+    # Time-aligned: the echo engine says input t during output t+1, so the two
+    # recorded tracks match one turn apart (to int16 rounding).
+    shared = [t for t in recording.inputs if t + 1 in recording.outputs and np.abs(recording.inputs[t]).max() > 0.01]
+    assert shared
+    for turn in shared:
+        np.testing.assert_allclose(recording.outputs[turn + 1], recording.inputs[turn], atol=1e-4)
+    # Both text streams, both directions of events, the task's result, the camera.
+    assert "hello there" in "".join(recording.input_text.values())
+    assert "42" in "".join(recording.input_text.values())  # the result entered the model
+    incoming = [e.event["type"] for e in recording.events if e.direction == "in"]
+    assert incoming[:2] == ["text.input", "task.create"]
+    assert [r["result"] for r in recording.task_results] == ["42"]
+    assert recording.video and recording.video[0][1].shape[1] == 160 and recording.video[0][1].dtype == np.uint8

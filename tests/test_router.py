@@ -110,3 +110,21 @@ async def test_the_router_sends_sessions_to_nodes_with_room_and_skips_full_ones(
             await peer.close()
         for process in processes:
             stop(process)
+
+
+async def test_the_redirect_keeps_the_clients_query_and_adds_the_routers_token():
+    from server.auth import Verifier
+    from server.router import create_router_app
+
+    app = create_router_app(Verifier(secret=SECRET))
+    headers = {"Authorization": f"Bearer {mint_token(SECRET, 60)}"}
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://router") as client:
+        beat = await client.post("/v1/nodes", headers=headers,
+                                 json={"url": "http://node-a:8000", "capacity": 4, "free": 4, "ready": True})
+        assert beat.status_code == 204, beat.text
+        redirect = await client.post("/v1/sessions?record=1&access_token=stale", headers=headers,
+                                     content="v=0\r\n", follow_redirects=False)
+    assert redirect.status_code == 307
+    location = httpx.URL(redirect.headers["Location"])
+    assert location.host == "node-a" and location.params["record"] == "1"  # the user's consent goes along
+    assert location.params["access_token"] != "stale"  # the router's own, not the client's

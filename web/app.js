@@ -21,6 +21,8 @@ const state = {
   transcript: "",
   tasks: {}, // task_id -> last task event type
   iceRestarts: 0,
+  recordingAvailable: false, // the server offers recording (OPTIONS said so)
+  recording: false, // this session is being recorded (the server confirmed it)
 };
 window.microturn = state;
 
@@ -40,6 +42,15 @@ function setStatus(status) {
   const busy = status !== "idle" && status !== "closed" && status !== "failed";
   $("connect").disabled = busy;
   $("disconnect").disabled = !busy;
+  $("record").disabled = busy; // consent is given per session, before it starts
+  $("recording-indicator").hidden = !(status === "connected" && state.recording);
+}
+
+// Recording is opt-in twice: the server must offer it, and the user must tick the box.
+function showRecordingConsent(available) {
+  state.recordingAvailable = available;
+  $("record-consent").hidden = !available;
+  if (!available) $("record").checked = false;
 }
 
 function setInputsEnabled(enabled) {
@@ -124,6 +135,11 @@ const handlers = {
   "task.progress": (event) => taskBoard.progress(event),
   "task.done": (event) => taskBoard.finished(event, true),
   "task.failed": (event) => taskBoard.finished(event, false),
+  "session.ending": (event) => {
+    const why = event.reason === "server_shutdown" ? "the server is restarting" : "the session reached its time limit";
+    const seconds = Math.max(0, Math.round((event.deadline_ms - Date.now()) / 1000));
+    log(`session ending: ${why}; it closes within ${seconds} s — connect again to carry on`, "error");
+  },
   pong: (event) => {
     if (typeof event.t === "number") log(`pong: data-channel round trip ${(performance.now() - event.t).toFixed(1)} ms`);
   },
@@ -142,6 +158,10 @@ function onEvent(message) {
   state.eventCounts[event.type] = (state.eventCounts[event.type] || 0) + 1;
   if (event.task_id) state.tasks[event.task_id] = event.type;
   if (event.type === "error") state.errors.push(event);
+  if (event.type === "error" && event.code === "recording_failed") {
+    state.recording = false; // the server stopped recording; the session goes on
+    $("recording-indicator").hidden = true;
+  }
   handlers[event.type]?.(event);
   if (!QUIET.has(event.type)) log(`${event.type} ${JSON.stringify(event)}`, event.type === "error" ? "error" : "");
 }
@@ -179,10 +199,17 @@ async function updateStats() {
 const TOKEN = new URLSearchParams(location.search).get("token");
 const AUTH = TOKEN ? { Authorization: `Bearer ${TOKEN}` } : {};
 
-/** STUN/TURN servers from the server's WHIP Link headers (RFC 9725 §4.6). */
-async function iceServersFromServer() {
+/** What the server's OPTIONS answer says: STUN/TURN servers from its WHIP Link headers
+ *  (RFC 9725 §4.6), and whether it can record sessions (Microturn-Recording: available). */
+async function serverOptions() {
   const response = await fetch("/v1/sessions", { method: "OPTIONS", headers: AUTH }).catch(() => null);
-  const header = response && response.headers.get("Link");
+  return {
+    iceServers: iceServersFrom(response && response.headers.get("Link")),
+    recording: Boolean(response && response.headers.get("Microturn-Recording") === "available"),
+  };
+}
+
+function iceServersFrom(header) {
   if (!header) return [];
   const servers = [];
   for (const link of header.split(/,\s*(?=<)/)) {
@@ -255,7 +282,10 @@ async function connect() {
       return;
     }
     microphone = stream;
-    pc = new RTCPeerConnection({ iceServers: await iceServersFromServer() });
+    const options = await serverOptions();
+    showRecordingConsent(options.recording);
+    const record = options.recording && $("record").checked;
+    pc = new RTCPeerConnection({ iceServers: options.iceServers });
     pc.addTransceiver(microphone.getAudioTracks()[0], { direction: "sendrecv" });
     channel = pc.createDataChannel("events");
     channel.addEventListener("message", onEvent);
@@ -281,7 +311,7 @@ async function connect() {
     await pc.setLocalDescription(await pc.createOffer());
     await waitForIceGathering(pc);
     if (abandoned()) return;
-    const response = await fetch("/v1/sessions", {
+    const response = await fetch(record ? "/v1/sessions?record=1" : "/v1/sessions", {
       method: "POST",
       headers: { "Content-Type": "application/sdp", traceparent: newTraceparent(), ...AUTH },
       body: pc.localDescription.sdp,
@@ -293,7 +323,9 @@ async function connect() {
     }
     // Relative to where the offer landed: a router may have redirected it to a node.
     state.sessionUrl = new URL(response.headers.get("Location"), response.url).href;
-    log(`session ${state.sessionUrl}`);
+    state.recording = response.headers.get("Microturn-Recording") === "on";
+    log(`session ${state.sessionUrl}${state.recording ? " (recorded)" : ""}`);
+    if (record && !state.recording) log("the server did not record this session", "error");
     if (abandoned()) {
       fetch(state.sessionUrl, { method: "DELETE", headers: AUTH });
       return;
@@ -320,6 +352,7 @@ async function disconnect(finalStatus = "closed") {
   if (pc) pc.close();
   if (microphone) microphone.getTracks().forEach((track) => track.stop());
   pc = channel = microphone = null;
+  state.recording = false;
   setStatus(finalStatus);
 }
 
@@ -345,3 +378,4 @@ window.addEventListener("pagehide", () => {
 });
 setStatus("idle");
 setInputsEnabled(false);
+serverOptions().then((options) => showRecordingConsent(options.recording));
