@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from server.events import MAX_MESSAGE_BYTES, MAX_TEXT_CHARS
+
 WEB_ROOT = Path(__file__).resolve().parent.parent / "web"
 # The trained tiny checkpoint shipped in the repository (docs/training.md); served by
 # default. ``--checkpoint random`` serves random weights instead.
@@ -74,8 +76,8 @@ class ServerConfig:
     # Data channel and background model limits.
     messages_per_second: float = 20.0
     message_burst: float = 40.0
-    max_message_bytes: int = 16 * 1024
-    max_text_chars: int = 2_000  # one text.input
+    max_message_bytes: int = MAX_MESSAGE_BYTES
+    max_text_chars: int = MAX_TEXT_CHARS  # one text.input
     max_tasks_per_session: int = 4
     # Session recordings (server/recording.py): off unless a directory is given, and
     # then only for sessions whose client asks (the page's consent box: ?record=1).

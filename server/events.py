@@ -9,6 +9,7 @@ anything malformed raises :class:`ProtocolError`, which the session turns into a
 from __future__ import annotations
 
 import json
+import math
 import time
 from typing import Any
 
@@ -48,16 +49,40 @@ def error_event(code: str, message: str, **fields: Any) -> str:
     return server_event("error", code=code, message=message, **fields)
 
 
-def parse_client_message(raw: str | bytes) -> dict[str, Any]:
-    """Decode and validate one client message."""
+def _reject_constant(name: str) -> Any:
+    # Python's json reads NaN and Infinity, which are not JSON: echoed back (a ping's
+    # id and t) they would make the server's own events unparsable by a browser.
+    raise ProtocolError("bad_json", f"not valid JSON: {name} is not a JSON number")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):  # 1e999 reads as inf: the same trap as Infinity
+        raise ProtocolError("bad_json", f"not valid JSON: {text[:32]} is out of range")
+    return value
+
+
+def _shown(text: str, limit: int = 64) -> str:
+    """A client's string quoted in an error, cut short: errors stay small."""
+    return repr(text[:limit]) + ("..." if len(text) > limit else "")
+
+
+def parse_client_message(raw: str | bytes, max_bytes: int = MAX_MESSAGE_BYTES,
+                         max_text_chars: int = MAX_TEXT_CHARS) -> dict[str, Any]:
+    """Decode and validate one client message; any failure is a ProtocolError.
+    ``max_bytes`` and ``max_text_chars`` (a text.input's length) are the server's limits."""
     if isinstance(raw, bytes):
         raise ProtocolError("binary_not_supported", "messages are JSON text, not binary")
-    if len(raw.encode("utf-8", "surrogatepass")) > MAX_MESSAGE_BYTES:
-        raise ProtocolError("too_large", f"messages are limited to {MAX_MESSAGE_BYTES} bytes")
+    if len(raw.encode("utf-8", "surrogatepass")) > max_bytes:
+        raise ProtocolError("too_large", f"messages are limited to {max_bytes} bytes")
     try:
-        message = json.loads(raw)
-    except (json.JSONDecodeError, RecursionError) as exc:
+        message = json.loads(raw, parse_float=_finite_float, parse_constant=_reject_constant)
+    except json.JSONDecodeError as exc:
         raise ProtocolError("bad_json", f"not valid JSON: {exc}") from None
+    except ValueError:  # int() refuses over 4300 digits; escaping here would kill the channel
+        raise ProtocolError("bad_json", "not valid JSON: a number has too many digits") from None
+    except RecursionError:
+        raise ProtocolError("bad_json", "not valid JSON: nested too deeply") from None
     if not isinstance(message, dict):
         raise ProtocolError("bad_message", "a message is a JSON object")
     message_type = message.get("type")
@@ -65,12 +90,12 @@ def parse_client_message(raw: str | bytes) -> dict[str, Any]:
         raise ProtocolError("bad_message", "a message needs a string 'type'")
     schema = CLIENT_SCHEMAS.get(message_type)
     if schema is None:
-        raise ProtocolError("unknown_type", f"unknown message type {message_type!r}")
+        raise ProtocolError("unknown_type", f"unknown message type {_shown(message_type)}")
     version = message.get("v", PROTOCOL_VERSION)
-    if version != PROTOCOL_VERSION:
+    if isinstance(version, bool) or version != PROTOCOL_VERSION:  # True == 1 in Python
         raise ProtocolError("bad_version", f"this server speaks protocol v{PROTOCOL_VERSION}")
     for name in message.keys() - schema.keys() - {"type", "v"}:
-        raise ProtocolError("bad_field", f"{message_type}: unknown field {name!r}")
+        raise ProtocolError("bad_field", f"{message_type}: unknown field {_shown(name)}")
     for name, (types, required) in schema.items():
         if name not in message:
             if required:
@@ -79,7 +104,7 @@ def parse_client_message(raw: str | bytes) -> dict[str, Any]:
         value = message[name]
         if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
             raise ProtocolError("bad_field", f"{message_type}: field {name!r} has the wrong type")
-        limit = _LIMITS.get(name)
+        limit = max_text_chars if name == "text" else _LIMITS.get(name)
         if limit is not None and isinstance(value, str) and len(value) > limit:
             raise ProtocolError("too_long", f"{message_type}: field {name!r} is limited to {limit} characters")
     return message

@@ -20,6 +20,7 @@ import av
 import numpy as np
 from aiortc import RTCDataChannel, RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
+from aiortc.rtcsctptransport import WEBRTC_STRING
 from opentelemetry import trace
 from opentelemetry.context import Context
 from opentelemetry.trace import SpanContext
@@ -133,6 +134,7 @@ class Session:
         self.pc.on("datachannel", self._on_datachannel)
         self.pc.on("connectionstatechange", self._on_connection_state)
         await self.pc.setRemoteDescription(RTCSessionDescription(offer_sdp, "offer"))
+        self._refuse_undecodable_text()
         audio_receivers = sum(t.kind == "audio" for t in self.pc.getTransceivers())
         if set_audio_jitter_prefetch(self.pc, self.config.jitter_prefetch) != audio_receivers:
             # aiortc renamed what rtp_tuning touches: everything works, 60 ms slower.
@@ -463,6 +465,28 @@ class Session:
         if channel.readyState == "open":
             self._flush_early_events()
 
+    def _refuse_undecodable_text(self) -> None:
+        """aiortc decodes text messages itself, and text that is not UTF-8 raises inside
+        its SCTP receive loop, which ends the whole association (found by fuzzing). This
+        session's transport checks first and refuses such a message like any other.
+        Per instance, at set-up: nothing global is patched."""
+        sctp = self.pc.sctp
+        if sctp is None:
+            return
+        receive = sctp._data_channel_receive
+
+        async def checked(stream_id: int, pp_id: int, data: bytes) -> None:
+            if pp_id == WEBRTC_STRING:
+                try:
+                    data.decode("utf-8")
+                except UnicodeDecodeError:
+                    self._last_heard = time.monotonic()
+                    self._protocol_error("bad_json", "a text message that is not UTF-8")
+                    return
+            await receive(stream_id, pp_id, data)
+
+        sctp._data_channel_receive = checked
+
     def emit(self, event_type: str, **fields: Any) -> None:
         """Send one event, stamped with the protocol version, this session's trace and
         the server's wall clock when it is sent (ms; clients measure event lag with it).
@@ -474,8 +498,15 @@ class Session:
     def _send(self, event_type: str, fields: dict[str, Any]) -> None:
         channel = self.channel
         if channel is not None and channel.readyState == "open":
-            channel.send(server_event(event_type, trace_id=self.trace_id, ts_ms=round(time.time() * 1000, 1),
-                                      **fields))
+            encoded = server_event(event_type, trace_id=self.trace_id, ts_ms=round(time.time() * 1000, 1), **fields)
+            try:
+                channel.send(encoded)
+            except ValueError:  # over the peer's max-message-size (e.g. a huge task result)
+                log.warning("session %s: %s event of %d bytes is too large for the peer", self.id, event_type,
+                            len(encoded))
+                channel.send(server_event("error", trace_id=self.trace_id, code="event_too_large",
+                                          message=f"a {event_type} event ({len(encoded)} bytes) exceeded the "
+                                                  "channel's message size and was dropped"))
         elif len(self._early_events) < _MAX_EARLY_EVENTS:
             self._early_events.append((event_type, fields))
 
@@ -507,14 +538,18 @@ class Session:
         try:
             if not self._rate.allow():
                 raise ProtocolError("rate_limited", "too many messages; slow down")
-            message = parse_client_message(raw)
+            message = parse_client_message(raw, self.config.max_message_bytes, self.config.max_text_chars)
         except ProtocolError as exc:
             self._protocol_error(exc.code, exc.message)
             return
         if self.recorder is not None:
             self.recorder.event("in", message)
         handler = getattr(self, "_on_" + message["type"].replace(".", "_"))
-        handler(message)
+        try:
+            handler(message)
+        except Exception as exc:  # a bug here must not end the session (aiortc would drop it)
+            log.exception("session %s: handling %s failed", self.id, message["type"])
+            self._protocol_error("internal_error", f"{message['type']} could not be handled: {exc!r}"[:200])
 
     def _recording_failed(self, message: str) -> None:
         self.emit("error", code="recording_failed", message=f"recording stopped: {message}")

@@ -27,7 +27,19 @@ from server.config import ServerConfig
 from server.session import Session
 from server.sessions import SessionRegistry
 from server.whep import Viewer
-from server.whip import SDP, SDPFRAG, error_response, etag, ice_server_links, patch_ice, read_limited, with_links
+from server.whip import (
+    RECORDING_HEADER,
+    SDP,
+    SDPFRAG,
+    error_response,
+    etag,
+    ice_server_links,
+    offer_problem,
+    offer_text_problem,
+    patch_ice,
+    read_limited,
+    with_links,
+)
 
 log = logging.getLogger(__name__)
 
@@ -44,12 +56,16 @@ def validate_offer(body: bytes) -> str:
         raise OfferError("the offer is not UTF-8 text") from None
     if not text.lstrip().startswith("v=0"):
         raise OfferError("not an SDP offer (it must start with 'v=0')")
+    problem = offer_text_problem(text)  # before parsing: bounds the parser's work
+    if problem is not None:
+        raise OfferError(problem)
     try:
         description = aiortc_sdp.SessionDescription.parse(text)
-    except Exception as exc:  # the parser raises whatever the bad line provokes
-        raise OfferError(f"unparsable SDP: {exc!r}") from None
-    if not any(media.kind == "audio" for media in description.media):
-        raise OfferError("the offer has no audio section (m=audio)")
+    except Exception as exc:  # noqa: BLE001 - the parser raises whatever the bad line provokes
+        raise OfferError(f"unparsable SDP ({type(exc).__name__}: {str(exc)[:120] or 'a malformed line'})") from None
+    problem = offer_problem(description)
+    if problem is not None:
+        raise OfferError(problem)
     return text
 
 
@@ -81,7 +97,10 @@ async def create_session(request: Request) -> Response:
         return error_response(503, "at_capacity", f"all {registry.capacity} session slots are taken, retry later",
                               {"Retry-After": "5"})
 
-    session = registry.new_session(secrets.token_urlsafe(12), parent=extract(request.headers))
+    # Recorded only with the client's consent (the page's box sends record=1) on a
+    # server that offers recording (--record-dir).
+    record = request.query_params.get("record") == "1" and registry.recording is not None
+    session = registry.new_session(secrets.token_urlsafe(12), parent=extract(request.headers), record=record)
     try:
         answer = await session.accept(offer)
     except (ValueError, InvalidAccessError, InvalidStateError) as exc:
@@ -95,6 +114,8 @@ async def create_session(request: Request) -> Response:
                         headers={"Location": _location(registry.config, f"/v1/sessions/{session.id}"),
                                  "ETag": etag(session.pc),
                                  "Accept-Patch": SDPFRAG})
+    if session.recorder is not None:
+        response.headers[RECORDING_HEADER] = "on"
     return with_links(response, ice_server_links(session.ice_servers))
 
 
@@ -108,6 +129,8 @@ async def session_options(request: Request) -> Response:
     """WHIP's OPTIONS: what may be posted, and (when configured) which ICE servers to use."""
     registry: SessionRegistry = request.app.state.registry
     response = Response(status_code=204, headers={"Accept-Post": SDP})
+    if registry.recording is not None:
+        response.headers[RECORDING_HEADER] = "available"
     return with_links(response, ice_server_links(registry.ice_servers_for("options")))
 
 

@@ -6,14 +6,22 @@
   ``If-Match: "*"`` with new ``ice-ufrag``/``ice-pwd`` restarts ICE -> 200 with our
   new credentials and candidates, and a new ETag.
 - ``Link: rel="ice-server"`` headers tell clients which STUN/TURN servers to use.
+- Offers are checked here before anything is allocated (``offer_text_problem``,
+  then ``offer_problem`` on aiortc's parse): what aiortc would otherwise trip
+  over once the session exists becomes a 400 naming the line or section.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from aiortc import RTCPeerConnection
+from aiortc.codecs import CODECS
+from aiortc.rtcdtlstransport import X509_DIGEST_ALGORITHMS
+from aiortc.rtcpeerconnection import find_common_codecs
+from aiortc.sdp import MediaDescription, SessionDescription
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
@@ -23,11 +31,135 @@ SDP = "application/sdp"
 SDPFRAG = "application/trickle-ice-sdpfrag"
 MAX_FRAGMENT_BYTES = 16 * 1024
 # Headers a cross-origin page must be allowed to read (CORS expose list).
-EXPOSED_HEADERS = ["Location", "ETag", "Link", "Accept-Post", "Accept-Patch", "Retry-After"]
+EXPOSED_HEADERS = ["Location", "ETag", "Link", "Accept-Post", "Accept-Patch", "Retry-After", "Microturn-Recording"]
+RECORDING_HEADER = "Microturn-Recording"  # OPTIONS: "available"; 201: "on" (docs/recording.md)
+
+# Offer limits, checked before aiortc parses: its parser is quadratic in places
+# (every "a=rtcp-fb:*" line touches every codec), so one 64 KiB offer of rtpmap and
+# rtcp-fb lines blocked the event loop, and every session's audio, for 7 s. A
+# browser's audio+video+data offer has ~250 lines, ~40 rtpmap and ~70 rtcp-fb.
+MAX_OFFER_LINES = 1000
+MAX_OFFER_ATTRIBUTES = {"m=": 8, "a=rtpmap:": 128, "a=fmtp:": 128, "a=rtcp-fb:": 256, "a=ssrc:": 128,
+                        "a=extmap:": 64, "a=candidate:": 256}
+# The smallest a=max-message-size we accept (RFC 8841's default when absent): aiortc
+# raises on sending a larger message, and an echoed user.text alone can reach 24 KB.
+MIN_PEER_MESSAGE_BYTES = 64 * 1024
+_SDP_LINE = re.compile(r"[a-z]=")
+# Lines aiortc's parser reads, in the forms it can read: a 400 naming the line rather
+# than whatever the parser raised ("AssertionError", "KeyError: 'x'", "not enough
+# values to unpack").
+_LINE_FORMS = {prefix: re.compile(form) for prefix, form in {
+    "v=": r"v=0",
+    "m=": r"m=[^ ]+ [0-9]+ [A-Z/]+ .+",
+    "c=": r"c=IN IP[46] [^ ]+",
+    "a=setup:": r"a=setup:(actpass|active|passive)",
+    "a=candidate:": r"a=candidate:\S+ [0-9]+ \S+ [0-9]+ \S+ [0-9]+ typ \S+( .*)?",
+    "a=fingerprint:": r"a=fingerprint:\s*\S+\s+\S+\s*",
+    "a=rtpmap:": r"a=rtpmap:[0-9]+ [^/]+/[0-9]+(/[0-9]+)?",
+    "a=fmtp:": r"a=fmtp:[0-9]+ .+",
+    "a=rtcp-fb:": r"a=rtcp-fb:\S+ \S.*",
+    "a=extmap:": r"a=extmap:[0-9]+(/\S+)? \S+",
+    "a=ssrc:": r"a=ssrc:[0-9]+ [^:]+:.*",
+    "a=rtcp:": r"a=rtcp:[0-9]+( IN IP[46] [^ ]+)?",
+    "a=sctp-port:": r"a=sctp-port:[0-9]+",
+    "a=sctpmap:": r"a=sctpmap:[0-9]+ .+",
+    "a=max-message-size:": r"a=max-message-size:[0-9]+",
+    "a=group:": r"a=group:.*",
+    "a=msid-semantic:": r"a=msid-semantic:.*",
+    "a=ssrc-group:": r"a=ssrc-group:\s*(\S+(\s+[0-9]+)*\s*)?",
+}.items()}
+_MID = re.compile(r"[!#$%&'*+\-.0-9A-Z^_`a-z{|}~]{1,32}")  # an RFC 5888 token, short
+_ICE_UFRAG = re.compile(r"[A-Za-z0-9+/]{4,256}")  # RFC 8839 ice-char
+_ICE_PWD = re.compile(r"[A-Za-z0-9+/]{22,256}")
 
 
 def error_response(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
     return JSONResponse({"error": code, "message": message}, status_code=status, headers=headers)
+
+
+def offer_text_problem(text: str) -> str | None:
+    """Why the offer's lines cannot be an offer we parse, or None."""
+    lines = text.splitlines()  # the split aiortc's parser makes
+    if len(lines) > MAX_OFFER_LINES:
+        return f"an offer has at most {MAX_OFFER_LINES} lines"
+    for number, line in enumerate(lines, 1):
+        if line.strip() and not _SDP_LINE.match(line):
+            return f"line {number} is not an SDP line: {line[:60]!r}"
+        key = (line[: line.find(":") + 1] or line + ":") if line.startswith("a=") else line[:2]
+        form = _LINE_FORMS.get(key)
+        if form is not None and not form.fullmatch(line):
+            return f"line {number} is malformed: {line[:60]!r}"
+        if key == "m=" and not _payload_types_ok(line):
+            return f"line {number}: RTP payload types are 0-127, except 72-76"
+    for prefix, limit in MAX_OFFER_ATTRIBUTES.items():
+        if sum(line.startswith(prefix) for line in lines) > limit:
+            return f"an offer has at most {limit} {prefix.rstrip(':')} lines"
+    return None
+
+
+def _payload_types_ok(m_line: str) -> bool:
+    """RTP payload types are 7 bits, and 72-76 would read as RTCP (RFC 5761)."""
+    kind, _, _, *formats = m_line[2:].split(" ")
+    if kind not in ("audio", "video"):
+        return True
+    return all(f.isdecimal() and len(f) <= 3 and 0 <= int(f) < 128 and not 72 <= int(f) <= 76 for f in formats)
+
+
+def offer_problem(offer: SessionDescription) -> str | None:
+    """Why a parsed offer cannot become a session, or None. Each check is one that
+    aiortc fails later: in the request (AttributeError, OperationError: a 500) or,
+    worse, in a transport task after the 201."""
+    media = offer.media
+    if not any(section.kind == "audio" for section in media):
+        return "the offer has no audio section (m=audio)"
+    mids = [section.rtp.muxId for section in media]
+    named = [mid for mid in mids if mid is not None]  # a missing one is the section's problem
+    if len(set(named)) != len(named):
+        return "two media sections share an a=mid"
+    for group in offer.group:
+        if group.semantic == "BUNDLE" and any(item not in mids for item in group.items):
+            return "a=group:BUNDLE names a mid that no media section has"
+    if sum(section.kind == "application" for section in media) > 1:
+        return "an offer has at most one m=application section"
+    for index, section in enumerate(media):
+        problem = _section_problem(section)
+        if problem is not None:
+            return f"m={section.kind} section {index}: {problem}"
+    return None
+
+
+def _section_problem(section: MediaDescription) -> str | None:
+    if section.kind not in ("audio", "video", "application"):
+        return "only audio, video and application sections are supported"
+    if section.rtp.muxId is None or not _MID.fullmatch(section.rtp.muxId):
+        return "a=mid is missing or not a short token"
+    ice = section.ice
+    if not _ICE_UFRAG.fullmatch(ice.usernameFragment or "") or not _ICE_PWD.fullmatch(ice.password or ""):
+        return "a=ice-ufrag (4-256 ice-chars) and a=ice-pwd (22-256) are required"
+    if section.dtls is None:
+        return "a=setup is required"
+    if not any(f.algorithm.lower() in X509_DIGEST_ALGORITHMS for f in section.dtls.fingerprints):
+        return "an a=fingerprint with sha-256, sha-384 or sha-512 is required"
+    if section.kind == "application":
+        port: int | str | None = section.sctp_port
+        if section.profile == "DTLS/SCTP":  # the legacy form: the port is the m= line's format
+            port = section.fmt[0] if section.fmt else None
+        if isinstance(port, str):
+            port = int(port) if port.isdecimal() and len(port) <= 5 else None
+        if port is None or not 0 < port < 65536:
+            return "an SCTP port (a=sctp-port) of 1-65535 is required"
+        caps = section.sctpCapabilities
+        if caps is not None and caps.maxMessageSize != 0 and caps.maxMessageSize < MIN_PEER_MESSAGE_BYTES:
+            return f"a=max-message-size must be 0 (no limit) or at least {MIN_PEER_MESSAGE_BYTES}"
+        return None
+    if not section.rtcp_mux:
+        return "a=rtcp-mux is required"
+    if section.direction is None:
+        return "a direction (a=sendrecv, a=sendonly, a=recvonly or a=inactive) is required"
+    if not find_common_codecs(CODECS[section.kind], section.rtp.codecs):
+        supported = ", ".join(sorted({c.mimeType.split("/")[1] for c in CODECS[section.kind]}))
+        return f"no codec in common (this server takes {supported})"
+    return None
 
 
 class FragmentError(ValueError):

@@ -1,0 +1,63 @@
+"""Every limit is configurable and each refusal is a clear error: sessions (503 +
+JSON), message size and rate, text length and tasks per session (``error`` events).
+The session duration limit is in test_lifecycle.py."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+from conftest import running_server
+
+from loadtest.peer import Peer
+from server.cli import build_parser
+from server.config import ServerConfig
+
+TIGHT = ServerConfig(engine="echo", ice_host_addresses=["127.0.0.1"], max_sessions=1, max_text_chars=10,
+                     max_message_bytes=300, max_tasks_per_session=1, messages_per_second=5, message_burst=8)
+
+
+async def test_configured_limits_refuse_with_clear_errors_and_the_session_goes_on(speech):
+    with running_server(TIGHT) as server:
+        peer = Peer(server.url, speech)
+        await peer.connect()
+        await peer.wait_for_event("session.ready")
+        second = Peer(server.url, speech)
+        try:
+            await second.connect()
+            raise AssertionError("a second session was admitted past max_sessions=1")
+        except RuntimeError as exc:
+            assert "503" in str(exc) and "at_capacity" in str(exc)
+        finally:
+            await second.close(delete=False)
+
+        peer.send({"type": "text.input", "text": "short"})  # within the limit
+        peer.send({"type": "text.input", "text": "far too long for ten"})
+        peer.send(json.dumps({"type": "ping", "id": "x" * 400}))  # over 300 bytes
+        peer.send({"type": "task.create", "tool": "timer", "input": "5 s: one", "ref": "a"})
+        peer.send({"type": "task.create", "tool": "timer", "input": "5 s: two", "ref": "b"})
+        await peer.wait_for_event("error", ref="b")
+        codes = [e["code"] for e in peer.events_of("error")]
+        assert codes == ["too_long", "too_large", "too_many_tasks"], codes
+        assert "limited to 10 characters" in peer.events_of("error")[0]["message"]
+        assert [e["text"] for e in peer.events_of("user.text")] == ["short"]
+
+        for i in range(30):  # the rate limit: a burst of 8, then 5 a second
+            peer.send({"type": "ping", "id": i})
+        await peer.wait_for_event("error", code="rate_limited")
+        async with httpx.AsyncClient() as client:
+            described = (await client.get(peer.session_url)).json()
+        assert described["connection_state"] == "connected"
+        assert described["protocol_errors"] >= 4
+        await peer.close()
+
+
+def test_every_limit_has_a_command_line_flag():
+    args = build_parser().parse_args([
+        "serve", "--max-sessions", "3", "--max-session-s", "60", "--peer-timeout-s", "2", "--drain-timeout-s", "4",
+        "--max-message-bytes", "2048", "--messages-per-second", "7", "--message-burst", "9",
+        "--max-tasks-per-session", "2", "--max-text-chars", "100", "--max-offer-bytes", "9000",
+    ])
+    assert (args.max_sessions, args.max_session_s, args.peer_timeout_s, args.drain_timeout_s) == (3, 60, 2, 4)
+    assert (args.max_message_bytes, args.messages_per_second, args.message_burst) == (2048, 7, 9)
+    assert (args.max_tasks_per_session, args.max_text_chars, args.max_offer_bytes) == (2, 100, 9000)
