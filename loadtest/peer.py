@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Any
@@ -15,6 +16,8 @@ from typing import Any
 import av
 import httpx
 import numpy as np
+from aioice import Connection
+from aioice.ice import StunProtocol
 from aiortc import RTCDataChannel, RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
@@ -85,6 +88,14 @@ class Recording:
         return out
 
 
+class SignallingError(RuntimeError):
+    """The server refused the offer (``status``: 503 when it is at capacity)."""
+
+    def __init__(self, status: int, body: str) -> None:
+        super().__init__(f"signalling failed: {status} {body}")
+        self.status = status
+
+
 class Peer:
     def __init__(self, base_url: str, audio: np.ndarray, ice_host_addresses: list[str] | None = None,
                  lead_silence_s: float = 0.0, jitter_prefetch: int | None = None,
@@ -107,6 +118,10 @@ class Peer:
         self.event_lag_ms: list[float] = []  # arrival − server send time, per event (same clock on one host)
         self._channel_open = asyncio.Event()
         self._reader: asyncio.Task[None] | None = None
+        # SDP edits on the way out and in (loadtest/impair.py routes the media through
+        # an impairing relay with them).
+        self.rewrite_offer: Callable[[str], str] = _unchanged
+        self.rewrite_answer: Callable[[str], str] = _unchanged
 
     async def connect(self, traceparent: str | None = None, headers: dict[str, str] | None = None,
                       path: str = "/v1/sessions") -> None:
@@ -131,17 +146,17 @@ class Peer:
         async with httpx.AsyncClient(follow_redirects=True) as client:
             response = await client.post(
                 f"{self.base_url}{path}",
-                content=self.pc.localDescription.sdp,
+                content=self.rewrite_offer(self.pc.localDescription.sdp),
                 headers={"Content-Type": "application/sdp", **({"traceparent": traceparent} if traceparent else {}),
                          **(headers or {})},
             )
         if response.status_code != 201:
-            raise RuntimeError(f"signalling failed: {response.status_code} {response.text}")
+            raise SignallingError(response.status_code, response.text)
         self.response_headers = response.headers
         # Relative to where the offer landed (after any redirect), as WHIP says.
         self.session_url = str(response.url.join(response.headers["Location"]))
         self.auth_headers = {k: v for k, v in (headers or {}).items() if k.lower() == "authorization"}
-        await self.pc.setRemoteDescription(RTCSessionDescription(response.text, "answer"))
+        await self.pc.setRemoteDescription(RTCSessionDescription(self.rewrite_answer(response.text), "answer"))
         await asyncio.wait_for(self._channel_open.wait() if self.data_channel else connected.wait(), 10)
         self.connect_ms = (time.monotonic() - started) * 1000
 
@@ -183,6 +198,15 @@ class Peer:
             self._reader.cancel()
         await self.pc.close()
 
+    async def vanish(self) -> None:
+        """Drop off the network without a word, like a closed laptop lid: from now on
+        nothing leaves this peer (no DELETE, no DTLS close_notify, SCTP ABORT or RTCP
+        BYE, no ICE consent answers), then its own resources are released. Only the
+        server's timeouts can tell it is gone."""
+        for protocol in ice_protocols(self.pc):
+            protocol.transport = _Unplugged(protocol.transport)  # type: ignore[assignment]
+        await self.close(delete=False)
+
     def _on_message(self, raw: str | bytes) -> None:
         event = json.loads(raw) if isinstance(raw, str) else {"type": "<binary>"}
         self.events.append((time.monotonic(), event))
@@ -207,3 +231,35 @@ class Peer:
             rec.arrivals[pts] = time.time()
             decimator = decimator or Decimator(frame.sample_rate)
             rec.chunks.append((pts, decimator(to_mono(frame))))
+
+
+def _unchanged(sdp: str) -> str:
+    return sdp
+
+
+class _Unplugged:
+    """A datagram transport whose cable is pulled: sends vanish; closing still closes."""
+
+    def __init__(self, transport: asyncio.DatagramTransport) -> None:
+        self._transport = transport
+
+    def sendto(self, data: bytes, addr: Any = None) -> None:
+        pass
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
+
+
+def ice_agents(pc: RTCPeerConnection) -> list[Connection]:
+    """The aioice agents (``Connection``) under ``pc``'s ICE transports: one with BUNDLE."""
+    transports = [t.receiver.transport for t in pc.getTransceivers()]
+    if pc.sctp is not None:
+        transports.append(pc.sctp.transport)
+    agents = {id(d.transport.iceGatherer._connection): d.transport.iceGatherer._connection for d in transports}
+    return list(agents.values())
+
+
+def ice_protocols(pc: RTCPeerConnection) -> list[StunProtocol]:
+    """The UDP endpoints (aioice ``StunProtocol``s) under ``pc``: every packet of the
+    connection leaves through one of them."""
+    return [protocol for agent in ice_agents(pc) for protocol in agent._protocols]
