@@ -8,7 +8,11 @@ from pathlib import Path
 
 import httpx
 import pytest
+from conftest import running_server
 from playwright.async_api import async_playwright
+
+from server.config import ServerConfig
+from server.recording import find_recordings, read_recording
 
 CHROMIUM = Path("/usr/lib/chromium/chromium")
 SPEECH = Path(__file__).parent / "data" / "speech.wav"
@@ -214,3 +218,39 @@ async def test_the_page_restarts_ice_over_whip_patch_and_the_call_carries_on(liv
             assert session.close_reason is None
         finally:
             await browser.close()
+
+
+async def test_recording_needs_the_servers_offer_and_the_users_consent(tmp_path):
+    records = tmp_path / "recordings"
+    config = ServerConfig(engine="echo", ice_host_addresses=["127.0.0.1"], record_dir=str(records))
+    async with async_playwright() as playwright:
+        browser = await playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            with running_server(config) as server:
+                page = await browser.new_page()
+                await page.goto(server.url)
+                await page.wait_for_selector("#record-consent", state="visible")  # offered ...
+                assert not await page.is_checked("#record")  # ... never ticked for the user
+                assert await page.is_hidden("#recording-indicator")
+                await page.check("#record")
+                await page.click("#connect")
+                await page.wait_for_function("window.microturn.status === 'connected'", timeout=15_000)
+                await page.wait_for_selector("#recording-indicator", state="visible")
+                assert await page.is_disabled("#record")  # consent is per session, fixed while it runs
+                await page.wait_for_function("window.microturn.turns >= 10", timeout=15_000)
+                await page.click("#disconnect")
+                await page.wait_for_function("window.microturn.status === 'closed'")
+                assert await page.is_hidden("#recording-indicator")
+                await asyncio.sleep(0.5)
+            with running_server(ServerConfig(engine="echo", ice_host_addresses=["127.0.0.1"])) as plain:
+                page = await browser.new_page()
+                await page.goto(plain.url)
+                await page.wait_for_function("document.readyState === 'complete'")
+                await asyncio.sleep(0.3)  # the page's OPTIONS request has been answered
+                assert await page.is_hidden("#record-consent")  # not offered: no box
+        finally:
+            await browser.close()
+    [recorded] = find_recordings(records)
+    recording = read_recording(recorded)
+    assert recording.complete and recording.turns >= 10
+    assert recording.user_audio().std() > 0.01  # the fake microphone's speech, on disk
