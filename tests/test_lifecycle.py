@@ -64,6 +64,7 @@ async def test_sigterm_tells_clients_drains_tasks_and_flushes_recordings_and_tra
             assert "tea" in str(done["result"])
             assert process.wait(10) in (0, -signal.SIGTERM)
             exited_s = time.monotonic() - signalled
+            print(f"\nSIGTERM -> exit: {exited_s:.2f} s")
             assert 1.0 < exited_s < 5 + 3, exited_s  # waited for the task, not for the full deadline
             # New sessions are no longer admitted: the listener is gone.
             async with httpx.AsyncClient() as client:
