@@ -7,9 +7,10 @@ from __future__ import annotations
 import json
 
 import httpx
+import pytest
 from conftest import running_server
 
-from loadtest.peer import Peer
+from loadtest.peer import Peer, SignallingError
 from server.cli import build_parser
 from server.config import ServerConfig
 
@@ -23,13 +24,10 @@ async def test_configured_limits_refuse_with_clear_errors_and_the_session_goes_o
         await peer.connect()
         await peer.wait_for_event("session.ready")
         second = Peer(server.url, speech)
-        try:
+        with pytest.raises(SignallingError, match="at_capacity") as refused:  # past max_sessions=1
             await second.connect()
-            raise AssertionError("a second session was admitted past max_sessions=1")
-        except RuntimeError as exc:
-            assert "503" in str(exc) and "at_capacity" in str(exc)
-        finally:
-            await second.close(delete=False)
+        await second.close(delete=False)
+        assert refused.value.status == 503
 
         peer.send({"type": "text.input", "text": "short"})  # within the limit
         peer.send({"type": "text.input", "text": "far too long for ten"})
