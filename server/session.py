@@ -19,6 +19,7 @@ from typing import Any
 import av
 import numpy as np
 from aiortc import RTCDataChannel, RTCPeerConnection, RTCSessionDescription
+from aiortc.exceptions import InvalidAccessError, InvalidStateError
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 from aiortc.rtcsctptransport import WEBRTC_STRING
 from opentelemetry import trace
@@ -133,7 +134,13 @@ class Session:
         self.pc.on("track", self._on_track)
         self.pc.on("datachannel", self._on_datachannel)
         self.pc.on("connectionstatechange", self._on_connection_state)
-        await self.pc.setRemoteDescription(RTCSessionDescription(offer_sdp, "offer"))
+        try:
+            await self.pc.setRemoteDescription(RTCSessionDescription(offer_sdp, "offer"))
+        except (ValueError, InvalidAccessError, InvalidStateError):
+            raise
+        except Exception as exc:  # aiortc tripping over an offer validate_offer let through
+            log.warning("session %s: aiortc could not apply the offer: %r", self.id, exc)
+            raise ValueError(f"aiortc could not apply it ({type(exc).__name__})") from exc
         self._refuse_undecodable_text()
         audio_receivers = sum(t.kind == "audio" for t in self.pc.getTransceivers())
         if set_audio_jitter_prefetch(self.pc, self.config.jitter_prefetch) != audio_receivers:

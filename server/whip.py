@@ -138,6 +138,8 @@ def _section_problem(section: MediaDescription) -> str | None:
         return "a=ice-ufrag (4-256 ice-chars) and a=ice-pwd (22-256) are required"
     if section.dtls is None:
         return "a=setup is required"
+    if section.msid is not None and " " in section.msid and len(section.msid.split()) < 2:
+        return "a=msid needs a stream id and a track id"  # aiortc indexes both (IndexError: a 500)
     if not any(f.algorithm.lower() in X509_DIGEST_ALGORITHMS for f in section.dtls.fingerprints):
         return "an a=fingerprint with sha-256, sha-384 or sha-512 is required"
     if section.kind == "application":
