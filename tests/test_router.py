@@ -88,9 +88,12 @@ async def test_the_router_sends_sessions_to_nodes_with_room_and_skips_full_ones(
             assert full.status_code == 503 and full.headers["retry-after"] and full.json()["error"] == "at_capacity"
 
             # Audio reached both nodes; the sessions live where the router sent them.
-            for peer in peers:
-                info = await client.get(peer.session_url, headers=auth)
-                assert info.status_code == 200 and info.json()["chunks_in"] > 0
+            for peer in peers:  # (the second may have connected only a moment ago)
+                deadline = time.monotonic() + 5
+                while (info := await client.get(peer.session_url, headers=auth)).json()["chunks_in"] == 0:
+                    assert time.monotonic() < deadline, info.json()
+                    await asyncio.sleep(0.1)
+                assert info.status_code == 200
 
             await first.close()
             peers.remove(first)
