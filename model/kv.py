@@ -54,6 +54,10 @@ class KVPool:
         slot = len(self._owners)
         self.positions[slot] = -1
         self.lengths[slot] = 0
+        # Old entries are masked, but a masked NaN still poisons attention (its weight
+        # is 0, and 0·NaN is NaN): a new session starts from zeros.
+        self.keys[:, slot] = 0
+        self.values[:, slot] = 0
         self._slots[session_id] = slot
         self._owners.append(session_id)
         return slot
@@ -82,6 +86,23 @@ class KVPool:
         self.positions[slot, index] = positions
         self.lengths[slot] = start + count
         return index, positions
+
+    def mark(self, slots: list[int]) -> tuple[list[int], torch.Tensor]:
+        """What ``rollback`` needs to undo the appends of passes over ``slots``."""
+        return [self.lengths[slot] for slot in slots], self.positions[slots]  # advanced indexing: a copy
+
+    def rollback(self, slots: list[int], mark: tuple[list[int], torch.Tensor]) -> None:
+        """Undo appends since ``mark`` (a failed step). The entries written were empty or
+        held keys no later query can see (the ring is sized so): they get their old
+        positions back, zeroed, so they stay masked and finite whatever was written."""
+        lengths, positions = mark
+        rows, entries = (self.positions[slots] != positions).nonzero(as_tuple=True)
+        touched = torch.tensor(slots, dtype=torch.int64, device=rows.device)[rows]
+        self.keys[:, touched, entries] = 0
+        self.values[:, touched, entries] = 0
+        self.positions[slots] = positions
+        for slot, length in zip(slots, lengths, strict=True):
+            self.lengths[slot] = length
 
     def pretend_appended(self, slot: int, count: int) -> None:
         """Mark ``count`` tokens as already in a session's cache, as if appended (for

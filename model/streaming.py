@@ -103,11 +103,7 @@ class StreamingModel:
         self.faults: Mapping[str, str] = {}
 
     def open_session(self, session_id: str) -> None:
-        slot = self.pool.open(session_id)
-        # A slot's old entries are masked, but a masked NaN still poisons attention
-        # (its weight is 0, and 0·NaN is NaN): a new session starts from zeros.
-        self.pool.keys[:, slot] = 0
-        self.pool.values[:, slot] = 0
+        self.pool.open(session_id)  # its cache zeroed: no NaN survives a reset
         # Seeded from the session id (not Python's salted hash): reproducible runs.
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + zlib.crc32(session_id.encode()))
         self._sessions[session_id] = _Session(session_id, generator)
@@ -122,15 +118,14 @@ class StreamingModel:
         sessions = [self._sessions[chunk.session_id] for chunk in batch]
         saved = [_Saved.of(session) for session in sessions]
         slots = [self.pool.slot(chunk.session_id) for chunk in batch]
-        lengths = [self.pool.lengths[slot] for slot in slots]
-        positions = self.pool.positions[slots]  # advanced indexing: a copy
+        mark = self.pool.mark(slots)
         try:
             with self.autocast:
                 outputs, faulted = self._step(batch, sessions)
         except BaseException:
             for state in saved:
                 state.restore()
-            self._restore_pool(slots, lengths, positions)
+            self.pool.rollback(slots, mark)
             raise
         for i in faulted:
             session_id = batch[i].session_id
@@ -138,19 +133,6 @@ class StreamingModel:
             self.open_session(session_id)
         self.faults = {batch[i].session_id: NON_FINITE for i in faulted}
         return outputs
-
-    def _restore_pool(self, slots: list[int], lengths: list[int], positions: torch.Tensor) -> None:
-        """Undo a failed step's appends. The entries it wrote were empty or held keys no
-        later query can see (the ring is sized so): they get their old positions back,
-        zeroed, so they stay masked and finite whatever it wrote (see open_session)."""
-        pool = self.pool
-        rows, entries = (pool.positions[slots] != positions).nonzero(as_tuple=True)
-        touched = torch.tensor(slots, dtype=torch.int64, device=rows.device)[rows]
-        pool.keys[:, touched, entries] = 0
-        pool.values[:, touched, entries] = 0
-        pool.positions[slots] = positions
-        for slot, length in zip(slots, lengths, strict=True):
-            pool.lengths[slot] = length
 
     def _step(self, batch: Sequence[TurnInput], sessions: list[_Session]) -> tuple[list[TurnOutput], list[int]]:
         """The batch's outputs, and which of its rows faulted (non-finite)."""

@@ -9,6 +9,20 @@ import os
 from server.config import ServerConfig
 from server.engine import ENGINES
 
+# ServerConfig limits with a flag each (--max-session-s, ...): type and default come
+# from the config, so a limit is declared once.
+LIMIT_FLAGS = {
+    "max_session_s": "end sessions after this long, gracefully (0: no limit)",
+    "peer_timeout_s": "free a session whose peer sent nothing for this long",
+    "drain_timeout_s": "on SIGTERM, how long sessions may finish their reply and tasks",
+    "max_message_bytes": "largest data-channel message",
+    "messages_per_second": "data-channel messages a session may send per second, on average",
+    "message_burst": "... and in a burst",
+    "max_tasks_per_session": "background tasks running at once per session",
+    "max_text_chars": "longest text.input",
+    "max_offer_bytes": "largest SDP offer",
+}
+
 
 def build_parser() -> argparse.ArgumentParser:
     defaults = ServerConfig()
@@ -62,24 +76,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--capacity-budget", type=float, default=defaults.capacity_budget,
                        help="fraction of the 200 ms turn a step may take at capacity (default 0.6)")
     limits = serve.add_argument_group("limits (each refusal is a clear error: HTTP JSON or an `error` event)")
-    limits.add_argument("--max-session-s", type=float, default=defaults.max_session_s,
-                        help="end sessions after this long, gracefully (0: no limit; default 3600)")
-    limits.add_argument("--peer-timeout-s", type=float, default=defaults.peer_timeout_s,
-                        help="free a session whose peer sent nothing for this long (default 5)")
-    limits.add_argument("--drain-timeout-s", type=float, default=defaults.drain_timeout_s,
-                        help="on SIGTERM, how long sessions may finish their reply and tasks (default 10)")
-    limits.add_argument("--max-message-bytes", type=int, default=defaults.max_message_bytes,
-                        help="largest data-channel message (default 16384)")
-    limits.add_argument("--messages-per-second", type=float, default=defaults.messages_per_second,
-                        help="data-channel messages a session may send per second, on average (default 20)")
-    limits.add_argument("--message-burst", type=float, default=defaults.message_burst,
-                        help="... and in a burst (default 40)")
-    limits.add_argument("--max-tasks-per-session", type=int, default=defaults.max_tasks_per_session,
-                        help="background tasks running at once per session (default 4)")
-    limits.add_argument("--max-text-chars", type=int, default=defaults.max_text_chars,
-                        help="longest text.input (default 2000)")
-    limits.add_argument("--max-offer-bytes", type=int, default=defaults.max_offer_bytes,
-                        help="largest SDP offer (default 65536)")
+    for field, help_text in LIMIT_FLAGS.items():
+        default = getattr(defaults, field)
+        limits.add_argument("--" + field.replace("_", "-"), type=type(default), default=default,
+                            help=f"{help_text} (default {default:g})")
     serve.add_argument("--record-dir", default=None, metavar="DIR",
                        help="offer session recordings (crash-safe, docs/recording.md) into DIR; each session "
                             "is recorded only if its client consents (?record=1)")
@@ -138,16 +138,8 @@ def serve(args: argparse.Namespace) -> None:
         cors_origins=args.cors_origin,
         router_url=args.router,
         advertise_url=args.advertise,
-        max_session_s=args.max_session_s,
-        peer_timeout_s=args.peer_timeout_s,
-        drain_timeout_s=args.drain_timeout_s,
-        max_message_bytes=args.max_message_bytes,
-        messages_per_second=args.messages_per_second,
-        message_burst=args.message_burst,
-        max_tasks_per_session=args.max_tasks_per_session,
-        max_text_chars=args.max_text_chars,
-        max_offer_bytes=args.max_offer_bytes,
         record_dir=args.record_dir,
+        **{field: getattr(args, field) for field in LIMIT_FLAGS},
     )
     if config.router_url and not config.advertise_url:
         raise SystemExit("--router needs --advertise URL: the address clients reach this server at")
