@@ -26,6 +26,13 @@ _MEL_CENTRE = (dmel.LOG_MIN + dmel.LOG_MAX) / 2
 _MEL_SCALE = (dmel.LOG_MAX - dmel.LOG_MIN) / 2
 
 
+def weighted_mean(values: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
+    """Mean of ``values`` (n,), each counted ``weights`` (n,) times (plain mean if None)."""
+    if weights is None:
+        return values.mean()
+    return (values * weights).sum() / weights.sum()
+
+
 class ClassifyHead(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -35,9 +42,13 @@ class ClassifyHead(nn.Module):
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.proj(hidden).view(-1, self.frames, dmel.N_MELS, dmel.N_BINS)
 
-    def loss(self, hidden: torch.Tensor, target_bins: torch.Tensor) -> torch.Tensor:
-        """hidden (n, d), target_bins (n, frames, mels) -> mean cross-entropy."""
-        return F.cross_entropy(self.logits(hidden).reshape(-1, dmel.N_BINS), target_bins.reshape(-1))
+    def loss(self, hidden: torch.Tensor, target_bins: torch.Tensor,
+             weights: torch.Tensor | None = None) -> torch.Tensor:
+        """hidden (n, d), target_bins (n, frames, mels) -> cross-entropy, averaged per
+        row with ``weights`` (n,) if given."""
+        per_bin = F.cross_entropy(self.logits(hidden).reshape(-1, dmel.N_BINS), target_bins.reshape(-1),
+                                  reduction="none")
+        return weighted_mean(per_bin.view(hidden.shape[0], -1).mean(-1), weights)
 
     def sample(self, hidden: torch.Tensor, generators: list[torch.Generator] | None = None,
                temperature: float = 0.0) -> torch.Tensor:
@@ -95,12 +106,14 @@ class FlowHead(nn.Module):
             h = layer(h, cond)
         return self.out(h)
 
-    def loss(self, hidden: torch.Tensor, target_bins: torch.Tensor) -> torch.Tensor:
+    def loss(self, hidden: torch.Tensor, target_bins: torch.Tensor,
+             weights: torch.Tensor | None = None) -> torch.Tensor:
         target = (dmel.dequantize(target_bins).flatten(1) - _MEL_CENTRE) / _MEL_SCALE
         noise = torch.randn_like(target)
         t = torch.rand(target.shape[0], device=target.device)
         x_t = (1 - t[:, None]) * noise + t[:, None] * target
-        return F.mse_loss(self.velocity(x_t, t, hidden), target - noise)
+        per_row = (self.velocity(x_t, t, hidden) - (target - noise)).pow(2).mean(-1)
+        return weighted_mean(per_row, weights)
 
     def sample(self, hidden: torch.Tensor, generators: list[torch.Generator] | None = None,
                temperature: float = 1.0) -> torch.Tensor:

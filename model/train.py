@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from model import dmel
 from model.config import NO_TEXT, ModelConfig, preset
 from model.conversations import DATA_VERSION, Conversation, generate
+from model.heads import weighted_mean
 from model.interaction import InteractionModel
 from model.text import encode
 from model.transformer import MoE
@@ -116,10 +117,16 @@ def jitter_bins(bins: torch.Tensor, rate: float, generator: torch.Generator | No
     return torch.where(hit.to(bins.device), (bins + step.to(bins.device)).clamp(0, dmel.N_BINS - 1), bins)
 
 
-def batch_loss(model: InteractionModel, batch: list[Example],
-               history_noise: float = 0.0) -> tuple[torch.Tensor, dict[str, float]]:
+def batch_loss(model: InteractionModel, batch: list[Example], history_noise: float = 0.0,
+               text_weight: float = 1.0, speech_weight: float = 1.0) -> tuple[torch.Tensor, dict[str, float]]:
     """Teacher-forced loss of a batch of equally long examples; the model's own audio
-    is fed back with ``history_noise`` (see ``jitter_bins``) but predicted clean."""
+    is fed back with ``history_noise`` (see ``jitter_bins``) but predicted clean.
+
+    Most output positions are silence with no text, which the model learns first;
+    ``text_weight`` counts each position that writes a byte (not NO_TEXT) that many
+    times in the text loss, ``speech_weight`` each position whose audio is not
+    silent in the audio loss, so the rare decisions (when to start, which word,
+    which digit to copy) keep their share of the gradient."""
     config = model.config
     b, turns = len(batch), batch[0].turns
     user = torch.stack([e.user_bins for e in batch]).long().view(b * turns, 16, dmel.N_MELS)
@@ -131,9 +138,12 @@ def batch_loss(model: InteractionModel, batch: list[Example],
     hidden = model.trunk.forward_full(model.layout(inputs, outputs))
     index = model.predictor_positions(turns).reshape(-1)
     predicting = hidden[:, index].reshape(-1, hidden.shape[-1])  # (b·turns·out, d)
-    text_loss = F.cross_entropy(model.text_head(predicting).float(), text_out.reshape(-1))
+    text_targets = text_out.reshape(-1)
+    text_losses = F.cross_entropy(model.text_head(predicting).float(), text_targets, reduction="none")
+    text_loss = weighted_mean(text_losses, 1 + (text_weight - 1) * (text_targets != NO_TEXT).float())
     targets = own.reshape(b * turns * config.out_positions, config.frames_per_output, dmel.N_MELS)
-    audio_loss = model.audio_head.loss(predicting, targets)
+    speaking = targets.flatten(1).amax(-1) > 0  # bin 0 is the silence floor
+    audio_loss = model.audio_head.loss(predicting, targets, 1 + (speech_weight - 1) * speaking.float())
     loss = text_loss + audio_loss
     return loss, {"loss": loss.item(), "text": text_loss.item(), "audio": audio_loss.item()}
 
@@ -237,7 +247,7 @@ def train(args: argparse.Namespace) -> list[float]:
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, args.steps, args.lr, args.warmup)
         with autocast:
-            loss, parts = batch_loss(model, batch, args.history_noise)
+            loss, parts = batch_loss(model, batch, args.history_noise, args.text_weight, args.speech_weight)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if distributed:
@@ -285,6 +295,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--balance-rate", type=float, default=1e-3)
     parser.add_argument("--history-noise", type=float, default=0.1,
                         help="fraction of the model's own fed-back dMel bins moved by one step")
+    parser.add_argument("--text-weight", type=float, default=1.0,
+                        help="text-loss weight of positions that write a byte (1: plain mean)")
+    parser.add_argument("--speech-weight", type=float, default=1.0,
+                        help="audio-loss weight of positions that are not silent (1: plain mean)")
     parser.add_argument("--conversations", type=int, default=400)
     parser.add_argument("--recordings", action="append", default=[], metavar="DIR",
                         help="also train on every session recording under DIR (repeatable)")

@@ -11,7 +11,9 @@ import numpy as np
 import torch
 
 from model.interface import TURN_SAMPLES, TurnInput
-from model.train import build_parser, text_input_slots, train
+from model.config import NO_TEXT, preset
+from model.interaction import InteractionModel
+from model.train import Example, batch_loss, build_parser, text_input_slots, train
 from server.engine import make_model
 
 
@@ -51,3 +53,45 @@ def test_data_parallel_under_torchrun_keeps_replicas_identical(tmp_path):
                          env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert run.returncode == 0, run.stderr[-3000:]
     assert torch.load(out / "train_state.pt")["step"] == 3
+
+
+def _batch(config, turns: int = 6) -> list[Example]:
+    """Two hand-made examples: the first half of each is silence without text, the
+    second half speech that writes bytes."""
+    generator = torch.Generator().manual_seed(0)
+    examples = []
+    for _ in range(2):
+        user = torch.randint(0, 16, (turns * 16, 80), generator=generator, dtype=torch.uint8)
+        own = torch.randint(1, 16, (turns * 16, 80), generator=generator, dtype=torch.uint8)
+        own[: turns * 8] = 0
+        text_out = torch.randint(97, 123, (turns, config.out_positions), generator=generator)
+        text_out[: turns // 2] = NO_TEXT
+        examples.append(Example(user, own, torch.full((turns, config.text_in_slots), NO_TEXT), text_out))
+    return examples
+
+
+def test_loss_weights_shift_the_mean_towards_bytes_and_speech():
+    """Weight 1 is the plain mean; a huge weight makes each loss the mean over just
+    the positions that write a byte / speak (checked against the heads' own losses
+    on those rows, read from the hidden states the text head saw)."""
+    torch.manual_seed(0)
+    model = InteractionModel(preset("tiny"))
+    batch = _batch(model.config)
+    seen: list[torch.Tensor] = []
+    model.text_head.register_forward_hook(lambda _module, args, _out: seen.append(args[0].detach()))
+    _, plain = batch_loss(model, batch)
+    _, same = batch_loss(model, batch, text_weight=1.0, speech_weight=1.0)
+    assert same == plain
+    _, heavy = batch_loss(model, batch, text_weight=1e9, speech_weight=1e9)
+    hidden = seen[-1]
+    text = torch.stack([e.text_out for e in batch]).reshape(-1)
+    writes = text != NO_TEXT
+    audio = torch.stack([e.model_bins for e in batch]).long().reshape(-1, model.config.frames_per_output, 80)
+    speaks = audio.flatten(1).amax(-1) > 0
+    assert 0 < writes.sum() < writes.numel() and 0 < speaks.sum() < speaks.numel()
+    with torch.no_grad():
+        text_on_bytes = torch.nn.functional.cross_entropy(model.text_head(hidden[writes]), text[writes]).item()
+        audio_on_speech = model.audio_head.loss(hidden[speaks], audio[speaks]).item()
+    assert abs(heavy["text"] - text_on_bytes) < 1e-4 * text_on_bytes
+    assert abs(heavy["audio"] - audio_on_speech) < 1e-4 * audio_on_speech
+    assert heavy["text"] != plain["text"] and heavy["audio"] != plain["audio"]
