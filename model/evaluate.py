@@ -194,8 +194,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--first-seed", type=int, default=1_000_000, help="held-out seeds start here")
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--plots", default=None, help="directory for one timeline PNG per conversation")
+    parser.add_argument("--write-threshold", default=argparse.SUPPRESS,
+                        type=lambda value: None if value == "greedy" else float(value),
+                        help="decode text in two stages with this threshold, or 'greedy' "
+                             "(default: as the checkpoint's decoding.json says)")
     args = parser.parse_args(argv)
-    engine = None if args.reference else load_engine(args.checkpoint, max_sessions=1)
+    decoding = {"write_threshold": args.write_threshold} if "write_threshold" in args else {}
+    engine = None if args.reference else load_engine(args.checkpoint, max_sessions=1, **decoding)
     seeds = list(range(args.first_seed, args.first_seed + args.conversations))
     result = evaluate(engine, seeds, Path(args.plots) if args.plots else None)
     if args.json:

@@ -125,10 +125,6 @@ class InteractionModel(nn.Module):
         audio = self.audio_out(bins)
         return self.text(text) + audio + self.roles.weight[ROLE_OUTPUT]
 
-    def sample_text(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Greedy text byte (or NO_TEXT) per row."""
-        return self.text_head(hidden).argmax(-1)
-
     def layout(self, inputs: torch.Tensor, outputs: torch.Tensor) -> torch.Tensor:
         """Interleave micro-turns into one sequence (training, and the streaming reference).
 
@@ -147,3 +143,23 @@ class InteractionModel(nn.Module):
 
 def no_text(n: int, slots: int) -> torch.Tensor:
     return torch.full((n, slots), NO_TEXT, dtype=torch.int64)
+
+
+def choose_text(logits: torch.Tensor, write_threshold: float | None = None) -> torch.Tensor:
+    """Text ids from text-head logits (n, vocab): greedy, or in two stages.
+
+    Greedy keeps quiet (NO_TEXT) whenever NO_TEXT beats every single byte, so at
+    the start of an answer whose probability is spread over several first letters
+    ('s' for six, 'e' for eight) silence wins even when writing is likelier in all.
+    With ``write_threshold`` the model first decides whether to write — when all
+    bytes together have at least that probability — and then writes the likeliest
+    byte: a threshold on "take the turn", as turn-taking detectors use.
+    """
+    greedy = logits.argmax(-1)
+    if write_threshold is None:
+        return greedy
+    probs = torch.softmax(logits.float(), -1)
+    writing = 1 - probs[:, NO_TEXT]
+    without_silence = logits.clone()
+    without_silence[:, NO_TEXT] = float("-inf")
+    return torch.where(writing >= write_threshold, without_silence.argmax(-1), NO_TEXT)

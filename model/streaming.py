@@ -29,13 +29,13 @@ import torch
 
 from model import dmel
 from model.config import NO_TEXT, preset
-from model.interaction import InteractionModel
+from model.interaction import InteractionModel, choose_text
 from model.interface import TurnInput, TurnOutput
 from model.kv import KVPool
 from model.text import Decoder, encode
 from model.transformer import ROW_MULTIPLE, Segment, StreamBatch, pad_rows
 from model.vocoder import VocoderState, vocode_chunk
-from model.weights import load_checkpoint
+from model.weights import load_checkpoint, load_decoding
 
 
 @dataclass
@@ -84,7 +84,7 @@ class StreamingModel:
 
     def __init__(self, model: InteractionModel, max_sessions: int = 64, seed: int = 0,
                  temperature: float = 0.0, weights: str = "random", device: str = "cpu",
-                 attention: str | None = None) -> None:
+                 attention: str | None = None, write_threshold: float | None = None) -> None:
         # On CUDA: weights fp32, compute and the KV pool in bf16 (autocast). Features,
         # sampling generators and the vocoder stay on the CPU: small per-session work.
         self.device = torch.device(device)
@@ -96,6 +96,7 @@ class StreamingModel:
                            torch.bfloat16 if self.device.type == "cuda" else torch.float32, attention)
         self.seed = seed
         self.temperature = temperature
+        self.write_threshold = write_threshold  # see ``choose_text``; None: greedy
         self.weights = weights  # what the page shows: "random" or the checkpoint's name
         self._sessions: dict[str, _Session] = {}
         # Sessions whose state the last ``step`` had to reset, and why (the engine
@@ -159,7 +160,7 @@ class StreamingModel:
             # A faulted row goes on with zeros: the heads then cannot raise on it
             # (e.g. sampling from NaN probabilities); its outputs are discarded.
             hidden = torch.where(finite[:, None], hidden, 0.0)
-            text_ids = model.text_head(pad_rows(hidden))[:n].argmax(-1)
+            text_ids = choose_text(model.text_head(pad_rows(hidden))[:n], self.write_threshold)
             mel = model.audio_head.sample(hidden, [s.generator for s in sessions], self.temperature)
             finite &= mel.isfinite().flatten(1).all(-1)
             texts.append(text_ids)
@@ -230,11 +231,15 @@ class StreamingModel:
             [has_video, has_video.new_zeros(extra)])
 
 
-def load_engine(checkpoint: str | None = None, max_sessions: int = 64, device: str = "cpu") -> StreamingModel:
-    """The interaction model as an engine: a checkpoint directory, or the tiny
-    preset with seeded random weights when there is none."""
+def load_engine(checkpoint: str | None = None, max_sessions: int = 64, device: str = "cpu",
+                **decoding: float | None) -> StreamingModel:
+    """The interaction model as an engine: a checkpoint directory (decoded as its
+    ``decoding.json`` says, unless ``decoding`` overrides it), or the tiny preset
+    with seeded random weights when there is none."""
     if checkpoint:
+        settings = {**load_decoding(checkpoint), **decoding}
         return StreamingModel(load_checkpoint(checkpoint), max_sessions,
-                              weights=os.path.basename(checkpoint.rstrip("/")), device=device)
+                              weights=os.path.basename(checkpoint.rstrip("/")), device=device, **settings)
     torch.manual_seed(0)
-    return StreamingModel(InteractionModel(preset("tiny")), max_sessions, weights="random", device=device)
+    return StreamingModel(InteractionModel(preset("tiny")), max_sessions, weights="random", device=device,
+                          **decoding)

@@ -1,11 +1,14 @@
 """Checkpoints: weights in safetensors, the config beside them as JSON.
 
-A checkpoint is a directory holding ``model.safetensors`` and ``config.json``.
+A checkpoint is a directory holding ``model.safetensors`` and ``config.json``, and
+optionally ``decoding.json``: how it is best decoded (like a generation config),
+e.g. ``{"write_threshold": 0.4}`` (see ``model.interaction.choose_text``).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 
 import torch
@@ -16,6 +19,8 @@ from model.interaction import InteractionModel
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
+DECODING_FILE = "decoding.json"
+DECODING_KEYS = {"write_threshold"}
 
 
 def save_checkpoint(model: InteractionModel, directory: str | Path) -> Path:
@@ -53,3 +58,15 @@ def load_checkpoint(directory: str | Path, expect: ModelConfig | None = None,
         raise ValueError(f"checkpoint {directory} does not fit its config.json: " + "; ".join(problems[:8]))
     model.load_state_dict(state)
     return model
+
+
+def load_decoding(directory: str | Path) -> dict[str, float]:
+    """The checkpoint's decoding settings (``{}`` when it has none)."""
+    path = Path(directory) / DECODING_FILE
+    if not path.exists():
+        return {}
+    settings = json.loads(path.read_text())
+    unknown = set(settings) - DECODING_KEYS
+    if unknown:
+        raise ValueError(f"{path}: unknown decoding settings {sorted(unknown)}; known: {sorted(DECODING_KEYS)}")
+    return settings

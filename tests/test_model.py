@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from model import dmel
-from model.config import ModelConfig, preset
-from model.interaction import InteractionModel
+from model.config import NO_TEXT, TEXT_VOCAB, ModelConfig, preset
+from model.interaction import InteractionModel, choose_text
 from model.interface import TURN_SAMPLES, TurnInput
 from model.kv import KVPool
 from model.streaming import StreamingModel
@@ -323,3 +323,50 @@ def test_video_frames_enter_the_model_without_depending_on_the_batch():
     blind = run(False, 0)
     assert not all(np.array_equal(a.audio, b.audio) for a, b in zip(with_video, blind, strict=True)), \
         "the camera frame must reach the model"
+
+
+def test_write_threshold_decides_whether_to_write_before_which_byte():
+    # Row 0: silence 0.4, writing 0.6 spread over three first letters (0.2 each).
+    # Row 1: silence 0.7, one byte 0.3. Row 2: one byte clearly first.
+    probs = torch.full((3, TEXT_VOCAB), 1e-9)
+    probs[0, NO_TEXT], probs[0, ord("s")], probs[0, ord("e")], probs[0, ord("n")] = 0.4, 0.2, 0.2, 0.2
+    probs[1, NO_TEXT], probs[1, ord("t")] = 0.7, 0.3
+    probs[2, NO_TEXT], probs[2, ord("o")] = 0.1, 0.9
+    logits = probs.log()
+    assert choose_text(logits).tolist() == [NO_TEXT, NO_TEXT, ord("o")]  # greedy
+    assert choose_text(logits, 0.5).tolist()[1:] == [NO_TEXT, ord("o")]
+    assert choose_text(logits, 0.5)[0].item() in (ord("s"), ord("e"), ord("n"))
+    assert choose_text(logits, 0.25).tolist()[1] == ord("t")
+    assert choose_text(logits, 0.95).tolist() == [NO_TEXT] * 3
+
+
+def test_write_threshold_reaches_the_served_text():
+    """The engine applies it: a model whose text head always prefers silence but
+    puts most of its mass on bytes writes with a threshold, and not without."""
+    torch.manual_seed(0)
+    model = InteractionModel(preset("tiny"))
+    with torch.no_grad():
+        model.text_head.weight.zero_()
+        model.text_head.bias.fill_(0.0)
+        model.text_head.bias[NO_TEXT] = 3.0  # e^3 ≈ 20 < 255 bytes of weight 1: writing ≈ 0.93
+    outputs = {}
+    for threshold in (None, 0.5):
+        engine = StreamingModel(model, max_sessions=1, write_threshold=threshold)
+        engine.open_session("s")
+        outputs[threshold] = engine.step([TurnInput("s", 0, np.zeros(TURN_SAMPLES, dtype=np.float32))])[0].text
+    assert outputs[None] == ""
+    assert outputs[0.5] != ""
+
+
+def test_a_checkpoints_decoding_json_sets_how_it_is_served(tmp_path):
+    from model.streaming import load_engine
+
+    torch.manual_seed(0)
+    save_checkpoint(InteractionModel(preset("tiny")), tmp_path / "ckpt")
+    assert load_engine(str(tmp_path / "ckpt"), max_sessions=1).write_threshold is None
+    (tmp_path / "ckpt" / "decoding.json").write_text('{"write_threshold": 0.4}')
+    assert load_engine(str(tmp_path / "ckpt"), max_sessions=1).write_threshold == 0.4
+    assert load_engine(str(tmp_path / "ckpt"), max_sessions=1, write_threshold=None).write_threshold is None
+    (tmp_path / "ckpt" / "decoding.json").write_text('{"write_treshold": 0.4}')
+    with pytest.raises(ValueError, match="unknown decoding settings"):
+        load_engine(str(tmp_path / "ckpt"), max_sessions=1)
