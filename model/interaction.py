@@ -155,9 +155,8 @@ def choose_text(logits: torch.Tensor, write_threshold: float | None = None) -> t
     bytes together have at least that probability — and then writes the likeliest
     byte: a threshold on "take the turn", as turn-taking detectors use.
     """
-    greedy = logits.argmax(-1)
     if write_threshold is None:
-        return greedy
+        return logits.argmax(-1)
     probs = torch.softmax(logits.float(), -1)
     writing = 1 - probs[:, NO_TEXT]
     without_silence = logits.clone()
