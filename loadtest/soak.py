@@ -23,6 +23,7 @@ import asyncio
 import ctypes
 import ctypes.util
 import gc
+import inspect
 import json
 import re
 import sys
@@ -42,6 +43,7 @@ from server.session import Session
 Probe = Callable[[], Awaitable[dict[str, Any]]]
 REFUSED_RETRY_S = 0.5  # a 503 (server full, e.g. of vanished peers not yet freed): retry after this
 POLL_S = 0.1  # how often a vanished session's resource is polled
+SETTLE_S = 10.0  # how long a probe waits for objects still being torn down to go
 
 
 @dataclass
@@ -207,16 +209,45 @@ def process_probe(url: str, server_loop: asyncio.AbstractEventLoop) -> Probe:
     async def probe() -> dict[str, Any]:
         tasks = await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(count_tasks(), server_loop))
         reading = await over_http()
-        gc.collect()
+        # The server may still hold the last session for a moment after /healthz
+        # counts it gone (a teardown callback or executor thread finishing); a leak
+        # stays past SETTLE_S, so wait that long at most before counting.
+        started = time.monotonic()
+        while True:
+            gc.collect()
+            objects = gc.get_objects()
+            alive = [o for o in objects if isinstance(o, (Session, RTCPeerConnection))]
+            waited = time.monotonic() - started
+            if not alive or waited >= SETTLE_S:
+                break
+            del objects, alive
+            await asyncio.sleep(POLL_S)
+        sessions = sum(isinstance(o, Session) for o in alive)
+        held = [_holders(o, ignore={id(objects), id(alive)}) for o in alive]
+        count = len(objects)
+        del alive, objects
         if trim is not None:
             trim(0)
         rss, blocks = _rss_bytes(), sys.getallocatedblocks()
-        objects = gc.get_objects()
-        return {**reading, "rss_bytes": rss, "tasks": tasks, "objects": len(objects), "allocated_blocks": blocks,
-                "sessions_alive": sum(isinstance(o, Session) for o in objects),
-                "peer_connections_alive": sum(isinstance(o, RTCPeerConnection) for o in objects)}
+        return {**reading, "rss_bytes": rss, "tasks": tasks, "objects": count, "allocated_blocks": blocks,
+                "sessions_alive": sessions, "peer_connections_alive": len(held) - sessions, "settle_s": round(waited, 1),
+                **({"held_by": held} if held else {})}
 
     return probe
+
+
+def _holders(obj: object, ignore: set[int], depth: int = 3) -> str:
+    """What keeps ``obj`` alive, as a short chain of referrer types (for a failure
+    message: which callback, timer or cache to look at); ``ignore``: the probe's own lists."""
+    chain, current = [type(obj).__name__], obj
+    for _ in range(depth):
+        referrers = [r for r in gc.get_referrers(current) if id(r) not in ignore and not inspect.isframe(r)]
+        if not referrers:
+            break
+        current = referrers[0]
+        names = sorted({type(r).__name__ for r in referrers})
+        chain.append("|".join(names))
+    return " <- ".join(chain)
 
 
 def _rss_bytes() -> int | None:
