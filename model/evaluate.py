@@ -12,6 +12,8 @@ figures measure the interaction model alone). From what it says and writes:
 - ``pause_tor``: questions with a mid-utterance pause that it took over before the end;
 - ``stop_latency_s_p90``: user barge-in onset -> its speech stopping, live;
 - ``delegation_accuracy``: delegated questions whose answer it later wrote;
+- ``delegation_copying``: teacher forced, the answer digits it predicts right and
+  the share that change when the result's digits do (model/copying.py);
 - ``noise_silence_rate``: stretches of noise or background talk it stayed silent through;
 - ``spoken_word_accuracy``: one-word number answers whose first 1.2 s of speech
   is nearest (DTW, model/recognise.py) to the right word in the model's voice;
@@ -34,6 +36,7 @@ import numpy as np
 
 from model import recognise
 from model.conversations import NUMBER_WORDS, Conversation, Event, generate
+from model.copying import copy_probe
 from model.interface import SAMPLE_RATE, TURN_SAMPLES, TurnInput
 from model.plot import timeline_image, write_png
 from model.streaming import StreamingModel, load_engine
@@ -172,7 +175,8 @@ def evaluate(engine: StreamingModel | None, seeds: list[int], plots: Path | None
     """Scores over held-out conversations; ``engine=None`` scores the reference tracks.
     With ``plots``, writes each conversation's timeline there as ``SEED.png``."""
     records = []
-    for conversation in generate(seeds, held_out=True):
+    conversations = generate(seeds, held_out=True)
+    for conversation in conversations:
         timeline = reference_timeline(conversation) if engine is None else model_timeline(engine, conversation)
         records += score(conversation, timeline)
         if plots is not None:
@@ -182,6 +186,8 @@ def evaluate(engine: StreamingModel | None, seeds: list[int], plots: Path | None
     result = aggregate(records)
     if result["stop_latency_s_p90"] == float("inf"):
         result["stop_latency_s_p90"] = None  # it never stopped in the worst decile
+    if engine is not None:
+        result["delegation_copying"] = copy_probe(engine.model, conversations)
     result["conversations"] = len(seeds)
     return result
 

@@ -117,6 +117,23 @@ def jitter_bins(bins: torch.Tensor, rate: float, generator: torch.Generator | No
     return torch.where(hit.to(bins.device), (bins + step.to(bins.device)).clamp(0, dmel.N_BINS - 1), bins)
 
 
+def predictor_states(model: InteractionModel, batch: list[Example], history_noise: float = 0.0) -> torch.Tensor:
+    """Teacher forcing: the hidden state that predicts each output position of a batch
+    of equally long examples, (b·turns·out_positions, d) in (example, turn, position)
+    order; the model's own audio is fed back with ``history_noise``."""
+    config = model.config
+    b, turns = len(batch), batch[0].turns
+    user = torch.stack([e.user_bins for e in batch]).long().view(b * turns, 16, dmel.N_MELS)
+    own = torch.stack([e.model_bins for e in batch]).long().view(b, turns, 16, dmel.N_MELS)
+    text_in = torch.stack([e.text_in for e in batch]).view(b * turns, -1)
+    text_out = torch.stack([e.text_out for e in batch])  # (b, turns, out)
+    inputs = model.embed_inputs(user, text_in, None).view(b, turns, config.input_tokens, -1)
+    outputs = model.embed_output_targets(text_out, jitter_bins(own, history_noise))  # (b, turns, out, d)
+    hidden = model.trunk.forward_full(model.layout(inputs, outputs))
+    index = model.predictor_positions(turns).reshape(-1)
+    return hidden[:, index].reshape(-1, hidden.shape[-1])
+
+
 def batch_loss(model: InteractionModel, batch: list[Example], history_noise: float = 0.0,
                text_weight: float = 1.0, speech_weight: float = 1.0) -> tuple[torch.Tensor, dict[str, float]]:
     """Teacher-forced loss of a batch of equally long examples; the model's own audio
@@ -129,16 +146,9 @@ def batch_loss(model: InteractionModel, batch: list[Example], history_noise: flo
     which digit to copy) keep their share of the gradient."""
     config = model.config
     b, turns = len(batch), batch[0].turns
-    user = torch.stack([e.user_bins for e in batch]).long().view(b * turns, 16, dmel.N_MELS)
+    predicting = predictor_states(model, batch, history_noise)
     own = torch.stack([e.model_bins for e in batch]).long().view(b, turns, 16, dmel.N_MELS)
-    text_in = torch.stack([e.text_in for e in batch]).view(b * turns, -1)
-    text_out = torch.stack([e.text_out for e in batch])  # (b, turns, out)
-    inputs = model.embed_inputs(user, text_in, None).view(b, turns, config.input_tokens, -1)
-    outputs = model.embed_output_targets(text_out, jitter_bins(own, history_noise))  # (b, turns, out, d)
-    hidden = model.trunk.forward_full(model.layout(inputs, outputs))
-    index = model.predictor_positions(turns).reshape(-1)
-    predicting = hidden[:, index].reshape(-1, hidden.shape[-1])  # (b·turns·out, d)
-    text_targets = text_out.reshape(-1)
+    text_targets = torch.stack([e.text_out for e in batch]).reshape(-1)
     text_losses = F.cross_entropy(model.text_head(predicting).float(), text_targets, reduction="none")
     text_loss = weighted_mean(text_losses, 1 + (text_weight - 1) * (text_targets != NO_TEXT).float())
     targets = own.reshape(b * turns * config.out_positions, config.frames_per_output, dmel.N_MELS)

@@ -1,0 +1,106 @@
+"""Does the model copy a background result into its answer? A teacher-forced probe.
+
+Free-running delegation accuracy (model/evaluate.py) says only whether a whole
+answer came out right, which needs the request, the wait and every digit. This
+asks the narrower question that decides the last part: at each digit of the
+reference answer ("it is 87."), given the true history up to it, which digit does
+the model predict — and does that prediction change when the ``<result>`` it was
+fed carries other digits? A model that copies moves with the result; a model
+that guesses from the question or from habit does not.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+import re
+
+import torch
+
+from model.conversations import Conversation
+from model.interaction import InteractionModel
+from model.train import predictor_states, to_example
+
+_RESULT = re.compile(r"(<result>[^<:]*: )([^<]*)(</result>)")
+_DIGITS = frozenset(range(ord("0"), ord("9") + 1))
+_FULL_STOP = ord(".")
+
+
+def result_turn(conversation: Conversation) -> int | None:
+    """The micro-turn whose text input carries the first ``<result>``, if any."""
+    return next((turn for turn, text in enumerate(conversation.text_in) if "<result>" in text), None)
+
+
+def with_changed_result(conversation: Conversation, rng: random.Random) -> Conversation:
+    """The same conversation, its first result's value with every digit replaced by
+    another digit (everything else, the reference answer included, unchanged)."""
+    turn = result_turn(conversation)
+    if turn is None:
+        raise ValueError(f"conversation {conversation.seed} has no <result>")
+
+    def change(match: re.Match[str]) -> str:
+        value = "".join(str((int(c) + rng.randint(1, 9)) % 10) if c.isdigit() else c for c in match.group(2))
+        return match.group(1) + value + match.group(3)
+
+    text_in = list(conversation.text_in)
+    text_in[turn] = _RESULT.sub(change, text_in[turn], count=1)
+    return dataclasses.replace(conversation, text_in=text_in)
+
+
+@dataclasses.dataclass(frozen=True)
+class DigitGuess:
+    target: int  # the reference byte
+    predicted: int  # the model's most likely byte there
+    p_target: float  # the probability it gives the reference byte
+
+
+@torch.no_grad()
+def answer_digits(model: InteractionModel, conversation: Conversation) -> list[DigitGuess]:
+    """The model's guess at each digit of the answer the reference writes after the
+    result arrives ("it is 3:24." up to its full stop; later requests' operands are
+    not copies), under teacher forcing."""
+    turn = result_turn(conversation)
+    if turn is None:
+        return []
+    states = predictor_states(model, [to_example(conversation, model.config)])
+    probabilities = model.text_head(states).float().softmax(-1)
+    targets = [int(t) for t in torch.from_numpy(conversation.text_out).reshape(-1)]
+    guesses: list[DigitGuess] = []
+    for i in range(turn * model.config.out_positions, len(targets)):
+        if targets[i] in _DIGITS:
+            row = probabilities[i]
+            guesses.append(DigitGuess(targets[i], int(row.argmax()), float(row[targets[i]])))
+        elif targets[i] == _FULL_STOP and guesses:
+            break
+    return guesses
+
+
+def copy_probe(model: InteractionModel, conversations: list[Conversation], seed: int = 0) -> dict[str, object]:
+    """Over the conversations with a result: the answer digits predicted right, the
+    share of predictions that move when the result's digits change, and the mean
+    probability of the right digit with the true and with the changed result (equal
+    for a model that ignores the result; far apart for one that copies)."""
+    rng = random.Random(seed)
+    true: list[DigitGuess] = []
+    changed: list[DigitGuess] = []
+    answers = 0
+    for conversation in conversations:
+        if result_turn(conversation) is None:
+            continue
+        answers += 1
+        true += answer_digits(model, conversation)
+        changed += answer_digits(model, with_changed_result(conversation, rng))
+    if not true:
+        return {"answers": answers, "digits": 0}
+
+    def mean(values: list[float]) -> float:
+        return round(sum(values) / len(values), 3)
+
+    return {
+        "answers": answers,
+        "digits": len(true),
+        "digit_accuracy_teacher_forced": mean([float(g.predicted == g.target) for g in true]),
+        "moved_with_result": mean([float(a.predicted != b.predicted) for a, b in zip(true, changed, strict=True)]),
+        "p_right_digit": mean([g.p_target for g in true]),
+        "p_right_digit_changed_result": mean([g.p_target for g in changed]),
+    }
