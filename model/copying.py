@@ -19,7 +19,7 @@ import torch
 
 from model.conversations import Conversation
 from model.interaction import InteractionModel
-from model.train import predictor_states, to_example
+from model.train import Example, predictor_states, text_input_slots, to_example
 
 _RESULT = re.compile(r"(<result>[^<:]*: )([^<]*)(</result>)")
 _DIGITS = frozenset(range(ord("0"), ord("9") + 1))
@@ -55,16 +55,18 @@ class DigitGuess:
 
 
 @torch.no_grad()
-def answer_digits(model: InteractionModel, conversation: Conversation) -> list[DigitGuess]:
+def answer_digits(model: InteractionModel, conversation: Conversation,
+                  example: Example | None = None) -> list[DigitGuess]:
     """The model's guess at each digit of the answer the reference writes after the
     result arrives ("it is 3:24." up to its full stop; later requests' operands are
-    not copies), under teacher forcing."""
+    not copies), under teacher forcing. ``example``: the conversation's tensors, if
+    already made."""
     turn = result_turn(conversation)
     if turn is None:
         return []
-    states = predictor_states(model, [to_example(conversation, model.config)])
-    probabilities = model.text_head(states).float().softmax(-1)
-    targets = [int(t) for t in torch.from_numpy(conversation.text_out).reshape(-1)]
+    example = example or to_example(conversation, model.config)
+    probabilities = model.text_head(predictor_states(model, [example])).float().softmax(-1)
+    targets = conversation.text_out.reshape(-1).tolist()
     guesses: list[DigitGuess] = []
     for i in range(turn * model.config.out_positions, len(targets)):
         if targets[i] in _DIGITS:
@@ -88,8 +90,12 @@ def copy_probe(model: InteractionModel, conversations: list[Conversation], seed:
         if result_turn(conversation) is None:
             continue
         answers += 1
-        true += answer_digits(model, conversation)
-        changed += answer_digits(model, with_changed_result(conversation, rng))
+        example = to_example(conversation, model.config)
+        true += answer_digits(model, conversation, example)
+        # Only the text input differs: reuse the audio's dMel bins.
+        other = with_changed_result(conversation, rng)
+        other_text = text_input_slots(other.text_in, model.config.text_in_slots)
+        changed += answer_digits(model, other, dataclasses.replace(example, text_in=other_text))
     if not true:
         return {"answers": answers, "digits": 0}
 
