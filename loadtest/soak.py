@@ -241,7 +241,9 @@ def _holders(obj: object, ignore: set[int], depth: int = 3) -> str:
     message: which callback, timer or cache to look at); ``ignore``: the probe's own lists."""
     chain, current = [type(obj).__name__], obj
     for _ in range(depth):
-        referrers = [r for r in gc.get_referrers(current) if id(r) not in ignore and not inspect.isframe(r)]
+        # Frames count (a logged traceback's frames held a session once); the probe's own do not.
+        referrers = [r for r in gc.get_referrers(current)
+                     if id(r) not in ignore and not (inspect.isframe(r) and r.f_code.co_filename == __file__)]
         if not referrers:
             break
         current = referrers[0]

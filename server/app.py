@@ -18,7 +18,7 @@ from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from server import signalling, telemetry
+from server import loop_errors, signalling, telemetry
 from server.auth import BearerAuth, Verifier
 from server.capacity import measure_capacity
 from server.config import ServerConfig
@@ -51,6 +51,7 @@ def create_app(config: ServerConfig, tracer_provider: TracerProvider | None = No
         # outgoing audio — get it back sooner. Measured: p99 loop lag with a
         # saturated engine, see docs/benchmarks.md.
         sys.setswitchinterval(config.gil_switch_interval_s)
+        restore_exception_handler = loop_errors.install(asyncio.get_running_loop())
         if config.capacity is not None:
             capacity, measured = config.capacity, {}
         else:  # off the loop: the probe steps the model for a second or two
@@ -85,6 +86,7 @@ def create_app(config: ServerConfig, tracer_provider: TracerProvider | None = No
             engine.stop()
             provider.force_flush()
             metrics.shutdown()
+            restore_exception_handler()
 
     async def index(request: Request) -> Response:
         return FileResponse(config.web_root / "index.html")

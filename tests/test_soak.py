@@ -1,7 +1,7 @@
 """Soak (issue #8): a thousand sessions come and go — a fifth of their peers vanish
 without closing — and the server ends where it started: no sessions, no extra
-asyncio tasks, no live session objects (but for one that some runs retain: an open
-defect, see the test), flat memory; every vanished peer's slot freed within 10 s.
+asyncio tasks, no live session objects, no error logged, flat memory; every vanished
+peer's slot freed within 10 s.
 
 The server runs in this process (a uvicorn thread, as everywhere in the suite), so
 the probe can count its event loop's tasks and the objects left behind; memory is
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 from collections import Counter
 from typing import Any
@@ -51,11 +52,6 @@ MAX_RSS_GROWTH_BYTES = 16 * 1024 * 1024  # cycle 100 -> any later quiet point
 MAX_RSS_GROWTH_LATE_BYTES = 8 * 1024 * 1024  # over the last 500 cycles
 MAX_BLOCKS_PER_CYCLE = 12
 MAX_OBJECT_GROWTH = 500
-MAX_RETAINED = 1  # Session objects still referenced at a quiet point: an open defect (see the test)
-# What one retained session holds, measured (2026-12-01): +814-850 tracked objects and
-# ~8,000 interpreter blocks at the quiet point where it first stayed.
-RETAINED_OBJECTS = 1_000
-RETAINED_BLOCKS = 10_000
 
 
 class CloseReasons(SpanProcessor):
@@ -111,7 +107,7 @@ async def test_a_vanished_peer_sends_nothing_more_and_its_session_is_freed_after
 
 
 @pytest.mark.timeout(600)
-async def test_a_thousand_sessions_leave_nothing_behind_and_vanished_peers_are_freed():
+async def test_a_thousand_sessions_leave_nothing_behind_and_vanished_peers_are_freed(caplog: pytest.LogCaptureFixture):
     config = ServerConfig(engine="echo", ice_host_addresses=["127.0.0.1"], max_sessions=16,
                           peer_timeout_s=PEER_TIMEOUT_S)
     reasons = CloseReasons()
@@ -137,18 +133,18 @@ async def test_a_thousand_sessions_leave_nothing_behind_and_vanished_peers_are_f
     assert min(result.freed_after_s) >= PEER_TIMEOUT_S - 0.5
     assert reasons.counts == {"peer vanished": result.vanished, "deleted by client": result.closed}
 
-    # At every quiet point: nothing alive but the server itself — but for one session.
-    # In some runs (4 of 6 on 2026-12-01) one Session and its RTCPeerConnection stay
-    # referenced for good from some point on (cycle 200-500), never a second: an open
-    # defect (held_by, printed above, saw the Session behind a closure cell / bound
-    # method in a list of tuples, e.g. a future's callbacks, and the connection behind
-    # a pyee listener dict). A per-session leak would leave tens to hundreds per batch
-    # of 100 and still fails here.
+    # Nothing logged an error. (One did, about once in 1,000 sessions, until
+    # server/loop_errors.py: aiortc's retransmission racing a vanished peer's teardown,
+    # "Task exception was never retrieved" — and the log capture's copy of its
+    # traceback kept that Session and its connection alive to the end.)
+    errors = [f"{r.name}: {r.getMessage()[:200]}" for r in caplog.records if r.levelno >= logging.ERROR]
+    assert errors == []
+    # At every quiet point: nothing alive but the server itself.
     baseline = result.samples[0]
     for sample in result.samples:
         assert sample["sessions"] == sample["engine_sessions"] == 0, sample
         assert sample["tasks"] == baseline["tasks"], sample
-        assert sample["sessions_alive"] <= MAX_RETAINED and sample["peer_connections_alive"] <= 2 * MAX_RETAINED, \
+        assert sample["sessions_alive"] == sample["peer_connections_alive"] == 0, \
             {k: sample.get(k) for k in ("cycle", "sessions_alive", "peer_connections_alive", "settle_s", "held_by")}
     assert health["sessions"] == health["engine_sessions"] == 0 and health["status"] == "ok"
 
@@ -159,10 +155,7 @@ async def test_a_thousand_sessions_leave_nothing_behind_and_vanished_peers_are_f
     rss = [s["rss_bytes"] for s in steady]
     assert max(rss) - rss[0] < MAX_RSS_GROWTH_BYTES, rss
     assert max(s["rss_bytes"] for s in late) - late[0]["rss_bytes"] < MAX_RSS_GROWTH_LATE_BYTES, rss
-    # The retained session (above), when there is one, is allowed for by what it was
-    # measured to hold, and only then; per-session growth is bounded as before.
-    retained = max(s["sessions_alive"] for s in steady)
     blocks = [s["allocated_blocks"] for s in steady]
-    assert max(blocks) - blocks[0] < MAX_BLOCKS_PER_CYCLE * (CYCLES - WARMUP) + retained * RETAINED_BLOCKS, blocks
+    assert max(blocks) - blocks[0] < MAX_BLOCKS_PER_CYCLE * (CYCLES - WARMUP), blocks
     objects = [s["objects"] for s in steady]
-    assert max(objects) - objects[0] < MAX_OBJECT_GROWTH + retained * RETAINED_OBJECTS, objects
+    assert max(objects) - objects[0] < MAX_OBJECT_GROWTH, objects
