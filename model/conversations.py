@@ -247,7 +247,8 @@ class _Builder:
         self.events.append(Event("barge_in", interrupt_s, model_start_s=turn * 0.2))
         self.cursor = end + self.rng.uniform(0.6, 1.2)
 
-    def delegation(self) -> None:
+    def delegation(self, result_wait: tuple[int, int] = (3, 10)) -> None:
+        """``result_wait``: micro-turns from the end of the holding phrase to the result."""
         if not self.fits(8.0):
             return
         if self.rng.random() < 0.3:
@@ -265,7 +266,7 @@ class _Builder:
         holding = self.rng.choice(["let me work that out.", "one moment.", "let me check."])
         finished = self.model_says(holding, turn, markers=f"<task>{task}</task>")
         result = answer_of if answer_of is not None else f"{self.rng.randint(1, 12)}:{self.rng.randint(0, 59):02d}"
-        result_turn = finished + self.rng.randint(3, 10)
+        result_turn = finished + self.rng.randint(*result_wait)
         if result_turn + 15 >= self.turns:
             return
         self.text_in[result_turn] += f"<result>{task_id}: {result}</result>"
@@ -322,18 +323,37 @@ def make_conversation(seed: int, held_out: bool = False, duration_s: float = 24.
     return builder.finish(seed)
 
 
-def _one(args: tuple[int, bool, float]) -> Conversation:
-    return make_conversation(*args)
+DRILL_SEED_OFFSET = 10_000_000  # drill n draws as seed n + this: its voices differ from conversation n's
+
+
+def make_delegation_drill(seed: int, duration_s: float = 24.0) -> Conversation:
+    """Delegations back to back and nothing else, each result arriving 1-4 micro-turns
+    after the holding phrase: three or four answers to copy per conversation where an
+    ordinary one has about one. A training supplement (``microturn train --drills``)
+    for the one skill the mix teaches least often — copying the result's digits."""
+    builder = _Builder(seed + DRILL_SEED_OFFSET, False, duration_s)
+    while builder.fits(8.0):
+        before = builder.cursor
+        builder.delegation(result_wait=(1, 4))
+        if builder.cursor == before:
+            break
+    return builder.finish(seed)
+
+
+def _one(args: tuple[int, bool, float, bool]) -> Conversation:
+    seed, held_out, duration_s, drill = args
+    return make_delegation_drill(seed, duration_s) if drill else make_conversation(seed, held_out, duration_s)
 
 
 def generate(seeds: list[int], held_out: bool = False, duration_s: float = 24.0,
-             workers: int = 2) -> list[Conversation]:
-    """Conversations for ``seeds``, each made in a fresh process (forked from a server
-    that never ran espeak-ng), so every one is the same bits whatever ran before it."""
+             workers: int = 2, drills: bool = False) -> list[Conversation]:
+    """Conversations for ``seeds`` (``drills``: delegation drills), each made in a fresh
+    process (forked from a server that never ran espeak-ng), so every one is the same
+    bits whatever ran before it."""
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload(["model.conversations"])
     with context.Pool(workers, maxtasksperchild=1) as pool:
-        return pool.map(_one, [(seed, held_out, duration_s) for seed in seeds], chunksize=1)
+        return pool.map(_one, [(seed, held_out, duration_s, drills) for seed in seeds], chunksize=1)
 
 
 def render_wav(conversation: Conversation, path: str | Path) -> Path:

@@ -77,25 +77,28 @@ def to_example(conversation: Conversation, config: ModelConfig) -> Example:
     return Example(user, own, text_input_slots(conversation.text_in, config.text_in_slots), text_out)
 
 
-def load_examples(seeds: list[int], config: ModelConfig, cache: Path | None, workers: int = 2) -> list[Example]:
-    """Examples for ``seeds``, generating (in parallel) only what the cache lacks."""
+def load_examples(seeds: list[int], config: ModelConfig, cache: Path | None, workers: int = 2,
+                  drills: bool = False) -> list[Example]:
+    """Examples for ``seeds`` (``drills``: delegation drills), generating (in parallel)
+    only what the cache lacks."""
     examples: dict[int, Example] = {}
     missing = []
     cache = cache / f"v{DATA_VERSION}" if cache else None
+    prefix = "drill-" if drills else ""
     for seed in seeds:
-        path = cache / f"{seed}.pt" if cache else None
+        path = cache / f"{prefix}{seed}.pt" if cache else None
         if path is not None and path.exists():
             examples[seed] = Example(**torch.load(path))
         else:
             missing.append(seed)
     for start in range(0, len(missing), 64):
         batch = missing[start : start + 64]
-        for seed, conversation in zip(batch, generate(batch, workers=workers), strict=True):
+        for seed, conversation in zip(batch, generate(batch, workers=workers, drills=drills), strict=True):
             example = to_example(conversation, config)
             examples[seed] = example
             if cache is not None:
                 cache.mkdir(parents=True, exist_ok=True)
-                torch.save(example.__dict__, cache / f"{seed}.pt")
+                torch.save(example.__dict__, cache / f"{prefix}{seed}.pt")
     return [examples[seed] for seed in seeds]
 
 
@@ -237,6 +240,7 @@ def train(args: argparse.Namespace) -> list[float]:
     if distributed and rank != 0 and cache is not None:
         dist.barrier()  # rank 0 generates and caches; the others then read the cache
     examples = load_examples(seeds, config, cache, args.workers)
+    examples += load_examples(list(range(args.drills)), config, cache, args.workers, drills=True)
     if distributed and rank == 0 and cache is not None:
         dist.barrier()
     if args.recordings:  # served sessions (docs/recording.md); every rank reads them itself
@@ -310,6 +314,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--speech-weight", type=float, default=1.0,
                         help="audio-loss weight of positions that are not silent (1: plain mean)")
     parser.add_argument("--conversations", type=int, default=400)
+    parser.add_argument("--drills", type=int, default=0,
+                        help="delegation drills added to the conversations (model.conversations.make_delegation_drill)")
     parser.add_argument("--recordings", action="append", default=[], metavar="DIR",
                         help="also train on every session recording under DIR (repeatable)")
     parser.add_argument("--first-seed", type=int, default=0)

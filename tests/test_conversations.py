@@ -99,6 +99,23 @@ def test_delegation_writes_a_task_request_and_answers_when_the_result_arrives(sa
         assert later[: len(answer)] == answer
 
 
+def test_delegation_drills_are_delegations_only_with_the_result_soon_after_the_request():
+    drills = conv.generate([0, 1], drills=True)
+    assert drills[0].seed == 0 and not np.array_equal(drills[0].user_audio, conv.generate([0])[0].user_audio)
+    for c in drills:
+        assert len(c.events) >= 2 and {e.kind for e in c.events} == {"delegation"}
+        written = c.text_out.flatten().tolist()
+        closes = [i // conv.OUT_POSITIONS for i, t in enumerate(written) if t == TASK_CLOSE]
+        results = [t for t, text in enumerate(c.text_in) if "<result>" in text]
+        assert len(closes) == len(results) == len(c.events)
+        speaking = np.abs(c.model_audio.reshape(c.turns, TURN_SAMPLES)).max(axis=1) > 0
+        for request_turn, result_turn, event in zip(closes, results, c.events, strict=True):
+            # The holding phrase (spoken and written) ends; the result comes 1-4 turns later.
+            said_until = max(t for t in range(result_turn) if speaking[t]) + 1
+            assert 1 <= result_turn - max(said_until, request_turn + 1) <= 4
+            assert f": {event.expected_text}</result>" in c.text_in[result_turn]
+
+
 def test_only_noise_gets_no_answer(sample):
     for c in sample:
         for event in (e for e in c.events if e.kind == "noise"):

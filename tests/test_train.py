@@ -25,7 +25,7 @@ def test_text_input_is_queued_four_ids_a_turn_like_the_server_does():
 
 def test_training_lowers_the_loss_resumes_and_serves(tmp_path):
     out = tmp_path / "ckpt"
-    common = ["--out", str(out), "--batch", "2", "--turns", "10", "--conversations", "4",
+    common = ["--out", str(out), "--batch", "2", "--turns", "10", "--conversations", "4", "--drills", "1",
               "--cache", str(tmp_path / "cache"), "--warmup", "5", "--save-every", "20", "--lr", "3e-3"]
     losses = train(build_parser().parse_args(common + ["--steps", "40"]))
     assert len(losses) == 40
