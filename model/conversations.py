@@ -328,8 +328,8 @@ DRILL_SEED_OFFSET = 10_000_000  # drill n draws as seed n + this: its voices dif
 
 def make_delegation_drill(seed: int, duration_s: float = 24.0) -> Conversation:
     """Delegations back to back and nothing else, each result arriving 1-4 micro-turns
-    after the holding phrase: three or four answers to copy per conversation where an
-    ordinary one has about one. A training supplement (``microturn train --drills``)
+    after the holding phrase: 2.6 answers to copy per conversation on average where an
+    ordinary one has 0.8. A training supplement (``microturn train --drills``)
     for the one skill the mix teaches least often — copying the result's digits."""
     builder = _Builder(seed + DRILL_SEED_OFFSET, False, duration_s)
     while builder.fits(8.0):

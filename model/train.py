@@ -37,7 +37,7 @@ from model.heads import weighted_mean
 from model.interaction import InteractionModel
 from model.text import encode
 from model.transformer import MoE
-from model.weights import load_checkpoint, save_checkpoint
+from model.weights import load_checkpoint, save_checkpoint, widen_kv_heads
 
 STATE_FILE = "train_state.pt"
 
@@ -223,6 +223,8 @@ def train(args: argparse.Namespace) -> list[float]:
         state = torch.load(state_path, map_location="cpu")
     elif args.init:  # fine-tune: its weights, a fresh optimiser and schedule
         model = load_checkpoint(args.init)
+        if args.kv_heads and args.kv_heads != model.config.n_kv_heads:
+            model = widen_kv_heads(model, args.kv_heads)
         state = None
     else:
         model = InteractionModel(preset(args.preset, audio_head=args.audio_head))
@@ -325,6 +327,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--save-every", type=int, default=200)
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--init", default="", help="start from this checkpoint's weights (not with --resume)")
+    parser.add_argument("--kv-heads", type=int, default=0,
+                        help="with --init: widen to this many key/value heads first (same outputs at the start)")
     return parser
 
 

@@ -60,6 +60,29 @@ def load_checkpoint(directory: str | Path, expect: ModelConfig | None = None,
     return model
 
 
+def widen_kv_heads(model: InteractionModel, n_kv_heads: int) -> InteractionModel:
+    """The same function with more key/value heads: each old head's projection is
+    repeated for the query heads it served, so outputs are unchanged and training
+    can then let the copies part. (With one shared head, every attention head of a
+    layer must look up by the same keys — a previous-token head and a content
+    lookup cannot both form.)"""
+    old = model.config
+    if n_kv_heads % old.n_kv_heads or old.n_heads % n_kv_heads:
+        raise ValueError(f"n_kv_heads {n_kv_heads}: must be a multiple of {old.n_kv_heads} and divide {old.n_heads}")
+    wider = InteractionModel(dataclasses.replace(old, n_kv_heads=n_kv_heads))
+    state = model.state_dict()
+    repeat, q_rows, kv_rows = n_kv_heads // old.n_kv_heads, old.n_heads * old.head_dim, old.n_kv_heads * old.head_dim
+    for name, tensor in list(state.items()):
+        if name.endswith(".qkv.weight"):
+            q, k, v = tensor.split([q_rows, kv_rows, kv_rows])
+            # SDPA's grouped-query attention serves query head h from kv head h // group:
+            # repeat_interleave keeps every query head on (a copy of) its old kv head.
+            k, v = (w.view(old.n_kv_heads, old.head_dim, -1).repeat_interleave(repeat, 0).flatten(0, 1) for w in (k, v))
+            state[name] = torch.cat([q, k, v])
+    wider.load_state_dict(state)
+    return wider
+
+
 def load_decoding(directory: str | Path) -> dict[str, float]:
     """The checkpoint's decoding settings (``{}`` when it has none)."""
     path = Path(directory) / DECODING_FILE

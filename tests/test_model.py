@@ -19,7 +19,7 @@ from model.kv import KVPool
 from model.streaming import StreamingModel
 from model.transformer import MoE, Segment, StreamBatch, Transformer, pad_rows
 from model.vocoder import VocoderState, analyse, griffin_lim, vocode_chunk
-from model.weights import load_checkpoint, save_checkpoint
+from model.weights import load_checkpoint, save_checkpoint, widen_kv_heads
 
 SPEECH = Path(__file__).parent / "data" / "speech.wav"
 # A small config whose window is shorter than the test conversations, so the
@@ -249,6 +249,24 @@ def test_checkpoint_round_trip_and_mismatch_errors(tmp_path):
         load_checkpoint(directory)
     with pytest.raises(ValueError, match="unknown config fields"):
         ModelConfig.from_json('{"d_model": 64, "colour": "blue"}')
+
+
+def test_widening_the_key_value_heads_keeps_the_function_and_frees_the_copies():
+    torch.manual_seed(8)
+    model = InteractionModel(dataclasses.replace(SMALL, n_kv_heads=2)).eval()  # two distinct kv heads
+    wider = widen_kv_heads(model, 4).eval()
+    assert wider.config.n_kv_heads == 4
+    sequence = torch.randn(1, 3 * SMALL.tokens_per_turn, SMALL.d_model)
+    with torch.no_grad():
+        before, after = model.trunk.forward_full(sequence), wider.trunk.forward_full(sequence)
+    torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-5)  # each query head kept its kv head
+    # The copies are separate weights now: moving one changes the output.
+    with torch.no_grad():
+        qkv = wider.trunk.blocks[0].attn.qkv.weight
+        qkv[SMALL.n_heads * SMALL.head_dim :][: SMALL.head_dim] += 0.5  # kv head 0's keys only
+        assert not torch.allclose(wider.trunk.forward_full(sequence), before, atol=1e-3)
+    with pytest.raises(ValueError, match="must be a multiple of 2"):
+        widen_kv_heads(model, 3)
 
 
 # -- memory ---------------------------------------------------------------------------------------

@@ -41,6 +41,16 @@ def test_training_lowers_the_loss_resumes_and_serves(tmp_path):
     output = engine.step([TurnInput("s", 0, np.zeros(TURN_SAMPLES, dtype=np.float32))])[0]
     assert output.audio.shape == (TURN_SAMPLES,) and np.isfinite(output.audio).all()
 
+    # A fine-tune that first widens the key/value heads (1 -> 4) trains and serves too.
+    wide = tmp_path / "wide"
+    tuned = train(build_parser().parse_args(common[2:] + ["--out", str(wide), "--init", str(out), "--kv-heads", "4",
+                                                          "--steps", "3"]))
+    assert len(tuned) == 3 and statistics.mean(tuned) < 0.8 * statistics.mean(losses[:5])  # from the trained weights
+    engine = make_model("model", max_sessions=2, checkpoint=str(wide))
+    engine.open_session("s")
+    assert np.isfinite(engine.step([TurnInput("s", 0, np.zeros(TURN_SAMPLES, dtype=np.float32))])[0].audio).all()
+    assert '"n_kv_heads": 4' in (wide / "config.json").read_text()
+
 
 def test_data_parallel_under_torchrun_keeps_replicas_identical(tmp_path):
     """Two CPU ranks (gloo) train on different batches; train() raises at the end if
