@@ -81,21 +81,28 @@ def copy_probe(model: InteractionModel, conversations: list[Conversation], seed:
     """Over the conversations with a result: the answer digits predicted right, the
     share of predictions that move when the result's digits change, and the mean
     probability of the right digit with the true and with the changed result (equal
-    for a model that ignores the result; far apart for one that copies)."""
+    for a model that ignores the result; far apart for one that copies); and the
+    first digit's probability with and without the model's own voice."""
     rng = random.Random(seed)
     true: list[DigitGuess] = []
     changed: list[DigitGuess] = []
+    first: list[DigitGuess] = []
+    first_silenced: list[DigitGuess] = []
     answers = 0
     for conversation in conversations:
         if result_turn(conversation) is None:
             continue
         answers += 1
         example = to_example(conversation, model.config)
-        true += answer_digits(model, conversation, example)
+        guesses = answer_digits(model, conversation, example)
+        true += guesses
+        first += guesses[:1]
         # Only the text input differs: reuse the audio's dMel bins.
         other = with_changed_result(conversation, rng)
         other_text = text_input_slots(other.text_in, model.config.text_in_slots)
         changed += answer_digits(model, other, dataclasses.replace(example, text_in=other_text))
+        silenced = without_own_voice(example, result_turn(conversation) * model.config.frames_per_turn)
+        first_silenced += answer_digits(model, conversation, silenced)[:1]
     if not true:
         return {"answers": answers, "digits": 0}
 
@@ -109,4 +116,16 @@ def copy_probe(model: InteractionModel, conversations: list[Conversation], seed:
         "moved_with_result": mean([float(a.predicted != b.predicted) for a, b in zip(true, changed, strict=True)]),
         "p_right_digit": mean([g.p_target for g in true]),
         "p_right_digit_changed_result": mean([g.p_target for g in changed]),
+        # The first digit with the model's own voice as recorded and silenced from the
+        # result on: far apart, it reads the digit off its voice (data before version 4).
+        "p_first_digit": mean([g.p_target for g in first]),
+        "p_first_digit_voice_silenced": mean([g.p_target for g in first_silenced]),
     }
+
+
+def without_own_voice(example: Example, from_frame: int) -> Example:
+    """``example`` with the model's own (teacher-forced) voice silent from
+    ``from_frame`` on: what the text head can then know only from the text."""
+    bins = example.model_bins.clone()
+    bins[from_frame:] = 0  # dMel bin 0: silence
+    return dataclasses.replace(example, model_bins=bins)

@@ -97,6 +97,10 @@ def test_delegation_writes_a_task_request_and_answers_when_the_result_arrives(sa
         spoken_from = result_turns[0] * conv.OUT_POSITIONS
         later = [t for t in written[spoken_from:] if t != NO_TEXT]
         assert later[: len(answer)] == answer
+        # Written a turn before it is spoken, so its digits are not read off its own voice.
+        text_turn = next(i for i in range(spoken_from, len(written)) if written[i] != NO_TEXT) // conv.OUT_POSITIONS
+        voice = np.abs(c.model_audio.reshape(c.turns, TURN_SAMPLES)).max(axis=1) > 0
+        assert not voice[text_turn] and voice[text_turn + 1]
 
 
 def test_delegation_drills_are_delegations_only_with_the_result_soon_after_the_request():

@@ -9,8 +9,9 @@ import random
 import pytest
 
 from model.conversations import generate
-from model.copying import answer_digits, copy_probe, result_turn, with_changed_result
+from model.copying import answer_digits, copy_probe, result_turn, with_changed_result, without_own_voice
 from model.streaming import load_engine
+from model.train import to_example
 
 
 @pytest.fixture(scope="module")
@@ -54,3 +55,17 @@ def test_the_changed_result_reaches_the_model(delegating):
     result = copy_probe(model, [delegating])
     assert result["answers"] == 1 and result["digits"] == 3
     assert 0 <= result["moved_with_result"] <= 1 and 0 <= result["digit_accuracy_teacher_forced"] <= 1
+
+
+def test_the_own_voice_check_silences_only_the_voice_from_the_result_on(delegating):
+    model = load_engine(max_sessions=1).model
+    example = to_example(delegating, model.config)
+    start = result_turn(delegating) * model.config.frames_per_turn
+    silenced = without_own_voice(example, start)
+    assert (silenced.model_bins[start:] == 0).all() and example.model_bins[start:].any()
+    assert (silenced.model_bins[:start] == example.model_bins[:start]).all()
+    assert (silenced.user_bins == example.user_bins).all() and (silenced.text_in == example.text_in).all()
+    # Random weights hear everything, so the first digit's probability moves with the voice.
+    assert answer_digits(model, delegating, example)[0].p_target != answer_digits(model, delegating, silenced)[0].p_target
+    result = copy_probe(model, [delegating])
+    assert 0 < result["p_first_digit"] < 1 and 0 < result["p_first_digit_voice_silenced"] < 1
