@@ -90,7 +90,8 @@ def copy_probe(model: InteractionModel, conversations: list[Conversation], seed:
     first_silenced: list[DigitGuess] = []
     answers = 0
     for conversation in conversations:
-        if result_turn(conversation) is None:
+        turn = result_turn(conversation)
+        if turn is None:
             continue
         answers += 1
         example = to_example(conversation, model.config)
@@ -101,7 +102,7 @@ def copy_probe(model: InteractionModel, conversations: list[Conversation], seed:
         other = with_changed_result(conversation, rng)
         other_text = text_input_slots(other.text_in, model.config.text_in_slots)
         changed += answer_digits(model, other, dataclasses.replace(example, text_in=other_text))
-        silenced = without_own_voice(example, result_turn(conversation) * model.config.frames_per_turn)
+        silenced = without_own_voice(example, turn * model.config.frames_per_turn)
         first_silenced += answer_digits(model, conversation, silenced)[:1]
     if not true:
         return {"answers": answers, "digits": 0}
