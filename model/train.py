@@ -218,6 +218,8 @@ def train(args: argparse.Namespace) -> list[float]:
     state_path = out / STATE_FILE
     torch.manual_seed(args.seed)  # the same initial weights on every rank
 
+    if args.kv_heads and not args.init:
+        raise ValueError("--kv-heads widens the checkpoint given by --init; a new model takes its heads from --preset")
     if args.resume and state_path.exists():
         model = load_checkpoint(out)
         state = torch.load(state_path, map_location="cpu")

@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 import torch
 
 from model.interface import TURN_SAMPLES, TurnInput
@@ -50,6 +51,12 @@ def test_training_lowers_the_loss_resumes_and_serves(tmp_path):
     engine.open_session("s")
     assert np.isfinite(engine.step([TurnInput("s", 0, np.zeros(TURN_SAMPLES, dtype=np.float32))])[0].audio).all()
     assert '"n_kv_heads": 4' in (wide / "config.json").read_text()
+
+
+def test_kv_heads_without_a_checkpoint_to_widen_is_an_error(tmp_path):
+    with pytest.raises(ValueError, match="--init"):
+        train(build_parser().parse_args(["--out", str(tmp_path / "ckpt"), "--kv-heads", "4", "--steps", "1"]))
+    assert not (tmp_path / "ckpt").exists()
 
 
 def test_data_parallel_under_torchrun_keeps_replicas_identical(tmp_path):
