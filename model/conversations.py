@@ -39,7 +39,7 @@ from model.speech import Voice, synthesize
 from model.text import encode
 
 OUT_POSITIONS = 4  # output positions per micro-turn (ModelConfig.out_positions)
-DATA_VERSION = 4  # bump when the same seed would give a different conversation (cache key)
+DATA_VERSION = 5  # bump when the same seed would give a different conversation (cache key)
 # Timing rules, fixed rather than random so the model has one thing to learn: the
 # reply starts in the first output made after hearing this much silence after a
 # complete question (heard live 0.15-0.35 s after the user stops; a mid-utterance
@@ -160,10 +160,11 @@ class _Builder:
         return start, end_s
 
     def model_says(self, text: str, start_turn: int, stop_turn: int | None = None,
-                   markers: str = "", text_lead: int = 0) -> int:
-        """The model speaks ``text`` from ``start_turn`` (and writes it, plus ``markers``,
-        from ``text_lead`` turns earlier); cut at ``stop_turn`` if given. Returns the
-        turn after its speech ends."""
+                   markers: str = "", text_slot: int | None = None) -> int:
+        """The model speaks ``text`` from ``start_turn`` and writes it, plus ``markers``,
+        from output slot ``text_slot`` (turn × OUT_POSITIONS + position; default: the
+        first of ``start_turn``); cut at ``stop_turn`` if given. Returns the turn
+        after its speech and text end."""
         audio = speak(text, MODEL_VOICE) * 0.5
         start = start_turn * TURN_SAMPLES
         end = min(start + audio.size, self.model.size)
@@ -178,12 +179,12 @@ class _Builder:
         spoken_turns = -(-(end - start) // TURN_SAMPLES)
         if stop_turn is not None:  # an interrupted model stops writing too
             written = written[: spoken_turns * OUT_POSITIONS]
-        text_start = start_turn - text_lead
+        first = start_turn * OUT_POSITIONS if text_slot is None else text_slot
         for i, token in enumerate(written):
-            turn, slot = divmod(i, OUT_POSITIONS)
-            if text_start + turn < self.turns:
-                self.text_out[text_start + turn, slot] = token
-        last_text_turn = text_start + -(-len(written) // OUT_POSITIONS)
+            turn, slot = divmod(first + i, OUT_POSITIONS)
+            if turn < self.turns:
+                self.text_out[turn, slot] = token
+        last_text_turn = -(-(first + len(written)) // OUT_POSITIONS)
         finished = max(start_turn + spoken_turns, last_text_turn)
         self.cursor = max(self.cursor, finished * 0.2)
         return finished
@@ -271,14 +272,18 @@ class _Builder:
         result_turn = finished + self.rng.randint(*result_wait)
         if result_turn + 15 >= self.turns:
             return
-        self.text_in[result_turn] += f"<result>{task_id}: {result}</result>"
-        # The result's text takes a few turns to enter (4 bytes a turn); answer after.
-        # Written a turn before it is spoken: were text and voice in step, the answer's
-        # first digit would be written just as its word begins to sound, and teacher
-        # forcing would teach reading it off the model's own voice instead of copying
-        # it from the result (measured, docs/eval.md session 7).
-        answer_turn = result_turn + -(-len(encode(self.text_in[result_turn])) // 4) + 1
-        self.model_says(f"it is {result}.", answer_turn, text_lead=1)
+        arriving = f"<result>{task_id}: "
+        self.text_in[result_turn] += f"{arriving}{result}</result>"  # nothing else queued: 4 ids a turn from slot 0
+        # The answer is written in step with the result as it arrives: each of its
+        # digits at the same output slot (turn, position) as that digit's input slot,
+        # its prefix in the slots just before, spoken from the next turn. Copying is
+        # then "write the input byte a fixed distance back" (7 tokens in the tiny
+        # layout: 4 bytes in, 4 out a turn) — one attention offset — where
+        # written later (v4) it needed an induction-style search the tiny model never
+        # learnt (docs/eval.md, session 8). It answers 0.6 s sooner, too.
+        prefix = "it's "
+        first_digit = result_turn * OUT_POSITIONS + len(encode(arriving))
+        self.model_says(f"{prefix}{result}.", result_turn + 1, text_slot=first_digit - len(encode(prefix)))
         self.events.append(Event("delegation", end, result, turn * 0.2, begin))
         self.cursor += self.rng.uniform(0.6, 1.5)
 

@@ -3,7 +3,7 @@
 Free-running delegation accuracy (model/evaluate.py) says only whether a whole
 answer came out right, which needs the request, the wait and every digit. This
 asks the narrower question that decides the last part: at each digit of the
-reference answer ("it is 87."), given the true history up to it, which digit does
+reference answer ("it's 87."), given the true history up to it, which digit does
 the model predict — and does that prediction change when the ``<result>`` it was
 fed carries other digits? A model that copies moves with the result; a model
 that guesses from the question or from habit does not.
@@ -58,7 +58,7 @@ class DigitGuess:
 def answer_digits(model: InteractionModel, conversation: Conversation,
                   example: Example | None = None) -> list[DigitGuess]:
     """The model's guess at each digit of the answer the reference writes after the
-    result arrives ("it is 3:24." up to its full stop; later requests' operands are
+    result arrives ("it's 3:24." up to its full stop; later requests' operands are
     not copies), under teacher forcing. ``example``: the conversation's tensors, if
     already made."""
     turn = result_turn(conversation)
@@ -118,7 +118,9 @@ def copy_probe(model: InteractionModel, conversations: list[Conversation], seed:
         "p_right_digit": mean([g.p_target for g in true]),
         "p_right_digit_changed_result": mean([g.p_target for g in changed]),
         # The first digit with the model's own voice as recorded and silenced from the
-        # result on: far apart, it reads the digit off its voice (data before version 4).
+        # result on: far apart, it reads the digit off its voice (data before version 4);
+        # from version 5 its voice has only begun "it's" when the digit is due, so a gap
+        # there is reliance on hearing itself start, not a leak (docs/eval.md, session 8).
         "p_first_digit": mean([g.p_target for g in first]),
         "p_first_digit_voice_silenced": mean([g.p_target for g in first_silenced]),
     }

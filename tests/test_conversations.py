@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 
 from model import conversations as conv
-from model.config import NO_TEXT, RESULT_OPEN, TASK_CLOSE, TASK_OPEN
+from model.config import NO_TEXT, RESULT_OPEN, ModelConfig, TASK_CLOSE, TASK_OPEN
 from model.interface import SAMPLE_RATE, TURN_SAMPLES
 from model.text import encode
+from model.train import text_input_slots
 
 SEEDS = list(range(8))
 
@@ -92,14 +93,19 @@ def test_delegation_writes_a_task_request_and_answers_when_the_result_arrives(sa
         result_turns = [t for t, text in enumerate(c.text_in) if f": {event.expected_text}</result>" in text]
         assert result_turns, "the result arrives as text input"
         assert encode(c.text_in[result_turns[0]])[0] == RESULT_OPEN
-        # The spoken answer comes after the result arrived, and says it.
-        answer = encode(f"it is {event.expected_text}.")
-        spoken_from = result_turns[0] * conv.OUT_POSITIONS
-        later = [t for t in written[spoken_from:] if t != NO_TEXT]
-        assert later[: len(answer)] == answer
-        # Written a turn before it is spoken, so its digits are not read off its own voice.
-        text_turn = next(i for i in range(spoken_from, len(written)) if written[i] != NO_TEXT) // conv.OUT_POSITIONS
+        # The answer is written in step with the result entering (4 ids a turn): each
+        # digit at the output slot where it arrives as input; spoken from the next turn.
+        arrived = text_input_slots(c.text_in, ModelConfig().text_in_slots).flatten().tolist()
+        answer = encode(f"it's {event.expected_text}.")
+        result_at = result_turns[0] * conv.OUT_POSITIONS
+        first = next(i for i in range(result_at, len(written)) if written[i] != NO_TEXT)
+        assert written[first : first + len(answer)] == answer
+        value = encode(event.expected_text)
+        value_at = first + len("it's ")
+        assert arrived[value_at : value_at + len(value)] == value
+        assert first - result_at in (0, 1)  # its prefix starts as <result> arrives (t1..t9 / t10..)
         voice = np.abs(c.model_audio.reshape(c.turns, TURN_SAMPLES)).max(axis=1) > 0
+        text_turn = first // conv.OUT_POSITIONS
         assert not voice[text_turn] and voice[text_turn + 1]
 
 
