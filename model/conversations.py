@@ -280,7 +280,9 @@ class _Builder:
         # then "write the input byte a fixed distance back" (7 tokens in the tiny
         # layout: 4 bytes in, 4 out a turn) — one attention offset — where
         # written later (v4) it needed an induction-style search the tiny model never
-        # learnt (docs/eval.md, session 8). It answers 0.6 s sooner, too.
+        # learnt (docs/eval.md, session 8). It answers 0.6 s sooner, too. Slot for slot
+        # only where text_in_slots == OUT_POSITIONS (tiny); the gpu preset's 8 input
+        # slots bring the digits in earlier — still before they are written.
         prefix = "it's "
         first_digit = result_turn * OUT_POSITIONS + len(encode(arriving))
         self.model_says(f"{prefix}{result}.", result_turn + 1, text_slot=first_digit - len(encode(prefix)))

@@ -209,6 +209,8 @@ def learning_rate(step: int, total: int, peak: float, warmup: int) -> float:
 
 def train(args: argparse.Namespace) -> list[float]:
     """Train as ``args`` say; returns the loss of every step this run made."""
+    if args.kv_heads and not args.init:
+        raise ValueError("--kv-heads widens the checkpoint given by --init; a new model takes its heads from --preset")
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     if distributed:
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
@@ -218,8 +220,6 @@ def train(args: argparse.Namespace) -> list[float]:
     state_path = out / STATE_FILE
     torch.manual_seed(args.seed)  # the same initial weights on every rank
 
-    if args.kv_heads and not args.init:
-        raise ValueError("--kv-heads widens the checkpoint given by --init; a new model takes its heads from --preset")
     if args.resume and state_path.exists():
         model = load_checkpoint(out)
         state = torch.load(state_path, map_location="cpu")
