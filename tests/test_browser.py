@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import shutil
 from pathlib import Path
 
 import httpx
 import pytest
 from conftest import running_server
+from playwright.async_api import TimeoutError as PlaywrightTimeout
 from playwright.async_api import async_playwright
 
 from server.config import ServerConfig
@@ -152,8 +154,8 @@ def scripted_microphone(path: Path) -> Path:
 
 async def test_the_trained_model_answers_and_reports_a_background_result(trained_server, tmp_path):
     """Through the page, with the shipped checkpoint: a spoken question gets a spoken,
-    written answer; "what time is it?" becomes a task request the server runs, and
-    the page shows its result."""
+    written answer; "what time is it?" becomes a task request the server runs, the
+    page shows its result, and the model's answer carries that result."""
     microphone = scripted_microphone(tmp_path / "questions.wav")
     async with async_playwright() as playwright:
         browser = await playwright.chromium.launch(executable_path=str(CHROMIUM), args=chromium_args(microphone))
@@ -168,6 +170,13 @@ async def test_the_trained_model_answers_and_reports_a_background_result(trained
             await page.wait_for_function("(window.microturn.eventCounts['task.done'] || 0) >= 1", timeout=40_000)
             await page.wait_for_selector("#tasks .task.done")
             task_text = await page.text_content("#tasks .task.done")
+            clock = await page.text_content("#tasks .task.done .task-status")
+            # The answer is written in step with the result entering (data v5): give it
+            # the few turns that takes, then judge the whole transcript below.
+            said = f"it's {clock}."
+            with contextlib.suppress(PlaywrightTimeout):
+                await page.wait_for_function("(said) => window.microturn.transcript.includes(said)",
+                                             arg=said, timeout=5_000)
             state = await page.evaluate("window.microturn")
             await page.screenshot(path=str(tmp_path / "trained.png"), full_page=True)
             await page.click("#disconnect")
@@ -180,6 +189,7 @@ async def test_the_trained_model_answers_and_reports_a_background_result(trained
     assert "eight" in transcript, transcript  # what comes after seven
     assert "<task>clock" in transcript, transcript  # it delegated the time
     assert task_text is not None and "clock" in task_text
+    assert said in transcript, transcript  # it copied the background result into its answer
     assert state["stats"]["totalAudioEnergy"] > 0.01  # and it spoke
 
 
