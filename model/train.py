@@ -18,6 +18,7 @@ served closed-loop it hears its own imperfect output, not the clean reference.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import math
 import os
 import random
@@ -77,6 +78,19 @@ def to_example(conversation: Conversation, config: ModelConfig) -> Example:
     return Example(user, own, text_input_slots(conversation.text_in, config.text_in_slots), text_out)
 
 
+def release_freed_memory() -> bool:
+    """Hand the heap's free pages back to the OS (glibc; elsewhere a no-op, False).
+
+    Each generated batch arrives as ~200 MB of unpickled audio that is freed once
+    turned into uint8 bins, but glibc keeps the freed pages: generating 2,100
+    conversations in one `train` grew to 24 GB RSS and thrashed a 23 GB machine.
+    Trimming after each batch holds it at ~0.3 GB plus the examples (measured)."""
+    try:
+        return bool(ctypes.CDLL("libc.so.6").malloc_trim(0))
+    except (OSError, AttributeError):
+        return False
+
+
 def load_examples(seeds: list[int], config: ModelConfig, cache: Path | None, workers: int = 2,
                   drills: bool = False) -> list[Example]:
     """Examples for ``seeds`` (``drills``: delegation drills), generating (in parallel)
@@ -99,6 +113,7 @@ def load_examples(seeds: list[int], config: ModelConfig, cache: Path | None, wor
             if cache is not None:
                 cache.mkdir(parents=True, exist_ok=True)
                 torch.save(example.__dict__, cache / f"{prefix}{seed}.pt")
+        release_freed_memory()
     return [examples[seed] for seed in seeds]
 
 
