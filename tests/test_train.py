@@ -127,6 +127,7 @@ def test_freed_audio_buffers_go_back_to_the_os():
     holds such holes until trimmed (a 2,100-conversation `train` reached 24 GB RSS)."""
     warm = bytearray(4 << 20)  # freeing an mmapped block raises glibc's mmap threshold,
     del warm                   # so the buffers below come from the heap, as in training
+    release_freed_memory()  # what earlier tests left freed must not count below
     buffers, kept = [], []
     for _ in range(100):
         buffers.append(bytearray(b"\x01" * (3 << 19)))  # 1.5 MB, like 24 s of float32 audio
