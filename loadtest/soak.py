@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import ctypes
-import ctypes.util
 import gc
 import inspect
 import json
@@ -38,6 +36,7 @@ from aiortc import RTCPeerConnection
 
 from loadtest.peer import Peer, SignallingError
 from model.interface import SAMPLE_RATE
+from model.memory import release_freed_memory, resident_bytes
 from server.session import Session
 
 Probe = Callable[[], Awaitable[dict[str, Any]]]
@@ -198,9 +197,6 @@ def process_probe(url: str, server_loop: asyncio.AbstractEventLoop) -> Probe:
     tracks (not the start-up objects ``gc.freeze`` set aside, see server/app.py), and
     how many ``Session`` and ``RTCPeerConnection`` objects (server's and peers') are
     still alive."""
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-    trim = getattr(libc, "malloc_trim", None)  # glibc only
-
     async def count_tasks() -> int:
         return len(asyncio.all_tasks()) - 1  # not this one
 
@@ -226,9 +222,8 @@ def process_probe(url: str, server_loop: asyncio.AbstractEventLoop) -> Probe:
         held = [_holders(o, ignore={id(objects), id(alive)}) for o in alive]
         count = len(objects)
         del alive, objects
-        if trim is not None:
-            trim(0)
-        rss, blocks = _rss_bytes(), sys.getallocatedblocks()
+        release_freed_memory()
+        rss, blocks = resident_bytes(), sys.getallocatedblocks()
         return {**reading, "rss_bytes": rss, "tasks": tasks, "objects": count, "allocated_blocks": blocks,
                 "sessions_alive": sessions, "peer_connections_alive": len(held) - sessions, "settle_s": round(waited, 1),
                 **({"held_by": held} if held else {})}
@@ -250,14 +245,6 @@ def _holders(obj: object, ignore: set[int], depth: int = 3) -> str:
         names = sorted({type(r).__name__ for r in referrers})
         chain.append("|".join(names))
     return " <- ".join(chain)
-
-
-def _rss_bytes() -> int | None:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    return None
 
 
 def _percentile(values: list[float], q: float) -> float | None:

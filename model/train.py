@@ -18,7 +18,6 @@ served closed-loop it hears its own imperfect output, not the clean reference.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import math
 import os
 import random
@@ -36,6 +35,7 @@ from model.config import NO_TEXT, ModelConfig, preset
 from model.conversations import DATA_VERSION, Conversation, generate
 from model.heads import weighted_mean
 from model.interaction import InteractionModel
+from model.memory import release_freed_memory
 from model.text import encode
 from model.transformer import MoE
 from model.weights import load_checkpoint, save_checkpoint, widen_kv_heads
@@ -78,20 +78,6 @@ def to_example(conversation: Conversation, config: ModelConfig) -> Example:
     return Example(user, own, text_input_slots(conversation.text_in, config.text_in_slots), text_out)
 
 
-def release_freed_memory() -> bool:
-    """Hand the heap's free pages back to the OS. True if any went back; False if
-    none did, or where the C library is not glibc (there this does nothing).
-
-    Each generated batch arrives as ~200 MB of unpickled audio that is freed once
-    turned into uint8 bins, but glibc keeps the freed pages: generating 2,100
-    conversations in one `train` grew to 24 GB RSS and thrashed a 23 GB machine.
-    Trimming after each batch held a 320-conversation test at ~0.3 GB plus the examples."""
-    try:
-        return bool(ctypes.CDLL("libc.so.6").malloc_trim(0))
-    except (OSError, AttributeError):
-        return False
-
-
 def load_examples(seeds: list[int], config: ModelConfig, cache: Path | None, workers: int = 2,
                   drills: bool = False) -> list[Example]:
     """Examples for ``seeds`` (``drills``: delegation drills), generating (in parallel)
@@ -114,6 +100,8 @@ def load_examples(seeds: list[int], config: ModelConfig, cache: Path | None, wor
             if cache is not None:
                 cache.mkdir(parents=True, exist_ok=True)
                 torch.save(example.__dict__, cache / f"{prefix}{seed}.pt")
+        # The batch's audio is freed now; without the trim glibc kept it (2,100
+        # conversations reached 24 GB RSS; a 320-conversation test holds ~0.3 GB + examples).
         release_freed_memory()
     return [examples[seed] for seed in seeds]
 

@@ -15,7 +15,8 @@ import torch
 from model.interface import TURN_SAMPLES, TurnInput
 from model.config import NO_TEXT, preset
 from model.interaction import InteractionModel
-from model.train import Example, batch_loss, build_parser, release_freed_memory, text_input_slots, train
+from model.memory import release_freed_memory, resident_bytes
+from model.train import Example, batch_loss, build_parser, text_input_slots, train
 from server.engine import make_model
 
 
@@ -115,11 +116,6 @@ def test_loss_weights_shift_the_mean_towards_bytes_and_speech():
     assert heavy["text"] != plain["text"] and heavy["audio"] != plain["audio"]
 
 
-def _rss_mb() -> float:
-    with open("/proc/self/status") as status:
-        return next(int(line.split()[1]) for line in status if line.startswith("VmRSS")) / 1024
-
-
 @pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc",
                     reason="malloc_trim is glibc's; elsewhere release_freed_memory is a no-op")
 def test_freed_audio_buffers_go_back_to_the_os():
@@ -133,7 +129,7 @@ def test_freed_audio_buffers_go_back_to_the_os():
         buffers.append(bytearray(b"\x01" * (3 << 19)))  # 1.5 MB, like 24 s of float32 audio
         kept.append(bytearray(b"\x01" * (64 << 10)))  # a live example after it pins the heap top
     del buffers
-    held = _rss_mb()
+    held = resident_bytes()
     assert release_freed_memory()
-    assert held - _rss_mb() > 75, "under half of the 150 MB freed went back to the OS"
+    assert held - resident_bytes() > 75 << 20, "under half of the 150 MB freed went back to the OS"
     assert len(kept) == 100
