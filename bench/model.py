@@ -1,7 +1,7 @@
 """Model serving benchmarks: step time by session count, streaming vs recomputing,
 batched vs one-at-a-time. Median of ``--repeats`` runs of each measurement.
 
-    microturn bench model [--json] [--preset tiny] [--repeats 5] [--device cuda] [--attention sdpa|xformers]
+    microturn bench model [--json] [--preset tiny] [--repeats 5] [--device cuda] [--attention sdpa|xformers] [--window N]
 
 On CUDA with xformers installed it also runs the step-by-sessions sweep with SDPA
 in the same process and reports the ratio and the xformers kernels that ran.
@@ -83,9 +83,9 @@ def synchronize(engine: StreamingModel) -> None:
 
 def run(preset_name: str = "tiny", repeats: int = 5, context_s: float = 60.0,
         counts: tuple[int, ...] = (1, 8, 32, 64), device: str = "cpu",
-        attention: str | None = None) -> dict[str, object]:
+        attention: str | None = None, window: int = 0) -> dict[str, object]:
     torch.manual_seed(0)
-    model = InteractionModel(preset(preset_name)).eval()
+    model = InteractionModel(preset(preset_name, **({"window": window} if window else {}))).eval()
     config = model.config
     engine = StreamingModel(model, max_sessions=max(counts) + 1, device=device, attention=attention)
     results: dict[str, object] = {
@@ -93,6 +93,7 @@ def run(preset_name: str = "tiny", repeats: int = 5, context_s: float = 60.0,
         "parameters_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 2),
         "device": torch.cuda.get_device_name() if engine.device.type == "cuda" else "cpu",
         "attention": engine.pool.backend,
+        "window": config.window,  # with the sinks, the keys each session's queries attend over
         "torch_threads": torch.get_num_threads(),
         "cpu_count": os.cpu_count(),
         "context_s": context_s,
@@ -133,8 +134,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--attention", choices=["sdpa", "xformers"], default=None,
                         help="attention backend (default: xformers on CUDA when installed, else SDPA)")
+    parser.add_argument("--window", type=int, default=0, help="attention window in tokens (default: the preset's)")
     args = parser.parse_args(argv)
-    results = run(args.preset, args.repeats, args.context_s, device=args.device, attention=args.attention)
+    results = run(args.preset, args.repeats, args.context_s, device=args.device, attention=args.attention,
+                  window=args.window)
     if args.json:
         print(json.dumps(results))
         return

@@ -35,7 +35,10 @@ class ModelConfig:
     video_size: int = 80  # camera frames are resized to this square; 0 disables video
     patch: int = 40
     # Streaming memory: attention sees the first ``sinks`` tokens plus the last ``window``.
-    window: int = 2048
+    # Keep sinks + window within the training windows (``microturn train --turns`` ×
+    # ``tokens_per_turn``): served further back than it was trained, the tiny model
+    # missed half the questions asked more than 8 s into a session (docs/eval.md).
+    window: int = 624  # + 16 sinks = 640 tokens = 40 micro-turns = 8 s
     sinks: int = 16
     rope_base: float = 10_000.0
     # Audio output head: per-channel bin classification, or flow matching on log-mel.

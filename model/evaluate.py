@@ -171,11 +171,14 @@ def aggregate(records: list[dict[str, object]]) -> dict[str, object]:
     }
 
 
-def evaluate(engine: StreamingModel | None, seeds: list[int], plots: Path | None = None) -> dict[str, object]:
+def evaluate(engine: StreamingModel | None, seeds: list[int], plots: Path | None = None,
+             held_out: bool = True) -> dict[str, object]:
     """Scores over held-out conversations; ``engine=None`` scores the reference tracks.
-    With ``plots``, writes each conversation's timeline there as ``SEED.png``."""
+    With ``plots``, writes each conversation's timeline there as ``SEED.png``. With
+    ``held_out=False`` the users speak in the training voices (use seeds beyond the
+    training range): what is left of the gap is the skill, not hearing new voices."""
     records = []
-    conversations = generate(seeds, held_out=True)
+    conversations = generate(seeds, held_out=held_out)
     for conversation in conversations:
         timeline = reference_timeline(conversation) if engine is None else model_timeline(engine, conversation)
         records += score(conversation, timeline)
@@ -189,6 +192,7 @@ def evaluate(engine: StreamingModel | None, seeds: list[int], plots: Path | None
     if engine is not None:
         result["delegation_copying"] = copy_probe(engine.model, conversations)
     result["conversations"] = len(seeds)
+    result["voices"] = "held-out" if held_out else "training"
     return result
 
 
@@ -198,6 +202,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--reference", action="store_true", help="score the reference model tracks instead")
     parser.add_argument("--conversations", type=int, default=20)
     parser.add_argument("--first-seed", type=int, default=1_000_000, help="held-out seeds start here")
+    parser.add_argument("--training-voices", action="store_true",
+                        help="users in the training voices and accents (pair with a --first-seed past the "
+                             "training seeds): separates hearing new voices from the skill itself")
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--plots", default=None, help="directory for one timeline PNG per conversation")
     parser.add_argument("--write-threshold", default=argparse.SUPPRESS,
@@ -208,7 +215,7 @@ def main(argv: list[str] | None = None) -> None:
     decoding = {"write_threshold": args.write_threshold} if "write_threshold" in args else {}
     engine = None if args.reference else load_engine(args.checkpoint, max_sessions=1, **decoding)
     seeds = list(range(args.first_seed, args.first_seed + args.conversations))
-    result = evaluate(engine, seeds, Path(args.plots) if args.plots else None)
+    result = evaluate(engine, seeds, Path(args.plots) if args.plots else None, held_out=not args.training_voices)
     if args.json:
         print(json.dumps(result))
     else:

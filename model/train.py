@@ -38,7 +38,7 @@ from model.interaction import InteractionModel
 from model.memory import release_freed_memory
 from model.text import encode
 from model.transformer import MoE
-from model.weights import load_checkpoint, save_checkpoint, widen_kv_heads
+from model.weights import load_checkpoint, save_checkpoint, widen_kv_heads, with_window
 
 STATE_FILE = "train_state.pt"
 
@@ -211,6 +211,19 @@ def learning_rate(step: int, total: int, peak: float, warmup: int) -> float:
     return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
 
 
+def check_trained_span(config: ModelConfig, turns: int) -> None:
+    """Refuse a run whose windows are shorter than what the model will attend to when
+    served: it never learns to use (or ignore) the older keys, and served past its
+    training windows the tiny model missed half its turns (docs/eval.md, session 10)."""
+    span = config.sinks + config.window
+    if turns * config.tokens_per_turn < span:
+        needed = -(-span // config.tokens_per_turn)
+        raise ValueError(
+            f"--turns {turns} trains on {turns * config.tokens_per_turn} tokens, but the model attends over "
+            f"sinks + window = {span}: use --turns {needed} or more, or --window "
+            f"{turns * config.tokens_per_turn - config.sinks} or less")
+
+
 def train(args: argparse.Namespace) -> list[float]:
     """Train as ``args`` say; returns the loss of every step this run made."""
     if args.kv_heads and not args.init:
@@ -235,7 +248,12 @@ def train(args: argparse.Namespace) -> list[float]:
     else:
         model = InteractionModel(preset(args.preset, audio_head=args.audio_head))
         state = None
+    if args.window and args.window != model.config.window:
+        if state is not None:
+            raise ValueError("--window with --resume: the run's span was fixed when it started")
+        model = with_window(model, args.window)
     config = model.config
+    check_trained_span(config, args.turns)
     model.to(device).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.05, betas=(0.9, 0.95))
     step = 0
@@ -333,6 +351,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--save-every", type=int, default=200)
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--init", default="", help="start from this checkpoint's weights (not with --resume)")
+    parser.add_argument("--window", type=int, default=0,
+                        help="attention window in tokens (default: the preset's or --init checkpoint's); "
+                             "sinks + window must fit in --turns micro-turns")
     parser.add_argument("--kv-heads", type=int, default=0,
                         help="with --init: widen to this many key/value heads first (same outputs at the start)")
     return parser

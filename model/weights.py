@@ -83,6 +83,14 @@ def widen_kv_heads(model: InteractionModel, n_kv_heads: int) -> InteractionModel
     return wider
 
 
+def with_window(model: InteractionModel, window: int) -> InteractionModel:
+    """The same weights attending over another span (``ModelConfig.window``): the
+    span is a rule of the attention mask, not a weight shape."""
+    narrowed = InteractionModel(dataclasses.replace(model.config, window=window))
+    narrowed.load_state_dict(model.state_dict())
+    return narrowed
+
+
 def load_decoding(directory: str | Path) -> dict[str, float]:
     """The checkpoint's decoding settings (``{}`` when it has none)."""
     path = Path(directory) / DECODING_FILE

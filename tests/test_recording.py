@@ -355,7 +355,8 @@ def test_microturn_train_on_recordings_alone(tmp_path, conversation):
     (root / "node-a" / "crashed" / MANIFEST_FILE).unlink()  # as if killed: still used
     out = tmp_path / "ckpt"
     trained = run([MICROTURN, "train", "--recordings", str(root), "--conversations", "0", "--steps", "2",
-                   "--batch", "1", "--turns", "10", "--out", str(out), "--cache", ""], cwd=tmp_path)
+                   "--batch", "1", "--turns", "10", "--window", "144", "--out", str(out), "--cache", ""],
+                  cwd=tmp_path)
     assert trained.returncode == 0, trained.stderr[-3000:]
     assert "whole: 60 turns, complete" in trained.stderr
     assert "crashed: 30 turns, incomplete" in trained.stderr

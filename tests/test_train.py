@@ -28,8 +28,8 @@ def test_text_input_is_queued_four_ids_a_turn_like_the_server_does():
 
 def test_training_lowers_the_loss_resumes_and_serves(tmp_path):
     out = tmp_path / "ckpt"
-    common = ["--out", str(out), "--batch", "2", "--turns", "10", "--conversations", "4", "--drills", "1",
-              "--cache", str(tmp_path / "cache"), "--warmup", "5", "--save-every", "20", "--lr", "3e-3"]
+    common = ["--out", str(out), "--batch", "2", "--turns", "10", "--window", "144", "--conversations", "4",
+              "--drills", "1", "--cache", str(tmp_path / "cache"), "--warmup", "5", "--save-every", "20", "--lr", "3e-3"]
     losses = train(build_parser().parse_args(common + ["--steps", "40"]))
     assert len(losses) == 40
     assert statistics.mean(losses[-5:]) < 0.6 * statistics.mean(losses[:5]), losses
@@ -44,15 +44,25 @@ def test_training_lowers_the_loss_resumes_and_serves(tmp_path):
     output = engine.step([TurnInput("s", 0, np.zeros(TURN_SAMPLES, dtype=np.float32))])[0]
     assert output.audio.shape == (TURN_SAMPLES,) and np.isfinite(output.audio).all()
 
-    # A fine-tune that first widens the key/value heads (1 -> 4) trains and serves too.
+    # A fine-tune that first widens the key/value heads (1 -> 4) and narrows the
+    # attention window trains and serves too.
     wide = tmp_path / "wide"
     tuned = train(build_parser().parse_args(common[2:] + ["--out", str(wide), "--init", str(out), "--kv-heads", "4",
-                                                          "--steps", "3"]))
+                                                          "--window", "128", "--steps", "3"]))
     assert len(tuned) == 3 and statistics.mean(tuned) < 0.8 * statistics.mean(losses[:5])  # from the trained weights
     engine = make_model("model", max_sessions=2, checkpoint=str(wide))
     engine.open_session("s")
     assert np.isfinite(engine.step([TurnInput("s", 0, np.zeros(TURN_SAMPLES, dtype=np.float32))])[0].audio).all()
     assert '"n_kv_heads": 4' in (wide / "config.json").read_text()
+    assert '"window": 128' in (wide / "config.json").read_text()
+
+
+def test_windows_shorter_than_the_served_attention_span_are_refused(tmp_path):
+    """Trained on 8 s windows and served over 25.6 s, the tiny model missed half the
+    questions asked late in a session; a run that would repeat that does not start."""
+    with pytest.raises(ValueError, match=r"--turns 40 or more, or --window 144 or less"):
+        train(build_parser().parse_args(["--out", str(tmp_path / "ckpt"), "--turns", "10", "--steps", "1"]))
+    assert not (tmp_path / "ckpt").exists()
 
 
 def test_kv_heads_without_a_checkpoint_to_widen_is_an_error(tmp_path):
@@ -66,7 +76,7 @@ def test_data_parallel_under_torchrun_keeps_replicas_identical(tmp_path):
     their weights differ, so a clean exit means the gradients were averaged."""
     out = tmp_path / "ckpt"
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29533",
-               "-m", "model.train", "--out", str(out), "--batch", "1", "--turns", "6", "--conversations", "2",
+               "-m", "model.train", "--out", str(out), "--batch", "1", "--turns", "6", "--window", "80", "--conversations", "2",
                "--cache", str(tmp_path / "cache"), "--steps", "3", "--warmup", "1", "--workers", "1"]
     run = subprocess.run(command, check=False, capture_output=True, text=True, timeout=300,
                          env={**os.environ, "OMP_NUM_THREADS": "1"})
