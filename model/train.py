@@ -215,13 +215,11 @@ def check_trained_span(config: ModelConfig, turns: int) -> None:
     """Refuse a run whose windows are shorter than what the model will attend to when
     served: it never learns to use (or ignore) the older keys, and served past its
     training windows the tiny model missed half its turns (docs/eval.md, session 10)."""
-    span = config.sinks + config.window
-    if turns * config.tokens_per_turn < span:
-        needed = -(-span // config.tokens_per_turn)
+    span, trained = config.sinks + config.window, turns * config.tokens_per_turn
+    if trained < span:
         raise ValueError(
-            f"--turns {turns} trains on {turns * config.tokens_per_turn} tokens, but the model attends over "
-            f"sinks + window = {span}: use --turns {needed} or more, or --window "
-            f"{turns * config.tokens_per_turn - config.sinks} or less")
+            f"--turns {turns} trains on {trained} tokens, but the model attends over sinks + window = {span}: "
+            f"use --turns {-(-span // config.tokens_per_turn)} or more, or --window {trained - config.sinks} or less")
 
 
 def train(args: argparse.Namespace) -> list[float]:
