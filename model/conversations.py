@@ -22,11 +22,14 @@ Time in the model track is *step time*: output ``t`` (the model's micro-turn
 
 from __future__ import annotations
 
+import contextlib
 import math
 import multiprocessing
+import os
 import random
 import re
 import wave
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -365,8 +368,29 @@ def generate(seeds: list[int], held_out: bool = False, duration_s: float = 24.0,
     bits whatever ran before it."""
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload(["model.conversations"])
-    with context.Pool(workers, maxtasksperchild=1) as pool:
+    with _one_openmp_thread():
+        pool = context.Pool(workers, maxtasksperchild=1)  # starts the fork server
+    with pool:
         return pool.map(_one, [(seed, held_out, duration_s, drills) for seed in seeds], chunksize=1)
+
+
+@contextlib.contextmanager
+def _one_openmp_thread() -> Iterator[None]:
+    """While the pool starts the fork server: one OpenMP thread there, so in every
+    worker. The server imports torch; a process forked from one whose OpenMP team had
+    started hangs in its first parallel op — such as the module-level torch ops of a
+    caller's script, which each worker re-imports as ``__mp_main__``. (A worker makes
+    one conversation; it needs no threads.) Restored after, so that processes the
+    caller starts later keep their own thread count."""
+    previous = os.environ.get("OMP_NUM_THREADS")
+    os.environ["OMP_NUM_THREADS"] = "1"
+    try:
+        yield
+    finally:
+        if previous is None:
+            del os.environ["OMP_NUM_THREADS"]
+        else:
+            os.environ["OMP_NUM_THREADS"] = previous
 
 
 def render_wav(conversation: Conversation, path: str | Path) -> Path:

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
 import wave
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -35,6 +40,40 @@ def test_a_seed_gives_the_same_bits_whatever_was_generated_before(sample):
         assert np.array_equal(original.user_audio, repeat.user_audio)
         assert np.array_equal(original.model_audio, repeat.model_audio)
         assert np.array_equal(original.text_out, repeat.text_out) and original.text_in == repeat.text_in
+
+
+_A_CALLERS_SCRIPT = """
+import torch
+import model.evaluate  # module-level torch ops, which each worker runs again as __mp_main__
+from model.conversations import generate
+
+if __name__ == "__main__":
+    x = torch.randn(256, 256)
+    assert torch.isfinite(x @ x).all()  # the caller's own OpenMP threads are busy first
+    print(len(generate([3], duration_s=6.0, workers=1)))
+"""
+
+
+def test_a_script_that_uses_torch_can_generate(tmp_path):
+    """Such a script once hung for good in its first worker (an OpenMP team inherited
+    from the fork server); ``microturn`` itself never showed it."""
+    script = tmp_path / "script.py"
+    script.write_text(_A_CALLERS_SCRIPT)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    env.pop("OMP_NUM_THREADS", None)
+    process = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True, env=env, start_new_session=True)
+    try:
+        stdout, stderr = process.communicate(timeout=90)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)  # its fork server and hung worker too
+        process.communicate()
+        pytest.fail("generate() hung in a script that had used torch")
+    assert process.returncode == 0, stderr[-3000:]
+    assert stdout.strip() == "1"
+    before = os.environ.get("OMP_NUM_THREADS")
+    conv.generate([3], duration_s=6.0, workers=1)
+    assert os.environ.get("OMP_NUM_THREADS") == before  # the caller's setting is restored
 
 
 def test_layout_on_the_micro_turn_timeline(sample):
