@@ -41,6 +41,7 @@ from model.interface import SAMPLE_RATE, TURN_SAMPLES, TurnInput
 from model.plot import timeline_image, write_png
 from model.streaming import StreamingModel, load_engine
 from model.text import Decoder
+from model.vocoder import LAG_SAMPLES
 
 ACTIVE_RMS = 0.01  # a micro-turn of model audio louder than this is speech
 REPLY_WINDOW_TURNS = 7  # 1.4 s
@@ -54,6 +55,7 @@ class Timeline:
     active: np.ndarray  # (turns,) bool
     text: list[str]  # what it wrote in each micro-turn
     audio: np.ndarray | None = None  # its speech in step time (output t at 3200·t), for the recogniser
+    lag_s: float = 0.0  # how much later than 0.2·(t + 1) output t is heard (the vocoder's lag)
 
 
 def activity(audio: np.ndarray, window: int = TURN_SAMPLES) -> np.ndarray:
@@ -80,9 +82,19 @@ def model_timeline(engine: StreamingModel, conversation: Conversation, session_i
             text.append(output.text)
     finally:
         engine.close_session(session_id)
-    # The vocoder emits each turn 600 samples late; activity per turn is unaffected.
-    speech = np.concatenate(audio)
-    return Timeline(activity(speech), text, speech)
+    return vocoded_timeline(np.concatenate(audio), text)
+
+
+def vocoded_timeline(emitted: np.ndarray, text: list[str]) -> Timeline:
+    """The timeline of audio as the vocoder emitted it, output after output.
+
+    Each output's audio comes ``LAG_SAMPLES`` late: its chunk opens with the last
+    37.5 ms of the output before. Read as it came, the first silent output after
+    speech counted as speaking, which put every stop a micro-turn late; so activity is
+    read on the audio moved back into step time, and the lag is added to the times as
+    heard instead."""
+    speech = np.concatenate([emitted[LAG_SAMPLES:], np.zeros(LAG_SAMPLES, dtype=emitted.dtype)])
+    return Timeline(activity(speech), text, speech, lag_s=LAG_SAMPLES / SAMPLE_RATE)
 
 
 def _turn(seconds: float) -> int:
@@ -116,7 +128,7 @@ def _reply(event: Event, timeline: Timeline) -> dict[str, object]:
     spoke_over = bool(timeline.active[start:end_turn].any())
     window = timeline.active[end_turn : end_turn + REPLY_WINDOW_TURNS]
     onset = int(np.argmax(window)) + end_turn if window.any() else None
-    latency = round(0.2 * (onset + 1) - event.user_end_s, 3) if onset is not None else None
+    latency = round(0.2 * (onset + 1) + timeline.lag_s - event.user_end_s, 3) if onset is not None else None
     return {"spoke_over": spoke_over, "took_turn": onset is not None, "latency_s": latency}
 
 
@@ -142,7 +154,8 @@ def _stop(event: Event, timeline: Timeline) -> dict[str, object]:
     after = timeline.active[onset_turn:]
     silent = np.flatnonzero(~after)
     stop_turn = onset_turn + int(silent[0]) if silent.size else None
-    return {"stop_latency_s": round(0.2 * (stop_turn + 1) - event.user_end_s, 3) if stop_turn is not None else None}
+    heard_s = 0.2 * (stop_turn + 1) + timeline.lag_s if stop_turn is not None else None
+    return {"stop_latency_s": round(heard_s - event.user_end_s, 3) if heard_s is not None else None}
 
 
 def aggregate(records: list[dict[str, object]]) -> dict[str, object]:

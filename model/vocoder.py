@@ -26,6 +26,7 @@ import torch
 from model import dmel
 
 _N_BINS = dmel.N_FFT // 2 + 1
+LAG_SAMPLES = dmel.WINDOW - dmel.HOP  # how far each chunk's audio lags its frames (37.5 ms)
 _WINDOW = torch.hann_window(dmel.WINDOW, periodic=True)
 _MEL_PINV = torch.linalg.pinv(dmel.mel_filterbank())  # (fft bins, mels)
 # Phase advance per hop of a bin's centre frequency, for initialising new frames.
@@ -99,7 +100,7 @@ class VocoderState:
 
 def vocode_chunk(state: VocoderState, log_mel: torch.Tensor, iterations: int = 8,
                  momentum: float = 0.99) -> tuple[torch.Tensor, VocoderState]:
-    """(b, n, mels) log-mel of n new frames -> ((b, n·HOP) samples, 600 behind; next state)."""
+    """(b, n, mels) log-mel of n new frames -> ((b, n·HOP) samples, LAG_SAMPLES behind; next state)."""
     b, n, _ = log_mel.shape
     c = state.spectrum.shape[1]
     magnitude = torch.cat([state.magnitude, mel_to_magnitude(log_mel)], dim=1)

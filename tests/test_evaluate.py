@@ -5,13 +5,16 @@ the evaluation steps it, still taking turns late in a session."""
 from __future__ import annotations
 
 import numpy as np
+import torch
 
+from model import dmel
 from model.config import NO_TEXT
 from model.conversations import NUMBER_WORDS, OUT_POSITIONS, Conversation, Event, generate, speak
-from model.evaluate import Timeline, evaluate, model_timeline, reference_timeline, score
+from model.evaluate import Timeline, evaluate, model_timeline, reference_timeline, score, vocoded_timeline
 from model.interface import SAMPLE_RATE, TURN_SAMPLES
 from model.speech import Voice
 from model.streaming import load_engine
+from model.vocoder import LAG_SAMPLES, VocoderState, vocode_chunk
 from server.config import default_checkpoint
 
 KEYS = {"turn_taking_tor", "response_latency_s_median", "overlap_rate", "pause_tor", "stop_latency_s_p90",
@@ -33,6 +36,25 @@ def test_conversations_in_the_training_voices_are_scored_alike():
     result = evaluate(None, [5_000_000, 5_000_001], held_out=False)
     assert result["voices"] == "training" and result["turn_taking_tor"] == 1.0
     assert generate([5_000_000])[0].user_audio.tobytes() != generate([5_000_000], held_out=True)[0].user_audio.tobytes()
+
+
+def test_a_vocoded_stop_is_scored_when_it_is_heard_not_a_micro_turn_late():
+    """The reference track through the model's own streaming vocoder: a model that
+    stops exactly when the reference does. Its chunks lag their frames by 37.5 ms, and
+    the stop must cost just that, not the 200 ms of a whole micro-turn."""
+    conversation = generate([1_000_001], held_out=True)[0]  # one barge-in, at 12.5 s
+    bins = dmel.dmel(torch.from_numpy(conversation.model_audio)[None])
+    state, chunks = VocoderState.silence(), []
+    for turn in range(conversation.turns):
+        chunk, state = vocode_chunk(state, dmel.dequantize(bins[:, 16 * turn : 16 * (turn + 1)]))
+        chunks.append(chunk[0].numpy())
+    reference = reference_timeline(conversation)
+    vocoded = vocoded_timeline(np.concatenate(chunks), reference.text)
+    assert (vocoded.active != reference.active).sum() <= 2  # the vocoder smears an edge at most
+    stops = [r["stop_latency_s"] for r in score(conversation, vocoded) if r["kind"] == "barge_in"]
+    reference_stops = [r["stop_latency_s"] for r in score(conversation, reference) if r["kind"] == "barge_in"]
+    assert len(stops) == len(reference_stops) == 1
+    assert abs(stops[0] - reference_stops[0] - LAG_SAMPLES / SAMPLE_RATE) < 1e-3
 
 
 def test_the_metrics_notice_a_model_that_talks_all_the_time_or_never():
