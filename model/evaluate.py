@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
@@ -101,9 +102,20 @@ def _turn(seconds: float) -> int:
     return int(seconds / 0.2 + 1e-9)
 
 
+_TASK = re.compile(r"<task>(.*?)</task>", re.S)
+
+
+def _request(text: list[str], from_turn: int) -> str | None:
+    """The first task request written from ``from_turn`` on, without spaces."""
+    match = _TASK.search("".join(text[from_turn:]))
+    return re.sub(r"\s+", "", match.group(1)) if match else None
+
+
 def score(conversation: Conversation, timeline: Timeline) -> list[dict[str, object]]:
     """One record per event: what the model did there."""
     records = []
+    decoder = Decoder()
+    data_text = [decoder.decode([int(t) for t in row]) for row in conversation.text_out]
     for event in conversation.events:
         record: dict[str, object] = {"kind": event.kind, "user_end_s": round(event.user_end_s, 3)}
         if event.kind in ("answer", "pause", "delegation"):
@@ -113,8 +125,14 @@ def score(conversation: Conversation, timeline: Timeline) -> list[dict[str, obje
         if event.kind == "barge_in":
             record.update(_stop(event, timeline))
         if event.kind == "delegation":
+            # The result fed back offline is the data's, whatever the model asked for;
+            # live, the background tool answers the request it wrote. So a delegation
+            # is right only if the request was too (session 11).
             later = "".join(timeline.text[_turn(event.user_end_s):])
-            record["answered"] = event.expected_text in later
+            record["copied"] = event.expected_text in later
+            asked = _request(timeline.text, _turn(event.user_end_s))
+            record["request_right"] = asked is not None and asked == _request(data_text, _turn(event.user_end_s))
+            record["answered"] = record["copied"] and record["request_right"]
         if event.kind == "noise":
             quiet = timeline.active[max(_turn(event.user_end_s - 1.0), 0) : _turn(event.user_end_s) + 2]
             record["silent"] = not quiet.any()
@@ -177,6 +195,8 @@ def aggregate(records: list[dict[str, object]]) -> dict[str, object]:
         "pause_tor": rate(of("pause"), "spoke_over"),
         "stop_latency_s_p90": (stops_known[int(0.9 * (len(stops_known) - 1))] if stops_known else None),
         "delegation_accuracy": rate(of("delegation"), "answered"),
+        "delegation_request_accuracy": rate(of("delegation"), "request_right"),
+        "delegation_result_copied": rate(of("delegation"), "copied"),
         "noise_silence_rate": rate(of("noise"), "silent"),
         "spoken_word_accuracy": rate(heard, "right"),
         "spoken_word_accuracy_asr": rate([h for h in heard if h["right_asr"] is not None], "right_asr"),
@@ -185,13 +205,13 @@ def aggregate(records: list[dict[str, object]]) -> dict[str, object]:
 
 
 def evaluate(engine: StreamingModel | None, seeds: list[int], plots: Path | None = None,
-             held_out: bool = True) -> dict[str, object]:
+             held_out: bool = True, duration_s: float = 24.0) -> dict[str, object]:
     """Scores over held-out conversations; ``engine=None`` scores the reference tracks.
     With ``plots``, writes each conversation's timeline there as ``SEED.png``. With
     ``held_out=False`` the users speak in the training voices (use seeds beyond the
     training range): what is left of the gap is the skill, not hearing new voices."""
     records = []
-    conversations = generate(seeds, held_out=held_out)
+    conversations = generate(seeds, held_out=held_out, duration_s=duration_s)
     for conversation in conversations:
         timeline = reference_timeline(conversation) if engine is None else model_timeline(engine, conversation)
         records += score(conversation, timeline)
@@ -206,6 +226,7 @@ def evaluate(engine: StreamingModel | None, seeds: list[int], plots: Path | None
         result["delegation_copying"] = copy_probe(engine.model, conversations)
     result["conversations"] = len(seeds)
     result["voices"] = "held-out" if held_out else "training"
+    result["seconds"] = duration_s
     return result
 
 
@@ -218,6 +239,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--training-voices", action="store_true",
                         help="users in the training voices and accents (pair with a --first-seed past the "
                              "training seeds): separates hearing new voices from the skill itself")
+    parser.add_argument("--seconds", type=float, default=24.0,
+                        help="conversation length (a seed's conversation depends on it; `microturn "
+                             "loadtest --seconds S` plays seeds from 2,000,000 at S + 2)")
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--plots", default=None, help="directory for one timeline PNG per conversation")
     parser.add_argument("--write-threshold", default=argparse.SUPPRESS,
@@ -228,7 +252,8 @@ def main(argv: list[str] | None = None) -> None:
     decoding = {"write_threshold": args.write_threshold} if "write_threshold" in args else {}
     engine = None if args.reference else load_engine(args.checkpoint, max_sessions=1, **decoding)
     seeds = list(range(args.first_seed, args.first_seed + args.conversations))
-    result = evaluate(engine, seeds, Path(args.plots) if args.plots else None, held_out=not args.training_voices)
+    result = evaluate(engine, seeds, Path(args.plots) if args.plots else None, held_out=not args.training_voices,
+                      duration_s=args.seconds)
     if args.json:
         print(json.dumps(result))
     else:

@@ -4,13 +4,17 @@ the evaluation steps it, still taking turns late in a session."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import torch
 
+from loadtest.run import SCRIPT_SEED
 from model import dmel
 from model.config import NO_TEXT
 from model.conversations import NUMBER_WORDS, OUT_POSITIONS, Conversation, Event, generate, speak
 from model.evaluate import Timeline, evaluate, model_timeline, reference_timeline, score, vocoded_timeline
+from model.evaluate import main as eval_main
 from model.interface import SAMPLE_RATE, TURN_SAMPLES
 from model.speech import Voice
 from model.streaming import load_engine
@@ -18,7 +22,8 @@ from model.vocoder import LAG_SAMPLES, VocoderState, vocode_chunk
 from server.config import default_checkpoint
 
 KEYS = {"turn_taking_tor", "response_latency_s_median", "overlap_rate", "pause_tor", "stop_latency_s_p90",
-        "delegation_accuracy", "noise_silence_rate", "spoken_word_accuracy", "spoken_word_accuracy_asr"}
+        "delegation_accuracy", "delegation_request_accuracy", "delegation_result_copied", "noise_silence_rate",
+        "spoken_word_accuracy", "spoken_word_accuracy_asr"}
 
 
 def test_the_reference_tracks_score_as_a_perfect_model():
@@ -55,6 +60,37 @@ def test_a_vocoded_stop_is_scored_when_it_is_heard_not_a_micro_turn_late():
     reference_stops = [r["stop_latency_s"] for r in score(conversation, reference) if r["kind"] == "barge_in"]
     assert len(stops) == len(reference_stops) == 1
     assert abs(stops[0] - reference_stops[0] - LAG_SAMPLES / SAMPLE_RATE) < 1e-3
+
+
+def test_eval_scores_the_loadtests_own_scripts(capsys):
+    """`microturn loadtest --seconds 24` plays seed 2,000,001 at 26 s: noise and three
+    delegations, where the 24 s conversation of that seed has two, an answer and more
+    noise. Offline and online compare only on the same conversations."""
+    eval_main(["--reference", "--first-seed", str(SCRIPT_SEED + 1), "--conversations", "1", "--seconds", "26",
+               "--json"])
+    result = json.loads(capsys.readouterr().out)
+    script = generate([SCRIPT_SEED + 1], held_out=True, duration_s=26)[0]
+    assert result["seconds"] == 26
+    assert result["events"] == {kind: sum(e.kind == kind for e in script.events) for kind in result["events"]}
+    assert result["events"]["delegation"] == 3
+    assert [e.kind for e in generate([SCRIPT_SEED + 1], held_out=True)[0].events].count("delegation") == 2
+
+
+def test_a_delegation_counts_only_if_the_model_asked_for_the_right_sum():
+    """Offline the data's result is fed back whatever the model asked; live, the tool
+    answers the request it wrote. A model that misheard an operand and then read out
+    the data's result copied well, but would have said the wrong number live."""
+    conversation = generate([SCRIPT_SEED + 1], held_out=True, duration_s=26)[0]  # three sums
+    reference = reference_timeline(conversation)
+    event = next(e for e in conversation.events if e.kind == "delegation")
+    text = list(reference.text)
+    turn = next(t for t in range(int(event.user_end_s / 0.2), len(text)) if any(c.isdigit() for c in text[t]))
+    digit = next(c for c in text[turn] if c.isdigit())
+    text[turn] = text[turn].replace(digit, str((int(digit) + 1) % 10), 1)  # an operand misheard
+    right = next(r for r in score(conversation, reference) if r["kind"] == "delegation")
+    misheard = next(r for r in score(conversation, Timeline(reference.active, text)) if r["kind"] == "delegation")
+    assert right["request_right"] and right["copied"] and right["answered"]
+    assert misheard["copied"] and not misheard["request_right"] and not misheard["answered"]
 
 
 def test_the_metrics_notice_a_model_that_talks_all_the_time_or_never():
