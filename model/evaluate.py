@@ -7,11 +7,14 @@ figures measure the interaction model alone). From what it says and writes:
 
 - ``turn_taking_tor``: questions after which it starts speaking within 1.4 s;
 - ``response_latency_s_median``: user speech end -> its speech onset, as heard live
-  (output turn ``t`` plays at 0.2·(t + 1) s);
+  (output turn ``t`` plays at 0.2·(t + 1) s, its audio the vocoder's 37.5 ms later);
 - ``overlap_rate``: questions it spoke over (from the question's start to its end);
 - ``pause_tor``: questions with a mid-utterance pause that it took over before the end;
 - ``stop_latency_s_p90``: user barge-in onset -> its speech stopping, live;
-- ``delegation_accuracy``: delegated questions whose answer it later wrote;
+- ``delegation_accuracy``: delegated questions for which it asked the tool for the
+  right thing and then wrote the result (``delegation_request_accuracy`` and
+  ``delegation_result_copied``: each half alone; the result fed back is the data's
+  whatever it asked, so copying alone would count a misheard sum as right);
 - ``delegation_copying``: teacher forced, the answer digits it predicts right and
   the share that change when the result's digits do (model/copying.py);
 - ``noise_silence_rate``: stretches of noise or background talk it stayed silent through;
@@ -43,6 +46,7 @@ from model.plot import timeline_image, write_png
 from model.streaming import StreamingModel, load_engine
 from model.text import Decoder
 from model.vocoder import LAG_SAMPLES
+from server.tools import ToolError, calculate
 
 ACTIVE_RMS = 0.01  # a micro-turn of model audio louder than this is speech
 REPLY_WINDOW_TURNS = 7  # 1.4 s
@@ -91,9 +95,9 @@ def vocoded_timeline(emitted: np.ndarray, text: list[str]) -> Timeline:
 
     Each output's audio comes ``LAG_SAMPLES`` late: its chunk opens with the last
     37.5 ms of the output before. Read as it came, the first silent output after
-    speech counted as speaking, which put every stop a micro-turn late; so activity is
-    read on the audio moved back into step time, and the lag is added to the times as
-    heard instead."""
+    speech counted as speaking, which put a stop after a mid-word cut-off (most
+    barge-ins) a micro-turn late; so activity is read on the audio moved back into
+    step time, and the lag is added to the times as heard instead."""
     speech = np.concatenate([emitted[LAG_SAMPLES:], np.zeros(LAG_SAMPLES, dtype=emitted.dtype)])
     return Timeline(activity(speech), text, speech, lag_s=LAG_SAMPLES / SAMPLE_RATE)
 
@@ -102,20 +106,47 @@ def _turn(seconds: float) -> int:
     return int(seconds / 0.2 + 1e-9)
 
 
+def _question_turn(event: Event) -> int:
+    return _turn(event.user_start_s if event.user_start_s is not None else event.user_end_s)
+
+
 _TASK = re.compile(r"<task>(.*?)</task>", re.S)
 
 
-def _request(text: list[str], from_turn: int) -> str | None:
-    """The first task request written from ``from_turn`` on, without spaces."""
-    match = _TASK.search("".join(text[from_turn:]))
-    return re.sub(r"\s+", "", match.group(1)) if match else None
+def _delegation(event: Event, following: Event | None, data_text: list[str],
+                timeline: Timeline) -> dict[str, object]:
+    """Did it ask for the right thing, and say the result after asking? Both are read
+    from the question's start to the next delegated question's start."""
+    span = slice(_question_turn(event), _question_turn(following) if following is not None else None)
+    written = "".join(timeline.text[span])
+    asked, wanted = _TASK.search(written), _TASK.search("".join(data_text[span]))
+    after = written[asked.end():] if asked else written
+    copied = re.search(rf"(?<![\d.:-]){re.escape(event.expected_text)}(?![\d:])", after) is not None
+    request_right = asked is not None and wanted is not None and _same_request(asked.group(1), wanted.group(1))
+    return {"copied": copied, "request_right": request_right, "answered": copied and request_right}
+
+
+def _same_request(asked: str, wanted: str) -> bool:
+    """Whether the server's tool would answer both alike: a sum of the same value
+    (``71 + 57`` for ``57 + 71``); for the clock, the tool alone (the data's time is
+    its own)."""
+    tool, _, expression = asked.partition(":")
+    wanted_tool, _, wanted_expression = wanted.partition(":")
+    if tool.strip() != wanted_tool.strip():
+        return False
+    if tool.strip() != "calc":
+        return True
+    try:
+        return calculate(expression) == calculate(wanted_expression)
+    except ToolError:
+        return False
 
 
 def score(conversation: Conversation, timeline: Timeline) -> list[dict[str, object]]:
     """One record per event: what the model did there."""
     records = []
-    decoder = Decoder()
-    data_text = [decoder.decode([int(t) for t in row]) for row in conversation.text_out]
+    data_text = reference_timeline(conversation).text
+    delegations = [e for e in conversation.events if e.kind == "delegation"]
     for event in conversation.events:
         record: dict[str, object] = {"kind": event.kind, "user_end_s": round(event.user_end_s, 3)}
         if event.kind in ("answer", "pause", "delegation"):
@@ -128,11 +159,8 @@ def score(conversation: Conversation, timeline: Timeline) -> list[dict[str, obje
             # The result fed back offline is the data's, whatever the model asked for;
             # live, the background tool answers the request it wrote. So a delegation
             # is right only if the request was too (session 11).
-            later = "".join(timeline.text[_turn(event.user_end_s):])
-            record["copied"] = event.expected_text in later
-            asked = _request(timeline.text, _turn(event.user_end_s))
-            record["request_right"] = asked is not None and asked == _request(data_text, _turn(event.user_end_s))
-            record["answered"] = record["copied"] and record["request_right"]
+            later = delegations[delegations.index(event) + 1 :]
+            record.update(_delegation(event, later[0] if later else None, data_text, timeline))
         if event.kind == "noise":
             quiet = timeline.active[max(_turn(event.user_end_s - 1.0), 0) : _turn(event.user_end_s) + 2]
             record["silent"] = not quiet.any()
@@ -209,7 +237,8 @@ def evaluate(engine: StreamingModel | None, seeds: list[int], plots: Path | None
     """Scores over held-out conversations; ``engine=None`` scores the reference tracks.
     With ``plots``, writes each conversation's timeline there as ``SEED.png``. With
     ``held_out=False`` the users speak in the training voices (use seeds beyond the
-    training range): what is left of the gap is the skill, not hearing new voices."""
+    training range): what is left of the gap is the skill, not hearing new voices.
+    A seed's conversation depends on ``duration_s`` too."""
     records = []
     conversations = generate(seeds, held_out=held_out, duration_s=duration_s)
     for conversation in conversations:

@@ -26,7 +26,7 @@ import torch
 from model import dmel
 
 _N_BINS = dmel.N_FFT // 2 + 1
-LAG_SAMPLES = dmel.WINDOW - dmel.HOP  # how far each chunk's audio lags its frames (37.5 ms)
+LAG_SAMPLES = dmel.CONTEXT  # how far each chunk's audio lags its frames: WINDOW − HOP, 37.5 ms
 _WINDOW = torch.hann_window(dmel.WINDOW, periodic=True)
 _MEL_PINV = torch.linalg.pinv(dmel.mel_filterbank())  # (fft bins, mels)
 # Phase advance per hop of a bin's centre frequency, for initialising new frames.

@@ -48,8 +48,6 @@ import model.evaluate  # module-level torch ops, which each worker runs again as
 from model.conversations import generate
 
 if __name__ == "__main__":
-    x = torch.randn(256, 256)
-    assert torch.isfinite(x @ x).all()  # the caller's own OpenMP threads are busy first
     print(len(generate([3], duration_s=6.0, workers=1)))
 """
 

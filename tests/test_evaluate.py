@@ -5,6 +5,7 @@ the evaluation steps it, still taking turns late in a session."""
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import torch
@@ -60,6 +61,10 @@ def test_a_vocoded_stop_is_scored_when_it_is_heard_not_a_micro_turn_late():
     reference_stops = [r["stop_latency_s"] for r in score(conversation, reference) if r["kind"] == "barge_in"]
     assert len(stops) == len(reference_stops) == 1
     assert abs(stops[0] - reference_stops[0] - LAG_SAMPLES / SAMPLE_RATE) < 1e-3
+    # Onsets: the same micro-turn, heard 37.5 ms later.
+    onsets = [r["latency_s"] for r in score(conversation, vocoded) if r["kind"] == "answer"]
+    reference_onsets = [r["latency_s"] for r in score(conversation, reference) if r["kind"] == "answer"]
+    assert onsets and all(abs(o - r - LAG_SAMPLES / SAMPLE_RATE) < 1e-3 for o, r in zip(onsets, reference_onsets))
 
 
 def test_eval_scores_the_loadtests_own_scripts(capsys):
@@ -82,15 +87,27 @@ def test_a_delegation_counts_only_if_the_model_asked_for_the_right_sum():
     the data's result copied well, but would have said the wrong number live."""
     conversation = generate([SCRIPT_SEED + 1], held_out=True, duration_s=26)[0]  # three sums
     reference = reference_timeline(conversation)
-    event = next(e for e in conversation.events if e.kind == "delegation")
-    text = list(reference.text)
-    turn = next(t for t in range(int(event.user_end_s / 0.2), len(text)) if any(c.isdigit() for c in text[t]))
-    digit = next(c for c in text[turn] if c.isdigit())
-    text[turn] = text[turn].replace(digit, str((int(digit) + 1) % 10), 1)  # an operand misheard
-    right = next(r for r in score(conversation, reference) if r["kind"] == "delegation")
-    misheard = next(r for r in score(conversation, Timeline(reference.active, text)) if r["kind"] == "delegation")
+    text = reference.text
+    opens = next(t for t, written in enumerate(text) if "<task>" in written)  # the first request
+    closes = next(t for t in range(opens, len(text)) if "</task>" in text[t])
+    request = "".join(text[opens : closes + 1])
+    a, op, b = re.search(r"calc: (\d+) ([+-]) (\d+)", request).groups()
+
+    def asking(sum_: str) -> Timeline:
+        """The reference, with the first request replaced by ``calc: SUM``."""
+        edited = list(text)
+        edited[opens : closes + 1] = [request.replace(f"{a} {op} {b}", sum_)] + [""] * (closes - opens)
+        return Timeline(reference.active, edited)
+
+    def first_delegation(timeline: Timeline) -> dict[str, object]:
+        return next(r for r in score(conversation, timeline) if r["kind"] == "delegation")
+
+    right = first_delegation(reference)
+    misheard = first_delegation(asking(f"{int(a) + 1} {op} {b}"))  # an operand misheard
     assert right["request_right"] and right["copied"] and right["answered"]
     assert misheard["copied"] and not misheard["request_right"] and not misheard["answered"]
+    if op == "+":  # the tool answers the sum, whatever its order
+        assert first_delegation(asking(f"{b} + {a}"))["answered"]
 
 
 def test_the_metrics_notice_a_model_that_talks_all_the_time_or_never():
