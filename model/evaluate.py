@@ -46,6 +46,7 @@ from model.plot import timeline_image, write_png
 from model.streaming import StreamingModel, load_engine
 from model.text import Decoder
 from model.vocoder import LAG_SAMPLES
+from server.tasks import TaskRequestParser
 from server.tools import ToolError, calculate
 
 ACTIVE_RMS = 0.01  # a micro-turn of model audio louder than this is speech
@@ -70,10 +71,14 @@ def activity(audio: np.ndarray, window: int = TURN_SAMPLES) -> np.ndarray:
     return np.sqrt(np.mean(np.square(frames), axis=1)) > ACTIVE_RMS
 
 
-def reference_timeline(conversation: Conversation) -> Timeline:
+def data_text(conversation: Conversation) -> list[str]:
+    """What the conversation's own model track writes, per micro-turn."""
     decoder = Decoder()
-    return Timeline(activity(conversation.model_audio),
-                    [decoder.decode([int(t) for t in row]) for row in conversation.text_out], conversation.model_audio)
+    return [decoder.decode([int(t) for t in row]) for row in conversation.text_out]
+
+
+def reference_timeline(conversation: Conversation) -> Timeline:
+    return Timeline(activity(conversation.model_audio), data_text(conversation), conversation.model_audio)
 
 
 def model_timeline(engine: StreamingModel, conversation: Conversation, session_id: str = "eval") -> Timeline:
@@ -110,34 +115,31 @@ def _question_turn(event: Event) -> int:
     return _turn(event.user_start_s if event.user_start_s is not None else event.user_end_s)
 
 
-_TASK = re.compile(r"<task>(.*?)</task>", re.S)
-
-
-def _delegation(event: Event, following: Event | None, data_text: list[str],
+def _delegation(event: Event, following: Event | None, wanted_text: list[str],
                 timeline: Timeline) -> dict[str, object]:
     """Did it ask for the right thing, and say the result after asking? Both are read
-    from the question's start to the next delegated question's start."""
+    from the question's start to the next delegated question's start; requests are
+    parsed as the server parses them."""
     span = slice(_question_turn(event), _question_turn(following) if following is not None else None)
     written = "".join(timeline.text[span])
-    asked, wanted = _TASK.search(written), _TASK.search("".join(data_text[span]))
-    after = written[asked.end():] if asked else written
+    asked = TaskRequestParser("calc").feed(written)
+    wanted = TaskRequestParser("calc").feed("".join(wanted_text[span]))
+    after = written.partition("</task>")[2] if asked else written
     copied = re.search(rf"(?<![\d.:-]){re.escape(event.expected_text)}(?![\d:])", after) is not None
-    request_right = asked is not None and wanted is not None and _same_request(asked.group(1), wanted.group(1))
+    request_right = bool(asked and wanted) and _same_request(asked[0], wanted[0])
     return {"copied": copied, "request_right": request_right, "answered": copied and request_right}
 
 
-def _same_request(asked: str, wanted: str) -> bool:
-    """Whether the server's tool would answer both alike: a sum of the same value
-    (``71 + 57`` for ``57 + 71``); for the clock, the tool alone (the data's time is
-    its own)."""
-    tool, _, expression = asked.partition(":")
-    wanted_tool, _, wanted_expression = wanted.partition(":")
-    if tool.strip() != wanted_tool.strip():
+def _same_request(asked: tuple[str, str], wanted: tuple[str, str]) -> bool:
+    """Whether the server's tool would answer both (tool, input) alike: a sum of the
+    same value (``71 + 57`` for ``57 + 71``); for the clock, the tool alone (the
+    data's time is its own)."""
+    if asked[0] != wanted[0]:
         return False
-    if tool.strip() != "calc":
+    if asked[0] != "calc":
         return True
     try:
-        return calculate(expression) == calculate(wanted_expression)
+        return calculate(asked[1]) == calculate(wanted[1])
     except ToolError:
         return False
 
@@ -145,7 +147,7 @@ def _same_request(asked: str, wanted: str) -> bool:
 def score(conversation: Conversation, timeline: Timeline) -> list[dict[str, object]]:
     """One record per event: what the model did there."""
     records = []
-    data_text = reference_timeline(conversation).text
+    wanted_text = data_text(conversation)
     delegations = [e for e in conversation.events if e.kind == "delegation"]
     for event in conversation.events:
         record: dict[str, object] = {"kind": event.kind, "user_end_s": round(event.user_end_s, 3)}
@@ -160,7 +162,7 @@ def score(conversation: Conversation, timeline: Timeline) -> list[dict[str, obje
             # live, the background tool answers the request it wrote. So a delegation
             # is right only if the request was too (session 11).
             later = delegations[delegations.index(event) + 1 :]
-            record.update(_delegation(event, later[0] if later else None, data_text, timeline))
+            record.update(_delegation(event, later[0] if later else None, wanted_text, timeline))
         if event.kind == "noise":
             quiet = timeline.active[max(_turn(event.user_end_s - 1.0), 0) : _turn(event.user_end_s) + 2]
             record["silent"] = not quiet.any()
@@ -199,9 +201,10 @@ def _stop(event: Event, timeline: Timeline) -> dict[str, object]:
     onset_turn = _turn(event.user_end_s)  # for barge-in, user_end_s is when the user cut in
     after = timeline.active[onset_turn:]
     silent = np.flatnonzero(~after)
-    stop_turn = onset_turn + int(silent[0]) if silent.size else None
-    heard_s = 0.2 * (stop_turn + 1) + timeline.lag_s if stop_turn is not None else None
-    return {"stop_latency_s": round(heard_s - event.user_end_s, 3) if heard_s is not None else None}
+    if not silent.size:
+        return {"stop_latency_s": None}
+    stop_turn = onset_turn + int(silent[0])
+    return {"stop_latency_s": round(0.2 * (stop_turn + 1) + timeline.lag_s - event.user_end_s, 3)}
 
 
 def aggregate(records: list[dict[str, object]]) -> dict[str, object]:
