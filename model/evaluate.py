@@ -7,7 +7,7 @@ figures measure the interaction model alone). From what it says and writes:
 
 - ``turn_taking_tor``: questions after which it starts speaking within 1.4 s;
 - ``response_latency_s_median``: user speech end -> its speech onset, as heard live
-  (output turn ``t`` plays at 0.2·(t + 1) s, its audio the vocoder's 37.5 ms later);
+  (output turn ``t`` plays at 0.2·(t + 1) s, its audio the vocoder's ``LAG_SAMPLES`` later);
 - ``overlap_rate``: questions it spoke over (from the question's start to its end);
 - ``pause_tor``: questions with a mid-utterance pause that it took over before the end;
 - ``stop_latency_s_p90``: user barge-in onset -> its speech stopping, live;
@@ -98,8 +98,8 @@ def model_timeline(engine: StreamingModel, conversation: Conversation, session_i
 def vocoded_timeline(emitted: np.ndarray, text: list[str]) -> Timeline:
     """The timeline of audio as the vocoder emitted it, output after output.
 
-    Each output's audio comes ``LAG_SAMPLES`` late: its chunk opens with the last
-    37.5 ms of the output before. Read as it came, the first silent output after
+    Each output's audio comes ``LAG_SAMPLES`` (25 ms) late: its chunk opens with the last
+    25 ms of the output before. Read as it came, the first silent output after
     speech counted as speaking, which put a stop after a mid-word cut-off (most
     barge-ins) a micro-turn late; so activity is read on the audio moved back into
     step time, and the lag is added to the times as heard instead."""

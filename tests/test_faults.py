@@ -135,7 +135,7 @@ def assert_innocents_undisturbed(sinks: dict[str, Recorder], want: dict[str, dic
 def corrupt(state: VocoderState) -> VocoderState:
     """A vocoder state one frequency bin short: the step fails in the vocoder, after
     its forward passes, in any batch (the session's state is broken, not the mix)."""
-    return VocoderState(state.spectrum, state.magnitude[..., :-1], state.committed)
+    return VocoderState(state.spectrum, state.magnitude[..., :-1], state.committed, state.opening)
 
 
 # -- the model: a failed step changes nothing --------------------------------------------
