@@ -98,8 +98,8 @@ def model_timeline(engine: StreamingModel, conversation: Conversation, session_i
 def vocoded_timeline(emitted: np.ndarray, text: list[str]) -> Timeline:
     """The timeline of audio as the vocoder emitted it, output after output.
 
-    Each output's audio comes ``LAG_SAMPLES`` (25 ms) late: its chunk opens with the last
-    25 ms of the output before. Read as it came, the first silent output after
+    Each output's audio comes ``LAG_SAMPLES`` late (model/vocoder.py): its chunk opens
+    with the end of the output before. Read as it came, the first silent output after
     speech counted as speaking, which put a stop after a mid-word cut-off (most
     barge-ins) a micro-turn late; so activity is read on the audio moved back into
     step time, and the lag is added to the times as heard instead."""

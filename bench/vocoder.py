@@ -1,0 +1,75 @@
+"""The streaming vocoder's quality on held-out reference tracks, as served.
+
+    python -m bench.vocoder [--conversations 20] [--first-seed 1000000]
+
+Each conversation's own model track is binned to dMel (what the model emits), then
+vocoded chunk by chunk exactly as a served session is. Prints one JSON object:
+spectral convergence against the binned target, the seams (second difference at a
+chunk boundary against its neighbourhood's median, in speech), the vocoder's cost per
+chunk, and — through ``model.evaluate``'s own scoring — the reference's response
+latency as heard and its one-word answers as DTW and pocketsphinx hear them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--conversations", type=int, default=20)
+    parser.add_argument("--first-seed", type=int, default=1_000_000)
+    args = parser.parse_args(argv)
+    # Imported here: conversation workers re-import this module (torch at import in a
+    # forked child can deadlock; model/conversations.py).
+    import numpy as np
+    import torch
+
+    from model import dmel
+    from model.conversations import generate
+    from model.evaluate import aggregate, data_text, score, vocoded_timeline
+    from model.vocoder import LAG_SAMPLES, VocoderState, analyse, vocode_chunk
+
+    conversations = generate(list(range(args.first_seed, args.first_seed + args.conversations)), held_out=True)
+    convergence, seams, seconds, records = [], [], [], []
+    for conversation in conversations:
+        audio = torch.from_numpy(conversation.model_audio.astype(np.float32))[None]
+        target = dmel.dequantize(dmel.dmel(audio))
+        state, chunks = VocoderState.silence(), []
+        for start in range(0, target.shape[1], 16):
+            began = time.perf_counter()
+            chunk, state = vocode_chunk(state, target[:, start : start + 16])
+            seconds.append(time.perf_counter() - began)
+            chunks.append(chunk)
+        emitted = torch.cat(chunks, dim=1)
+        # analyse() frames are WINDOW − HOP behind the target's: move the output there.
+        aligned = torch.nn.functional.pad(emitted, (dmel.CONTEXT - LAG_SAMPLES, 0))[:, : emitted.shape[1]]
+        achieved = analyse(aligned).abs() @ dmel.mel_filterbank().T
+        wanted = 10.0 ** target[:, : achieved.shape[1]]
+        convergence.append(float(torch.linalg.norm(wanted - achieved) / torch.linalg.norm(wanted)))
+        samples = emitted[0].numpy()
+        bend = np.abs(np.diff(samples, 2))
+        for seam in range(3200, samples.size - 3200, 3200):
+            around = slice(seam - 101, seam + 99)
+            if np.sqrt(np.mean(samples[around] ** 2)) > 0.01:
+                seams.append(float(bend[seam - 1] / np.median(bend[around])))
+        records += score(conversation, vocoded_timeline(samples, data_text(conversation)))
+    scores = aggregate(records)
+    print(json.dumps({
+        "conversations": args.conversations,
+        "lag_ms": 1000 * LAG_SAMPLES / dmel.SAMPLE_RATE,
+        "spectral_convergence": round(float(np.mean(convergence)), 4),
+        "seam_bend_median": round(float(np.median(seams)), 2),
+        "seam_bend_max": round(max(seams), 1),
+        "seams_over_5x": round(float(np.mean(np.array(seams) > 5)), 3),
+        "ms_per_chunk_median": round(1000 * float(np.median(seconds)), 2),
+        "response_latency_s_median": scores["response_latency_s_median"],
+        "spoken_word_accuracy": scores["spoken_word_accuracy"],
+        "spoken_word_accuracy_asr": scores["spoken_word_accuracy_asr"],
+    }))
+
+
+if __name__ == "__main__":
+    main()
