@@ -3,8 +3,8 @@
     python -m bench.vocoder [--conversations 20] [--first-seed 1000000]
 
 Each conversation's own model track is binned to dMel (what the model emits), then
-vocoded chunk by chunk exactly as a served session is. Prints one JSON object:
-spectral convergence against the binned target, the seams (second difference at a
+vocoded chunk by chunk exactly as a served session is. Prints one JSON object: the
+lag, spectral convergence against the binned target, the seams (second difference at a
 chunk boundary against its neighbourhood's median, in speech), the vocoder's cost per
 chunk, and — through ``model.evaluate``'s own scoring — the reference's response
 latency as heard and its one-word answers as DTW and pocketsphinx hear them.
@@ -61,9 +61,10 @@ def main(argv: list[str] | None = None) -> None:
         "conversations": args.conversations,
         "lag_ms": 1000 * LAG_SAMPLES / dmel.SAMPLE_RATE,
         "spectral_convergence": round(float(np.mean(convergence)), 4),
-        "seam_bend_median": round(float(np.median(seams)), 2),
-        "seam_bend_max": round(max(seams), 1),
-        "seams_over_5x": round(float(np.mean(np.array(seams) > 5)), 3),
+        "seams_in_speech": len(seams),
+        "seam_bend_median": round(float(np.median(seams)), 2) if seams else None,
+        "seam_bend_max": round(max(seams), 1) if seams else None,
+        "seams_over_5x": round(float(np.mean(np.array(seams) > 5)), 3) if seams else None,
         "ms_per_chunk_median": round(1000 * float(np.median(seconds)), 2),
         "response_latency_s_median": scores["response_latency_s_median"],
         "spoken_word_accuracy": scores["spoken_word_accuracy"],

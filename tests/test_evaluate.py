@@ -46,8 +46,8 @@ def test_conversations_in_the_training_voices_are_scored_alike():
 
 def test_a_vocoded_stop_is_scored_when_it_is_heard_not_a_micro_turn_late():
     """The reference track through the model's own streaming vocoder: a model that
-    stops exactly when the reference does. Its chunks lag their frames by 37.5 ms, and
-    the stop must cost just that, not the 200 ms of a whole micro-turn."""
+    stops exactly when the reference does. Its chunks lag their frames by LAG_SAMPLES
+    (12.5 ms), and the stop must cost just that, not the 200 ms of a whole micro-turn."""
     conversation = generate([1_000_001], held_out=True)[0]  # one barge-in, at 12.5 s
     bins = dmel.dmel(torch.from_numpy(conversation.model_audio)[None])
     state, chunks = VocoderState.silence(), []
@@ -61,7 +61,7 @@ def test_a_vocoded_stop_is_scored_when_it_is_heard_not_a_micro_turn_late():
     reference_stops = [r["stop_latency_s"] for r in score(conversation, reference) if r["kind"] == "barge_in"]
     assert len(stops) == len(reference_stops) == 1
     assert abs(stops[0] - reference_stops[0] - LAG_SAMPLES / SAMPLE_RATE) < 1e-3
-    # Onsets: the same micro-turn, heard 37.5 ms later.
+    # Onsets: the same micro-turn, heard LAG_SAMPLES later.
     onsets = [r["latency_s"] for r in score(conversation, vocoded) if r["kind"] == "answer"]
     reference_onsets = [r["latency_s"] for r in score(conversation, reference) if r["kind"] == "answer"]
     assert onsets and all(abs(o - r - LAG_SAMPLES / SAMPLE_RATE) < 1e-3 for o, r in zip(onsets, reference_onsets))

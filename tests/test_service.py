@@ -344,7 +344,14 @@ async def test_traces_run_from_the_page_to_the_tool_call(service, speech):
         # (the trained model may start tasks of its own: wait for ours)
         done = await peer.wait_for_event("task.done", tool="calc", result="42")
         assert done["trace_id"] == trace_id
-        await asyncio.sleep(0.6)
+        await asyncio.sleep(0.6)  # a few more micro-turns of this session
+        # ... and live until a step has served both: the task can finish before the
+        # second session has joined the engine's grid (its first frames settle its
+        # phase), and the fixed wait alone failed about one run in ten.
+        for _ in range(50):
+            if any(s.name == "model.step" and len(s.links) == 2 for s in service.spans.get_finished_spans()):
+                break
+            await asyncio.sleep(0.1)
     finally:
         await peer.close()
         await other.close()
