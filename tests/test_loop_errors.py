@@ -10,6 +10,7 @@ import logging
 import weakref
 
 import pytest
+from aioice.ice import Connection, StunProtocol
 from aiortc import RTCCertificate, RTCDtlsTransport, RTCIceGatherer, RTCIceTransport
 
 from server import loop_errors
@@ -56,3 +57,30 @@ async def test_an_aiortc_send_on_a_closed_transport_is_one_quiet_line_and_holds_
     finally:
         restore()
     assert loop.get_exception_handler() is None
+
+
+async def test_a_stray_datagram_on_an_unlabelled_ice_socket_is_one_quiet_line(caplog: pytest.LogCaptureFixture):
+    """aioice's window between binding an ICE socket and labelling it with its
+    candidate, hit for real: a datagram that is not STUN (here, DTLS-looking bytes)
+    sent to a freshly bound aioice protocol. The soak test saw it twice in 1,000
+    sessions (a vanished peer's packets on a reused loopback port)."""
+    loop = asyncio.get_running_loop()
+    restore = loop_errors.install(loop)
+    caplog.set_level(logging.INFO)
+    ice, sender = None, None
+    try:
+        ice, _ = await loop.create_datagram_endpoint(lambda: StunProtocol(Connection(ice_controlling=True)),
+                                                     local_addr=("127.0.0.1", 0))
+        sender, _ = await loop.create_datagram_endpoint(asyncio.DatagramProtocol, remote_addr=ice.get_extra_info("sockname"))
+        sender.sendto(b"\x16\xfe\xfd" + bytes(40))
+        for _ in range(100):
+            if caplog.records:
+                break
+            await asyncio.sleep(0.01)
+        assert [(r.name, r.levelno) for r in caplog.records] == [(loop_errors.__name__, logging.INFO)], caplog.records
+        assert "stray datagram" in caplog.records[0].getMessage()
+    finally:
+        for transport in (ice, sender):
+            if transport is not None:
+                transport.close()
+        restore()
