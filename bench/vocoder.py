@@ -30,7 +30,8 @@ def main(argv: list[str] | None = None) -> None:
     from model import dmel
     from model.conversations import generate
     from model.evaluate import aggregate, data_text, score, vocoded_timeline
-    from model.vocoder import LAG_SAMPLES, VocoderState, analyse, vocode_chunk
+    from model.interface import TURN_SAMPLES
+    from model.vocoder import LAG_SAMPLES, VocoderState, seam_bends, spectral_convergence, vocode_chunk
 
     conversations = generate(list(range(args.first_seed, args.first_seed + args.conversations)), held_out=True)
     convergence, seams, seconds, records = [], [], [], []
@@ -44,18 +45,11 @@ def main(argv: list[str] | None = None) -> None:
             seconds.append(time.perf_counter() - began)
             chunks.append(chunk)
         emitted = torch.cat(chunks, dim=1)
-        # analyse() frames are WINDOW − HOP behind the target's: move the output there.
+        # griffin_lim's alignment (WINDOW − HOP behind the frames), which the measure expects.
         aligned = torch.nn.functional.pad(emitted, (dmel.CONTEXT - LAG_SAMPLES, 0))[:, : emitted.shape[1]]
-        achieved = analyse(aligned).abs() @ dmel.mel_filterbank().T
-        wanted = 10.0 ** target[:, : achieved.shape[1]]
-        convergence.append(float(torch.linalg.norm(wanted - achieved) / torch.linalg.norm(wanted)))
-        samples = emitted[0].numpy()
-        bend = np.abs(np.diff(samples, 2))
-        for seam in range(3200, samples.size - 3200, 3200):
-            around = slice(seam - 101, seam + 99)
-            if np.sqrt(np.mean(samples[around] ** 2)) > 0.01:
-                seams.append(float(bend[seam - 1] / np.median(bend[around])))
-        records += score(conversation, vocoded_timeline(samples, data_text(conversation)))
+        convergence.append(spectral_convergence(aligned, target))
+        seams += seam_bends(emitted[0], TURN_SAMPLES, TURN_SAMPLES)
+        records += score(conversation, vocoded_timeline(emitted[0].numpy(), data_text(conversation)))
     scores = aggregate(records)
     print(json.dumps({
         "conversations": args.conversations,

@@ -148,6 +148,25 @@ def vocode_chunk(state: VocoderState, log_mel: torch.Tensor, iterations: int = 8
     return audio[:, fixed:end], following
 
 
+def spectral_convergence(audio: torch.Tensor, target_log_mel: torch.Tensor) -> float:
+    """‖target − achieved‖ / ‖target‖ on mel magnitudes; ``audio`` (b, samples) aligned
+    as ``griffin_lim``'s, WINDOW − HOP behind the frames."""
+    achieved = analyse(audio).abs() @ dmel.mel_filterbank().T
+    target = 10.0 ** target_log_mel[:, : achieved.shape[1]]
+    return float(torch.linalg.norm(target - achieved) / torch.linalg.norm(target))
+
+
+def seam_bends(audio: torch.Tensor, first_seam: int, every: int) -> list[float]:
+    """At each seam in speech (RMS above 0.01 around it), the second difference across
+    it against its neighbourhood's median: about 1 where chunks join smoothly."""
+    bend = torch.diff(audio, n=2).abs()
+    ratios = []
+    for seam in range(first_seam, audio.numel() - every, every):
+        around = slice(seam - 101, seam + 99)
+        if audio[around].square().mean().sqrt() > 0.01:
+            ratios.append(float(bend[seam - 1] / bend[around].quantile(0.5)))  # as numpy's median
+    return ratios
+
 
 def griffin_lim(log_mel: torch.Tensor, iterations: int = 64) -> torch.Tensor:
     """Whole-utterance Griffin-Lim (the reference the stream is compared with).

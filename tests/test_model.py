@@ -18,7 +18,8 @@ from model.interface import TURN_SAMPLES, TurnInput
 from model.kv import KVPool
 from model.streaming import StreamingModel
 from model.transformer import MoE, Segment, StreamBatch, Transformer, pad_rows
-from model.vocoder import LAG_SAMPLES, VocoderState, analyse, griffin_lim, vocode_chunk
+from model.vocoder import (LAG_SAMPLES, VocoderState, griffin_lim, seam_bends, spectral_convergence,
+                           vocode_chunk)
 from model.weights import load_checkpoint, save_checkpoint, widen_kv_heads
 
 SPEECH = Path(__file__).parent / "data" / "speech.wav"
@@ -70,13 +71,6 @@ def test_dmel_dequantize_returns_bin_centres_within_half_a_bin():
 # -- vocoder ----------------------------------------------------------------------------
 
 
-def spectral_convergence(audio: torch.Tensor, target_log_mel: torch.Tensor) -> float:
-    """‖target − achieved‖ / ‖target‖ on mel magnitudes (frames aligned as the vocoder emits)."""
-    achieved = analyse(audio).abs() @ dmel.mel_filterbank().T
-    target = 10.0 ** target_log_mel[:, : achieved.shape[1]]
-    return float(torch.linalg.norm(target - achieved) / torch.linalg.norm(target))
-
-
 def vocode_stream(log_mel: torch.Tensor) -> torch.Tensor:
     """Chunk by chunk as served, moved to griffin_lim's alignment (WINDOW − HOP behind)."""
     state, parts = VocoderState.silence(), []
@@ -107,13 +101,8 @@ def test_streamed_chunks_join_without_a_jump():
     median (measured: mean 1.0, max 2.2; without the fade from the last chunk's
     estimate, mean 2.6, max 5.0)."""
     audio = speech_audio()[None, : 20 * TURN_SAMPLES]
-    streamed = vocode_stream(dmel.log_mel(torch.nn.functional.pad(audio, (dmel.CONTEXT, 0))))[0].numpy()
-    bend = np.abs(np.diff(streamed, 2))
-    ratios = []
-    for seam in range(TURN_SAMPLES + dmel.CONTEXT - LAG_SAMPLES, streamed.size - TURN_SAMPLES, TURN_SAMPLES):
-        around = slice(seam - 101, seam + 99)
-        if np.sqrt(np.mean(streamed[around] ** 2)) > 0.01:  # speech, not silence
-            ratios.append(bend[seam - 1] / np.median(bend[around]))
+    streamed = vocode_stream(dmel.log_mel(torch.nn.functional.pad(audio, (dmel.CONTEXT, 0))))[0]
+    ratios = seam_bends(streamed, TURN_SAMPLES + dmel.CONTEXT - LAG_SAMPLES, TURN_SAMPLES)
     assert len(ratios) >= 8
     assert np.mean(ratios) < 2 and max(ratios) < 4, np.round(ratios, 1)
 
