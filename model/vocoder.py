@@ -98,7 +98,9 @@ class VocoderState:
     opening: torch.Tensor  # (b, FADE_SAMPLES) the last chunk's estimate of the next chunk's first samples
 
     @classmethod
-    def silence(cls, batch: int = 1, context: int = 8) -> VocoderState:
+    def silence(cls, batch: int = 1, context: int = 5) -> VocoderState:
+        # 5 carried + 16 new + 3 guessed = 24 frames: with 27 (8 carried) a row's audio
+        # depended on its batch (elementwise tails over an odd 27 × 401); the same figures.
         return cls(torch.zeros(batch, context, _N_BINS, dtype=torch.complex64),
                    torch.zeros(batch, context, _N_BINS), torch.zeros(batch, dmel.HOP * context + _HELD),
                    torch.zeros(batch, FADE_SAMPLES))
