@@ -42,7 +42,7 @@ from model.speech import Voice, synthesize
 from model.text import encode
 
 OUT_POSITIONS = 4  # output positions per micro-turn (ModelConfig.out_positions)
-DATA_VERSION = 5  # bump when the same seed would give a different conversation (cache key)
+DATA_VERSION = 6  # bump when the same seed would give a different conversation (cache key)
 # Timing rules, fixed rather than random so the model has one thing to learn: the
 # reply starts in the first output made after hearing this much silence after a
 # complete question (heard live 0.15-0.35 s after the user stops; a mid-utterance
@@ -86,6 +86,9 @@ class Conversation:
     text_in: list[str]  # per micro-turn
     text_out: np.ndarray  # (turns, OUT_POSITIONS) ids, NO_TEXT where silent
     events: list[Event] = field(default_factory=list)
+    # What the user said and where: (start s, end s, text) per spoken part, for the
+    # listening loss (model/listening.py). Background talk is not the user's.
+    user_words: list[tuple[float, float, str]] = field(default_factory=list)
 
     @property
     def turns(self) -> int:
@@ -126,6 +129,7 @@ class _Builder:
         self.text_in = [""] * self.turns
         self.text_out = np.full((self.turns, OUT_POSITIONS), NO_TEXT, dtype=np.int64)
         self.events: list[Event] = []
+        self.user_words: list[tuple[float, float, str]] = []
         variants = _VARIANTS_HELD_OUT if held_out else _VARIANTS_TRAIN
         languages = _LANGUAGES_HELD_OUT if held_out else _LANGUAGES_TRAIN
         self.user_voice = Voice(f"{self.rng.choice(languages)}+{self.rng.choice(variants)}",
@@ -157,6 +161,7 @@ class _Builder:
                 audio = resample_mono(audio, SAMPLE_RATE, round(SAMPLE_RATE * self.stretch))
             end = min(position + audio.size, self.user.size)
             self.user[position:end] += audio[: end - position] * self.level / max(np.abs(audio).max(), 1e-6)
+            self.user_words.append((position / SAMPLE_RATE, end / SAMPLE_RATE, part))
             position = end + int((pauses_s[i] if pauses_s and i < len(pauses_s) else 0) * SAMPLE_RATE)
         end_s = position / SAMPLE_RATE
         self.cursor = end_s
@@ -315,7 +320,7 @@ class _Builder:
         noise_level = self.level * 10 ** (-self.rng.uniform(15, 40) / 20)
         user += np.random.default_rng(self.rng.getrandbits(32)).normal(0, noise_level, user.size).astype(np.float32)
         return Conversation(seed, np.clip(user, -1, 1), np.clip(self.model, -1, 1), self.text_in, self.text_out,
-                            self.events)
+                            self.events, self.user_words)
 
 
 def eval_arithmetic(a: int, symbol: str, b: int) -> int:
