@@ -46,6 +46,9 @@ class ModelConfig:
     flow_hidden: int = 256
     flow_layers: int = 3
     flow_steps: int = 4
+    # A CTC head reading the user's words off the audio tokens (model/listening.py):
+    # a training signal for hearing, and the eval's ``heard_*`` figures. Not served.
+    listen_head: bool = False
 
     def __post_init__(self) -> None:
         if self.d_model % self.n_heads:

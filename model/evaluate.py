@@ -21,7 +21,10 @@ figures measure the interaction model alone). From what it says and writes:
 - ``spoken_word_accuracy``: one-word number answers whose first 1.2 s of speech
   is nearest (DTW, model/recognise.py) to the right word in the model's voice;
   ``spoken_word_accuracy_asr``: the same judged by pocketsphinx (closed vocabulary;
-  with ``--reference``, its ceiling).
+  with ``--reference``, its ceiling);
+- ``heard``: for a checkpoint with a listening head (model/listening.py), teacher
+  forced, the user's utterances it read right word for word, and those with
+  numbers whose numbers it read right — hearing, apart from answering.
 
 ``reference_timeline`` scores the conversation's own model track — what a perfect
 model would do — which is how the metric code itself is tested.
@@ -38,13 +41,17 @@ from pathlib import Path
 
 import numpy as np
 
-from model import recognise
+import torch
+
+from model import listening, recognise
 from model.conversations import NUMBER_WORDS, Conversation, Event, generate
 from model.copying import copy_probe
+from model.interaction import InteractionModel
 from model.interface import SAMPLE_RATE, TURN_SAMPLES, TurnInput
 from model.plot import timeline_image, write_png
 from model.streaming import StreamingModel, load_engine
 from model.text import Decoder
+from model.train import listened_states, teacher_forced_layers, to_example
 from model.vocoder import LAG_SAMPLES
 from server.tasks import TaskRequestParser
 from server.tools import ToolError, calculate
@@ -256,10 +263,43 @@ def evaluate(engine: StreamingModel | None, seeds: list[int], plots: Path | None
         result["stop_latency_s_p90"] = None  # it never stopped in the worst decile
     if engine is not None:
         result["delegation_copying"] = copy_probe(engine.model, conversations)
+        if engine.model.config.listen_head:
+            result["heard"] = listen_probe(engine.model, conversations)
     result["conversations"] = len(seeds)
     result["voices"] = "held-out" if held_out else "training"
     result["seconds"] = duration_s
     return result
+
+
+@torch.no_grad()
+def listen_probe(model: InteractionModel, conversations: list[Conversation]) -> dict[str, object]:
+    """What the listening head reads off each user utterance (greedy CTC), teacher
+    forced: the share read word for word, and of those with numbers (the operands,
+    "after seven"), the share whose number words were all read right."""
+    frames = model.config.frames_per_audio_token
+    utterances = right = with_numbers = numbers_right = 0
+    numbers = set(listening.WORDS[listening.WORDS.index("zero"):])
+    for conversation in conversations:
+        example = to_example(conversation, model.config)
+        if not len(example.user_words):
+            continue
+        hidden = listened_states(model, teacher_forced_layers(model, [example]))
+        found, words = listening.spans([example.user_words], frames)
+        log_probs, lengths = listening.listen_logits(model.listen_head, hidden, found)
+        for i, target_ids in enumerate(words.tolist()):
+            target = [listening.WORDS[w - 1] for w in target_ids if w != listening.BLANK]
+            read = listening.greedy_words(log_probs[:, i], int(lengths[i]))
+            utterances += 1
+            right += read == target
+            if any(w in numbers for w in target):
+                with_numbers += 1
+                numbers_right += [w for w in read if w in numbers] == [w for w in target if w in numbers]
+    return {
+        "utterances": utterances,
+        "words_right": round(right / utterances, 3) if utterances else None,
+        "with_numbers": with_numbers,
+        "numbers_right": round(numbers_right / with_numbers, 3) if with_numbers else None,
+    }
 
 
 def main(argv: list[str] | None = None) -> None:

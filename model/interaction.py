@@ -18,10 +18,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model import dmel
+from model import dmel, listening
 from model.config import NO_TEXT, TEXT_VOCAB, ModelConfig
 from model.heads import make_audio_head
-from model.transformer import Transformer
+from model.transformer import RMSNorm, Transformer
 
 ROLE_AUDIO_IN, ROLE_TEXT_IN, ROLE_VIDEO, ROLE_OUTPUT = range(4)
 
@@ -89,6 +89,8 @@ class InteractionModel(nn.Module):
         self.trunk = Transformer(config)
         self.text_head = nn.Linear(d, TEXT_VOCAB)
         self.audio_head = make_audio_head(config)
+        if config.listen_head:
+            self.listen_head = nn.Sequential(RMSNorm(d), nn.Linear(d, listening.VOCAB))
         nn.init.normal_(self.text.weight, std=0.02)
 
     def resize_video(self, frame: torch.Tensor) -> torch.Tensor:
@@ -139,6 +141,12 @@ class InteractionModel(nn.Module):
         c = self.config
         base = torch.arange(turns)[:, None] * c.tokens_per_turn + c.input_tokens - 1
         return base + torch.arange(c.out_positions)[None, :]
+
+    def audio_positions(self, turns: int) -> torch.Tensor:
+        """(turns·audio_in_tokens,): the sequence index of every audio input token, in time order."""
+        c = self.config
+        base = torch.arange(turns)[:, None] * c.tokens_per_turn
+        return (base + torch.arange(c.audio_in_tokens)[None, :]).reshape(-1)
 
 
 def no_text(n: int, slots: int) -> torch.Tensor:

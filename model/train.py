@@ -23,14 +23,14 @@ import os
 import random
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from model import dmel
+from model import dmel, listening
 from model.config import NO_TEXT, ModelConfig, preset
 from model.conversations import DATA_VERSION, Conversation, generate
 from model.heads import weighted_mean
@@ -38,7 +38,7 @@ from model.interaction import InteractionModel
 from model.memory import release_freed_memory
 from model.text import encode
 from model.transformer import MoE
-from model.weights import load_checkpoint, save_checkpoint, widen_kv_heads, with_window
+from model.weights import load_checkpoint, save_checkpoint, widen_kv_heads, with_listen_head, with_window
 
 STATE_FILE = "train_state.pt"
 
@@ -51,6 +51,8 @@ class Example:
     model_bins: torch.Tensor  # (turns·16, mels) uint8
     text_in: torch.Tensor  # (turns, text_in_slots)
     text_out: torch.Tensor  # (turns, out_positions)
+    # The user's utterances: (n, 2 + MAX_WORDS) frame span and word ids (model/listening.py).
+    user_words: torch.Tensor = field(default_factory=lambda: torch.zeros(0, 2 + listening.MAX_WORDS, dtype=torch.int64))
 
     @property
     def turns(self) -> int:
@@ -75,7 +77,8 @@ def to_example(conversation: Conversation, config: ModelConfig) -> Example:
     text_out = torch.from_numpy(conversation.text_out)
     if text_out.shape[1] != config.out_positions:
         raise ValueError(f"conversations have {text_out.shape[1]} output positions, the model {config.out_positions}")
-    return Example(user, own, text_input_slots(conversation.text_in, config.text_in_slots), text_out)
+    return Example(user, own, text_input_slots(conversation.text_in, config.text_in_slots), text_out,
+                   listening.word_targets(conversation.user_words))
 
 
 def load_examples(seeds: list[int], config: ModelConfig, cache: Path | None, workers: int = 2,
@@ -112,7 +115,8 @@ def crop(example: Example, turns: int, rng: random.Random) -> Example:
     start = rng.randint(0, example.turns - turns)
     frames = slice(start * 16, (start + turns) * 16)
     return Example(example.user_bins[frames], example.model_bins[frames],
-                   example.text_in[start : start + turns], example.text_out[start : start + turns])
+                   example.text_in[start : start + turns], example.text_out[start : start + turns],
+                   listening.crop_targets(example.user_words, start * 16, turns * 16))
 
 
 def jitter_bins(bins: torch.Tensor, rate: float, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -124,10 +128,10 @@ def jitter_bins(bins: torch.Tensor, rate: float, generator: torch.Generator | No
     return torch.where(hit.to(bins.device), (bins + step.to(bins.device)).clamp(0, dmel.N_BINS - 1), bins)
 
 
-def predictor_states(model: InteractionModel, batch: list[Example], history_noise: float = 0.0) -> torch.Tensor:
-    """Teacher forcing: the hidden state that predicts each output position of a batch
-    of equally long examples, (b·turns·out_positions, d) in (example, turn, position)
-    order; the model's own audio is fed back with ``history_noise``."""
+def teacher_forced_layers(model: InteractionModel, batch: list[Example], history_noise: float = 0.0) -> list[torch.Tensor]:
+    """Teacher forcing: the trunk's residual stream after each block over a batch of
+    equally long examples, each (b, turns·tokens_per_turn, d); the model's own audio
+    is fed back with ``history_noise``."""
     config = model.config
     b, turns = len(batch), batch[0].turns
     user = torch.stack([e.user_bins for e in batch]).long().view(b * turns, 16, dmel.N_MELS)
@@ -136,13 +140,25 @@ def predictor_states(model: InteractionModel, batch: list[Example], history_nois
     text_out = torch.stack([e.text_out for e in batch])  # (b, turns, out)
     inputs = model.embed_inputs(user, text_in, None).view(b, turns, config.input_tokens, -1)
     outputs = model.embed_output_targets(text_out, jitter_bins(own, history_noise))  # (b, turns, out, d)
-    hidden = model.trunk.forward_full(model.layout(inputs, outputs))
-    index = model.predictor_positions(turns).reshape(-1)
+    return model.trunk.forward_layers(model.layout(inputs, outputs))
+
+
+def listened_states(model: InteractionModel, layers: list[torch.Tensor]) -> torch.Tensor:
+    """What the listening head reads: the audio tokens' states in ``listening.LAYER``."""
+    return layers[listening.LAYER][:, model.audio_positions(layers[0].shape[1] // model.config.tokens_per_turn)]
+
+
+def predictor_states(model: InteractionModel, batch: list[Example], history_noise: float = 0.0) -> torch.Tensor:
+    """The hidden state that predicts each output position, (b·turns·out_positions, d)
+    in (example, turn, position) order."""
+    hidden = model.trunk.norm(teacher_forced_layers(model, batch, history_noise)[-1])
+    index = model.predictor_positions(batch[0].turns).reshape(-1)
     return hidden[:, index].reshape(-1, hidden.shape[-1])
 
 
 def batch_loss(model: InteractionModel, batch: list[Example], history_noise: float = 0.0,
-               text_weight: float = 1.0, speech_weight: float = 1.0) -> tuple[torch.Tensor, dict[str, float]]:
+               text_weight: float = 1.0, speech_weight: float = 1.0,
+               listen_weight: float = 0.0) -> tuple[torch.Tensor, dict[str, float]]:
     """Teacher-forced loss of a batch of equally long examples; the model's own audio
     is fed back with ``history_noise`` (see ``jitter_bins``) but predicted clean.
 
@@ -150,10 +166,13 @@ def batch_loss(model: InteractionModel, batch: list[Example], history_noise: flo
     ``text_weight`` counts each position that writes a byte (not NO_TEXT) that many
     times in the text loss, ``speech_weight`` each position whose audio is not
     silent in the audio loss, so the rare decisions (when to start, which word,
-    which digit to copy) keep their share of the gradient."""
+    which digit to copy) keep their share of the gradient. ``listen_weight`` adds
+    the listening head's CTC loss on the user's words (model/listening.py)."""
     config = model.config
     b, turns = len(batch), batch[0].turns
-    predicting = predictor_states(model, batch, history_noise)
+    layers = teacher_forced_layers(model, batch, history_noise)
+    hidden = model.trunk.norm(layers[-1])
+    predicting = hidden[:, model.predictor_positions(turns).reshape(-1)].reshape(-1, hidden.shape[-1])
     own = torch.stack([e.model_bins for e in batch]).long().view(b, turns, 16, dmel.N_MELS)
     text_targets = torch.stack([e.text_out for e in batch]).reshape(-1)
     text_losses = F.cross_entropy(model.text_head(predicting).float(), text_targets, reduction="none")
@@ -162,7 +181,27 @@ def batch_loss(model: InteractionModel, batch: list[Example], history_noise: flo
     speaking = targets.flatten(1).amax(-1) > 0  # bin 0 is the silence floor
     audio_loss = model.audio_head.loss(predicting, targets, 1 + (speech_weight - 1) * speaking.float())
     loss = text_loss + audio_loss
-    return loss, {"loss": loss.item(), "text": text_loss.item(), "audio": audio_loss.item()}
+    parts = {"text": text_loss.item(), "audio": audio_loss.item()}
+    if listen_weight > 0:
+        heard = listening.ctc_loss(model.listen_head, listened_states(model, layers),
+                                   [e.user_words for e in batch], config.frames_per_audio_token)
+        if heard is not None:
+            loss = loss + listen_weight * heard
+            parts["listen"] = heard.item()
+    return loss, {"loss": loss.item(), **parts}
+
+
+def listen_probe_loss(model: InteractionModel, batch: list[Example]) -> tuple[torch.Tensor, dict[str, float]]:
+    """The listening loss alone, the trunk run without gradients: a linear probe of
+    what the trunk already hears (``--listen-probe``), and a warm start for the head
+    before its loss is let into the trunk."""
+    with torch.no_grad():
+        hidden = listened_states(model, teacher_forced_layers(model, batch))
+    heard = listening.ctc_loss(model.listen_head, hidden, [e.user_words for e in batch],
+                               model.config.frames_per_audio_token)
+    if heard is None:
+        heard = next(model.listen_head.parameters()).sum() * 0  # a batch without a whole utterance
+    return heard, {"loss": heard.item(), "listen": heard.item()}
 
 
 def balance_experts(model: torch.nn.Module, rate: float, distributed: bool = False) -> None:
@@ -244,16 +283,25 @@ def train(args: argparse.Namespace) -> list[float]:
             model = widen_kv_heads(model, args.kv_heads)
         state = None
     else:
-        model = InteractionModel(preset(args.preset, audio_head=args.audio_head))
+        model = InteractionModel(preset(args.preset, audio_head=args.audio_head,
+                                        listen_head=args.listen_weight > 0 or args.listen_probe))
         state = None
     if args.window and args.window != model.config.window:
         if state is not None:
             raise ValueError("--window with --resume: the run's span was fixed when it started")
         model = with_window(model, args.window)
+    if (args.listen_weight > 0 or args.listen_probe) and not model.config.listen_head:
+        if state is not None:
+            raise ValueError("--listen-weight with --resume: the run's model was fixed when it started")
+        model = with_listen_head(model)
     config = model.config
     check_trained_span(config, args.turns)
     model.to(device).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.05, betas=(0.9, 0.95))
+    if args.listen_probe:
+        for name, parameter in model.named_parameters():
+            parameter.requires_grad_(name.startswith("listen_head."))
+    trained = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trained, lr=args.lr, weight_decay=0.05, betas=(0.9, 0.95))
     step = 0
     if state is not None:
         optimizer.load_state_dict(state["optimizer"])
@@ -281,26 +329,33 @@ def train(args: argparse.Namespace) -> list[float]:
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
     while step < args.steps:
         batch = [crop(rng.choice(examples), args.turns, rng) for _ in range(args.batch)]
-        batch = [Example(*(t.to(device) for t in (e.user_bins, e.model_bins, e.text_in, e.text_out))) for e in batch]
+        batch = [Example(*(t.to(device) for t in (e.user_bins, e.model_bins, e.text_in, e.text_out)), e.user_words)
+                 for e in batch]
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, args.steps, args.lr, args.warmup)
         with autocast:
-            loss, parts = batch_loss(model, batch, args.history_noise, args.text_weight, args.speech_weight)
+            if args.listen_probe:
+                loss, parts = listen_probe_loss(model, batch)
+            else:
+                loss, parts = batch_loss(model, batch, args.history_noise, args.text_weight, args.speech_weight,
+                                         args.listen_weight)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if distributed:
             average_gradients(model)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(trained, 1.0)
         optimizer.step()
-        balance_experts(model, args.balance_rate, distributed)
+        if not args.listen_probe:  # a probe leaves everything but its head as it was
+            balance_experts(model, args.balance_rate, distributed)
         losses.append(parts["loss"])
         step += 1
         now = time.monotonic()
         if rank == 0 and (now - last_report > 2 or step == args.steps):
             rate = tokens_per_step * (step - first_step) / max(now - started, 1e-6)
             bar = "#" * int(30 * step / args.steps)
-            print(f"\r[{bar:30s}] step {step}/{args.steps}  loss {parts['loss']:.3f} (text {parts['text']:.3f}, "
-                  f"audio {parts['audio']:.3f})  {rate:,.0f} tokens/s", end="", file=sys.stderr, flush=True)
+            named = ", ".join(f"{name} {value:.3f}" for name, value in parts.items() if name != "loss")
+            print(f"\r[{bar:30s}] step {step}/{args.steps}  loss {parts['loss']:.3f} ({named})  "
+                  f"{rate:,.0f} tokens/s", end="", file=sys.stderr, flush=True)
             last_report = now
         if rank == 0 and (step % args.save_every == 0 or step == args.steps):
             save(model, optimizer, step, out)
@@ -337,6 +392,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="text-loss weight of positions that write a byte (1: plain mean)")
     parser.add_argument("--speech-weight", type=float, default=1.0,
                         help="audio-loss weight of positions that are not silent (1: plain mean)")
+    parser.add_argument("--listen-weight", type=float, default=0.0,
+                        help="weight of the listening head's CTC loss on the user's words (0: off; "
+                             "adds the head to a checkpoint without one)")
+    parser.add_argument("--listen-probe", action="store_true",
+                        help="train only the listening head, on its loss alone (the trunk frozen)")
     parser.add_argument("--conversations", type=int, default=400)
     parser.add_argument("--drills", type=int, default=0,
                         help="delegation drills added to the conversations (model.conversations.make_delegation_drill)")

@@ -333,13 +333,19 @@ class Transformer(nn.Module):
 
     def forward_full(self, x: torch.Tensor, moe_path: str = "grouped") -> torch.Tensor:
         """x: (batch, tokens, d) embeddings from position 0 -> hidden states, same shape."""
+        return self.norm(self.forward_layers(x, moe_path)[-1])
+
+    def forward_layers(self, x: torch.Tensor, moe_path: str = "grouped") -> list[torch.Tensor]:
+        """The residual stream after each block (before the final norm), from embeddings x."""
         b, t, d = x.shape
         positions = torch.arange(t, device=x.device)
+        layers = []
         for block in self.blocks:
             x = x + block.attn.forward_full(block.attn_norm(x), positions)
             flat = x.reshape(b * t, d)
             x = (flat + block.ffn(block.ffn_norm(flat), moe_path)).view(b, t, d)
-        return self.norm(x)
+            layers.append(x)
+        return layers
 
     def forward_stream(self, x: torch.Tensor, batch: StreamBatch, pool: KVPool, moe_path: str = "grouped") -> torch.Tensor:
         """x: (rows, d) new tokens, rows a multiple of ROW_MULTIPLE -> hidden states (rows, d)."""
