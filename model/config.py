@@ -47,7 +47,7 @@ class ModelConfig:
     flow_layers: int = 3
     flow_steps: int = 4
     # A CTC head reading the user's words off the audio tokens (model/listening.py):
-    # a training signal for hearing, and the eval's ``heard_*`` figures. Not served.
+    # a training signal for hearing, and the eval's ``heard`` figures. Not served.
     listen_head: bool = False
 
     def __post_init__(self) -> None:

@@ -4,8 +4,8 @@ Trained on its outputs alone, the model learns to hear only through its answers:
 "what is 57 plus 71" teaches the operands through one task request, a few bytes in
 a 24 s conversation. Its errors were hearing errors — the two-digit operands, the
 number words in unseen voices (docs/eval.md, sessions 6-12). So every user
-utterance also supervises the hidden states of the audio tokens that heard it: a
-linear head over a small word vocabulary (the conversations' grammar, numbers as
+utterance also supervises the states of the audio tokens that heard it: a head
+(RMSNorm, then linear) over a small word vocabulary (the conversations' grammar, numbers as
 the words espeak-ng says) reads them with CTC, which needs the words but not where
 each one is. The states are causal, so a span runs ``LAG_S`` past the
 utterance's end: the last word is read once it has been heard.
@@ -17,7 +17,7 @@ the keys and values every later output attends to.
 
 The head is in the checkpoint (``ModelConfig.listen_head``) and costs one matmul
 on the audio tokens; serving does not use it. ``microturn eval`` reads it for the
-``heard_*`` figures: what the model heard, apart from what it said.
+``heard`` figures: what the model heard, apart from what it said.
 """
 
 from __future__ import annotations

@@ -93,11 +93,11 @@ def with_window(model: InteractionModel, window: int) -> InteractionModel:
 
 def with_listen_head(model: InteractionModel) -> InteractionModel:
     """The same weights plus a fresh listening head (model/listening.py); outputs unchanged."""
-    listening = InteractionModel(dataclasses.replace(model.config, listen_head=True))
-    missing, unexpected = listening.load_state_dict(model.state_dict(), strict=False)
+    listener = InteractionModel(dataclasses.replace(model.config, listen_head=True))
+    missing, unexpected = listener.load_state_dict(model.state_dict(), strict=False)
     if unexpected or any(not name.startswith("listen_head.") for name in missing):
         raise ValueError(f"cannot add a listening head: missing {missing}, unexpected {unexpected}")
-    return listening
+    return listener
 
 
 def load_decoding(directory: str | Path) -> dict[str, float]:
