@@ -277,7 +277,6 @@ def listen_probe(model: InteractionModel, conversations: list[Conversation]) -> 
     "after seven"), the share whose number words were all read right."""
     frames = model.config.frames_per_audio_token
     utterances = right = with_numbers = numbers_right = 0
-    numbers = set(listening.WORDS[listening.WORDS.index("zero"):])
     for conversation in conversations:
         example = to_example(conversation, model.config)
         if not len(example.user_words):
@@ -290,9 +289,10 @@ def listen_probe(model: InteractionModel, conversations: list[Conversation]) -> 
             read = listening.greedy_words(log_probs[:, i], int(lengths[i]))
             utterances += 1
             right += read == target
-            if any(w in numbers for w in target):
+            if any(w in listening.NUMBERS for w in target):
                 with_numbers += 1
-                numbers_right += [w for w in read if w in numbers] == [w for w in target if w in numbers]
+                numbers_right += ([w for w in read if w in listening.NUMBERS]
+                                  == [w for w in target if w in listening.NUMBERS])
     return {
         "utterances": utterances,
         "words_right": round(right / utterances, 3) if utterances else None,

@@ -28,17 +28,19 @@ import re
 import torch
 import torch.nn.functional as F
 
+from model.conversations import NUMBER_WORDS
+
 FRAMES_PER_SECOND = 80  # dMel frames (12.5 ms hop)
 LAG_S = 0.3  # the span read for an utterance ends this long after it
 LAYER = -2  # index into Transformer.forward_layers: the stream entering the last block
 MAX_WORDS = 8  # the longest user utterance: "what is fifty seven times seventy one"
 
-_UNITS = ("zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen "
-          "fifteen sixteen seventeen eighteen nineteen").split()
+_UNITS = NUMBER_WORDS[:20]  # zero .. nineteen
 _TENS = "twenty thirty forty fifty sixty seventy eighty ninety".split()
 _GRAMMAR = ("hello hi there good morning what comes after count to is plus minus times um uh hmm "
             "stop wait okay thanks that's enough time it").split()
 WORDS: tuple[str, ...] = tuple(_GRAMMAR + _UNITS + _TENS)
+NUMBERS = frozenset(_UNITS + _TENS)
 BLANK = 0  # CTC blank; word i is id i + 1
 VOCAB = len(WORDS) + 1
 _IDS = {word: i + 1 for i, word in enumerate(WORDS)}

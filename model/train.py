@@ -183,12 +183,17 @@ def batch_loss(model: InteractionModel, batch: list[Example], history_noise: flo
     loss = text_loss + audio_loss
     parts = {"text": text_loss.item(), "audio": audio_loss.item()}
     if listen_weight > 0:
-        heard = listening.ctc_loss(model.listen_head, listened_states(model, layers),
-                                   [e.user_words for e in batch], config.frames_per_audio_token)
+        heard = listen_loss(model, listened_states(model, layers), batch)
         if heard is not None:
             loss = loss + listen_weight * heard
             parts["listen"] = heard.item()
     return loss, {"loss": loss.item(), **parts}
+
+
+def listen_loss(model: InteractionModel, listened: torch.Tensor, batch: list[Example]) -> torch.Tensor | None:
+    """The listening head's CTC loss on the batch's utterances (None: there is none)."""
+    return listening.ctc_loss(model.listen_head, listened, [e.user_words for e in batch],
+                              model.config.frames_per_audio_token)
 
 
 def listen_probe_loss(model: InteractionModel, batch: list[Example]) -> tuple[torch.Tensor, dict[str, float]]:
@@ -197,8 +202,7 @@ def listen_probe_loss(model: InteractionModel, batch: list[Example]) -> tuple[to
     before its loss is let into the trunk."""
     with torch.no_grad():
         hidden = listened_states(model, teacher_forced_layers(model, batch))
-    heard = listening.ctc_loss(model.listen_head, hidden, [e.user_words for e in batch],
-                               model.config.frames_per_audio_token)
+    heard = listen_loss(model, hidden, batch)
     if heard is None:
         heard = next(model.listen_head.parameters()).sum() * 0  # a batch without a whole utterance
     return heard, {"loss": heard.item(), "listen": heard.item()}
