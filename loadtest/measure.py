@@ -72,8 +72,9 @@ def measure(index: int, peer: Peer, script: Conversation, info: dict[str, Any] |
     echo = bool(ready) and ready[0].get("engine") == "echo"  # echo repeats the user: no replies to time
     heard = heard_in_script_time(peer, script)
     if heard is not None and not echo:
-        result.voice_to_voice_ms, result.unanswered, result.overlapped = voice_to_voice(script, heard)
-        result.interaction = score(script, timeline(peer, script, heard))
+        onsets, result.unanswered, result.overlapped = voice_to_voice(script, heard)
+        result.voice_to_voice_ms = list(onsets.values())
+        result.interaction = with_fine_latencies(score(script, timeline(peer, script, heard)), onsets)
     return result
 
 
@@ -115,13 +116,15 @@ def heard_in_script_time(peer: Peer, script: Conversation) -> np.ndarray | None:
     return heard
 
 
-def voice_to_voice(script: Conversation, heard: np.ndarray) -> tuple[list[float], int, int]:
+def voice_to_voice(script: Conversation, heard: np.ndarray) -> tuple[dict[int, float], int, int]:
     """User speech end -> onset of model audio heard after it, for each question:
-    (latencies ms, questions with no onset in time, questions it was already
-    speaking at the end of — overlap, reported separately, not a latency)."""
+    (latency ms by index in ``script.events``, questions with no onset in time,
+    questions it was already speaking at the end of — overlap, reported separately,
+    not a latency)."""
     active = activity(heard, ONSET_WINDOW)
-    latencies, missed, overlapped = [], 0, 0
-    for event in script.events:
+    latencies: dict[int, float] = {}
+    missed = overlapped = 0
+    for index, event in enumerate(script.events):
         if event.kind not in ("answer", "pause", "delegation"):
             continue
         first = math.ceil(event.user_end_s * 50)  # the first 20 ms window wholly after the end
@@ -130,20 +133,27 @@ def voice_to_voice(script: Conversation, heard: np.ndarray) -> tuple[list[float]
             continue
         window = active[first : first + int(ONSET_SEARCH_S * 50)]
         if window.any():
-            latencies.append(round((first + int(np.argmax(window))) * 20 - event.user_end_s * 1000, 1))
+            latencies[index] = round((first + int(np.argmax(window))) * 20 - event.user_end_s * 1000, 1)
         else:
             missed += 1
     return latencies, missed, overlapped
 
 
+def with_fine_latencies(records: list[dict[str, Any]], onsets_ms: dict[int, float]) -> list[dict[str, Any]]:
+    """``score``'s records (one per script event) with each reply's latency read on
+    20 ms windows. Heard audio arrives at no fixed phase to the 200 ms turns the
+    timeline reads it in, so a turn-read onset lands up to a turn late or early;
+    whether the model took the turn is still read on turns, as offline."""
+    for index, record in enumerate(records):
+        if record.get("took_turn") and index in onsets_ms:
+            record["latency_s"] = round(onsets_ms[index] / 1000, 3)
+    return records
+
+
 def timeline(peer: Peer, script: Conversation, heard: np.ndarray) -> Timeline:
-    """The model's timeline as model/evaluate.py scores it: output turn t is heard at
-    0.2·(t + 1) s, so turn t is active if the peer heard speech then (real latency
-    included); text goes to the turn in which it arrived."""
+    """The model's timeline as model/evaluate.py scores it, text from the transcript:
+    each delta goes to the turn in which it arrived."""
     turns = script.turns
-    live = activity(heard[: turns * TURN_SAMPLES])
-    active = np.zeros(turns, dtype=bool)
-    active[:-1] = live[1:]
     text = [""] * turns
     start = (peer.track.started_wall or 0.0) + peer.track.lead_samples / SAMPLE_RATE
     for _, event in peer.events:
@@ -152,5 +162,15 @@ def timeline(peer: Peer, script: Conversation, heard: np.ndarray) -> Timeline:
             turn = int((wall - start) / 0.2) - 1
             if 0 <= turn < turns:
                 text[turn] += event["text"]
+    return heard_timeline(heard, text)
+
+
+def heard_timeline(heard: np.ndarray, text: list[str]) -> Timeline:
+    """Output turn t is heard at 0.2·(t + 1) s, so turn t is active if the peer heard
+    speech then (real latency included)."""
+    turns = len(text)
+    live = activity(heard[: turns * TURN_SAMPLES])
+    active = np.zeros(turns, dtype=bool)
+    active[:-1] = live[1:]
     # Its speech in step time (output t at 3200·t, heard 0.2 s later), for the word judge.
     return Timeline(active, text, heard[TURN_SAMPLES:])

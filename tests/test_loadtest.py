@@ -5,7 +5,14 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
+import pytest
+
+from loadtest.measure import heard_timeline, voice_to_voice, with_fine_latencies
 from loadtest.run import main as loadtest_main
+from model.conversations import make_conversation
+from model.evaluate import data_text, reference_timeline, score
+from model.interface import SAMPLE_RATE, TURN_SAMPLES
 
 
 def test_two_peers_for_ten_seconds(live_server, tmp_path):
@@ -35,3 +42,22 @@ def test_two_peers_for_ten_seconds(live_server, tmp_path):
     assert result["turns"] >= 2 * 10 * 5 * 0.9
     assert result["server_cpu_pct_per_session"] is not None and result["generator_cpu_pct"] > 0
     assert (tmp_path / "report" / "report.md").exists() and (tmp_path / "report" / "latency_cdf.png").exists()
+
+
+@pytest.mark.parametrize("delay_s", [0.07, 0.1, 0.13])
+def test_online_reply_latency_is_read_finer_than_a_turn(delay_s):
+    """A peer hears the data's own replies ``delay_s`` after they were made (server
+    and network time, at no fixed phase to the 200 ms turns). The latency scored
+    online must be the offline one plus that delay, to the 20 ms onset windows; read
+    on turns it came out ``delay_s`` short or 0.2 - ``delay_s`` long."""
+    script = make_conversation(2_000_000, held_out=True)
+    offline = score(script, reference_timeline(script))
+    # Output t is heard at 0.2·(t + 1) s with no delay: one turn, then the delay.
+    lead = np.zeros(TURN_SAMPLES + round(delay_s * SAMPLE_RATE), dtype=np.float32)
+    heard = np.concatenate([lead, script.model_audio])[: script.user_audio.size]
+    onsets, missed, overlapped = voice_to_voice(script, heard)
+    online = with_fine_latencies(score(script, heard_timeline(heard, data_text(script))), onsets)
+    answers = [(before, after) for before, after in zip(offline, online) if before["kind"] == "answer"]
+    assert answers and missed == overlapped == 0
+    for before, after in answers:
+        assert after["took_turn"] and after["latency_s"] == pytest.approx(before["latency_s"] + delay_s, abs=0.025)
