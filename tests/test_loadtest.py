@@ -1,5 +1,5 @@
 """CI smoke for the load tester: real peers in worker processes against a live echo
-server, 10 seconds, with bounds on continuity and latency."""
+server, 10 seconds, with bounds on continuity and latency; and how it times replies."""
 
 from __future__ import annotations
 
