@@ -106,7 +106,7 @@ def listen_logits(head: torch.nn.Module, audio_hidden: torch.Tensor,
     longest = max(n for _, _, n in found)
     d = audio_hidden.shape[-1]
     gathered = audio_hidden.new_zeros(len(found), longest, d)
-    lengths = torch.tensor([n for _, _, n in found])
+    lengths = torch.zeros(len(found), dtype=torch.int64)  # a span can run past the window's end
     for i, (example, first, n) in enumerate(found):
         piece = audio_hidden[example, first : first + n]
         gathered[i, : piece.shape[0]] = piece

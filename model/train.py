@@ -151,8 +151,13 @@ def listened_states(model: InteractionModel, layers: list[torch.Tensor]) -> torc
 def predictor_states(model: InteractionModel, batch: list[Example], history_noise: float = 0.0) -> torch.Tensor:
     """The hidden state that predicts each output position, (b·turns·out_positions, d)
     in (example, turn, position) order."""
-    hidden = model.trunk.norm(teacher_forced_layers(model, batch, history_noise)[-1])
-    index = model.predictor_positions(batch[0].turns).reshape(-1)
+    return predicting_states(model, teacher_forced_layers(model, batch, history_noise))
+
+
+def predicting_states(model: InteractionModel, layers: list[torch.Tensor]) -> torch.Tensor:
+    """``predictor_states`` from ``teacher_forced_layers``' output (the last block's, normed)."""
+    hidden = model.trunk.norm(layers[-1])
+    index = model.predictor_positions(hidden.shape[1] // model.config.tokens_per_turn).reshape(-1)
     return hidden[:, index].reshape(-1, hidden.shape[-1])
 
 
@@ -171,8 +176,7 @@ def batch_loss(model: InteractionModel, batch: list[Example], history_noise: flo
     config = model.config
     b, turns = len(batch), batch[0].turns
     layers = teacher_forced_layers(model, batch, history_noise)
-    hidden = model.trunk.norm(layers[-1])
-    predicting = hidden[:, model.predictor_positions(turns).reshape(-1)].reshape(-1, hidden.shape[-1])
+    predicting = predicting_states(model, layers)
     own = torch.stack([e.model_bins for e in batch]).long().view(b, turns, 16, dmel.N_MELS)
     text_targets = torch.stack([e.text_out for e in batch]).reshape(-1)
     text_losses = F.cross_entropy(model.text_head(predicting).float(), text_targets, reduction="none")
@@ -277,6 +281,7 @@ def train(args: argparse.Namespace) -> list[float]:
     out = Path(args.out)
     state_path = out / STATE_FILE
     torch.manual_seed(args.seed)  # the same initial weights on every rank
+    listens = args.listen_weight > 0 or args.listen_probe  # the run needs a listening head
 
     if args.resume and state_path.exists():
         model = load_checkpoint(out)
@@ -287,14 +292,13 @@ def train(args: argparse.Namespace) -> list[float]:
             model = widen_kv_heads(model, args.kv_heads)
         state = None
     else:
-        model = InteractionModel(preset(args.preset, audio_head=args.audio_head,
-                                        listen_head=args.listen_weight > 0 or args.listen_probe))
+        model = InteractionModel(preset(args.preset, audio_head=args.audio_head, listen_head=listens))
         state = None
     if args.window and args.window != model.config.window:
         if state is not None:
             raise ValueError("--window with --resume: the run's span was fixed when it started")
         model = with_window(model, args.window)
-    if (args.listen_weight > 0 or args.listen_probe) and not model.config.listen_head:
+    if listens and not model.config.listen_head:
         if state is not None:
             raise ValueError("--listen-weight with --resume: the run's model was fixed when it started")
         model = with_listen_head(model)
