@@ -146,14 +146,16 @@ async def test_a_gap_in_the_stream_keeps_turns_contiguous(live_server, speech):
 
 async def test_a_smaller_server_jitter_buffer_shortens_the_round_trip(speech):
     """aiortc holds 4 packets before releasing audio; the server holds 1 (config
-    ``jitter_prefetch``). Same peer, same speech, both servers in one test."""
+    ``jitter_prefetch``). Same peer, same speech, both servers in one test, three
+    calls each, alternated: load on the VM only ever adds delay, so the least of
+    each three is the buffering's own (one call each once read 33 ms apart under load)."""
     from server.config import ServerConfig
     from server.rtp_tuning import audio_jitter_prefetch
     from tests.conftest import running_server
 
     clip = speech[: 2 * SAMPLE_RATE]
-    delays = {}
-    for prefetch in (4, 1):
+    delays: dict[int, list[float]] = {4: [], 1: []}
+    for prefetch in (4, 1) * 3:
         config = ServerConfig(engine="echo", ice_host_addresses=["127.0.0.1"], jitter_prefetch=prefetch)
         with running_server(config) as server:
             peer = Peer(server.url, clip, lead_silence_s=0.5, jitter_prefetch=1)
@@ -168,7 +170,7 @@ async def test_a_smaller_server_jitter_buffer_shortens_the_round_trip(speech):
         lag, score = best_alignment(clip, peer.recording.audio())
         assert score >= MIN_CORRELATION
         sent_at = peer.track.started_at + peer.track.lead_samples / SAMPLE_RATE
-        delays[prefetch] = (peer.recording.first_arrival + lag / SAMPLE_RATE - sent_at) * 1000
-    print(f"echo round trip by server jitter prefetch: {delays}")
+        delays[prefetch].append((peer.recording.first_arrival + lag / SAMPLE_RATE - sent_at) * 1000)
+    print(f"echo round trips by server jitter prefetch: {delays}")
     # Three packets (60 ms) less buffering; allow 20 ms for pacing and chunk-grid noise.
-    assert delays[4] - delays[1] >= 40, delays
+    assert min(delays[4]) - min(delays[1]) >= 40, delays
