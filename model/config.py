@@ -49,6 +49,11 @@ class ModelConfig:
     # A CTC head reading the user's words off the audio tokens (model/listening.py):
     # a training signal for hearing, and the eval's ``heard`` figures. Not served.
     listen_head: bool = False
+    # Residual SwiGLU blocks on each user audio token before the trunk (0: none). The
+    # dMel bag is additive over (frame, channel, bin); these let a token combine them
+    # into sounds without spending the trunk's few layers on it (docs/eval.md, session 15).
+    audio_encoder_layers: int = 0
+    audio_encoder_hidden: int = 256
 
     def __post_init__(self) -> None:
         if self.d_model % self.n_heads:

@@ -21,7 +21,7 @@ from torch import nn
 from model import dmel, listening
 from model.config import NO_TEXT, TEXT_VOCAB, ModelConfig
 from model.heads import make_audio_head
-from model.transformer import RMSNorm, Transformer
+from model.transformer import RMSNorm, SwiGLU, Transformer
 
 ROLE_AUDIO_IN, ROLE_TEXT_IN, ROLE_VIDEO, ROLE_OUTPUT = range(4)
 
@@ -41,6 +41,24 @@ class AudioBag(nn.Module):
         lead = bins.shape[:-2]
         grouped = bins.reshape(-1, self.frames * dmel.N_MELS) + self.offsets
         return F.embedding_bag(grouped, self.table, mode="sum").view(*lead, -1, self.table.shape[1])
+
+
+class AudioEncoder(nn.Module):
+    """Pre-norm residual SwiGLU blocks applied to each audio token on its own (no mixing
+    in time, so streaming needs no state). Each block's output projection starts at
+    zero: added to a trained model, the encoder changes no output until it is trained."""
+
+    def __init__(self, dim: int, layers: int, hidden: int) -> None:
+        super().__init__()
+        self.norms = nn.ModuleList(RMSNorm(dim) for _ in range(layers))
+        self.blocks = nn.ModuleList(SwiGLU(dim, hidden) for _ in range(layers))
+        for block in self.blocks:
+            nn.init.zeros_(block.down.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for norm, block in zip(self.norms, self.blocks, strict=True):
+            x = x + block(norm(x))
+        return x
 
 
 class VideoStem(nn.Module):
@@ -80,6 +98,8 @@ class InteractionModel(nn.Module):
         self.config = config
         d = config.d_model
         self.audio_in = AudioBag(config.frames_per_audio_token, d)
+        if config.audio_encoder_layers:
+            self.audio_encoder = AudioEncoder(d, config.audio_encoder_layers, config.audio_encoder_hidden)
         self.audio_out = AudioBag(config.frames_per_output, d)
         self.text = nn.Embedding(TEXT_VOCAB, d)
         self.roles = nn.Embedding(4, d)
@@ -106,7 +126,10 @@ class InteractionModel(nn.Module):
         has_video (n,) bool: rows without a camera frame get the learned "no video".
         """
         roles = self.roles.weight
-        parts = [self.audio_in(bins) + roles[ROLE_AUDIO_IN], self.text(text) + roles[ROLE_TEXT_IN]]
+        audio = self.audio_in(bins)
+        if self.config.audio_encoder_layers:
+            audio = self.audio_encoder(audio)
+        parts = [audio + roles[ROLE_AUDIO_IN], self.text(text) + roles[ROLE_TEXT_IN]]
         if self.config.video_tokens:
             n = bins.shape[0]
             tokens = self.no_video.expand(n, -1, -1)

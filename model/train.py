@@ -38,7 +38,7 @@ from model.interaction import InteractionModel
 from model.memory import release_freed_memory
 from model.text import encode
 from model.transformer import MoE
-from model.weights import load_checkpoint, save_checkpoint, widen_kv_heads, with_listen_head, with_window
+from model.weights import load_checkpoint, save_checkpoint, widen_kv_heads, with_parts, with_window
 
 STATE_FILE = "train_state.pt"
 
@@ -273,6 +273,8 @@ def train(args: argparse.Namespace) -> list[float]:
     """Train as ``args`` say; returns the loss of every step this run made."""
     if args.kv_heads and not args.init:
         raise ValueError("--kv-heads widens the checkpoint given by --init; a new model takes its heads from --preset")
+    if args.audio_encoder and not args.init:
+        raise ValueError("--audio-encoder adds blocks to the checkpoint given by --init")
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     if distributed:
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
@@ -290,6 +292,10 @@ def train(args: argparse.Namespace) -> list[float]:
         model = load_checkpoint(args.init)
         if args.kv_heads and args.kv_heads != model.config.n_kv_heads:
             model = widen_kv_heads(model, args.kv_heads)
+        if args.audio_encoder:
+            if model.config.audio_encoder_layers:
+                raise ValueError(f"--audio-encoder: {args.init} already has {model.config.audio_encoder_layers} blocks")
+            model = with_parts(model, audio_encoder_layers=args.audio_encoder)
         state = None
     else:
         model = InteractionModel(preset(args.preset, audio_head=args.audio_head, listen_head=listens))
@@ -301,7 +307,7 @@ def train(args: argparse.Namespace) -> list[float]:
     if listens and not model.config.listen_head:
         if state is not None:
             raise ValueError("--listen-weight with --resume: the run's model was fixed when it started")
-        model = with_listen_head(model)
+        model = with_parts(model, listen_head=True)
     config = model.config
     check_trained_span(config, args.turns)
     model.to(device).train()
@@ -422,6 +428,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "sinks + window must fit in --turns micro-turns")
     parser.add_argument("--kv-heads", type=int, default=0,
                         help="with --init: widen to this many key/value heads first (same outputs at the start)")
+    parser.add_argument("--audio-encoder", type=int, default=0, metavar="BLOCKS",
+                        help="with --init: add this many encoder blocks on the user's audio tokens "
+                             "(same outputs at the start; ModelConfig.audio_encoder_layers)")
     return parser
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -21,6 +22,8 @@ WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 DECODING_FILE = "decoding.json"
 DECODING_KEYS = {"write_threshold"}
+# Weight-name prefixes of the parts ``with_parts`` may add to a trained model.
+GROWABLE = ("listen_head.", "audio_encoder.")
 
 
 def save_checkpoint(model: InteractionModel, directory: str | Path) -> Path:
@@ -91,13 +94,14 @@ def with_window(model: InteractionModel, window: int) -> InteractionModel:
     return narrowed
 
 
-def with_listen_head(model: InteractionModel) -> InteractionModel:
-    """The same weights plus a fresh listening head (model/listening.py); outputs unchanged."""
-    listener = InteractionModel(dataclasses.replace(model.config, listen_head=True))
-    missing, unexpected = listener.load_state_dict(model.state_dict(), strict=False)
-    if unexpected or any(not name.startswith("listen_head.") for name in missing):
-        raise ValueError(f"cannot add a listening head: missing {missing}, unexpected {unexpected}")
-    return listener
+def with_parts(model: InteractionModel, **changes: Any) -> InteractionModel:
+    """The same weights in a config that adds parts (``listen_head=True``, the user
+    audio's encoder blocks); each new part starts so that the outputs are unchanged."""
+    grown = InteractionModel(dataclasses.replace(model.config, **changes))
+    missing, unexpected = grown.load_state_dict(model.state_dict(), strict=False)
+    if unexpected or any(not name.startswith(GROWABLE) for name in missing):
+        raise ValueError(f"cannot add {changes}: missing {missing}, unexpected {unexpected}")
+    return grown
 
 
 def load_decoding(directory: str | Path) -> dict[str, float]:

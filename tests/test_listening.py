@@ -16,7 +16,7 @@ from model.evaluate import listen_probe
 from model.interaction import InteractionModel
 from model.interface import SAMPLE_RATE
 from model.train import build_parser, crop, predictor_states, to_example, train
-from model.weights import load_checkpoint, save_checkpoint, with_listen_head
+from model.weights import load_checkpoint, save_checkpoint, with_parts
 
 
 @pytest.fixture(scope="module")
@@ -62,14 +62,19 @@ def test_a_crop_keeps_the_whole_utterances_in_it_and_moves_them(sample):
     assert torch.equal(cropped.user_words[:, 2:], example.user_words[inside, 2:])
 
 
-def test_adding_the_head_changes_no_output():
+def test_adding_the_head_or_an_audio_encoder_changes_no_output():
     torch.manual_seed(0)
     model = InteractionModel(preset("tiny")).eval()
-    listening_model = with_listen_head(model).eval()
+    listening_model = with_parts(model, listen_head=True).eval()
+    encoding_model = with_parts(model, audio_encoder_layers=2).eval()
     assert listening_model.config.listen_head and not model.config.listen_head
     example = to_example(conv.generate([5])[0], model.config)
     with torch.no_grad():
-        assert torch.equal(predictor_states(model, [example]), predictor_states(listening_model, [example]))
+        before = predictor_states(model, [example])
+        assert torch.equal(before, predictor_states(listening_model, [example]))
+        assert torch.equal(before, predictor_states(encoding_model, [example]))
+    with pytest.raises(ValueError, match="cannot add"):
+        with_parts(model, n_layers=5)  # a fifth block is not a part that starts as an identity
 
 
 def test_the_probe_trains_the_head_alone_and_the_joint_loss_reaches_the_trunk(tmp_path):

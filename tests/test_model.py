@@ -220,14 +220,17 @@ def test_a_streamed_session_equals_the_full_forward_of_its_sequence():
 # -- batch invariance ------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("audio_head", ["classify", "flow"])
-def test_a_session_is_bit_identical_alone_or_beside_seven_others(audio_head):
+@pytest.mark.parametrize("audio_head, encoder", [("classify", 0), ("flow", 0), ("classify", 2)])
+def test_a_session_is_bit_identical_alone_or_beside_seven_others(audio_head, encoder):
     """Alone; among 7 busy sessions of other lengths (attention reads the pool in
     place); among 7 idle ones (it gathers its slot); and while others leave (slots
     are compacted under it). Outputs must be the same bits in every case."""
-    config = dataclasses.replace(SMALL, audio_head=audio_head, window=96)
+    config = dataclasses.replace(SMALL, audio_head=audio_head, window=96, audio_encoder_layers=encoder)
     torch.manual_seed(4)
     model = InteractionModel(config)
+    if encoder:  # its blocks start as identities: make them count
+        for block in model.audio_encoder.blocks:
+            torch.nn.init.normal_(block.down.weight, std=0.1)
     speech = speech_audio()
     temperature = 1.0 if audio_head == "flow" else 0.0
 

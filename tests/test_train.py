@@ -43,17 +43,20 @@ def test_training_lowers_the_loss_resumes_and_serves(tmp_path):
     output = engine.step([TurnInput("s", 0, np.zeros(TURN_SAMPLES, dtype=np.float32))])[0]
     assert output.audio.shape == (TURN_SAMPLES,) and np.isfinite(output.audio).all()
 
-    # A fine-tune that first widens the key/value heads (1 -> 4) and narrows the
-    # attention window trains and serves too.
+    # A fine-tune that first widens the key/value heads (1 -> 4), narrows the
+    # attention window and adds encoder blocks on the user's audio trains and serves too.
     wide = tmp_path / "wide"
     tuned = train(build_parser().parse_args(common[2:] + ["--out", str(wide), "--init", str(out), "--kv-heads", "4",
-                                                          "--window", "128", "--steps", "3"]))
+                                                          "--window", "128", "--audio-encoder", "2", "--steps", "3"]))
     assert len(tuned) == 3 and statistics.mean(tuned) < 0.8 * statistics.mean(losses[:5])  # from the trained weights
     engine = make_model("model", max_sessions=2, checkpoint=str(wide))
     engine.open_session("s")
     assert np.isfinite(engine.step([TurnInput("s", 0, np.zeros(TURN_SAMPLES, dtype=np.float32))])[0].audio).all()
     assert '"n_kv_heads": 4' in (wide / "config.json").read_text()
     assert '"window": 128' in (wide / "config.json").read_text()
+    assert '"audio_encoder_layers": 2' in (wide / "config.json").read_text()
+    encoder = engine.model.audio_encoder.blocks  # added as identities, moved by training
+    assert all(block.down.weight.abs().max() > 0 for block in encoder)
 
 
 def test_windows_shorter_than_the_served_attention_span_are_refused(tmp_path):
@@ -64,9 +67,10 @@ def test_windows_shorter_than_the_served_attention_span_are_refused(tmp_path):
     assert not (tmp_path / "ckpt").exists()
 
 
-def test_kv_heads_without_a_checkpoint_to_widen_is_an_error(tmp_path):
+@pytest.mark.parametrize("growth", [["--kv-heads", "4"], ["--audio-encoder", "2"]])
+def test_growing_without_a_checkpoint_to_grow_is_an_error(tmp_path, growth):
     with pytest.raises(ValueError, match="--init"):
-        train(build_parser().parse_args(["--out", str(tmp_path / "ckpt"), "--kv-heads", "4", "--steps", "1"]))
+        train(build_parser().parse_args(["--out", str(tmp_path / "ckpt"), *growth, "--steps", "1"]))
     assert not (tmp_path / "ckpt").exists()
 
 
