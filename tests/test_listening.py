@@ -64,7 +64,7 @@ def test_a_crop_keeps_the_whole_utterances_in_it_and_moves_them(sample):
 
 def test_adding_the_head_or_an_audio_encoder_changes_no_output():
     torch.manual_seed(0)
-    model = InteractionModel(preset("tiny")).eval()
+    model = InteractionModel(preset("tiny", audio_encoder_layers=0)).eval()
     listening_model = with_parts(model, listen_head=True).eval()
     encoding_model = with_parts(model, audio_encoder_layers=2).eval()
     assert listening_model.config.listen_head and not model.config.listen_head

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import platform
 import statistics
@@ -16,6 +17,7 @@ from model.interface import TURN_SAMPLES, TurnInput
 from model.config import NO_TEXT, preset
 from model.interaction import InteractionModel
 from model.train import Example, batch_loss, build_parser, text_input_slots, train
+from model.weights import load_checkpoint, save_checkpoint
 from server.engine import make_model
 
 
@@ -44,10 +46,20 @@ def test_training_lowers_the_loss_resumes_and_serves(tmp_path):
     assert output.audio.shape == (TURN_SAMPLES,) and np.isfinite(output.audio).all()
 
     # A fine-tune that first widens the key/value heads (1 -> 4), narrows the
-    # attention window and adds encoder blocks on the user's audio trains and serves too.
+    # attention window and adds encoder blocks on the user's audio trains and serves
+    # too. The tiny preset has the encoder now: start from the run's weights without it.
+    trained = load_checkpoint(out)
+    without = InteractionModel(dataclasses.replace(trained.config, audio_encoder_layers=0))
+    without.load_state_dict({name: tensor for name, tensor in trained.state_dict().items()
+                             if not name.startswith("audio_encoder.")})
+    save_checkpoint(without, tmp_path / "without_encoder")
+    with pytest.raises(ValueError, match="already has 2 blocks"):
+        train(build_parser().parse_args(common[2:] + ["--out", str(tmp_path / "twice"), "--init", str(out),
+                                                      "--audio-encoder", "2", "--steps", "1"]))
     wide = tmp_path / "wide"
-    tuned = train(build_parser().parse_args(common[2:] + ["--out", str(wide), "--init", str(out), "--kv-heads", "4",
-                                                          "--window", "128", "--audio-encoder", "2", "--steps", "3"]))
+    tuned = train(build_parser().parse_args(common[2:] + ["--out", str(wide), "--init", str(tmp_path / "without_encoder"),
+                                                          "--kv-heads", "4", "--window", "128", "--audio-encoder", "2",
+                                                          "--steps", "3"]))
     assert len(tuned) == 3 and statistics.mean(tuned) < 0.8 * statistics.mean(losses[:5])  # from the trained weights
     engine = make_model("model", max_sessions=2, checkpoint=str(wide))
     engine.open_session("s")
