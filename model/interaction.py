@@ -98,8 +98,8 @@ class InteractionModel(nn.Module):
         self.config = config
         d = config.d_model
         self.audio_in = AudioBag(config.frames_per_audio_token, d)
-        if config.audio_encoder_layers:
-            self.audio_encoder = AudioEncoder(d, config.audio_encoder_layers, config.audio_encoder_hidden)
+        # With 0 layers it holds no weights and passes tokens through.
+        self.audio_encoder = AudioEncoder(d, config.audio_encoder_layers, config.audio_encoder_hidden)
         self.audio_out = AudioBag(config.frames_per_output, d)
         self.text = nn.Embedding(TEXT_VOCAB, d)
         self.roles = nn.Embedding(4, d)
@@ -126,10 +126,8 @@ class InteractionModel(nn.Module):
         has_video (n,) bool: rows without a camera frame get the learned "no video".
         """
         roles = self.roles.weight
-        audio = self.audio_in(bins)
-        if self.config.audio_encoder_layers:
-            audio = self.audio_encoder(audio)
-        parts = [audio + roles[ROLE_AUDIO_IN], self.text(text) + roles[ROLE_TEXT_IN]]
+        audio = self.audio_encoder(self.audio_in(bins)) + roles[ROLE_AUDIO_IN]
+        parts = [audio, self.text(text) + roles[ROLE_TEXT_IN]]
         if self.config.video_tokens:
             n = bins.shape[0]
             tokens = self.no_video.expand(n, -1, -1)

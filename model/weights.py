@@ -104,6 +104,18 @@ def with_parts(model: InteractionModel, **changes: Any) -> InteractionModel:
     return grown
 
 
+def without_parts(model: InteractionModel, **changes: Any) -> InteractionModel:
+    """The inverse of ``with_parts``: the same weights in a config that drops parts
+    (``listen_head=False``, ``audio_encoder_layers=0``) — a checkpoint as it was before."""
+    smaller = InteractionModel(dataclasses.replace(model.config, **changes))
+    kept = smaller.state_dict().keys()
+    dropped = [name for name in model.state_dict() if name not in kept]
+    if any(not name.startswith(GROWABLE) for name in dropped):
+        raise ValueError(f"cannot drop {changes}: it would drop {dropped}")
+    smaller.load_state_dict({name: tensor for name, tensor in model.state_dict().items() if name in kept})
+    return smaller
+
+
 def load_decoding(directory: str | Path) -> dict[str, float]:
     """The checkpoint's decoding settings (``{}`` when it has none)."""
     path = Path(directory) / DECODING_FILE

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import random
 
 import numpy as np
@@ -16,7 +15,7 @@ from model.evaluate import listen_probe
 from model.interaction import InteractionModel
 from model.interface import SAMPLE_RATE
 from model.train import build_parser, crop, predictor_states, to_example, train
-from model.weights import load_checkpoint, save_checkpoint, with_parts
+from model.weights import load_checkpoint, save_checkpoint, with_parts, without_parts
 
 
 @pytest.fixture(scope="module")
@@ -75,13 +74,13 @@ def test_adding_the_head_or_an_audio_encoder_changes_no_output():
         assert torch.equal(before, predictor_states(encoding_model, [example]))
     with pytest.raises(ValueError, match="cannot add"):
         with_parts(model, n_layers=5)  # a fifth block is not a part that starts as an identity
+    with pytest.raises(ValueError, match="cannot drop"):
+        without_parts(model, n_layers=3)  # nor is the fourth one a part to drop
 
 
 def test_the_probe_trains_the_head_alone_and_the_joint_loss_reaches_the_trunk(tmp_path):
     shipped = load_checkpoint("checkpoints/tiny")  # it has a trained head: start from one without
-    without_head = InteractionModel(dataclasses.replace(shipped.config, listen_head=False))
-    without_head.load_state_dict({name: tensor for name, tensor in shipped.state_dict().items()
-                                  if not name.startswith("listen_head.")})
+    without_head = without_parts(shipped, listen_head=False)
     save_checkpoint(without_head, tmp_path / "without_head")
     common = ["--batch", "2", "--turns", "80", "--conversations", "3", "--drills", "1", "--cache",
               str(tmp_path / "cache"), "--warmup", "2", "--save-every", "100"]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import platform
 import statistics
@@ -17,7 +16,7 @@ from model.interface import TURN_SAMPLES, TurnInput
 from model.config import NO_TEXT, preset
 from model.interaction import InteractionModel
 from model.train import Example, batch_loss, build_parser, text_input_slots, train
-from model.weights import load_checkpoint, save_checkpoint
+from model.weights import load_checkpoint, save_checkpoint, without_parts
 from server.engine import make_model
 
 
@@ -48,11 +47,7 @@ def test_training_lowers_the_loss_resumes_and_serves(tmp_path):
     # A fine-tune that first widens the key/value heads (1 -> 4), narrows the
     # attention window and adds encoder blocks on the user's audio trains and serves
     # too. The tiny preset has the encoder now: start from the run's weights without it.
-    trained = load_checkpoint(out)
-    without = InteractionModel(dataclasses.replace(trained.config, audio_encoder_layers=0))
-    without.load_state_dict({name: tensor for name, tensor in trained.state_dict().items()
-                             if not name.startswith("audio_encoder.")})
-    save_checkpoint(without, tmp_path / "without_encoder")
+    save_checkpoint(without_parts(load_checkpoint(out), audio_encoder_layers=0), tmp_path / "without_encoder")
     with pytest.raises(ValueError, match="already has 2 blocks"):
         train(build_parser().parse_args(common[2:] + ["--out", str(tmp_path / "twice"), "--init", str(out),
                                                       "--audio-encoder", "2", "--steps", "1"]))
