@@ -12,7 +12,9 @@ position). Generated conversations are cached under ``--cache``/v``DATA_VERSION`
 (dMel bins as uint8: ~0.3 MB a conversation).
 
 The model's own audio history is teacher-forced with light noise (``--history-noise``):
-served closed-loop it hears its own imperfect output, not the clean reference.
+served closed-loop it hears its own imperfect output, not the clean reference. The
+user's audio can be masked (``--user-mask-bands``, ``--user-jitter``; SpecAugment's
+frequency masks in dMel terms) so hearing rests on more than one voice's details.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import os
 import random
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -126,6 +128,26 @@ def jitter_bins(bins: torch.Tensor, rate: float, generator: torch.Generator | No
     hit = torch.rand(bins.shape, generator=generator) < rate
     step = torch.randint(0, 2, bins.shape, generator=generator) * 2 - 1
     return torch.where(hit.to(bins.device), (bins + step.to(bins.device)).clamp(0, dmel.N_BINS - 1), bins)
+
+
+def mask_user_bins(bins: torch.Tensor, bands: int, max_width: int, jitter: float,
+                   generator: torch.Generator | None = None) -> torch.Tensor:
+    """SpecAugment for one example's user dMel (frames, mels): ``bands`` bands of up to
+    ``max_width`` mel channels each drop to the silence floor for the whole window, and
+    a ``jitter`` fraction of the speech bins moves one step (see ``jitter_bins``).
+
+    No time masks: a stretch of silence inside speech is exactly what the model must
+    tell apart from the end of a turn, so it must not be faked. Floor bins stay floor,
+    so what is silent stays silent."""
+    out = bins.clone()
+    mels = bins.shape[-1]
+    for _ in range(bands):
+        width = int(torch.randint(0, max_width + 1, (), generator=generator))
+        start = int(torch.randint(0, mels - width + 1, (), generator=generator))
+        out[..., start : start + width] = 0
+    if jitter > 0:
+        out = torch.where(out > 0, jitter_bins(out, jitter, generator).clamp(min=1), out)
+    return out.to(bins.dtype)
 
 
 def teacher_forced_layers(model: InteractionModel, batch: list[Example], history_noise: float = 0.0) -> list[torch.Tensor]:
@@ -343,6 +365,9 @@ def train(args: argparse.Namespace) -> list[float]:
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
     while step < args.steps:
         batch = [crop(rng.choice(examples), args.turns, rng) for _ in range(args.batch)]
+        if args.user_mask_bands or args.user_jitter:
+            batch = [replace(e, user_bins=mask_user_bins(e.user_bins, args.user_mask_bands, args.user_mask_width,
+                                                         args.user_jitter)) for e in batch]
         batch = [Example(*(t.to(device) for t in (e.user_bins, e.model_bins, e.text_in, e.text_out)), e.user_words)
                  for e in batch]
         for group in optimizer.param_groups:
@@ -402,6 +427,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--balance-rate", type=float, default=1e-3)
     parser.add_argument("--history-noise", type=float, default=0.1,
                         help="fraction of the model's own fed-back dMel bins moved by one step")
+    parser.add_argument("--user-mask-bands", type=int, default=0,
+                        help="mel bands of the user's audio dropped to the floor per training window (0: off)")
+    parser.add_argument("--user-mask-width", type=int, default=12, help="widest such band, in mel channels (of 80)")
+    parser.add_argument("--user-jitter", type=float, default=0.0,
+                        help="fraction of the user's speech dMel bins moved by one step (silence untouched)")
     parser.add_argument("--text-weight", type=float, default=1.0,
                         help="text-loss weight of positions that write a byte (1: plain mean)")
     parser.add_argument("--speech-weight", type=float, default=1.0,

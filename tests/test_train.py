@@ -15,7 +15,7 @@ import torch
 from model.interface import TURN_SAMPLES, TurnInput
 from model.config import NO_TEXT, preset
 from model.interaction import InteractionModel
-from model.train import Example, batch_loss, build_parser, text_input_slots, train
+from model.train import Example, batch_loss, build_parser, mask_user_bins, text_input_slots, train
 from model.weights import load_checkpoint, save_checkpoint, without_parts
 from server.engine import make_model
 
@@ -54,6 +54,7 @@ def test_training_lowers_the_loss_resumes_and_serves(tmp_path):
     wide = tmp_path / "wide"
     tuned = train(build_parser().parse_args(common[2:] + ["--out", str(wide), "--init", str(tmp_path / "without_encoder"),
                                                           "--kv-heads", "4", "--window", "128", "--audio-encoder", "2",
+                                                          "--user-mask-bands", "2", "--user-jitter", "0.1",
                                                           "--steps", "3"]))
     assert len(tuned) == 3 and statistics.mean(tuned) < 0.8 * statistics.mean(losses[:5])  # from the trained weights
     engine = make_model("model", max_sessions=2, checkpoint=str(wide))
@@ -64,6 +65,22 @@ def test_training_lowers_the_loss_resumes_and_serves(tmp_path):
     assert '"audio_encoder_layers": 2' in (wide / "config.json").read_text()
     encoder = engine.model.audio_encoder.blocks  # added as identities, moved by training
     assert all(block.down.weight.abs().max() > 0 for block in encoder)
+
+
+def test_user_audio_masks_drop_whole_bands_and_keep_silence_silent():
+    generator = torch.Generator().manual_seed(1)
+    bins = torch.randint(1, 16, (320, 80), generator=generator, dtype=torch.uint8)
+    bins[100:140] = 0  # a pause: it must stay a pause
+    masked = mask_user_bins(bins, bands=2, max_width=12, jitter=0.2, generator=generator)
+    assert masked.dtype == torch.uint8 and masked.shape == bins.shape
+    assert (masked[100:140] == 0).all()
+    dropped = (masked == 0).all(0)  # channels silenced for the whole window
+    assert 0 < dropped.sum() <= 24 and not (bins == 0).all(0).any()
+    kept = masked[:, ~dropped].long() - bins[:, ~dropped].long()
+    speech = bins[:, ~dropped] > 0
+    assert kept.abs().max() <= 1 and (masked[:, ~dropped][speech] >= 1).all()
+    assert 0.1 < (kept[speech] != 0).float().mean() < 0.3  # ~the jitter rate (less at the clamped ends)
+    assert torch.equal(mask_user_bins(bins, 0, 12, 0.0), bins)
 
 
 def test_windows_shorter_than_the_served_attention_span_are_refused(tmp_path):
