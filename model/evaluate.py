@@ -22,6 +22,8 @@ figures measure the interaction model alone). From what it says and writes:
   is nearest (DTW, model/recognise.py) to the right word in the model's voice;
   ``spoken_word_accuracy_asr``: the same judged by pocketsphinx (closed vocabulary;
   with ``--reference``, its ceiling);
+  ``written_word_accuracy``: the same answers whose first word in its text stream
+  is right — choosing the word, apart from voicing it;
 - ``heard``: for a checkpoint with a listening head (model/listening.py), teacher
   forced, the user's utterances it read right word for word, and those with
   numbers whose numbers it read right — hearing, apart from answering.
@@ -192,6 +194,9 @@ def _heard(event: Event, timeline: Timeline) -> dict[str, object] | None:
         return None
     window = timeline.active[_turn(event.user_end_s) : _turn(event.user_end_s) + REPLY_WINDOW_TURNS]
     heard: dict[str, object] = {"expected": event.expected_text, "dtw": "", "asr": None}
+    words = re.findall(r"[a-z]+", "".join(timeline.text[_turn(event.user_end_s) :][:REPLY_WINDOW_TURNS]).lower())
+    heard["written"] = words[0] if words else ""
+    heard["written_right"] = heard["written"] == event.expected_text
     if window.any():
         start = (_turn(event.user_end_s) + int(np.argmax(window))) * TURN_SAMPLES
         reply = timeline.audio[start : start + int(WORD_SECONDS * SAMPLE_RATE)]
@@ -237,6 +242,7 @@ def aggregate(records: list[dict[str, object]]) -> dict[str, object]:
         "noise_silence_rate": rate(of("noise"), "silent"),
         "spoken_word_accuracy": rate(heard, "right"),
         "spoken_word_accuracy_asr": rate([h for h in heard if h["right_asr"] is not None], "right_asr"),
+        "written_word_accuracy": rate(heard, "written_right"),
         "events": {kind: len(of(kind)) for kind in ("answer", "pause", "barge_in", "delegation", "noise")},
     }
 

@@ -24,7 +24,7 @@ from server.config import default_checkpoint
 
 KEYS = {"turn_taking_tor", "response_latency_s_median", "overlap_rate", "pause_tor", "stop_latency_s_p90",
         "delegation_accuracy", "delegation_request_accuracy", "delegation_result_copied", "noise_silence_rate",
-        "spoken_word_accuracy", "spoken_word_accuracy_asr"}
+        "spoken_word_accuracy", "spoken_word_accuracy_asr", "written_word_accuracy"}
 
 
 def test_the_reference_tracks_score_as_a_perfect_model():
@@ -36,6 +36,7 @@ def test_the_reference_tracks_score_as_a_perfect_model():
     assert result["delegation_accuracy"] == 1.0 and result["noise_silence_rate"] == 1.0
     assert result["spoken_word_accuracy"] == 1.0  # the reference says its words in the model's voice
     assert 0.4 <= result["spoken_word_accuracy_asr"] <= 1.0  # pocketsphinx's ceiling (0.63 here)
+    assert result["written_word_accuracy"] == 1.0
 
 
 def test_conversations_in_the_training_voices_are_scored_alike():
@@ -122,6 +123,15 @@ def test_the_metrics_notice_a_model_that_talks_all_the_time_or_never():
     assert all(r.get("answered", False) is False for r in quiet if r["kind"] == "delegation")
     reference = score(conversation, reference_timeline(conversation))
     assert all(r["took_turn"] for r in reference if r["kind"] == "answer")
+
+
+def test_the_written_word_is_judged_apart_from_the_spoken_one():
+    """Saying the right word while writing a wrong one: heard right, written wrong."""
+    conversation = generate([1_000_000], held_out=True)[0]  # four one-number answers
+    timeline = reference_timeline(conversation)
+    timeline.text = [re.sub(r"[a-z]+", lambda word: "x" + word[0], text) for text in timeline.text]
+    answers = [r["heard"] for r in score(conversation, timeline) if r.get("heard")]
+    assert len(answers) == 4 and all(h["right"] and not h["written_right"] for h in answers)
 
 
 def test_the_random_model_runs_through_the_evaluation_and_draws_its_timeline(tmp_path):
