@@ -315,8 +315,9 @@ def train(args: argparse.Namespace) -> list[float]:
         if args.kv_heads and args.kv_heads != model.config.n_kv_heads:
             model = widen_kv_heads(model, args.kv_heads)
         if args.audio_encoder:
-            if model.config.audio_encoder_layers:
-                raise ValueError(f"--audio-encoder: {args.init} already has {model.config.audio_encoder_layers} blocks")
+            if args.audio_encoder <= model.config.audio_encoder_layers:
+                raise ValueError(f"--audio-encoder {args.audio_encoder}: {args.init} already has "
+                                 f"{model.config.audio_encoder_layers} blocks")
             model = with_parts(model, audio_encoder_layers=args.audio_encoder)
         state = None
     else:
@@ -459,7 +460,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--kv-heads", type=int, default=0,
                         help="with --init: widen to this many key/value heads first (same outputs at the start)")
     parser.add_argument("--audio-encoder", type=int, default=0, metavar="BLOCKS",
-                        help="with --init: add this many encoder blocks on the user's audio tokens "
+                        help="with --init: grow the encoder on the user's audio tokens to this many blocks "
                              "(same outputs at the start; ModelConfig.audio_encoder_layers)")
     return parser
 

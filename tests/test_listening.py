@@ -72,6 +72,11 @@ def test_adding_the_head_or_an_audio_encoder_changes_no_output():
         before = predictor_states(model, [example])
         assert torch.equal(before, predictor_states(listening_model, [example]))
         assert torch.equal(before, predictor_states(encoding_model, [example]))
+        for block in encoding_model.audio_encoder.blocks:  # as if trained: no longer identities
+            block.down.weight.normal_(0, 0.05)
+        trained = predictor_states(encoding_model, [example])
+        deeper = with_parts(encoding_model, audio_encoder_layers=4).eval()  # 2 more blocks on trained ones
+        assert not torch.equal(before, trained) and torch.equal(trained, predictor_states(deeper, [example]))
     with pytest.raises(ValueError, match="cannot add"):
         with_parts(model, n_layers=5)  # a fifth block is not a part that starts as an identity
     with pytest.raises(ValueError, match="cannot drop"):
