@@ -192,13 +192,14 @@ def _heard(event: Event, timeline: Timeline) -> dict[str, object] | None:
     """Which word the reply is (None: no audio kept). No reply counts as wrong."""
     if timeline.audio is None:
         return None
-    window = timeline.active[_turn(event.user_end_s) : _turn(event.user_end_s) + REPLY_WINDOW_TURNS]
+    end_turn = _turn(event.user_end_s)
+    window = timeline.active[end_turn : end_turn + REPLY_WINDOW_TURNS]
     heard: dict[str, object] = {"expected": event.expected_text, "dtw": "", "asr": None}
-    words = re.findall(r"[a-z]+", "".join(timeline.text[_turn(event.user_end_s) :][:REPLY_WINDOW_TURNS]).lower())
+    words = re.findall(r"[a-z]+", "".join(timeline.text[end_turn : end_turn + REPLY_WINDOW_TURNS]).lower())
     heard["written"] = words[0] if words else ""
     heard["written_right"] = heard["written"] == event.expected_text
     if window.any():
-        start = (_turn(event.user_end_s) + int(np.argmax(window))) * TURN_SAMPLES
+        start = (end_turn + int(np.argmax(window))) * TURN_SAMPLES
         reply = timeline.audio[start : start + int(WORD_SECONDS * SAMPLE_RATE)]
         heard["dtw"] = recognise.nearest_word(reply, NUMBER_WORDS)
         if recognise.available():

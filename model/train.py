@@ -297,6 +297,9 @@ def train(args: argparse.Namespace) -> list[float]:
         raise ValueError("--kv-heads widens the checkpoint given by --init; a new model takes its heads from --preset")
     if args.audio_encoder and not args.init:
         raise ValueError("--audio-encoder adds blocks to the checkpoint given by --init")
+    if not (0 <= args.user_mask_width <= dmel.N_MELS and args.user_mask_bands >= 0 and 0 <= args.user_jitter <= 1):
+        raise ValueError(f"--user-mask-bands >= 0, --user-mask-width 0..{dmel.N_MELS} and --user-jitter 0..1, "
+                         f"not {args.user_mask_bands}, {args.user_mask_width}, {args.user_jitter}")
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     if distributed:
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")

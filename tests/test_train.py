@@ -76,10 +76,10 @@ def test_user_audio_masks_drop_whole_bands_and_keep_silence_silent():
     assert (masked[100:140] == 0).all()
     dropped = (masked == 0).all(0)  # channels silenced for the whole window
     assert 0 < dropped.sum() <= 24 and not (bins == 0).all(0).any()
-    kept = masked[:, ~dropped].long() - bins[:, ~dropped].long()
+    moved = masked[:, ~dropped].long() - bins[:, ~dropped].long()
     speech = bins[:, ~dropped] > 0
-    assert kept.abs().max() <= 1 and (masked[:, ~dropped][speech] >= 1).all()
-    assert 0.1 < (kept[speech] != 0).float().mean() < 0.3  # ~the jitter rate (less at the clamped ends)
+    assert moved.abs().max() <= 1 and (masked[:, ~dropped][speech] >= 1).all()
+    assert 0.1 < (moved[speech] != 0).float().mean() < 0.3  # ~the jitter rate (less at the clamped ends)
     assert torch.equal(mask_user_bins(bins, 0, 12, 0.0), bins)
 
 
@@ -88,6 +88,13 @@ def test_windows_shorter_than_the_served_attention_span_are_refused(tmp_path):
     questions asked late in a session; a run that would repeat that does not start."""
     with pytest.raises(ValueError, match=r"--turns 40 or more, or --window 144 or less"):
         train(build_parser().parse_args(["--out", str(tmp_path / "ckpt"), "--turns", "10", "--steps", "1"]))
+    assert not (tmp_path / "ckpt").exists()
+
+
+@pytest.mark.parametrize("masks", [["--user-mask-width", "81"], ["--user-jitter", "1.5"], ["--user-mask-bands", "-1"]])
+def test_impossible_user_audio_masks_are_refused_before_training(tmp_path, masks):
+    with pytest.raises(ValueError, match="--user-mask-width 0..80"):
+        train(build_parser().parse_args(["--out", str(tmp_path / "ckpt"), *masks, "--steps", "1"]))
     assert not (tmp_path / "ckpt").exists()
 
 
