@@ -181,6 +181,7 @@ def test_the_shipped_model_answers_as_readily_late_in_a_session_as_early():
     assert checkpoint is not None, "checkpoints/tiny is missing"
     voice = Voice("en-us+m1", words_per_minute=160)  # a training voice, as in the browser test
     turns, starts = 120, [1.0, 5.0, 9.0, 13.0, 17.0, 21.0]
+    engine = load_engine(checkpoint, max_sessions=1)  # each session starts from a freshly reset slot
     answered = []
     for numbers in ([7, 3, 11, 5, 14, 8], [8, 14, 5, 11, 3, 7]):
         user = np.zeros(turns * TURN_SAMPLES, np.float32)
@@ -192,7 +193,7 @@ def test_the_shipped_model_answers_as_readily_late_in_a_session_as_early():
             events.append(Event("answer", (at + audio.size) / SAMPLE_RATE, NUMBER_WORDS[n + 1], user_start_s=start_s))
         conversation = Conversation(0, user, np.zeros_like(user), [""] * turns,
                                     np.full((turns, OUT_POSITIONS), NO_TEXT), events)
-        records = score(conversation, model_timeline(load_engine(checkpoint, max_sessions=1), conversation))
+        records = score(conversation, model_timeline(engine, conversation))
         assert not any(record["spoke_over"] for record in records)
         took = [bool(record["took_turn"]) for record in records]
         assert took[-2] or took[-1], f"silent from 16 s on: {list(zip(starts, took))}"
