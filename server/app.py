@@ -59,7 +59,8 @@ def create_app(config: ServerConfig, tracer_provider: TracerProvider | None = No
                 measure_capacity, model, config.max_sessions, config.capacity_budget)
         holder: dict[str, SessionRegistry] = {}
         metrics = Metrics(lambda: len(holder["registry"]), lambda: engine.queued_chunks)
-        engine = Engine(model, tracer=tracer, on_step=lambda info: _record_step(metrics, info))
+        engine = Engine(model, batch_window_s=config.batch_window_ms / 1000, tracer=tracer,
+                        on_step=lambda info: _record_step(metrics, info))
         engine.start()
         # Imports, the model and the probe made hundreds of thousands of objects that live
         # as long as the server; a full collection stops every thread while it scans them

@@ -6,6 +6,7 @@ import argparse
 import logging
 import os
 
+from model.interface import TURN_MS
 from server.config import ServerConfig
 from server.engine import ENGINES
 
@@ -67,6 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--advertise", default=None, metavar="URL",
                        help="this server's URL as clients reach it (required with --router)")
     serve.add_argument("--playout-delay-ms", type=float, default=defaults.playout_delay_ms)
+    serve.add_argument("--batch-window-ms", type=float, default=defaults.batch_window_ms,
+                       help="how long a step waits for the chunks of sessions not yet ready")
     serve.add_argument("--jitter-prefetch", type=int, default=defaults.jitter_prefetch,
                        help="incoming audio packets held before release (aiortc's default: 4)")
     serve.add_argument("--aiortc-encoder", action="store_true",
@@ -124,6 +127,7 @@ def serve(args: argparse.Namespace) -> None:
         ice_host_addresses=args.ice_host,
         playout_delay_ms=args.playout_delay_ms,
         jitter_prefetch=args.jitter_prefetch,
+        batch_window_ms=args.batch_window_ms,
         pre_encode_opus=not args.aiortc_encoder,
         capacity=args.capacity,
         capacity_budget=args.capacity_budget,
@@ -180,6 +184,8 @@ def main(argv: list[str] | None = None) -> None:
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     if args.command == "serve":
+        if not 0 <= args.batch_window_ms < TURN_MS:
+            parser.error(f"--batch-window-ms must be in [0, {TURN_MS}), got {args.batch_window_ms}")
         serve(args)
     elif args.command == "token":
         from server.auth import mint_token

@@ -48,6 +48,11 @@ class ServerConfig:
     # every reply's latency: 40 ms put echo's p99 server-added latency at 78 ms, 20 ms
     # at 57 ms, with no underruns either way (loadtest, 2 peers, docs/benchmarks.md).
     playout_delay_ms: float = 20.0
+    # The engine steps once every session has a chunk, or this long after the first
+    # arrived: sessions whose chunks close further apart never share a step. Senders'
+    # 20 ms frames put aligned sessions' closes up to 20 ms apart, so 15 ms split some
+    # pairs for good and 25 ms none (python -m bench.batching; docs/benchmarks.md).
+    batch_window_ms: float = 25.0
     # Incoming audio: packets aiortc's jitter buffer holds before releasing (aiortc: 4).
     jitter_prefetch: int = 1
     # Outgoing audio as mono Opus encoded by the track (see media_out.py); False hands

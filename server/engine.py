@@ -5,8 +5,8 @@ the model (torch releases the GIL inside its kernels). Sessions talk to it throu
 three thread-safe calls: ``open_session``, ``submit`` and ``close_session``. The
 model is touched from the engine thread alone, so it needs no locks.
 
-Ticks are driven by chunks, on a 200 ms grid. New sessions get a lead-in that
-lines their chunk boundaries up with the grid (``lead_in_samples``), so their
+Ticks are driven by chunks, on a 200 ms grid from ``grid_origin``. Sessions pad
+their input so their chunk boundaries fall on it (server/alignment.py), so their
 chunks close together and one step serves them all. A tick starts as soon as
 every open session has a chunk waiting, or ``batch_window_s`` after the first
 chunk arrived, whichever comes first: a session whose phase drifted costs an
@@ -44,7 +44,7 @@ import numpy as np
 from opentelemetry import trace
 from opentelemetry.trace import Link, SpanContext, Status, StatusCode
 
-from model.interface import SAMPLE_RATE, TURN_MS, TURN_SAMPLES, MicroTurnModel, TurnInput, TurnOutput
+from model.interface import TURN_MS, TURN_SAMPLES, MicroTurnModel, TurnInput, TurnOutput
 from server import telemetry as tm
 
 log = logging.getLogger(__name__)
@@ -89,7 +89,7 @@ class _Slot:
 
 
 class Engine:
-    def __init__(self, model: MicroTurnModel, batch_window_s: float = 0.015,
+    def __init__(self, model: MicroTurnModel, batch_window_s: float = 0.025,
                  tracer: trace.Tracer | None = None, on_step: Callable[[StepInfo], None] | None = None) -> None:
         self.model = model
         self.batch_window_s = batch_window_s
@@ -159,16 +159,6 @@ class Engine:
                 return  # closed while the chunk was in flight
             slot.inbox.append(chunk)
             self._cond.notify()
-
-    def lead_in_samples(self, first_chunk_closes_at: float) -> int:
-        """Silence to prepend to a new session so its chunks close on the grid.
-
-        ``first_chunk_closes_at`` is when (time.monotonic()) the session's first
-        chunk would close without a lead-in; each sample of lead-in closes it one
-        sample earlier, so the lead-in is how far past a grid line that is.
-        """
-        phase = (first_chunk_closes_at - self.grid_origin) % TURN_S
-        return int(phase * SAMPLE_RATE) % TURN_SAMPLES
 
     # -- the engine thread -------------------------------------------------------
 

@@ -12,7 +12,8 @@ covers [200·t, 200·t + 200) ms of the session, whatever the network does:
   model keeps stepping (and speaking) while the user's side is stalled.
 
 The session may begin with a short lead-in of silence: it shifts the chunk
-boundaries so that they line up with the engine's tick grid (see engine.py).
+boundaries so that they line up with the engine's tick grid (see engine.py). Later
+padding (:meth:`AudioChunker.pad`) moves them back onto it (server/alignment.py).
 """
 
 from __future__ import annotations
@@ -87,6 +88,8 @@ class ChunkerStats:
     late_samples: int = 0  # samples dropped because their chunk had closed (input rate)
     discontinuities: int = 0  # timestamp jumps treated as a restart
     format_changes: int = 0
+    realignments: int = 0  # times silence was inserted to put the chunks back on the grid
+    realign_samples: int = 0  # that silence, 16 kHz samples (the lead-in not included)
 
 
 def _signed_wrap(delta: int) -> int:
@@ -113,6 +116,9 @@ class AudioChunker:
         self._input_format: tuple[str, str, int] | None = None
         self._next_pts: int | None = None  # timestamp the next frame should carry
         self._ffmpeg_only = ffmpeg_only  # always FFmpeg's resampler (the A/B benchmark's baseline)
+        # The sender's stream consumed so far, in seconds of its media clock (audio
+        # plus silence for lost packets and stalls; no lead-in or padding).
+        self.media_seconds = 0.0
 
     @property
     def input_rate(self) -> int | None:
@@ -145,7 +151,9 @@ class AudioChunker:
             frame, delta = _tail(frame, frame.samples - overlap), 0
         elif delta > 0:
             self.stats.gap_samples += delta
+            self.media_seconds += delta / frame.sample_rate
             closed += self._feed(_silence(fmt, delta))
+        self.media_seconds += frame.samples / frame.sample_rate
         # The frame now starts exactly where the stream so far ends.
         self._next_pts = (self._next_pts + delta + frame.samples) % _TIMESTAMP_WRAP
         return closed + self._feed(frame)
@@ -158,9 +166,24 @@ class AudioChunker:
         if self._input_format is None or input_samples <= 0:
             return []
         self.stats.stall_samples += input_samples
+        self.media_seconds += input_samples / self._input_format[2]
         assert self._next_pts is not None
         self._next_pts = (self._next_pts + input_samples) % _TIMESTAMP_WRAP
         return self._feed(_silence(self._input_format, input_samples))
+
+    @property
+    def samples_to_boundary(self) -> int:
+        """16 kHz samples still to come before the current chunk closes."""
+        return TURN_SAMPLES - self._filled
+
+    def pad(self, samples: int) -> list[np.ndarray]:
+        """Insert ``samples`` of silence here, so every later boundary comes that much
+        sooner; returns the chunk it closed, if the boundary moved into the past."""
+        if not 0 <= samples < TURN_SAMPLES:
+            raise ValueError("padding must be shorter than one micro-turn")
+        self.stats.realignments += 1
+        self.stats.realign_samples += samples
+        return self._append(np.zeros(samples, dtype=np.float32), downmixed=True)
 
     def flush(self) -> list[np.ndarray]:
         """Drain the resampler at the end of the stream (the last chunk, zero-padded)."""

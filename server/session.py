@@ -28,8 +28,9 @@ from opentelemetry.trace import SpanContext
 
 from model.interface import SAMPLE_RATE, TURN_MS, TURN_SAMPLES, TurnInput, TurnOutput
 from server import telemetry as tm
+from server.alignment import MIN_EVIDENCE_S, SenderClock, is_on_grid, padding_to_grid
 from server.config import ServerConfig
-from server.engine import Engine, StepInfo
+from server.engine import TURN_S, Engine, StepInfo
 from server.events import CHANNEL_LABEL, PROTOCOL_VERSION, ProtocolError, RateLimit, parse_client_message, server_event
 from server.ice import IceServer, add_host_candidates, passive_dtls, rtc_configuration
 from server.media_in import AudioChunker
@@ -47,8 +48,9 @@ _MAX_EARLY_EVENTS = 64  # events kept for a data channel that is not open yet
 _WATCHDOG_PERIOD_S = 0.1
 _PEER_WATCH_PERIOD_S = 0.25
 _RECORDED_VIDEO_WIDTH = 160  # pixels; the height keeps the camera's aspect
-_QUIET_RMS = 0.01  # an output turn quieter than this is not speech (drain waits for one)
+_QUIET_RMS = 0.01  # a turn quieter than this is not speech (drain waits for one; realigning for one)
 _ALIGN_FRAMES = 5  # frames whose arrival times place the first chunk on the engine grid
+_ALIGN_CHECK_TURNS = 5  # turns between checks that the chunks still close on the grid
 
 
 @dataclass(slots=True)
@@ -98,7 +100,12 @@ class Session:
         self._last_output_rms = 0.0
         self._on_closed = on_closed
         self._chunker: AudioChunker | None = None
-        self._first_frames: list[tuple[av.AudioFrame, float]] = []  # held until the chunker is aligned
+        self._first_frames: list[av.AudioFrame] = []  # held until the chunker is aligned
+        self._held_media_s = 0.0  # their media time
+        self._sender_clock = SenderClock()  # when the sender's audio arrives by our clock
+        self._sender_restarts = (0, 0)  # the chunker's discontinuities and format changes
+        self._observed_media_s = 0.0
+        self._next_alignment_check = 0  # turn
         self._clock_wall = 0.0  # wall time matching the end of the audio consumed so far
         self._chunk_closed_ns: dict[int, int] = {}
         self._chunk_rms: dict[int, float] = {}
@@ -304,19 +311,25 @@ class Session:
             now = time.monotonic()
             self._clock_wall = self._last_heard = now
             if self._chunker is None:
-                self._first_frames.append((frame, now))
+                # Held until their arrivals say where the first chunk should close.
+                self._first_frames.append(frame)
+                self._held_media_s += frame.samples / frame.sample_rate
+                self._sender_clock.observe(now, self._held_media_s)
                 if len(self._first_frames) < _ALIGN_FRAMES:
                     continue
-                self._chunker = self._new_chunker(self._first_frames)
-                frames, self._first_frames = [f for f, _ in self._first_frames], []
+                self._chunker = self._new_chunker()
+                frames, self._first_frames = self._first_frames, []
             else:
                 frames = [frame]
             for each in frames:
-                self._submit_all(self._chunker.push(each))
+                closed = self._chunker.push(each)
+                if len(frames) == 1:  # (the held frames were observed as they came)
+                    self._observe_sender_clock(now)
+                self._submit_all(closed)
             if not self._ready_sent:
                 self._send_ready()
 
-    def _new_chunker(self, first_frames: list[tuple[av.AudioFrame, float]]) -> AudioChunker:
+    def _new_chunker(self) -> AudioChunker:
         """A chunker whose lead-in puts this session's chunk closes on the engine's grid.
 
         When chunks close follows from when frames arrive. The first frames of a call
@@ -324,18 +337,43 @@ class Session:
         little; the earliest arrival relative to media time over the first few frames
         is the sender's real-time clock (a burst only makes frames late). Sessions
         aligned from a single frame missed their neighbours' steps one time in five.
+        Later frames refine the estimate (``_realign_if_off_grid``).
         """
-        first, _ = first_frames[0]
-        rate = first.sample_rate
-        start = 0
-        earliest = math.inf
-        for frame, arrived in first_frames:  # arrival minus media time since the first frame
-            earliest = min(earliest, arrived - start / rate)
-            start += frame.samples
-        # The first chunk closes when its last sample arrives; frames arrive as their
-        # last sample is sent.
-        closes_at = earliest + (TURN_SAMPLES * rate // SAMPLE_RATE - first.samples) / rate
-        return AudioChunker(lead_in_samples=self.engine.lead_in_samples(closes_at))
+        offset = self._sender_clock.offset
+        assert offset is not None
+        # Without a lead-in the first chunk closes when its last sample arrives.
+        return AudioChunker(lead_in_samples=padding_to_grid(offset + TURN_S, self.engine.grid_origin))
+
+    def _observe_sender_clock(self, arrived: float) -> None:
+        """Refine the sender's clock with a frame just consumed (server/alignment.py)."""
+        chunker = self._chunker
+        assert chunker is not None
+        restarts = (chunker.stats.discontinuities, chunker.stats.format_changes)
+        if restarts != self._sender_restarts:  # a new media clock: start over
+            self._sender_restarts = restarts
+            self._sender_clock.reset()
+        if chunker.media_seconds > self._observed_media_s:  # not a late frame it dropped
+            self._observed_media_s = chunker.media_seconds
+            self._sender_clock.observe(arrived, chunker.media_seconds)
+
+    def _realign_if_off_grid(self, last_chunk_rms: float) -> list[np.ndarray]:
+        """Pad the input back onto the engine's grid if the sender's clock, now known
+        better than from the first frames, says it has left it. Only while the user
+        is quiet: the model then hears a slightly longer silence, never a cut word."""
+        chunker = self._chunker
+        assert chunker is not None
+        offset = self._sender_clock.offset
+        if (offset is None or self._sender_clock.evidence_s < MIN_EVIDENCE_S
+                or last_chunk_rms >= _QUIET_RMS or chunker.next_turn < self._next_alignment_check):
+            return []
+        self._next_alignment_check = chunker.next_turn + _ALIGN_CHECK_TURNS
+        boundary_at = offset + chunker.media_seconds + chunker.samples_to_boundary / SAMPLE_RATE
+        padding = padding_to_grid(boundary_at, self.engine.grid_origin)
+        if is_on_grid(padding):
+            return []
+        log.info("session %s: chunks %.1f ms off the engine grid; padding %d samples",
+                 self.id, min(padding, TURN_SAMPLES - padding) * 1000 / SAMPLE_RATE, padding)
+        return chunker.pad(padding)
 
     async def _watch_for_stalls(self) -> None:
         """Keep the session clock moving while the sender is silent or cut off."""
@@ -357,6 +395,8 @@ class Session:
         first = self._chunker.next_turn - len(chunks)
         for offset, chunk in enumerate(chunks):
             self._submit(first + offset, chunk)
+        if chunks:  # right after a boundary: the place to move the next one
+            self._submit_all(self._realign_if_off_grid(_rms(chunks[-1])))
 
     def _submit(self, turn: int, chunk: np.ndarray) -> None:
         self.stats.chunks_in += 1

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from model.interface import SAMPLE_RATE, TURN_SAMPLES, TurnInput, TurnOutput
+from server.alignment import padding_to_grid
 from server.engine import MAX_FAILURES, SESSION_RESET, STEP_FAILED, TURN_S, EchoModel, Engine, StepInfo
 
 
@@ -175,7 +176,7 @@ def test_lead_in_puts_a_new_session_on_the_tick_grid():
     engine = Engine(EchoModel())
     for offset in (0.0, 0.013, 0.1, 0.199):
         closes_at = engine.grid_origin + 5 * TURN_S + offset
-        lead_in = engine.lead_in_samples(closes_at)
+        lead_in = padding_to_grid(closes_at, engine.grid_origin)
         aligned = closes_at - lead_in / SAMPLE_RATE
         phase = (aligned - engine.grid_origin) % TURN_S
         assert min(phase, TURN_S - phase) < 1 / SAMPLE_RATE + 1e-9

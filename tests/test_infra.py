@@ -18,6 +18,7 @@ import json
 import os
 import re
 import subprocess
+import sys
 import sysconfig
 import tomllib
 from collections.abc import Iterator
@@ -538,3 +539,11 @@ def test_microturn_environment_variables_are_read_by_the_code() -> None:
     code = "\n".join(p.read_text() for d in ("server", "model") for p in (ROOT / d).rglob("*.py"))
     unread = sorted(name for name in named if name not in code)
     assert not unread, f"set by infra/ but read nowhere in server/ or model/: {unread}"
+
+
+def test_the_batch_window_reaches_the_server_and_nonsense_is_refused(launch) -> None:
+    assert launch(["serve"], {})["config"].batch_window_ms == 25.0
+    assert launch(["serve", "--batch-window-ms", "40"], {})["config"].batch_window_ms == 40.0
+    refused = subprocess.run([sys.executable, "-m", "server.cli", "serve", "--batch-window-ms", "200"],
+                             capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert refused.returncode == 2 and "--batch-window-ms must be in [0, 200)" in refused.stderr

@@ -4,6 +4,7 @@ engine: what comes back is what was sent, one micro-turn later."""
 from __future__ import annotations
 
 import asyncio
+import time
 
 import httpx
 import numpy as np
@@ -142,6 +143,46 @@ async def test_a_gap_in_the_stream_keeps_turns_contiguous(live_server, speech):
     assert info["chunker"]["gap_samples"] + info["chunker"]["stall_samples"] >= 0.9 * 48_000
     # The session clock kept pace with wall time through the gap.
     assert info["chunks_in"] >= 18
+
+
+class LateStartTrack(ScriptedAudioTrack):
+    """Sends its first frames 60 ms late, as a sender does when the server's loop is
+    busy during the handshake, then keeps time: its first frames misplace the grid."""
+
+    async def recv(self):
+        frame = await super().recv()
+        if frame.pts < 5 * FRAME_SAMPLES:
+            due = self.started_at + frame.pts / SEND_RATE
+            await asyncio.sleep(max(0.0, due + 0.06 - time.monotonic()))
+        return frame
+
+
+async def test_a_session_that_joined_off_the_grid_is_put_back_on_it(live_server):
+    """Sessions share a step only if their chunks close within 15 ms of each other.
+    One aligned from late first frames starts tens of ms off (measured 43-48); once
+    a second of frames has shown its clock, it pads its (quiet) input once and joins
+    the other's steps."""
+    quiet = np.zeros(5 * SAMPLE_RATE, dtype=np.float32)
+    steady = Peer(live_server.url, quiet)
+    late = Peer(live_server.url, quiet)
+    late.track = LateStartTrack(quiet)
+    await steady.connect()
+    await steady.wait_for_event("session.ready")
+    await late.connect()
+    try:
+        await late.wait_for_event("session.ready")
+        await asyncio.sleep(3.5)
+        async with httpx.AsyncClient() as client:
+            chunker = (await client.get(late.session_url)).json()["chunker"]
+    finally:
+        await late.close()
+        await steady.close()
+    batches = [event["batch"] for event in late.events_of("turn")]
+    # Once; a second time only if a frame much earlier than any before came later.
+    assert 1 <= chunker["realignments"] <= 2 and chunker["realign_samples"] > 0, chunker
+    assert 1 in batches[:4], f"it started on the grid after all, so this shows nothing: {batches}"
+    shared = batches[-8:].count(2)
+    assert shared >= 6, f"after padding it shared {shared} of its last 8 steps: {batches}"
 
 
 async def test_a_smaller_server_jitter_buffer_shortens_the_round_trip(speech):

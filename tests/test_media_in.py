@@ -124,6 +124,45 @@ def test_lead_in_shifts_the_chunk_boundaries():
         AudioChunker(lead_in_samples=TURN_SAMPLES)
 
 
+def test_padding_moves_later_boundaries_sooner_and_loses_nothing():
+    chunker, reference = AudioChunker(), AudioChunker()
+    frames = [make_frame(i) for i in range(30)]  # 600 ms
+    padding = 1_000
+    padded = feed(chunker, frames[:12])  # one chunk closed, 40 ms into the next
+    assert chunker.samples_to_boundary == TURN_SAMPLES - 640
+    padded += chunker.pad(padding)
+    padded += feed(chunker, frames[12:])
+    plain = feed(reference, frames)
+    audio, expected = np.concatenate(padded), np.concatenate(plain)
+    # The same stream with `padding` zeros spliced in where the pad was made.
+    split = TURN_SAMPLES + 640
+    assert np.array_equal(audio[:split], expected[:split])
+    assert np.all(audio[split : split + padding] == 0)
+    assert np.array_equal(audio[split + padding :], expected[split : audio.size - padding])
+    # The boundary after the pad came `padding` samples sooner.
+    assert len(padded) == 3 and chunker.samples_to_boundary == TURN_SAMPLES - (600 * 16 + padding - 3 * TURN_SAMPLES)
+    assert chunker.stats.realignments == 1 and chunker.stats.realign_samples == padding
+    with pytest.raises(ValueError):
+        chunker.pad(TURN_SAMPLES)
+
+
+def test_a_pad_past_the_boundary_closes_the_chunk_at_once():
+    chunker = AudioChunker()
+    feed(chunker, (make_frame(i) for i in range(9)))  # 180 ms: 20 ms short of the boundary
+    closed = chunker.pad(TURN_SAMPLES // 2)
+    assert len(closed) == 1 and np.all(closed[0][-320:] == 0)
+    assert chunker.samples_to_boundary == TURN_SAMPLES // 2 + 320
+
+
+def test_media_time_counts_the_senders_stream_not_lead_in_or_padding():
+    chunker = AudioChunker(lead_in_samples=500)
+    feed(chunker, (make_frame(i) for i in range(10)))
+    chunker.pad(700)
+    feed(chunker, (make_frame(i) for i in range(15, 20)))  # 100 ms lost before these
+    chunker.fill_silence(5 * FRAME)  # then a 100 ms stall
+    assert chunker.media_seconds == pytest.approx(0.2 + 0.1 + 0.1 + 0.1)
+
+
 def test_a_format_change_mid_stream_does_not_raise_or_lose_time():
     chunker = AudioChunker()
     chunks = feed(chunker, (make_frame(i, layout="stereo") for i in range(25)))
