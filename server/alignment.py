@@ -12,10 +12,10 @@ late, so the earliest frame is the truest. Five frames suffice on an idle server
 but under load every one of the first frames can arrive late (measured: with both
 cores busy, a session aligned from its first five frames missed the grid by 25–35
 ms and never shared a step, in 4 of 10 runs). So the estimate keeps improving with
-every frame, over a sliding window that also follows clock drift (a sender's clock
-off by 100 ppm moves its chunks 20 ms in 200 s), and a session found off the grid
-is padded again, once the user is quiet: the model hears a short extra pause in
-silence, and no audio is lost.
+every frame, over a sliding window (10 s) that also follows clock drift (a sender's
+clock off by 100 ppm moves its chunks 20 ms in 200 s), and a session found more than
+10 ms off the grid is padded again, once the user is quiet: the model hears a short
+extra pause in silence, and no audio is lost.
 """
 
 from __future__ import annotations
@@ -24,8 +24,10 @@ from collections import deque
 
 from model.interface import SAMPLE_RATE, TURN_SAMPLES
 
-# Closer to the grid than this is on it: re-padding for less would only chase noise.
-ALIGN_TOLERANCE_SAMPLES = SAMPLE_RATE * 4 // 1000  # 4 ms
+# Closer to the grid than this is on it. Re-padding for less chased noise: over a
+# network with 30 ms of jitter, sessions padded every second or two by 4-11 ms, back
+# and forth, each time inserting up to 195 ms of silence (a 4 s window, 4 ms).
+ALIGN_TOLERANCE_SAMPLES = SAMPLE_RATE * 10 // 1000  # 10 ms
 # Media time the estimate must cover before it can move a session's boundaries.
 MIN_EVIDENCE_S = 1.0
 
@@ -34,7 +36,7 @@ class SenderClock:
     """Our clock minus the sender's media clock, as the least of (arrival − media
     time) over the last ``window_s`` seconds of media, kept as per-second minima."""
 
-    def __init__(self, window_s: float = 4.0, bucket_s: float = 1.0) -> None:
+    def __init__(self, window_s: float = 10.0, bucket_s: float = 1.0) -> None:
         self.bucket_s = bucket_s
         self._buckets: deque[tuple[int, float]] = deque()  # (bucket index, least offset)
         self._keep = max(1, round(window_s / bucket_s))

@@ -51,6 +51,7 @@ _RECORDED_VIDEO_WIDTH = 160  # pixels; the height keeps the camera's aspect
 _QUIET_RMS = 0.01  # a turn quieter than this is not speech (drain waits for one; realigning for one)
 _ALIGN_FRAMES = 5  # frames whose arrival times place the first chunk on the engine grid
 _ALIGN_CHECK_TURNS = 5  # turns between checks that the chunks still close on the grid
+_REALIGN_HOLDOFF_TURNS = 50  # and after padding, before the next (the estimate is noisy)
 
 
 @dataclass(slots=True)
@@ -371,6 +372,7 @@ class Session:
         padding = padding_to_grid(boundary_at, self.engine.grid_origin)
         if is_on_grid(padding):
             return []
+        self._next_alignment_check = chunker.next_turn + _REALIGN_HOLDOFF_TURNS
         log.info("session %s: chunks %.1f ms off the engine grid; padding %d samples",
                  self.id, min(padding, TURN_SAMPLES - padding) * 1000 / SAMPLE_RATE, padding)
         return chunker.pad(padding)
