@@ -9,13 +9,13 @@ an estimate of when its audio arrives by our clock.
 That estimate is the sender's clock: over recent frames, the least of (arrival −
 media time). Delays in the network and on a busy event loop only ever make a frame
 late, so the earliest frame is the truest. Five frames suffice on an idle server,
-but under load every one of the first frames can arrive late (measured: with both
-cores busy, a session aligned from its first five frames missed the grid by 25–35
-ms and never shared a step, in 4 of 10 runs). So the estimate keeps improving with
-every frame, over a sliding window (10 s) that also follows clock drift (a sender's
-clock off by 100 ppm moves its chunks 20 ms in 200 s), and a session found more than
-10 ms off the grid is padded again, once the user is quiet: the model hears a short
-extra pause in silence, and no audio is lost.
+but under load every one of the first frames can arrive late (measured with both
+cores busy: sessions aligned from their first five frames landed 25–100 ms off the
+grid, and two sessions never shared a step in 4 runs of 10). So the estimate keeps
+improving with every frame, over a sliding window (10 s) that also follows clock
+drift (a sender's clock off by 100 ppm moves its chunks 20 ms in 200 s), and a
+session found more than 10 ms off the grid is padded again, once the user is
+quiet: the model hears a short extra pause in silence, and no audio is lost.
 """
 
 from __future__ import annotations

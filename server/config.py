@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from server.engine import BATCH_WINDOW_S
 from server.events import MAX_MESSAGE_BYTES, MAX_TEXT_CHARS
 
 WEB_ROOT = Path(__file__).resolve().parent.parent / "web"
@@ -49,10 +50,8 @@ class ServerConfig:
     # at 57 ms, with no underruns either way (loadtest, 2 peers, docs/benchmarks.md).
     playout_delay_ms: float = 20.0
     # The engine steps once every session has a chunk, or this long after the first
-    # arrived: sessions whose chunks close further apart never share a step. Senders'
-    # 20 ms frames put aligned sessions' closes up to 20 ms apart, so 15 ms split some
-    # pairs for good and 25 ms none (python -m bench.batching; docs/benchmarks.md).
-    batch_window_ms: float = 25.0
+    # arrived: sessions whose chunks close further apart never share a step.
+    batch_window_ms: float = BATCH_WINDOW_S * 1000
     # Incoming audio: packets aiortc's jitter buffer holds before releasing (aiortc: 4).
     jitter_prefetch: int = 1
     # Outgoing audio as mono Opus encoded by the track (see media_out.py); False hands

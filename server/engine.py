@@ -50,6 +50,11 @@ from server import telemetry as tm
 log = logging.getLogger(__name__)
 
 TURN_S = TURN_MS / 1000
+# How long a step waits for the chunks of sessions not yet ready. A chunk closes when
+# the frame holding its last sample arrives, and independent senders' 20 ms frames are
+# out of phase, so sessions on the grid close up to 20 ms apart: 15 ms split some
+# pairs for good, 25 ms none (python -m bench.batching; docs/benchmarks.md).
+BATCH_WINDOW_S = 0.025
 MAX_FAILURES = 3  # failed steps in a row after which a session's model state is reset
 
 # Codes for ``SessionSink.on_step_error``:
@@ -89,7 +94,7 @@ class _Slot:
 
 
 class Engine:
-    def __init__(self, model: MicroTurnModel, batch_window_s: float = 0.025,
+    def __init__(self, model: MicroTurnModel, batch_window_s: float = BATCH_WINDOW_S,
                  tracer: trace.Tracer | None = None, on_step: Callable[[StepInfo], None] | None = None) -> None:
         self.model = model
         self.batch_window_s = batch_window_s

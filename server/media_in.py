@@ -2,7 +2,8 @@
 
 The session clock is the sender's media clock (RTP timestamps, carried by aiortc as
 each frame's ``pts``), not the arrival time of packets. Chunk *t* therefore always
-covers [200·t, 200·t + 200) ms of the session, whatever the network does:
+covers [200·t, 200·t + 200) ms of the session (less the lead-in and any padding
+before it), whatever the network does:
 
 - a gap in timestamps (lost packets) is filled with silence before resampling, so
   the resampler sees one continuous stream and its filter state stays valid;
@@ -177,13 +178,18 @@ class AudioChunker:
         return TURN_SAMPLES - self._filled
 
     def pad(self, samples: int) -> list[np.ndarray]:
-        """Insert ``samples`` of silence here, so every later boundary comes that much
-        sooner; returns the chunk it closed, if the boundary moved into the past."""
+        """Insert ``samples`` of silence at the last boundary, before what the current
+        chunk holds so far, so every later boundary comes that much sooner; returns
+        the chunk it closed, if the boundary moved into the past. (At the boundary, not
+        at the end: called after a quiet chunk, the silence then follows quiet audio
+        even if the user started speaking in the frame that closed it.)"""
         if not 0 <= samples < TURN_SAMPLES:
             raise ValueError("padding must be shorter than one micro-turn")
         self.stats.realignments += 1
         self.stats.realign_samples += samples
-        return self._append(np.zeros(samples, dtype=np.float32), downmixed=True)
+        held, self._filled = self._buffer[: self._filled].copy(), 0
+        closed = self._append(np.zeros(samples, dtype=np.float32), downmixed=True)
+        return closed + self._append(held, downmixed=True)
 
     def flush(self) -> list[np.ndarray]:
         """Drain the resampler at the end of the stream (the last chunk, zero-padded)."""

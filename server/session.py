@@ -104,7 +104,7 @@ class Session:
         self._first_frames: list[av.AudioFrame] = []  # held until the chunker is aligned
         self._held_media_s = 0.0  # their media time
         self._sender_clock = SenderClock()  # when the sender's audio arrives by our clock
-        self._sender_restarts = (0, 0)  # the chunker's discontinuities and format changes
+        self._sender_restarts = (0, 0, 0)  # the chunker's discontinuities, format changes, stalls
         self._observed_media_s = 0.0
         self._next_alignment_check = 0  # turn
         self._clock_wall = 0.0  # wall time matching the end of the audio consumed so far
@@ -349,8 +349,10 @@ class Session:
         """Refine the sender's clock with a frame just consumed (server/alignment.py)."""
         chunker = self._chunker
         assert chunker is not None
-        restarts = (chunker.stats.discontinuities, chunker.stats.format_changes)
-        if restarts != self._sender_restarts:  # a new media clock: start over
+        # A new media clock, or a stall (media time moved on without frames, and the
+        # first frames back come in a late burst): start over.
+        restarts = (chunker.stats.discontinuities, chunker.stats.format_changes, chunker.stats.stall_samples)
+        if restarts != self._sender_restarts:
             self._sender_restarts = restarts
             self._sender_clock.reset()
         if chunker.media_seconds > self._observed_media_s:  # not a late frame it dropped
@@ -360,12 +362,16 @@ class Session:
     def _realign_if_off_grid(self, last_chunk_rms: float) -> list[np.ndarray]:
         """Pad the input back onto the engine's grid if the sender's clock, now known
         better than from the first frames, says it has left it. Only while the user
-        is quiet: the model then hears a slightly longer silence, never a cut word."""
+        is quiet: the model then hears a slightly longer silence, never a cut word.
+        And only while the model is quiet: after a pad its turns arrive up to 200 ms
+        sooner, deepening the output queue by as much; the output track drops queued
+        silence at once, but a reply in progress would play that much later."""
         chunker = self._chunker
         assert chunker is not None
         offset = self._sender_clock.offset
         if (offset is None or self._sender_clock.evidence_s < MIN_EVIDENCE_S
-                or last_chunk_rms >= _QUIET_RMS or chunker.next_turn < self._next_alignment_check):
+                or max(last_chunk_rms, self._last_output_rms) >= _QUIET_RMS
+                or chunker.next_turn < self._next_alignment_check):
             return []
         self._next_alignment_check = chunker.next_turn + _ALIGN_CHECK_TURNS
         boundary_at = offset + chunker.media_seconds + chunker.samples_to_boundary / SAMPLE_RATE
@@ -397,7 +403,8 @@ class Session:
         first = self._chunker.next_turn - len(chunks)
         for offset, chunk in enumerate(chunks):
             self._submit(first + offset, chunk)
-        if chunks:  # right after a boundary: the place to move the next one
+        if chunks:  # right after a boundary: the place to move the next one (once:
+            # a pad puts off the next check, so the inner call submits and stops)
             self._submit_all(self._realign_if_off_grid(_rms(chunks[-1])))
 
     def _submit(self, turn: int, chunk: np.ndarray) -> None:

@@ -56,5 +56,8 @@ def test_padding_puts_a_boundary_on_the_grid_line_at_or_before_it():
         padding = padding_to_grid(boundary, origin)
         assert 0 <= padding < TURN_SAMPLES
         assert padding == pytest.approx(late_s * SAMPLE_RATE, abs=1)
+        moved = boundary - padding / SAMPLE_RATE  # lands on a grid line, to a sample
+        phase = (moved - origin) % 0.2
+        assert min(phase, 0.2 - phase) < 1 / SAMPLE_RATE
     assert is_on_grid(0) and is_on_grid(ALIGN_TOLERANCE_SAMPLES) and is_on_grid(TURN_SAMPLES - 10)
     assert not is_on_grid(ALIGN_TOLERANCE_SAMPLES + 1) and not is_on_grid(TURN_SAMPLES // 2)

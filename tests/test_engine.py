@@ -9,9 +9,8 @@ from collections.abc import Sequence
 import numpy as np
 import pytest
 
-from model.interface import SAMPLE_RATE, TURN_SAMPLES, TurnInput, TurnOutput
-from server.alignment import padding_to_grid
-from server.engine import MAX_FAILURES, SESSION_RESET, STEP_FAILED, TURN_S, EchoModel, Engine, StepInfo
+from model.interface import TURN_SAMPLES, TurnInput, TurnOutput
+from server.engine import MAX_FAILURES, SESSION_RESET, STEP_FAILED, EchoModel, Engine, StepInfo
 
 
 class Collector:
@@ -170,16 +169,6 @@ def test_closing_a_session_discards_its_queue_and_frees_the_model_state(engine_f
     assert "a" not in model._previous
     with pytest.raises(ValueError):
         engine.submit(TurnInput("b", 0, np.zeros(10, dtype=np.float32)))
-
-
-def test_lead_in_puts_a_new_session_on_the_tick_grid():
-    engine = Engine(EchoModel())
-    for offset in (0.0, 0.013, 0.1, 0.199):
-        closes_at = engine.grid_origin + 5 * TURN_S + offset
-        lead_in = padding_to_grid(closes_at, engine.grid_origin)
-        aligned = closes_at - lead_in / SAMPLE_RATE
-        phase = (aligned - engine.grid_origin) % TURN_S
-        assert min(phase, TURN_S - phase) < 1 / SAMPLE_RATE + 1e-9
 
 
 def test_a_session_that_joins_mid_step_waits_at_most_one_step(engine_factory):

@@ -158,8 +158,8 @@ class LateStartTrack(ScriptedAudioTrack):
 
 
 async def test_a_session_that_joined_off_the_grid_is_put_back_on_it(live_server):
-    """Sessions share a step only if their chunks close within 15 ms of each other.
-    One aligned from late first frames starts tens of ms off (measured 43-48); once
+    """Sessions share a step only if their chunks close within 25 ms of each other.
+    One aligned from first frames 60 ms late starts tens of ms off (measured 43-48); once
     a second of frames has shown its clock, it pads its (quiet) input once and joins
     the other's steps."""
     quiet = np.zeros(5 * SAMPLE_RATE, dtype=np.float32)
@@ -178,8 +178,7 @@ async def test_a_session_that_joined_off_the_grid_is_put_back_on_it(live_server)
         await late.close()
         await steady.close()
     batches = [event["batch"] for event in late.events_of("turn")]
-    # Once; a second time only if a frame much earlier than any before came later.
-    assert 1 <= chunker["realignments"] <= 2 and chunker["realign_samples"] > 0, chunker
+    assert chunker["realignments"] == 1 and chunker["realign_samples"] > 0, chunker
     assert 1 in batches[:4], f"it started on the grid after all, so this shows nothing: {batches}"
     shared = batches[-8:].count(2)
     assert shared >= 6, f"after padding it shared {shared} of its last 8 steps: {batches}"

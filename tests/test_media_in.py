@@ -134,8 +134,9 @@ def test_padding_moves_later_boundaries_sooner_and_loses_nothing():
     padded += feed(chunker, frames[12:])
     plain = feed(reference, frames)
     audio, expected = np.concatenate(padded), np.concatenate(plain)
-    # The same stream with `padding` zeros spliced in where the pad was made.
-    split = TURN_SAMPLES + 640
+    # The same stream with `padding` zeros spliced in at the last boundary, before the
+    # 40 ms the next chunk already held (the user may have begun a word there).
+    split = TURN_SAMPLES
     assert np.array_equal(audio[:split], expected[:split])
     assert np.all(audio[split : split + padding] == 0)
     assert np.array_equal(audio[split + padding :], expected[split : audio.size - padding])
@@ -148,10 +149,12 @@ def test_padding_moves_later_boundaries_sooner_and_loses_nothing():
 
 def test_a_pad_past_the_boundary_closes_the_chunk_at_once():
     chunker = AudioChunker()
-    feed(chunker, (make_frame(i) for i in range(9)))  # 180 ms: 20 ms short of the boundary
+    held = np.concatenate(feed(chunker, (make_frame(i) for i in range(19))))  # 380 ms: 20 ms short
     closed = chunker.pad(TURN_SAMPLES // 2)
-    assert len(closed) == 1 and np.all(closed[0][-320:] == 0)
+    assert len(closed) == 1 and np.all(closed[0][: TURN_SAMPLES // 2] == 0)
+    assert np.abs(closed[0][TURN_SAMPLES // 2 :]).max() > 0.3  # what it held, after the silence
     assert chunker.samples_to_boundary == TURN_SAMPLES // 2 + 320
+    assert held.size == TURN_SAMPLES
 
 
 def test_media_time_counts_the_senders_stream_not_lead_in_or_padding():

@@ -335,9 +335,14 @@ async def test_the_event_loop_keeps_moving_while_the_model_engine_is_saturated(s
 
 async def test_traces_run_from_the_page_to_the_tool_call(service, speech):
     trace_id, parent_id = "0af7651916cd43dd8448eb211c80319c", "b7ad6b7169203331"
-    peer = Peer(service.url, speech)
+    # Both begin with a quiet 1.5 s, as calls do: a session that joined off the engine's
+    # grid (first frames late on a busy machine) moves back onto it only while both it
+    # and the model are quiet (server/alignment.py).
+    peer = Peer(service.url, speech, lead_silence_s=1.5)
     await peer.connect(traceparent=f"00-{trace_id}-{parent_id}-01")
-    other = await connected(service, speech)  # a second session shares model steps
+    other = Peer(service.url, speech, lead_silence_s=1.5)  # a second session shares model steps
+    await other.connect()
+    await other.wait_for_event("session.ready")
     try:
         await peer.wait_for_event("session.ready")
         peer.send({"type": "task.create", "tool": "calc", "input": "6*7"})
