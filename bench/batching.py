@@ -23,12 +23,13 @@ import sys
 
 import numpy as np
 
+from loadtest.peer import Peer
+from loadtest.run import start_server
+from model.interface import SAMPLE_RATE, TURN_MS
+
 
 async def shared_share(url: str, peers: int, seconds: float, settle_s: float, rng: random.Random) -> float:
     """Share of the peers' turns after ``settle_s`` whose step served all ``peers``."""
-    from loadtest.peer import Peer
-    from model.interface import SAMPLE_RATE, TURN_MS
-
     quiet = np.zeros(int((seconds + 1) * SAMPLE_RATE), dtype=np.float32)
     connected: list[Peer] = []
     try:
@@ -62,8 +63,6 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--windows", default="15,25", help="batch windows to compare, ms (comma-separated)")
     parser.add_argument("--load", type=int, default=0, help="busy processes running beside the server")
     args = parser.parse_args(argv)
-    from loadtest.run import start_server
-
     windows = [float(w) for w in args.windows.split(",")]
     burners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(args.load)]
     samples: dict[float, list[float]] = {w: [] for w in windows}

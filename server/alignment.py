@@ -44,9 +44,13 @@ class SenderClock:
         self._last_media_s = 0.0
 
     def observe(self, arrived: float, media_end_s: float) -> None:
-        """A frame whose last sample is at ``media_end_s`` of the stream arrived at ``arrived``."""
+        """A frame whose last sample is at ``media_end_s`` of the stream arrived at
+        ``arrived``. One that did not move the stream on (a late frame the chunker
+        dropped) says nothing about when new audio arrives, and is ignored."""
         if self._first_media_s is None:
             self._first_media_s = media_end_s
+        elif media_end_s <= self._last_media_s:
+            return
         self._last_media_s = media_end_s
         offset = arrived - media_end_s
         index = int(media_end_s // self.bucket_s)

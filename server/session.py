@@ -102,10 +102,8 @@ class Session:
         self._on_closed = on_closed
         self._chunker: AudioChunker | None = None
         self._first_frames: list[av.AudioFrame] = []  # held until the chunker is aligned
-        self._held_media_s = 0.0  # their media time
         self._sender_clock = SenderClock()  # when the sender's audio arrives by our clock
         self._sender_restarts = (0, 0, 0)  # the chunker's discontinuities, format changes, stalls
-        self._observed_media_s = 0.0
         self._next_alignment_check = 0  # turn
         self._clock_wall = 0.0  # wall time matching the end of the audio consumed so far
         self._chunk_closed_ns: dict[int, int] = {}
@@ -314,8 +312,7 @@ class Session:
             if self._chunker is None:
                 # Held until their arrivals say where the first chunk should close.
                 self._first_frames.append(frame)
-                self._held_media_s += frame.samples / frame.sample_rate
-                self._sender_clock.observe(now, self._held_media_s)
+                self._sender_clock.observe(now, sum(f.samples / f.sample_rate for f in self._first_frames))
                 if len(self._first_frames) < _ALIGN_FRAMES:
                     continue
                 self._chunker = self._new_chunker()
@@ -355,9 +352,7 @@ class Session:
         if restarts != self._sender_restarts:
             self._sender_restarts = restarts
             self._sender_clock.reset()
-        if chunker.media_seconds > self._observed_media_s:  # not a late frame it dropped
-            self._observed_media_s = chunker.media_seconds
-            self._sender_clock.observe(arrived, chunker.media_seconds)
+        self._sender_clock.observe(arrived, chunker.media_seconds)
 
     def _realign_if_off_grid(self, last_chunk_rms: float) -> list[np.ndarray]:
         """Pad the input back onto the engine's grid if the sender's clock, now known
@@ -401,13 +396,15 @@ class Session:
         """Hand closed chunks to the engine; the chunker has already counted them."""
         assert self._chunker is not None
         first = self._chunker.next_turn - len(chunks)
+        last_rms = 0.0
         for offset, chunk in enumerate(chunks):
-            self._submit(first + offset, chunk)
+            last_rms = self._submit(first + offset, chunk)
         if chunks:  # right after a boundary: the place to move the next one (once:
             # a pad puts off the next check, so the inner call submits and stops)
-            self._submit_all(self._realign_if_off_grid(_rms(chunks[-1])))
+            self._submit_all(self._realign_if_off_grid(last_rms))
 
-    def _submit(self, turn: int, chunk: np.ndarray) -> None:
+    def _submit(self, turn: int, chunk: np.ndarray) -> float:
+        """Hand one chunk to the engine; returns its RMS."""
         self.stats.chunks_in += 1
         rms = _rms(chunk)
         self.stats.input_rms_max = max(self.stats.input_rms_max, rms)
@@ -417,6 +414,7 @@ class Session:
         if self.recorder is not None:
             self.recorder.input(turn, chunk, text)
         self.engine.submit(TurnInput(self.id, turn, chunk, text))
+        return rms
 
     def _queue_model_text(self, text: str) -> None:
         """Typed text and background results: they enter the model at the next micro-turn."""
