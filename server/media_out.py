@@ -73,6 +73,7 @@ class OutputAudioTrack(MediaStreamTrack):
         self.flushed_frames = 0
         self.dropped_frames = 0  # dropped to keep latency bounded
         self.skipped_quiet_frames = 0  # quiet frames dropped to win back latency after a late turn
+        self.tick_realignments = 0  # send ticks moved to a new turn phase (realign_from_turn)
         self._queue: deque[np.ndarray] = deque()
         # Which turn's audio starts where: (index of its first frame among all frames
         # ever queued, turn). When that frame is sent, (turn, pts) goes to
@@ -90,6 +91,7 @@ class OutputAudioTrack(MediaStreamTrack):
         self._pending = np.zeros(0, dtype=np.int16)  # < one frame of resampled audio
         self._resampler = self._new_resampler()
         self._clock_start: float | None = None
+        self._realign_at_turn: int | None = None  # see realign_from_turn
         self._pts = 0
         self._playing = False  # False after running dry, until the playout delay passes
         self._refill_since: float | None = None
@@ -122,6 +124,10 @@ class OutputAudioTrack(MediaStreamTrack):
         self._input_since_reset += audio.size
         if self._frames_queued == 0 and whole:
             self._align_clock_to_now()  # the first audio: tick in step with the engine's turns
+        elif self._realign_at_turn is not None and turn is not None and turn >= self._realign_at_turn:
+            self._realign_at_turn = None
+            self.tick_realignments += 1
+            self._align_clock_to_now()
         self._queue.extend(samples[:whole].reshape(-1, FRAME_SAMPLES))
         self._frames_queued += whole // FRAME_SAMPLES
         self._pending = samples[whole:]
@@ -133,6 +139,18 @@ class OutputAudioTrack(MediaStreamTrack):
         while len(self._queue) > self._target_frames and np.abs(self._queue[0]).max() < _QUIET:
             self._take()
             self.skipped_quiet_frames += 1
+
+    def realign_from_turn(self, turn: int) -> None:
+        """The session's turns moved on the engine's grid from ``turn`` on (its input was
+        padded back onto it): put the send ticks in phase with that turn's arrival, not
+        the old one's, or its replies wait up to 20 ms more for a tick. Turns before it
+        are still in flight and arrive in the old phase."""
+        self._realign_at_turn = turn
+
+    @property
+    def next_frame_due(self) -> float | None:
+        """When (``time.monotonic``) the next frame is due; None before any audio."""
+        return None if self._clock_start is None else self._clock_start + self._pts / OUTPUT_RATE
 
     def _align_clock_to_now(self) -> None:
         """Put the 20 ms send ticks in phase with now. Turns arrive on the engine's 200 ms

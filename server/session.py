@@ -273,6 +273,7 @@ class Session:
                 "underrun_frames": self.output.underrun_frames,
                 "flushed_frames": self.output.flushed_frames,
                 "dropped_frames": self.output.dropped_frames,
+                "tick_realignments": self.output.tick_realignments,
                 "queued_ms": self.output.queued_ms,
             },
             **asdict(self.stats),
@@ -376,6 +377,7 @@ class Session:
         self._next_alignment_check = chunker.next_turn + _REALIGN_HOLDOFF_TURNS
         log.info("session %s: chunks %.1f ms off the engine grid; padding %d samples",
                  self.id, min(padding, TURN_SAMPLES - padding) * 1000 / SAMPLE_RATE, padding)
+        self.output.realign_from_turn(chunker.next_turn)  # the first turn the pad moves
         return chunker.pad(padding)
 
     async def _watch_for_stalls(self) -> None:

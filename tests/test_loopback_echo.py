@@ -160,8 +160,8 @@ class LateStartTrack(ScriptedAudioTrack):
 async def test_a_session_that_joined_off_the_grid_is_put_back_on_it(live_server):
     """Sessions share a step only if their chunks close within 25 ms of each other.
     One aligned from first frames 60 ms late starts tens of ms off (measured 43-48); once
-    a second of frames has shown its clock, it pads its (quiet) input once and joins
-    the other's steps."""
+    a second of frames has shown its clock, it pads its (quiet) input once, joins the
+    other's steps and moves its send ticks to the new phase."""
     quiet = np.zeros(5 * SAMPLE_RATE, dtype=np.float32)
     steady = Peer(live_server.url, quiet)
     late = Peer(live_server.url, quiet)
@@ -173,12 +173,15 @@ async def test_a_session_that_joined_off_the_grid_is_put_back_on_it(live_server)
         await late.wait_for_event("session.ready")
         await asyncio.sleep(3.5)
         async with httpx.AsyncClient() as client:
-            chunker = (await client.get(late.session_url)).json()["chunker"]
+            described = (await client.get(late.session_url)).json()
     finally:
         await late.close()
         await steady.close()
+    chunker = described["chunker"]
     batches = [event["batch"] for event in late.events_of("turn")]
     assert chunker["realignments"] == 1 and chunker["realign_samples"] > 0, chunker
+    # Its replies then leave on send ticks in phase with the moved turns.
+    assert described["output"]["tick_realignments"] == 1, described["output"]
     assert 1 in batches[:4], f"it started on the grid after all, so this shows nothing: {batches}"
     shared = batches[-8:].count(2)
     assert shared >= 6, f"after padding it shared {shared} of its last 8 steps: {batches}"

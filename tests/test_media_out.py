@@ -99,5 +99,29 @@ async def test_a_turn_is_marked_at_the_frame_holding_its_first_sample():
     assert track.underrun_frames == 2  # after the first turn's 9 frames, and at the end
 
 
+async def test_send_ticks_move_to_the_turn_a_realignment_names_and_only_then():
+    """A session padded back onto the engine's grid asks for ticks in phase with the
+    first turn the pad moved (``realign_from_turn``); turns before it, still in flight,
+    leave the clock alone, and once moved it keeps time from the new phase."""
+    track = OutputAudioTrack(playout_delay_ms=0)
+    track._wait_for_next_frame = _no_wait  # pts runs ahead of the wall clock: phases differ
+    track.enqueue(turn_of_tone(), 0)
+    first_due = track.next_frame_due
+    assert first_due is not None and abs(first_due - time.monotonic()) < 0.05
+    await receive(track, 10)
+    track.realign_from_turn(2)
+    track.enqueue(turn_of_tone(), 1)  # in flight before the pad: the old phase
+    assert track.next_frame_due == first_due + 10 * FRAME_SAMPLES / OUTPUT_RATE
+    await receive(track, 10)
+    track.enqueue(turn_of_tone(), 2)
+    moved_at = time.monotonic()
+    assert abs(track.next_frame_due - moved_at) < 0.05  # was ~0.4 s ahead on the old phase
+    assert track.tick_realignments == 1
+    await receive(track, 10)
+    track.enqueue(turn_of_tone(), 3)  # once only: now the clock runs on from turn 2's phase
+    assert abs(track.next_frame_due - (moved_at + 10 * FRAME_SAMPLES / OUTPUT_RATE)) < 0.05
+    assert track.tick_realignments == 1
+
+
 async def _no_wait() -> None:
     return None
