@@ -122,11 +122,14 @@ class OutputAudioTrack(MediaStreamTrack):
             first_sample = self._stream_base + self._input_since_reset * (OUTPUT_RATE // SAMPLE_RATE)
             self._turn_marks.append((first_sample // FRAME_SAMPLES, turn))
         self._input_since_reset += audio.size
-        if self._frames_queued == 0 and whole:
-            self._align_clock_to_now()  # the first audio: tick in step with the engine's turns
-        elif self._realign_at_turn is not None and turn is not None and turn >= self._realign_at_turn:
+        moved = self._realign_at_turn is not None and turn is not None and turn >= self._realign_at_turn
+        if moved:
             self._realign_at_turn = None
-            self.tick_realignments += 1
+            if self._frames_queued:  # before any audio the first-audio alignment does it
+                self.tick_realignments += 1
+        if (self._frames_queued == 0 or moved) and whole:
+            # Tick in step with the engine's turns: from the first audio, and again
+            # from the first turn a realignment moved.
             self._align_clock_to_now()
         self._queue.extend(samples[:whole].reshape(-1, FRAME_SAMPLES))
         self._frames_queued += whole // FRAME_SAMPLES

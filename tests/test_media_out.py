@@ -122,6 +122,12 @@ async def test_send_ticks_move_to_the_turn_a_realignment_names_and_only_then():
     assert abs(track.next_frame_due - (moved_at + 10 * FRAME_SAMPLES / OUTPUT_RATE)) < 0.05
     assert track.tick_realignments == 1
 
+    fresh = OutputAudioTrack(playout_delay_ms=0)  # padded before any audio: the first
+    fresh.realign_from_turn(0)  # audio's own alignment serves, and nothing is left pending
+    fresh.enqueue(turn_of_tone(), 0)
+    fresh.enqueue(turn_of_tone(), 1)
+    assert fresh.tick_realignments == 0 and fresh.next_frame_due is not None
+
 
 async def _no_wait() -> None:
     return None
