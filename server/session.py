@@ -28,7 +28,7 @@ from opentelemetry.trace import SpanContext
 
 from model.interface import SAMPLE_RATE, TURN_MS, TURN_SAMPLES, TurnInput, TurnOutput
 from server import telemetry as tm
-from server.alignment import MIN_EVIDENCE_S, SenderClock, is_on_grid, padding_to_grid
+from server.alignment import MIN_EVIDENCE_S, QUIET_RMS, QuietFloor, SenderClock, is_on_grid, padding_to_grid
 from server.config import ServerConfig
 from server.engine import TURN_S, Engine, StepInfo
 from server.events import CHANNEL_LABEL, PROTOCOL_VERSION, ProtocolError, RateLimit, parse_client_message, server_event
@@ -48,7 +48,6 @@ _MAX_EARLY_EVENTS = 64  # events kept for a data channel that is not open yet
 _WATCHDOG_PERIOD_S = 0.1
 _PEER_WATCH_PERIOD_S = 0.25
 _RECORDED_VIDEO_WIDTH = 160  # pixels; the height keeps the camera's aspect
-_QUIET_RMS = 0.01  # a turn quieter than this is not speech (drain waits for one; realigning for one)
 _ALIGN_FRAMES = 5  # frames whose arrival times place the first chunk on the engine grid
 _ALIGN_CHECK_TURNS = 5  # turns between checks that the chunks still close on the grid
 _REALIGN_HOLDOFF_TURNS = 50  # and after padding, before the next (the estimate is noisy)
@@ -99,6 +98,8 @@ class Session:
         self.ending_reason: str | None = None  # set once ``session.ending`` went out
         self._last_heard = time.monotonic()  # the peer's last audio frame or message
         self._last_output_rms = 0.0
+        # Where each side's background sits, for realigning only in quiet (server/alignment.py).
+        self._input_quiet, self._output_quiet = QuietFloor(), QuietFloor()
         self._on_closed = on_closed
         self._chunker: AudioChunker | None = None
         self._first_frames: list[av.AudioFrame] = []  # held until the chunker is aligned
@@ -231,7 +232,7 @@ class Session:
         deadline = time.monotonic() + drain_s
         self.emit("session.ending", reason=reason, deadline_ms=round((time.time() + drain_s) * 1000))
         while time.monotonic() < deadline and self.close_reason is None:
-            if self.tasks.running == 0 and self._last_output_rms < _QUIET_RMS:
+            if self.tasks.running == 0 and self._last_output_rms < QUIET_RMS:
                 break
             await asyncio.sleep(0.05)
         await asyncio.sleep(min(0.1, max(0.0, deadline - time.monotonic())))  # let the last events go out
@@ -366,7 +367,8 @@ class Session:
         assert chunker is not None
         offset = self._sender_clock.offset
         if (offset is None or self._sender_clock.evidence_s < MIN_EVIDENCE_S
-                or max(last_chunk_rms, self._last_output_rms) >= _QUIET_RMS
+                or not self._input_quiet.is_quiet(last_chunk_rms)
+                or not self._output_quiet.is_quiet(self._last_output_rms)
                 or chunker.next_turn < self._next_alignment_check):
             return []
         self._next_alignment_check = chunker.next_turn + _ALIGN_CHECK_TURNS
@@ -411,6 +413,7 @@ class Session:
         rms = _rms(chunk)
         self.stats.input_rms_max = max(self.stats.input_rms_max, rms)
         self._chunk_rms[turn] = rms
+        self._input_quiet.observe(rms)
         self._chunk_closed_ns[turn] = time.time_ns()
         text, self._model_text = "".join(self._model_text), []
         if self.recorder is not None:
@@ -455,6 +458,7 @@ class Session:
         self.stats.turns_out += 1
         self.stats.overruns += info.overran
         out_rms = self._last_output_rms = _rms(output.audio)
+        self._output_quiet.observe(out_rms)
         self.stats.output_rms_max = max(self.stats.output_rms_max, out_rms)
         closed_ns = self._chunk_closed_ns.pop(output.turn, None)
         self._trace_microturn(output, info, closed_ns)

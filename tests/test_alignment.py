@@ -7,7 +7,7 @@ import random
 import pytest
 
 from model.interface import SAMPLE_RATE, TURN_SAMPLES
-from server.alignment import ALIGN_TOLERANCE_SAMPLES, SenderClock, is_on_grid, padding_to_grid
+from server.alignment import ALIGN_TOLERANCE_SAMPLES, QUIET_RMS, QuietFloor, SenderClock, is_on_grid, padding_to_grid
 
 FRAME_S = 0.02
 TRUE_OFFSET = 1000.0  # our clock when the sender's media time was 0
@@ -61,3 +61,21 @@ def test_padding_puts_a_boundary_on_the_grid_line_at_or_before_it():
         assert min(phase, 0.2 - phase) < 1 / SAMPLE_RATE
     assert is_on_grid(0) and is_on_grid(ALIGN_TOLERANCE_SAMPLES) and is_on_grid(TURN_SAMPLES - 10)
     assert not is_on_grid(ALIGN_TOLERANCE_SAMPLES + 1) and not is_on_grid(TURN_SAMPLES // 2)
+
+
+def test_quiet_is_measured_against_the_background_once_ten_seconds_were_heard():
+    """A user in a noisy room (background at 0.02 RMS, over the fixed 0.01) is quiet
+    between utterances and not while speaking; before 10 s the fixed level rules,
+    so the first turns of an utterance never set the floor."""
+    floor = QuietFloor(turns=50)
+    noise, speech = 0.02, 0.2  # 20 dB apart
+    for _ in range(49):
+        floor.observe(speech * 0.6)  # the quietest so far is speech
+    assert not floor.is_quiet(speech * 0.6)
+    assert floor.is_quiet(QUIET_RMS / 2)
+    rng = random.Random(3)
+    for turn in range(200):
+        talking = (turn // 10) % 2 == 1  # 2 s of speech, 2 s of room noise
+        floor.observe(speech * rng.uniform(0.3, 1.0) if talking else noise * rng.uniform(0.8, 1.2))
+    assert floor.is_quiet(noise * 1.1)
+    assert not floor.is_quiet(speech * 0.3)
