@@ -37,6 +37,7 @@ class PeerResult:
     event_lag_ms: list[float] = field(default_factory=list)
     turns: int = 0
     deadline_misses: int = 0
+    steps: list[tuple[float, int]] = field(default_factory=list)  # per turn: (chunk closed, server ms; sessions in its step)
     underrun_frames: int = 0  # the server's output queue ran dry after audio started
     concealed_frames: int = 0  # 20 ms frames missing from what arrived (loss)
     received_frames: int = 0
@@ -59,6 +60,8 @@ def measure(index: int, peer: Peer, script: Conversation, info: dict[str, Any] |
     turns = peer.events_of("turn")
     result.turns = len(turns)
     result.deadline_misses = sum(bool(t.get("overran")) for t in turns)
+    result.steps = [(t["closed_at_ms"], t["batch"]) for t in turns
+                    if t.get("closed_at_ms") is not None and t.get("batch") is not None]
     result.event_lag_ms = [round(lag, 2) for lag in peer.event_lag_ms]
     result.server_added_ms, result.arrival_source = server_added(peer, turns)
     arrivals = peer.recording.arrivals

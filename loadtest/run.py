@@ -165,12 +165,28 @@ def aggregate_level(peers: int, results: list[dict[str, Any]], server_cpu_pct: f
         "received_frames": sum(r["received_frames"] for r in ok),
         "deadline_misses": sum(r["deadline_misses"] for r in ok),
         "deadline_miss_rate": round(sum(r["deadline_misses"] for r in ok) / turns, 4) if turns else None,
+        "shared_step_share": shared_step_share(ok),
         "server_cpu_pct": round(server_cpu_pct, 1) if server_cpu_pct is not None else None,
         "server_cpu_pct_per_session": round(server_cpu_pct / len(ok), 2) if server_cpu_pct and ok else None,
         "generator_cpu_pct": round(generator_cpu_pct, 1),
         "interaction": interaction,
         "samples": {"server_added_ms": server_added, "voice_to_voice_ms": v2v},
     }
+
+
+def shared_step_share(results: list[dict[str, Any]]) -> float | None:
+    """Of the turns whose chunks closed while every peer was in session, the share
+    stepped together with all of them: sessions off the engine's grid, or a batch
+    window too short for frames out of phase, each cost an extra step a micro-turn
+    (server/alignment.py). None if the peers were never all in session at once."""
+    if not results or any(not r["steps"] for r in results):
+        return None
+    start = max(min(closed for closed, _ in r["steps"]) for r in results)
+    end = min(max(closed for closed, _ in r["steps"]) for r in results)
+    together = [batch for r in results for closed, batch in r["steps"] if start <= closed <= end]
+    if not together:
+        return None
+    return round(sum(batch >= len(results) for batch in together) / len(together), 3)
 
 
 def passes(level: dict[str, Any], max_p99_ms: float = MAX_SERVER_ADDED_P99_MS) -> bool:
@@ -214,7 +230,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             level = run_level(url, peers, args.seconds, args.workers, scripts, args.jitter_prefetch)
             runs.append(level)
             print(f"  {peers} peers: server-added p50/p99 {level['server_added_ms_p50']}/{level['server_added_ms_p99']} ms,"
-                  f" deadline misses {level['deadline_miss_rate']}, server CPU {level['server_cpu_pct']} %",
+                  f" deadline misses {level['deadline_miss_rate']}, shared steps {level['shared_step_share']},"
+                  f" server CPU {level['server_cpu_pct']} %",
                   file=sys.stderr)
             if args.ramp and not passes(level, args.max_p99_ms):
                 break
@@ -241,6 +258,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         Path(args.json).write_text(json.dumps(output, indent=2))
     print(json.dumps({k: output.get(k) for k in ("peers", "connect_ms_p50", "server_added_ms_p50",
                                                   "server_added_ms_p99", "voice_to_voice_ms_p50", "underruns",
-                                                  "deadline_miss_rate", "server_cpu_pct_per_session", "capacity")}))
+                                                  "deadline_miss_rate", "shared_step_share",
+                                                  "server_cpu_pct_per_session", "capacity")}))
     return result
 

@@ -10,6 +10,7 @@ import pytest
 
 from loadtest.measure import heard_timeline, voice_to_voice, with_fine_latencies
 from loadtest.run import main as loadtest_main
+from loadtest.run import shared_step_share
 from model.conversations import make_conversation
 from model.evaluate import data_text, reference_timeline, score
 from model.interface import SAMPLE_RATE, TURN_SAMPLES
@@ -30,6 +31,9 @@ def test_two_peers_for_ten_seconds(live_server, tmp_path):
     assert result["concealed_frames"] == 0 and result["received_frames"] >= 2 * 10 * 50 * 0.9
     assert result["underruns"] <= 0.01 * result["received_frames"]
     assert result["deadline_miss_rate"] == 0
+    # Both sessions on the engine's grid share each step: 1.0 measured here, with both
+    # cores busy too; sessions that never met (docs/architecture.md) score 0.
+    assert result["shared_step_share"] >= 0.5, result["shared_step_share"]
     # Latency bounds, loose enough for a busy CI machine: measured here p50 39 ms, p99 57 ms.
     assert 0 < result["server_added_ms_p50"] < 100
     assert result["server_added_ms_p99"] < 200
@@ -42,6 +46,14 @@ def test_two_peers_for_ten_seconds(live_server, tmp_path):
     assert result["turns"] >= 2 * 10 * 5 * 0.9
     assert result["server_cpu_pct_per_session"] is not None and result["generator_cpu_pct"] > 0
     assert (tmp_path / "report" / "report.md").exists() and (tmp_path / "report" / "latency_cdf.png").exists()
+
+
+def test_shared_steps_are_counted_only_while_every_peer_is_in_session():
+    first = {"steps": [(0.0, 1), (200.0, 1), (400.0, 2), (600.0, 2), (800.0, 1)]}
+    second = {"steps": [(390.0, 2), (590.0, 2), (790.0, 1), (990.0, 1)]}  # joined late, left last
+    # Together from 390 to 800 ms: first's 400, 600, 800 and second's 390, 590, 790.
+    assert shared_step_share([first, second]) == round(4 / 6, 3)
+    assert shared_step_share([first, {"steps": []}]) is None
 
 
 @pytest.mark.parametrize("delay_s", [0.07, 0.1, 0.13])
