@@ -37,7 +37,7 @@ class PeerResult:
     event_lag_ms: list[float] = field(default_factory=list)
     turns: int = 0
     deadline_misses: int = 0
-    steps: list[tuple[float, int]] = field(default_factory=list)  # per turn: (chunk closed, server ms; sessions in its step)
+    steps: list[tuple[float, int]] = field(default_factory=list)  # per turn: (closed_at_ms, sessions in its step)
     underrun_frames: int = 0  # the server's output queue ran dry after audio started
     concealed_frames: int = 0  # 20 ms frames missing from what arrived (loss)
     received_frames: int = 0
