@@ -96,6 +96,11 @@ class QuietFloor:
     def observe(self, rms: float) -> None:
         self._recent.append(rms)
 
+    @property
+    def latest(self) -> float:
+        """The RMS of the last turn observed (0 before any)."""
+        return self._recent[-1] if self._recent else 0.0
+
     def is_quiet(self, rms: float) -> bool:
         heard_enough = len(self._recent) == self._recent.maxlen
         floor = min(self._recent) if heard_enough else 0.0

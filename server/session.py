@@ -97,8 +97,8 @@ class Session:
         self.close_reason: str | None = None
         self.ending_reason: str | None = None  # set once ``session.ending`` went out
         self._last_heard = time.monotonic()  # the peer's last audio frame or message
-        self._last_output_rms = 0.0
-        # Where each side's background sits, for realigning only in quiet (server/alignment.py).
+        # Each side's recent loudness: where its background sits, for realigning only in
+        # quiet (server/alignment.py), and the model's last turn, for draining.
         self._input_quiet, self._output_quiet = QuietFloor(), QuietFloor()
         self._on_closed = on_closed
         self._chunker: AudioChunker | None = None
@@ -232,7 +232,7 @@ class Session:
         deadline = time.monotonic() + drain_s
         self.emit("session.ending", reason=reason, deadline_ms=round((time.time() + drain_s) * 1000))
         while time.monotonic() < deadline and self.close_reason is None:
-            if self.tasks.running == 0 and self._last_output_rms < QUIET_RMS:
+            if self.tasks.running == 0 and self._output_quiet.latest < QUIET_RMS:
                 break
             await asyncio.sleep(0.05)
         await asyncio.sleep(min(0.1, max(0.0, deadline - time.monotonic())))  # let the last events go out
@@ -356,7 +356,7 @@ class Session:
             self._sender_clock.reset()
         self._sender_clock.observe(arrived, chunker.media_seconds)
 
-    def _realign_if_off_grid(self, last_chunk_rms: float) -> list[np.ndarray]:
+    def _realign_if_off_grid(self) -> list[np.ndarray]:
         """Pad the input back onto the engine's grid if the sender's clock, now known
         better than from the first frames, says it has left it. Only while the user
         is quiet: the model then hears a slightly longer silence, never a cut word.
@@ -366,10 +366,10 @@ class Session:
         chunker = self._chunker
         assert chunker is not None
         offset = self._sender_clock.offset
-        if (offset is None or self._sender_clock.evidence_s < MIN_EVIDENCE_S
-                or not self._input_quiet.is_quiet(last_chunk_rms)
-                or not self._output_quiet.is_quiet(self._last_output_rms)
-                or chunker.next_turn < self._next_alignment_check):
+        if (chunker.next_turn < self._next_alignment_check  # the cheap test first: it runs every chunk
+                or offset is None or self._sender_clock.evidence_s < MIN_EVIDENCE_S
+                or not self._input_quiet.is_quiet(self._input_quiet.latest)
+                or not self._output_quiet.is_quiet(self._output_quiet.latest)):
             return []
         self._next_alignment_check = chunker.next_turn + _ALIGN_CHECK_TURNS
         boundary_at = offset + chunker.media_seconds + chunker.samples_to_boundary / SAMPLE_RATE
@@ -400,15 +400,14 @@ class Session:
         """Hand closed chunks to the engine; the chunker has already counted them."""
         assert self._chunker is not None
         first = self._chunker.next_turn - len(chunks)
-        last_rms = 0.0
         for offset, chunk in enumerate(chunks):
-            last_rms = self._submit(first + offset, chunk)
+            self._submit(first + offset, chunk)
         if chunks:  # right after a boundary: the place to move the next one (once:
             # a pad puts off the next check, so the inner call submits and stops)
-            self._submit_all(self._realign_if_off_grid(last_rms))
+            self._submit_all(self._realign_if_off_grid())
 
-    def _submit(self, turn: int, chunk: np.ndarray) -> float:
-        """Hand one chunk to the engine; returns its RMS."""
+    def _submit(self, turn: int, chunk: np.ndarray) -> None:
+        """Hand one chunk to the engine."""
         self.stats.chunks_in += 1
         rms = _rms(chunk)
         self.stats.input_rms_max = max(self.stats.input_rms_max, rms)
@@ -419,7 +418,6 @@ class Session:
         if self.recorder is not None:
             self.recorder.input(turn, chunk, text)
         self.engine.submit(TurnInput(self.id, turn, chunk, text))
-        return rms
 
     def _queue_model_text(self, text: str) -> None:
         """Typed text and background results: they enter the model at the next micro-turn."""
@@ -457,7 +455,7 @@ class Session:
         self.output.enqueue(output.audio, output.turn)
         self.stats.turns_out += 1
         self.stats.overruns += info.overran
-        out_rms = self._last_output_rms = _rms(output.audio)
+        out_rms = _rms(output.audio)
         self._output_quiet.observe(out_rms)
         self.stats.output_rms_max = max(self.stats.output_rms_max, out_rms)
         closed_ns = self._chunk_closed_ns.pop(output.turn, None)
