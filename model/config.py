@@ -54,6 +54,10 @@ class ModelConfig:
     # into sounds without spending the trunk's few layers on it (docs/eval.md, session 15).
     audio_encoder_layers: int = 0
     audio_encoder_hidden: int = 256
+    # Earlier user audio tokens (50 ms each) that each token mixes in before those
+    # blocks (0: none): a word spans several tokens, and the per-token blocks cannot
+    # see past their own 50 ms. Streaming keeps that many tokens per session.
+    audio_context: int = 0
 
     def __post_init__(self) -> None:
         if self.d_model % self.n_heads:
@@ -66,6 +70,8 @@ class ModelConfig:
             raise ValueError(f"unknown audio_head {self.audio_head!r}")
         if self.frames_per_turn % self.frames_per_audio_token:
             raise ValueError("frames_per_audio_token must divide the 16 frames of a micro-turn")
+        if self.audio_context < 0:
+            raise ValueError("audio_context must be >= 0")
         if self.frames_per_turn % self.out_positions:
             raise ValueError("out_positions must divide the 16 frames of a micro-turn")
 

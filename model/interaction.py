@@ -43,6 +43,41 @@ class AudioBag(nn.Module):
         return F.embedding_bag(grouped, self.table, mode="sum").view(*lead, -1, self.table.shape[1])
 
 
+class AudioContext(nn.Module):
+    """Mixes each user audio token with the ``span`` tokens before it: a causal
+    depthwise convolution in time, so a sound longer than one 50 ms token can be
+    formed before the trunk. Streaming carries the last ``span`` (normed) tokens from
+    one micro-turn to the next. The output projection starts at zero: grown onto a
+    trained model, it changes no output until it is trained."""
+
+    def __init__(self, dim: int, span: int) -> None:
+        super().__init__()
+        self.span = span
+        if span:
+            self.norm = RMSNorm(dim)
+            self.taps = nn.Parameter(torch.randn(span + 1, dim) / (span + 1) ** 0.5)  # oldest first
+            self.out = nn.Linear(dim, dim, bias=False)
+            nn.init.zeros_(self.out.weight)
+
+    def start(self, n: int, dim: int, device: torch.device | None = None) -> torch.Tensor:
+        """The context before a conversation's first token: (n, span, dim) zeros."""
+        return torch.zeros(n, self.span, dim, device=device)
+
+    def forward(self, x: torch.Tensor, past: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """x (n, k, d), past (n, span, d) from the previous call (None: the start)
+        -> (x with its context mixed in, the past the next call needs)."""
+        if not self.span:
+            return x, x[:, :0]
+        if past is None:
+            past = self.start(x.shape[0], x.shape[-1], x.device)
+        seen = torch.cat([past.to(x.dtype), self.norm(x)], dim=1)  # (n, span + k, d)
+        k = x.shape[1]
+        # A sum of shifted copies, not Conv1d: elementwise, so each row's result does
+        # not depend on the batch around it (batch invariance, as the trunk keeps).
+        mixed = sum(self.taps[j] * seen[:, j : j + k] for j in range(self.span + 1))
+        return x + self.out(F.silu(mixed)), seen[:, k:]
+
+
 class AudioEncoder(nn.Module):
     """Pre-norm residual SwiGLU blocks applied to each audio token on its own (no mixing
     in time, so streaming needs no state). Each block's output projection starts at
@@ -99,6 +134,7 @@ class InteractionModel(nn.Module):
         d = config.d_model
         self.audio_in = AudioBag(config.frames_per_audio_token, d)
         # With 0 layers it holds no weights and passes tokens through.
+        self.audio_context = AudioContext(d, config.audio_context)
         self.audio_encoder = AudioEncoder(d, config.audio_encoder_layers, config.audio_encoder_hidden)
         self.audio_out = AudioBag(config.frames_per_output, d)
         self.text = nn.Embedding(TEXT_VOCAB, d)
@@ -118,18 +154,25 @@ class InteractionModel(nn.Module):
         size = self.config.video_size
         return F.interpolate(frame[None], size=(size, size), mode="bilinear", antialias=True, align_corners=False)[0]
 
-    def embed_inputs(self, bins: torch.Tensor, text: torch.Tensor, video: torch.Tensor | None,
+    def encode_audio(self, bins: torch.Tensor, past: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """User audio tokens: bins (n, frames·k, mels) -> ((n, k, d), the context the
+        next call needs). ``past`` is the previous call's (None: a conversation's
+        start); one call over many micro-turns equals one call per micro-turn."""
+        tokens, past = self.audio_context(self.audio_in(bins), past)
+        return self.audio_encoder(tokens) + self.roles.weight[ROLE_AUDIO_IN], past
+
+    def embed_inputs(self, audio: torch.Tensor, text: torch.Tensor, video: torch.Tensor | None,
                      has_video: torch.Tensor | None = None) -> torch.Tensor:
         """One micro-turn's inputs for n sessions -> (n, input_tokens, d).
 
-        bins (n, 16, mels); text (n, text_in_slots) ids; video (n, 3, S, S) or None;
-        has_video (n,) bool: rows without a camera frame get the learned "no video".
+        audio (n, audio_in_tokens, d) from ``encode_audio``; text (n, text_in_slots)
+        ids; video (n, 3, S, S) or None; has_video (n,) bool: rows without a camera
+        frame get the learned "no video".
         """
         roles = self.roles.weight
-        audio = self.audio_encoder(self.audio_in(bins)) + roles[ROLE_AUDIO_IN]
         parts = [audio, self.text(text) + roles[ROLE_TEXT_IN]]
         if self.config.video_tokens:
-            n = bins.shape[0]
+            n = audio.shape[0]
             tokens = self.no_video.expand(n, -1, -1)
             if video is not None:
                 seen = self.video(video)[:n]  # the caller may pad the batch (batch invariance)

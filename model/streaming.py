@@ -1,8 +1,9 @@
 """The interaction model as a serving engine: many sessions, one batched step.
 
 Implements ``model.interface.MicroTurnModel``. Each session owns a KV pool slot
-and a little streaming state (dMel left context, vocoder phase, the output token
-waiting to be fed, queued input text, its own random generator). A step runs
+and a little streaming state (dMel left context, the user audio tokens its next
+ones mix in, vocoder phase, the output token waiting to be fed, queued input text,
+its own random generator). A step runs
 ``out_positions`` forward passes over the whole batch: the first appends every
 session's new input tokens to its cache, each later one a single output token.
 
@@ -43,6 +44,7 @@ class _Session:
     session_id: str  # its KV slot can move (the pool keeps slots packed): look it up
     generator: torch.Generator
     dmel_context: torch.Tensor = field(default_factory=lambda: torch.zeros(1, dmel.CONTEXT))
+    audio_past: torch.Tensor | None = None  # (1, span, d): ``AudioContext``'s; None at the start
     vocoder: VocoderState = field(default_factory=VocoderState.silence)
     pending: torch.Tensor | None = None  # (1, d): last output of the previous micro-turn
     text_queue: list[int] = field(default_factory=list)  # input text ids waiting for a slot
@@ -57,6 +59,7 @@ class _Saved:
 
     session: _Session
     dmel_context: torch.Tensor
+    audio_past: torch.Tensor | None
     vocoder: VocoderState
     pending: torch.Tensor | None
     text_queue: list[int]
@@ -64,12 +67,13 @@ class _Saved:
 
     @classmethod
     def of(cls, session: _Session) -> _Saved:
-        return cls(session, session.dmel_context, session.vocoder, session.pending, list(session.text_queue),
-                   session.generator.get_state())
+        return cls(session, session.dmel_context, session.audio_past, session.vocoder, session.pending,
+                   list(session.text_queue), session.generator.get_state())
 
     def restore(self) -> None:
         session = self.session
-        session.dmel_context, session.vocoder, session.pending = self.dmel_context, self.vocoder, self.pending
+        session.dmel_context, session.audio_past = self.dmel_context, self.audio_past
+        session.vocoder, session.pending = self.vocoder, self.pending
         session.text_queue = self.text_queue
         session.generator.set_state(self.generator_state)
 
@@ -148,7 +152,12 @@ class StreamingModel:
         text = self._take_text(batch, sessions)
         video, has_video = self._video(batch)
         device = self.device
-        inputs = model.embed_inputs(bins.to(device), text.to(device), video if video is None else video.to(device),
+        start = model.audio_context.start(1, config.d_model, device)
+        past = torch.cat([start if s.audio_past is None else s.audio_past for s in sessions])
+        audio, past = model.encode_audio(bins.to(device), past)
+        for i, session in enumerate(sessions):
+            session.audio_past = past[i : i + 1]
+        inputs = model.embed_inputs(audio, text.to(device), video if video is None else video.to(device),
                                     has_video if has_video is None else has_video.to(device))
 
         first = [inputs[i] if s.pending is None else torch.cat([s.pending, inputs[i]]) for i, s in enumerate(sessions)]

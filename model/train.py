@@ -156,11 +156,13 @@ def teacher_forced_layers(model: InteractionModel, batch: list[Example], history
     is fed back with ``history_noise``."""
     config = model.config
     b, turns = len(batch), batch[0].turns
-    user = torch.stack([e.user_bins for e in batch]).long().view(b * turns, 16, dmel.N_MELS)
+    user = torch.stack([e.user_bins for e in batch]).long().view(b, turns * 16, dmel.N_MELS)
     own = torch.stack([e.model_bins for e in batch]).long().view(b, turns, 16, dmel.N_MELS)
     text_in = torch.stack([e.text_in for e in batch]).view(b * turns, -1)
     text_out = torch.stack([e.text_out for e in batch])  # (b, turns, out)
-    inputs = model.embed_inputs(user, text_in, None).view(b, turns, config.input_tokens, -1)
+    audio, _ = model.encode_audio(user)  # the whole window at once: the context runs across turns
+    audio = audio.reshape(b * turns, config.audio_in_tokens, -1)
+    inputs = model.embed_inputs(audio, text_in, None).view(b, turns, config.input_tokens, -1)
     outputs = model.embed_output_targets(text_out, jitter_bins(own, history_noise))  # (b, turns, out, d)
     return model.trunk.forward_layers(model.layout(inputs, outputs))
 
@@ -295,8 +297,8 @@ def train(args: argparse.Namespace) -> list[float]:
     """Train as ``args`` say; returns the loss of every step this run made."""
     if args.kv_heads and not args.init:
         raise ValueError("--kv-heads widens the checkpoint given by --init; a new model takes its heads from --preset")
-    if args.audio_encoder and not args.init:
-        raise ValueError("--audio-encoder adds blocks to the checkpoint given by --init")
+    if (args.audio_encoder or args.audio_context) and not args.init:
+        raise ValueError("--audio-encoder and --audio-context add parts to the checkpoint given by --init")
     if not (0 <= args.user_mask_width <= dmel.N_MELS and args.user_mask_bands >= 0 and 0 <= args.user_jitter <= 1):
         raise ValueError(f"--user-mask-bands >= 0, --user-mask-width 0..{dmel.N_MELS} and --user-jitter 0..1, "
                          f"not {args.user_mask_bands}, {args.user_mask_width}, {args.user_jitter}")
@@ -322,6 +324,10 @@ def train(args: argparse.Namespace) -> list[float]:
                 raise ValueError(f"--audio-encoder {args.audio_encoder}: {args.init} already has "
                                  f"{model.config.audio_encoder_layers} blocks")
             model = with_parts(model, audio_encoder_layers=args.audio_encoder)
+        if args.audio_context:
+            if model.config.audio_context:
+                raise ValueError(f"--audio-context: {args.init} already mixes {model.config.audio_context} tokens")
+            model = with_parts(model, audio_context=args.audio_context)
         state = None
     else:
         model = InteractionModel(preset(args.preset, audio_head=args.audio_head, listen_head=listens))
@@ -465,6 +471,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--audio-encoder", type=int, default=0, metavar="BLOCKS",
                         help="with --init: grow the encoder on the user's audio tokens to this many blocks "
                              "(same outputs at the start; ModelConfig.audio_encoder_layers)")
+    parser.add_argument("--audio-context", type=int, default=0, metavar="TOKENS",
+                        help="with --init: mix each user audio token with this many before it "
+                             "(same outputs at the start; ModelConfig.audio_context)")
     return parser
 
 

@@ -61,7 +61,7 @@ def test_a_crop_keeps_the_whole_utterances_in_it_and_moves_them(sample):
     assert torch.equal(cropped.user_words[:, 2:], example.user_words[inside, 2:])
 
 
-def test_adding_the_head_or_an_audio_encoder_changes_no_output():
+def test_adding_the_head_an_audio_encoder_or_audio_context_changes_no_output():
     torch.manual_seed(0)
     model = InteractionModel(preset("tiny", audio_encoder_layers=0)).eval()
     listening_model = with_parts(model, listen_head=True).eval()
@@ -72,6 +72,10 @@ def test_adding_the_head_or_an_audio_encoder_changes_no_output():
         before = predictor_states(model, [example])
         assert torch.equal(before, predictor_states(listening_model, [example]))
         assert torch.equal(before, predictor_states(encoding_model, [example]))
+        context_model = with_parts(model, audio_context=3).eval()
+        assert torch.equal(before, predictor_states(context_model, [example]))
+        context_model.audio_context.out.weight.normal_(0, 0.05)  # as if trained
+        assert not torch.equal(before, predictor_states(context_model, [example]))
         for block in encoding_model.audio_encoder.blocks:  # as if trained: no longer identities
             block.down.weight.normal_(0, 0.05)
         trained = predictor_states(encoding_model, [example])

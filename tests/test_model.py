@@ -185,6 +185,31 @@ def test_appending_chunk_by_chunk_equals_one_full_forward():
     torch.testing.assert_close(torch.cat(streamed), full, rtol=1e-4, atol=1e-4)
 
 
+def test_the_audio_context_streams_turn_by_turn_as_it_trains_over_a_window():
+    """Training encodes a window's user audio in one call; serving, one micro-turn
+    at a time with each session's carried context. Both must give the same tokens,
+    and a token must see exactly its ``audio_context`` predecessors, across turns."""
+    torch.manual_seed(7)
+    model = InteractionModel(dataclasses.replace(SMALL, audio_context=3)).eval()
+    torch.nn.init.normal_(model.audio_context.out.weight, std=0.1)  # as if trained
+    per_turn = SMALL.frames_per_turn
+    bins = torch.randint(0, dmel.N_BINS, (2, 6 * per_turn, dmel.N_MELS))
+    with torch.no_grad():
+        whole, _ = model.encode_audio(bins)
+        past, streamed = None, []
+        for turn in range(6):
+            tokens, past = model.encode_audio(bins[:, turn * per_turn : (turn + 1) * per_turn], past)
+            streamed.append(tokens)
+        torch.testing.assert_close(torch.cat(streamed, 1), whole, rtol=1e-5, atol=1e-5)
+        changed = bins.clone()
+        changed[:, per_turn - 4 : per_turn] = 0  # turn 0's last token (token 3) goes silent
+        after, _ = model.encode_audio(changed)
+    assert torch.equal(after[:, :3], whole[:, :3])  # causal: earlier tokens untouched
+    assert not torch.allclose(after[:, 4], whole[:, 4])  # turn 1's first token hears it...
+    assert not torch.allclose(after[:, 6], whole[:, 6])  # ... and so does the third after it
+    assert torch.equal(after[:, 7:], whole[:, 7:])  # the fourth after it is out of reach
+
+
 class RecordingModel(StreamingModel):
     """Keeps what each pass fed a session and the hidden state it returned."""
 
@@ -220,17 +245,20 @@ def test_a_streamed_session_equals_the_full_forward_of_its_sequence():
 # -- batch invariance ------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("audio_head, encoder", [("classify", 0), ("flow", 0), ("classify", 2)])
-def test_a_session_is_bit_identical_alone_or_beside_seven_others(audio_head, encoder):
+@pytest.mark.parametrize("audio_head, encoder, context", [("classify", 0, 0), ("flow", 0, 0), ("classify", 2, 3)])
+def test_a_session_is_bit_identical_alone_or_beside_seven_others(audio_head, encoder, context):
     """Alone; among 7 busy sessions of other lengths (attention reads the pool in
     place); among 7 idle ones (it gathers its slot); and while others leave (slots
     are compacted under it). Outputs must be the same bits in every case."""
-    config = dataclasses.replace(SMALL, audio_head=audio_head, window=96, audio_encoder_layers=encoder)
+    config = dataclasses.replace(SMALL, audio_head=audio_head, window=96, audio_encoder_layers=encoder,
+                                 audio_context=context)
     torch.manual_seed(4)
     model = InteractionModel(config)
     if encoder:  # its blocks start as identities: make them count
         for block in model.audio_encoder.blocks:
             torch.nn.init.normal_(block.down.weight, std=0.1)
+    if context:  # so does the context's projection
+        torch.nn.init.normal_(model.audio_context.out.weight, std=0.1)
     speech = speech_audio()
     temperature = 1.0 if audio_head == "flow" else 0.0
 
