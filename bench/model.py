@@ -83,11 +83,14 @@ def synchronize(engine: StreamingModel) -> None:
 
 def run(preset_name: str = "tiny", repeats: int = 5, context_s: float = 60.0,
         counts: tuple[int, ...] = (1, 8, 32, 64), device: str = "cpu",
-        attention: str | None = None, window: int = 0, audio_encoder: int | None = None) -> dict[str, object]:
+        attention: str | None = None, window: int = 0, audio_encoder: int | None = None,
+        audio_context: int | None = None) -> dict[str, object]:
     torch.manual_seed(0)
     overrides: dict[str, int] = {"window": window} if window else {}
     if audio_encoder is not None:
         overrides["audio_encoder_layers"] = audio_encoder
+    if audio_context is not None:
+        overrides["audio_context"] = audio_context
     model = InteractionModel(preset(preset_name, **overrides)).eval()
     config = model.config
     engine = StreamingModel(model, max_sessions=max(counts) + 1, device=device, attention=attention)
@@ -98,6 +101,7 @@ def run(preset_name: str = "tiny", repeats: int = 5, context_s: float = 60.0,
         "attention": engine.pool.backend,
         "window": config.window,  # with the sinks, the keys each session's queries attend over
         "audio_encoder_layers": config.audio_encoder_layers,
+        "audio_context": config.audio_context,
         "torch_threads": torch.get_num_threads(),
         "cpu_count": os.cpu_count(),
         "context_s": context_s,
@@ -141,9 +145,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--window", type=int, default=0, help="attention window in tokens (default: the preset's)")
     parser.add_argument("--audio-encoder", type=int, default=None, metavar="BLOCKS",
                         help="encoder blocks on the user's audio tokens (default: the preset's)")
+    parser.add_argument("--audio-context", type=int, default=None, metavar="TOKENS",
+                        help="earlier audio tokens each user audio token mixes in (default: the preset's)")
     args = parser.parse_args(argv)
     results = run(args.preset, args.repeats, args.context_s, device=args.device, attention=args.attention,
-                  window=args.window, audio_encoder=args.audio_encoder)
+                  window=args.window, audio_encoder=args.audio_encoder, audio_context=args.audio_context)
     if args.json:
         print(json.dumps(results))
         return
