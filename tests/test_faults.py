@@ -143,13 +143,15 @@ def corrupt(state: VocoderState) -> VocoderState:
 
 def test_a_failed_step_leaves_every_session_as_it_was(speech):
     """The step fails after its forward passes (a corrupt vocoder state in one session):
-    caches, dMel context, queued text and sampling generators of *all* sessions were
-    already advanced, and must all be put back. Sampled at temperature 1, so a generator
-    that was not restored would change the next draw."""
+    caches, dMel and audio-token context, queued text and sampling generators of *all*
+    sessions were already advanced, and must all be put back. Sampled at temperature 1,
+    so a generator that was not restored would change the next draw."""
 
     def sampling_model() -> StreamingModel:
         torch.manual_seed(0)
-        return StreamingModel(InteractionModel(preset("tiny")), max_sessions=8, temperature=1.0)
+        model = InteractionModel(preset("tiny", audio_context=3))
+        torch.nn.init.normal_(model.audio_context.out.weight, std=0.1)  # as if trained: the context counts
+        return StreamingModel(model, max_sessions=8, temperature=1.0)
 
     inputs = conversation(speech)
     want = reference(inputs, sampling_model())
