@@ -133,7 +133,7 @@ class InteractionModel(nn.Module):
         self.config = config
         d = config.d_model
         self.audio_in = AudioBag(config.frames_per_audio_token, d)
-        # With 0 layers it holds no weights and passes tokens through.
+        # Off (span 0, 0 layers), each holds no weights and passes tokens through.
         self.audio_context = AudioContext(d, config.audio_context)
         self.audio_encoder = AudioEncoder(d, config.audio_encoder_layers, config.audio_encoder_hidden)
         self.audio_out = AudioBag(config.frames_per_output, d)
