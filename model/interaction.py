@@ -52,16 +52,16 @@ class AudioContext(nn.Module):
 
     def __init__(self, dim: int, span: int) -> None:
         super().__init__()
-        self.span = span
+        self.span, self.dim = span, dim
         if span:
             self.norm = RMSNorm(dim)
             self.taps = nn.Parameter(torch.randn(span + 1, dim) / (span + 1) ** 0.5)  # oldest first
             self.out = nn.Linear(dim, dim, bias=False)
             nn.init.zeros_(self.out.weight)
 
-    def start(self, n: int, dim: int, device: torch.device | None = None) -> torch.Tensor:
+    def start(self, n: int, device: torch.device | None = None) -> torch.Tensor:
         """The context before a conversation's first token: (n, span, dim) zeros."""
-        return torch.zeros(n, self.span, dim, device=device)
+        return torch.zeros(n, self.span, self.dim, device=device)
 
     def forward(self, x: torch.Tensor, past: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """x (n, k, d), past (n, span, d) from the previous call (None: the start)
@@ -69,7 +69,7 @@ class AudioContext(nn.Module):
         if not self.span:
             return x, x[:, :0]
         if past is None:
-            past = self.start(x.shape[0], x.shape[-1], x.device)
+            past = self.start(x.shape[0], x.device)
         seen = torch.cat([past.to(x.dtype), self.norm(x)], dim=1)  # (n, span + k, d)
         k = x.shape[1]
         # A sum of shifted copies, not Conv1d: elementwise, so each row's result does

@@ -43,8 +43,8 @@ from model.weights import load_checkpoint, load_decoding
 class _Session:
     session_id: str  # its KV slot can move (the pool keeps slots packed): look it up
     generator: torch.Generator
+    audio_past: torch.Tensor  # (1, span, d): the user audio tokens ``AudioContext`` mixes in next
     dmel_context: torch.Tensor = field(default_factory=lambda: torch.zeros(1, dmel.CONTEXT))
-    audio_past: torch.Tensor | None = None  # (1, span, d): ``AudioContext``'s; None at the start
     vocoder: VocoderState = field(default_factory=VocoderState.silence)
     pending: torch.Tensor | None = None  # (1, d): last output of the previous micro-turn
     text_queue: list[int] = field(default_factory=list)  # input text ids waiting for a slot
@@ -59,7 +59,7 @@ class _Saved:
 
     session: _Session
     dmel_context: torch.Tensor
-    audio_past: torch.Tensor | None
+    audio_past: torch.Tensor
     vocoder: VocoderState
     pending: torch.Tensor | None
     text_queue: list[int]
@@ -111,7 +111,7 @@ class StreamingModel:
         self.pool.open(session_id)  # its cache zeroed: no NaN survives a reset
         # Seeded from the session id (not Python's salted hash): reproducible runs.
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + zlib.crc32(session_id.encode()))
-        self._sessions[session_id] = _Session(session_id, generator)
+        self._sessions[session_id] = _Session(session_id, generator, self.model.audio_context.start(1, self.device))
 
     def close_session(self, session_id: str) -> None:
         if self._sessions.pop(session_id, None) is not None:
@@ -152,9 +152,7 @@ class StreamingModel:
         text = self._take_text(batch, sessions)
         video, has_video = self._video(batch)
         device = self.device
-        start = model.audio_context.start(1, config.d_model, device)
-        past = torch.cat([start if s.audio_past is None else s.audio_past for s in sessions])
-        audio, past = model.encode_audio(bins.to(device), past)
+        audio, past = model.encode_audio(bins.to(device), torch.cat([s.audio_past for s in sessions]))
         for i, session in enumerate(sessions):
             session.audio_past = past[i : i + 1]
         inputs = model.embed_inputs(audio, text.to(device), video if video is None else video.to(device),
