@@ -40,7 +40,7 @@ from model.interaction import InteractionModel
 from model.memory import release_freed_memory
 from model.text import encode
 from model.transformer import MoE
-from model.weights import load_checkpoint, save_checkpoint, widen_kv_heads, with_parts, with_window
+from model.weights import load_checkpoint, save_checkpoint, deepen, widen_kv_heads, with_parts, with_window
 
 STATE_FILE = "train_state.pt"
 
@@ -297,8 +297,8 @@ def train(args: argparse.Namespace) -> list[float]:
     """Train as ``args`` say; returns the loss of every step this run made."""
     if args.kv_heads and not args.init:
         raise ValueError("--kv-heads widens the checkpoint given by --init; a new model takes its heads from --preset")
-    if (args.audio_encoder or args.audio_context) and not args.init:
-        raise ValueError("--audio-encoder and --audio-context add parts to the checkpoint given by --init")
+    if (args.audio_encoder or args.audio_context or args.layers) and not args.init:
+        raise ValueError("--audio-encoder, --audio-context and --layers add parts to the checkpoint given by --init")
     if not (0 <= args.user_mask_width <= dmel.N_MELS and args.user_mask_bands >= 0 and 0 <= args.user_jitter <= 1):
         raise ValueError(f"--user-mask-bands >= 0, --user-mask-width 0..{dmel.N_MELS} and --user-jitter 0..1, "
                          f"not {args.user_mask_bands}, {args.user_mask_width}, {args.user_jitter}")
@@ -319,6 +319,8 @@ def train(args: argparse.Namespace) -> list[float]:
         model = load_checkpoint(args.init)
         if args.kv_heads and args.kv_heads != model.config.n_kv_heads:
             model = widen_kv_heads(model, args.kv_heads)
+        if args.layers:
+            model = deepen(model, args.layers)
         if args.audio_encoder:
             if args.audio_encoder <= model.config.audio_encoder_layers:
                 raise ValueError(f"--audio-encoder {args.audio_encoder}: {args.init} already has "
@@ -471,6 +473,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--audio-encoder", type=int, default=0, metavar="BLOCKS",
                         help="with --init: grow the encoder on the user's audio tokens to this many blocks "
                              "(same outputs at the start; ModelConfig.audio_encoder_layers)")
+    parser.add_argument("--layers", type=int, default=0, metavar="BLOCKS",
+                        help="with --init: deepen the trunk to this many blocks, the new ones in before the "
+                             "last (same outputs at the start; ModelConfig.n_layers)")
     parser.add_argument("--audio-context", type=int, default=0, metavar="TOKENS",
                         help="with --init: mix each user audio token with this many before it "
                              "(same outputs at the start; ModelConfig.audio_context)")

@@ -86,6 +86,33 @@ def widen_kv_heads(model: InteractionModel, n_kv_heads: int) -> InteractionModel
     return wider
 
 
+def deepen(model: InteractionModel, n_layers: int) -> InteractionModel:
+    """The same function with more trunk blocks: the new ones go in before the last
+    block, each starting as an identity (its attention and MoE write nothing into the
+    residual stream), so the stream entering the last block — the one the listening
+    head reads (``model.listening.LAYER``) — is unchanged too. A capacity lever for a
+    trained model that no longer fits its own training data (docs/eval.md, session 21)."""
+    old = model.config
+    if n_layers <= old.n_layers:
+        raise ValueError(f"n_layers {n_layers}: the model already has {old.n_layers} blocks")
+    deeper = InteractionModel(dataclasses.replace(old, n_layers=n_layers))
+    state = deeper.state_dict()
+    added = n_layers - old.n_layers
+    prefix = "trunk.blocks."
+    for name, tensor in model.state_dict().items():
+        if name.startswith(prefix):
+            index, rest = name[len(prefix):].split(".", 1)
+            moved = int(index) + (added if int(index) == old.n_layers - 1 else 0)  # the last block stays last
+            name = f"{prefix}{moved}.{rest}"
+        state[name] = tensor
+    for index in range(old.n_layers - 1, n_layers - 1):
+        block = f"{prefix}{index}."
+        for written in ("attn.out.weight", "ffn.w_down", "ffn.shared.down.weight"):
+            state[block + written] = torch.zeros_like(state[block + written])
+    deeper.load_state_dict(state)
+    return deeper
+
+
 def with_window(model: InteractionModel, window: int) -> InteractionModel:
     """The same weights attending over another span (``ModelConfig.window``): the
     span is a rule of the attention mask, not a weight shape."""

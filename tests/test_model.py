@@ -20,7 +20,7 @@ from model.streaming import StreamingModel
 from model.transformer import MoE, Segment, StreamBatch, Transformer, pad_rows
 from model.vocoder import (LAG_SAMPLES, VocoderState, griffin_lim, seam_bends, spectral_convergence,
                            vocode_chunk)
-from model.weights import load_checkpoint, save_checkpoint, widen_kv_heads
+from model.weights import deepen, load_checkpoint, save_checkpoint, widen_kv_heads
 
 SPEECH = Path(__file__).parent / "data" / "speech.wav"
 # A small config whose window is shorter than the test conversations, so the
@@ -330,6 +330,23 @@ def test_widening_the_key_value_heads_keeps_the_function_and_frees_the_copies():
         assert not torch.allclose(wider.trunk.forward_full(sequence), before, atol=1e-3)
     with pytest.raises(ValueError, match="must be a multiple of 2"):
         widen_kv_heads(model, 3)
+
+
+def test_deepening_keeps_the_function_and_the_stream_the_listening_head_reads():
+    torch.manual_seed(9)
+    model = InteractionModel(SMALL).eval()
+    deeper = deepen(model, SMALL.n_layers + 2).eval()
+    assert deeper.config.n_layers == SMALL.n_layers + 2
+    sequence = torch.randn(1, 3 * SMALL.tokens_per_turn, SMALL.d_model)
+    with torch.no_grad():
+        before, after = model.trunk.forward_layers(sequence), deeper.trunk.forward_layers(sequence)
+        torch.testing.assert_close(after[-1], before[-1], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(after[-2], before[-2], rtol=1e-5, atol=1e-5)  # entering the last block
+        # The new blocks are real blocks: once they write, the output moves.
+        deeper.trunk.blocks[SMALL.n_layers - 1].attn.out.weight.normal_()
+        assert not torch.allclose(deeper.trunk.forward_layers(sequence)[-1], before[-1], atol=1e-3)
+    with pytest.raises(ValueError, match="already has 2 blocks"):
+        deepen(model, 2)
 
 
 # -- memory ---------------------------------------------------------------------------------------

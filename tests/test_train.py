@@ -45,8 +45,8 @@ def test_training_lowers_the_loss_resumes_and_serves(tmp_path):
     assert output.audio.shape == (TURN_SAMPLES,) and np.isfinite(output.audio).all()
 
     # A fine-tune that first widens the key/value heads (1 -> 4), narrows the
-    # attention window, adds encoder blocks on the user's audio and mixes each audio
-    # token with the three before it trains and serves too. The tiny preset has the encoder now: start from the run's weights without it.
+    # attention window, adds encoder blocks on the user's audio, mixes each audio
+    # token with the three before it and adds a trunk block trains and serves too. The tiny preset has the encoder now: start from the run's weights without it.
     save_checkpoint(without_parts(load_checkpoint(out), audio_encoder_layers=0), tmp_path / "without_encoder")
     with pytest.raises(ValueError, match="already has 2 blocks"):
         train(build_parser().parse_args(common[2:] + ["--out", str(tmp_path / "twice"), "--init", str(out),
@@ -54,7 +54,7 @@ def test_training_lowers_the_loss_resumes_and_serves(tmp_path):
     wide = tmp_path / "wide"
     tuned = train(build_parser().parse_args(common[2:] + ["--out", str(wide), "--init", str(tmp_path / "without_encoder"),
                                                           "--kv-heads", "4", "--window", "128", "--audio-encoder", "2",
-                                                          "--audio-context", "3",
+                                                          "--audio-context", "3", "--layers", "5",
                                                           "--user-mask-bands", "2", "--user-jitter", "0.1",
                                                           "--steps", "3"]))
     assert len(tuned) == 3 and statistics.mean(tuned) < 0.8 * statistics.mean(losses[:5])  # from the trained weights
@@ -68,6 +68,8 @@ def test_training_lowers_the_loss_resumes_and_serves(tmp_path):
     assert all(block.down.weight.abs().max() > 0 for block in encoder)
     assert '"audio_context": 3' in (wide / "config.json").read_text()
     assert engine.model.audio_context.out.weight.abs().max() > 0  # started at zero
+    assert '"n_layers": 5' in (wide / "config.json").read_text()
+    assert engine.model.trunk.blocks[3].attn.out.weight.abs().max() > 0  # the added block, started as an identity
     with pytest.raises(ValueError, match="already mixes 3 tokens"):
         train(build_parser().parse_args(common[2:] + ["--out", str(tmp_path / "again"), "--init", str(wide),
                                                       "--audio-context", "2", "--steps", "1"]))
@@ -104,7 +106,7 @@ def test_impossible_user_audio_masks_are_refused_before_training(tmp_path, masks
     assert not (tmp_path / "ckpt").exists()
 
 
-@pytest.mark.parametrize("growth", [["--kv-heads", "4"], ["--audio-encoder", "2"]])
+@pytest.mark.parametrize("growth", [["--kv-heads", "4"], ["--audio-encoder", "2"], ["--layers", "6"]])
 def test_growing_without_a_checkpoint_to_grow_is_an_error(tmp_path, growth):
     with pytest.raises(ValueError, match="--init"):
         train(build_parser().parse_args(["--out", str(tmp_path / "ckpt"), *growth, "--steps", "1"]))
