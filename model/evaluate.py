@@ -320,6 +320,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seconds", type=float, default=24.0,
                         help="conversation length (a seed's conversation depends on it; `microturn "
                              "loadtest --seconds S` plays seeds from 2,000,000 at S + 2)")
+    parser.add_argument("--heard-only", action="store_true",
+                        help="only what the listening head reads off the users' utterances (teacher forced, no "
+                             "closed loop: seconds where the full evaluation takes minutes)")
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--plots", default=None, help="directory for one timeline PNG per conversation")
     parser.add_argument("--write-threshold", default=argparse.SUPPRESS,
@@ -328,10 +331,19 @@ def main(argv: list[str] | None = None) -> None:
                              "(default: as the checkpoint's decoding.json says)")
     args = parser.parse_args(argv)
     decoding = {"write_threshold": args.write_threshold} if "write_threshold" in args else {}
+    if args.heard_only and args.reference:
+        parser.error("--heard-only reads a model's listening head; the reference tracks have none")
     engine = None if args.reference else load_engine(args.checkpoint, max_sessions=1, **decoding)
     seeds = list(range(args.first_seed, args.first_seed + args.conversations))
-    result = evaluate(engine, seeds, Path(args.plots) if args.plots else None, held_out=not args.training_voices,
-                      duration_s=args.seconds)
+    if args.heard_only:
+        if not engine.model.config.listen_head:
+            parser.error(f"--heard-only: {args.checkpoint or 'the random model'} has no listening head")
+        conversations = generate(seeds, held_out=not args.training_voices, duration_s=args.seconds)
+        result = {"heard": listen_probe(engine.model, conversations), "conversations": len(seeds),
+                  "voices": "training" if args.training_voices else "held-out"}
+    else:
+        result = evaluate(engine, seeds, Path(args.plots) if args.plots else None,
+                          held_out=not args.training_voices, duration_s=args.seconds)
     if args.json:
         print(json.dumps(result))
     else:

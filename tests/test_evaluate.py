@@ -8,6 +8,7 @@ import json
 import re
 
 import numpy as np
+import pytest
 import torch
 
 from loadtest.run import SCRIPT_SEED
@@ -80,6 +81,22 @@ def test_eval_scores_the_loadtests_own_scripts(capsys):
     assert result["events"] == {kind: sum(e.kind == kind for e in script.events) for kind in result["events"]}
     assert result["events"]["delegation"] == 3
     assert [e.kind for e in generate([SCRIPT_SEED + 1], held_out=True)[0].events].count("delegation") == 2
+
+
+def test_heard_only_reads_the_listening_head_without_the_closed_loop(capsys):
+    eval_main(["--checkpoint", str(default_checkpoint()), "--heard-only", "--training-voices",
+               "--first-seed", "5000000", "--conversations", "2", "--json"])
+    result = json.loads(capsys.readouterr().out)
+    conversations = generate([5_000_000, 5_000_001], held_out=False)
+    assert set(result) == {"heard", "conversations", "voices"} and result["voices"] == "training"
+    assert result["heard"]["utterances"] == sum(len(c.user_words) for c in conversations) > 0
+    assert 0 < result["heard"]["words_right"] <= 1  # the shipped model hears some utterances word for word
+    with pytest.raises(SystemExit):
+        eval_main(["--reference", "--heard-only"])
+    assert "the reference tracks have none" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        eval_main(["--heard-only"])  # random weights of a preset without the head
+    assert "the random model has no listening head" in capsys.readouterr().err
 
 
 def test_a_delegation_counts_only_if_the_model_asked_for_the_right_sum():
