@@ -2,6 +2,7 @@
 batched vs one-at-a-time. Median of ``--repeats`` runs of each measurement.
 
     microturn bench model [--json] [--preset tiny] [--repeats 5] [--device cuda] [--attention sdpa|xformers] [--window N]
+                       [--layers N] [--audio-encoder N] [--audio-context N]
 
 On CUDA with xformers installed it also runs the step-by-sessions sweep with SDPA
 in the same process and reports the ratio and the xformers kernels that ran.
@@ -84,13 +85,15 @@ def synchronize(engine: StreamingModel) -> None:
 def run(preset_name: str = "tiny", repeats: int = 5, context_s: float = 60.0,
         counts: tuple[int, ...] = (1, 8, 32, 64), device: str = "cpu",
         attention: str | None = None, window: int = 0, audio_encoder: int | None = None,
-        audio_context: int | None = None) -> dict[str, object]:
+        audio_context: int | None = None, layers: int | None = None) -> dict[str, object]:
     torch.manual_seed(0)
     overrides: dict[str, int] = {"window": window} if window else {}
     if audio_encoder is not None:
         overrides["audio_encoder_layers"] = audio_encoder
     if audio_context is not None:
         overrides["audio_context"] = audio_context
+    if layers is not None:
+        overrides["n_layers"] = layers
     model = InteractionModel(preset(preset_name, **overrides)).eval()
     config = model.config
     engine = StreamingModel(model, max_sessions=max(counts) + 1, device=device, attention=attention)
@@ -100,6 +103,7 @@ def run(preset_name: str = "tiny", repeats: int = 5, context_s: float = 60.0,
         "device": torch.cuda.get_device_name() if engine.device.type == "cuda" else "cpu",
         "attention": engine.pool.backend,
         "window": config.window,  # with the sinks, the keys each session's queries attend over
+        "n_layers": config.n_layers,
         "audio_encoder_layers": config.audio_encoder_layers,
         "audio_context": config.audio_context,
         "torch_threads": torch.get_num_threads(),
@@ -147,9 +151,12 @@ def main(argv: list[str] | None = None) -> None:
                         help="encoder blocks on the user's audio tokens (default: the preset's)")
     parser.add_argument("--audio-context", type=int, default=None, metavar="TOKENS",
                         help="earlier audio tokens each user audio token mixes in (default: the preset's)")
+    parser.add_argument("--layers", type=int, default=None, metavar="BLOCKS",
+                        help="trunk blocks (default: the preset's)")
     args = parser.parse_args(argv)
     results = run(args.preset, args.repeats, args.context_s, device=args.device, attention=args.attention,
-                  window=args.window, audio_encoder=args.audio_encoder, audio_context=args.audio_context)
+                  window=args.window, audio_encoder=args.audio_encoder, audio_context=args.audio_context,
+                  layers=args.layers)
     if args.json:
         print(json.dumps(results))
         return

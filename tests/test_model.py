@@ -389,8 +389,8 @@ def test_a_window_bounded_session_uses_flat_memory_for_30_minutes():
 def test_the_model_benchmark_reports_what_the_docs_quote():
     from bench.model import run
 
-    results = run(repeats=1, context_s=2.0, counts=(1, 2, 32), window=128)
-    assert results["window"] == 128
+    results = run(repeats=1, context_s=2.0, counts=(1, 2, 32), window=128, layers=3)
+    assert results["window"] == 128 and results["n_layers"] == 3
     assert set(results["step_ms_by_sessions"]) == {"1", "2", "32"}
     assert all(ms > 0 for ms in results["step_ms_by_sessions"].values())
     for key in ("append_vs_recompute_ratio_2min", "batch32_throughput_ratio"):
