@@ -40,7 +40,7 @@ from model.interaction import InteractionModel
 from model.memory import release_freed_memory
 from model.text import encode
 from model.transformer import MoE
-from model.weights import load_checkpoint, save_checkpoint, deepen, widen_kv_heads, with_parts, with_window
+from model.weights import deepen, load_checkpoint, save_checkpoint, widen_kv_heads, with_parts, with_window
 
 STATE_FILE = "train_state.pt"
 
