@@ -335,15 +335,16 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("--heard-only reads a model's listening head; the reference tracks have none")
     engine = None if args.reference else load_engine(args.checkpoint, max_sessions=1, **decoding)
     seeds = list(range(args.first_seed, args.first_seed + args.conversations))
+    held_out = not args.training_voices
     if args.heard_only:
         if not engine.model.config.listen_head:
             parser.error(f"--heard-only: {args.checkpoint or 'the random model'} has no listening head")
-        conversations = generate(seeds, held_out=not args.training_voices, duration_s=args.seconds)
+        conversations = generate(seeds, held_out=held_out, duration_s=args.seconds)
         result = {"heard": listen_probe(engine.model, conversations), "conversations": len(seeds),
-                  "voices": "training" if args.training_voices else "held-out"}
+                  "voices": "held-out" if held_out else "training"}  # as evaluate() labels them
     else:
-        result = evaluate(engine, seeds, Path(args.plots) if args.plots else None,
-                          held_out=not args.training_voices, duration_s=args.seconds)
+        result = evaluate(engine, seeds, Path(args.plots) if args.plots else None, held_out=held_out,
+                          duration_s=args.seconds)
     if args.json:
         print(json.dumps(result))
     else:
