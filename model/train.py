@@ -312,15 +312,19 @@ def train(args: argparse.Namespace) -> list[float]:
     torch.manual_seed(args.seed)  # the same initial weights on every rank
     listens = args.listen_weight > 0 or args.listen_probe  # the run needs a listening head
 
+    new_blocks: list[str] = []  # name prefixes of the parameters the rate is scaled for
     if args.resume and state_path.exists():
         model = load_checkpoint(out)
         state = torch.load(state_path, map_location="cpu")
+        new_blocks = state.get("new_blocks", [])
     elif args.init:  # fine-tune: its weights, a fresh optimiser and schedule
         model = load_checkpoint(args.init)
         if args.kv_heads and args.kv_heads != model.config.n_kv_heads:
             model = widen_kv_heads(model, args.kv_heads)
         if args.layers:
+            shallow = model.config.n_layers
             model = deepen(model, args.layers)
+            new_blocks = [f"trunk.blocks.{i}." for i in range(shallow - 1, args.layers - 1)]  # deepen's order
         if args.audio_encoder:
             if args.audio_encoder <= model.config.audio_encoder_layers:
                 raise ValueError(f"--audio-encoder {args.audio_encoder}: {args.init} already has "
@@ -348,11 +352,14 @@ def train(args: argparse.Namespace) -> list[float]:
     if args.listen_probe:
         for name, parameter in model.named_parameters():
             parameter.requires_grad_(name.startswith("listen_head."))
-    trained = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trained, lr=args.lr, weight_decay=0.05, betas=(0.9, 0.95))
+    if args.new_lr_scale != 1 and not new_blocks:
+        raise ValueError("--new-lr-scale scales the rate of the blocks --layers adds")
+    groups = parameter_groups(model, new_blocks, args.new_lr_scale)
+    trained = [p for group in groups for p in group["params"]]
+    optimizer = torch.optim.AdamW(groups, lr=args.lr, weight_decay=0.05, betas=(0.9, 0.95))
     step = 0
     if state is not None:
-        optimizer.load_state_dict(state["optimizer"])
+        optimizer.load_state_dict(state["optimizer"])  # the saved groups' lr_scale with it
         step = state["step"]
 
     seeds = list(range(args.first_seed, args.first_seed + args.conversations))
@@ -383,7 +390,7 @@ def train(args: argparse.Namespace) -> list[float]:
         batch = [Example(*(t.to(device) for t in (e.user_bins, e.model_bins, e.text_in, e.text_out)), e.user_words)
                  for e in batch]
         for group in optimizer.param_groups:
-            group["lr"] = learning_rate(step, args.steps, args.lr, args.warmup)
+            group["lr"] = group["lr_scale"] * learning_rate(step, args.steps, args.lr, args.warmup)
         with autocast:
             if args.listen_probe:
                 loss, parts = listen_probe_loss(model, batch)
@@ -409,7 +416,7 @@ def train(args: argparse.Namespace) -> list[float]:
                   f"{rate:,.0f} tokens/s", end="", file=sys.stderr, flush=True)
             last_report = now
         if rank == 0 and (step % args.save_every == 0 or step == args.steps):
-            save(model, optimizer, step, out)
+            save(model, optimizer, step, out, new_blocks)
     if rank == 0:
         print(file=sys.stderr)
     if distributed:
@@ -421,9 +428,23 @@ def train(args: argparse.Namespace) -> list[float]:
     return losses
 
 
-def save(model: InteractionModel, optimizer: torch.optim.Optimizer, step: int, out: Path) -> None:
+def parameter_groups(model: InteractionModel, new_blocks: list[str], new_lr_scale: float) -> list[dict]:
+    """AdamW's groups: the trainable parameters, those under ``new_blocks`` (a deepened
+    trunk's added blocks) apart with ``new_lr_scale`` times the schedule's rate. The
+    added blocks start with zeroed output projections, and at a fine-tuning rate those
+    grew to ~5 % of the trained blocks' norms in 1,300 steps (docs/eval.md, session 21)."""
+    trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    is_new = [bool(new_blocks) and name.startswith(tuple(new_blocks)) for name, _ in trainable]
+    groups = [{"params": [p for (_, p), new in zip(trainable, is_new) if not new], "lr_scale": 1.0}]
+    if any(is_new):
+        groups.append({"params": [p for (_, p), new in zip(trainable, is_new) if new], "lr_scale": new_lr_scale})
+    return groups
+
+
+def save(model: InteractionModel, optimizer: torch.optim.Optimizer, step: int, out: Path,
+         new_blocks: list[str]) -> None:
     save_checkpoint(model, out)
-    torch.save({"optimizer": optimizer.state_dict(), "step": step}, out / STATE_FILE)
+    torch.save({"optimizer": optimizer.state_dict(), "step": step, "new_blocks": new_blocks}, out / STATE_FILE)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -476,6 +497,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--layers", type=int, default=0, metavar="BLOCKS",
                         help="with --init: deepen the trunk to this many blocks, the new ones in before the "
                              "last (same outputs at the start; ModelConfig.n_layers)")
+    parser.add_argument("--new-lr-scale", type=float, default=1.0, metavar="FACTOR",
+                        help="with --layers: the new blocks learn at FACTOR times --lr (kept by --resume)")
     parser.add_argument("--audio-context", type=int, default=0, metavar="TOKENS",
                         help="with --init: mix each user audio token with this many before it "
                              "(same outputs at the start; ModelConfig.audio_context)")

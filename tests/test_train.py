@@ -52,11 +52,10 @@ def test_training_lowers_the_loss_resumes_and_serves(tmp_path):
         train(build_parser().parse_args(common[2:] + ["--out", str(tmp_path / "twice"), "--init", str(out),
                                                       "--audio-encoder", "2", "--steps", "1"]))
     wide = tmp_path / "wide"
-    tuned = train(build_parser().parse_args(common[2:] + ["--out", str(wide), "--init", str(tmp_path / "without_encoder"),
-                                                          "--kv-heads", "4", "--window", "128", "--audio-encoder", "2",
-                                                          "--audio-context", "3", "--layers", "5",
-                                                          "--user-mask-bands", "2", "--user-jitter", "0.1",
-                                                          "--steps", "3"]))
+    growing = common[2:] + ["--out", str(wide), "--init", str(tmp_path / "without_encoder"), "--kv-heads", "4",
+                            "--window", "128", "--audio-encoder", "2", "--audio-context", "3", "--layers", "5",
+                            "--new-lr-scale", "10", "--user-mask-bands", "2", "--user-jitter", "0.1"]
+    tuned = train(build_parser().parse_args(growing + ["--steps", "3"]))
     assert len(tuned) == 3 and statistics.mean(tuned) < 0.8 * statistics.mean(losses[:5])  # from the trained weights
     engine = make_model("model", max_sessions=2, checkpoint=str(wide))
     engine.open_session("s")
@@ -70,6 +69,13 @@ def test_training_lowers_the_loss_resumes_and_serves(tmp_path):
     assert engine.model.audio_context.out.weight.abs().max() > 0  # started at zero
     assert '"n_layers": 5' in (wide / "config.json").read_text()
     assert engine.model.trunk.blocks[3].attn.out.weight.abs().max() > 0  # the added block, started as an identity
+    # The added block learns at ten times the rate, and a resumed run keeps it so.
+    assert len(train(build_parser().parse_args(growing + ["--steps", "4", "--resume"]))) == 1
+    state = torch.load(wide / "train_state.pt")
+    assert state["new_blocks"] == ["trunk.blocks.3."]
+    old_group, new_group = state["optimizer"]["param_groups"]
+    assert len(new_group["params"]) == sum(1 for _ in engine.model.trunk.blocks[3].parameters())
+    assert new_group["lr"] == pytest.approx(10 * old_group["lr"]) and old_group["lr"] > 0
     with pytest.raises(ValueError, match="already mixes 3 tokens"):
         train(build_parser().parse_args(common[2:] + ["--out", str(tmp_path / "again"), "--init", str(wide),
                                                       "--audio-context", "2", "--steps", "1"]))
@@ -110,6 +116,12 @@ def test_impossible_user_audio_masks_are_refused_before_training(tmp_path, masks
 def test_growing_without_a_checkpoint_to_grow_is_an_error(tmp_path, growth):
     with pytest.raises(ValueError, match="--init"):
         train(build_parser().parse_args(["--out", str(tmp_path / "ckpt"), *growth, "--steps", "1"]))
+    assert not (tmp_path / "ckpt").exists()
+
+
+def test_a_rate_for_new_blocks_without_new_blocks_is_an_error(tmp_path):
+    with pytest.raises(ValueError, match="the blocks --layers adds"):
+        train(build_parser().parse_args(["--out", str(tmp_path / "ckpt"), "--new-lr-scale", "10", "--steps", "1"]))
     assert not (tmp_path / "ckpt").exists()
 
 
