@@ -341,7 +341,7 @@ def main(argv: list[str] | None = None) -> None:
             parser.error(f"--heard-only: {args.checkpoint or 'the random model'} has no listening head")
         conversations = generate(seeds, held_out=held_out, duration_s=args.seconds)
         result = {"heard": listen_probe(engine.model, conversations), "conversations": len(seeds),
-                  "voices": "held-out" if held_out else "training"}  # as evaluate() labels them
+                  "voices": "held-out" if held_out else "training", "seconds": args.seconds}  # as evaluate() labels them
     else:
         result = evaluate(engine, seeds, Path(args.plots) if args.plots else None, held_out=held_out,
                           duration_s=args.seconds)

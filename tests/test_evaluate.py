@@ -88,7 +88,8 @@ def test_heard_only_reads_the_listening_head_without_the_closed_loop(capsys):
                "--first-seed", "5000000", "--conversations", "2", "--json"])
     result = json.loads(capsys.readouterr().out)
     conversations = generate([5_000_000, 5_000_001], held_out=False)
-    assert set(result) == {"heard", "conversations", "voices"} and result["voices"] == "training"
+    assert set(result) == {"heard", "conversations", "voices", "seconds"} and result["voices"] == "training"
+    assert result["seconds"] == 24  # a seed's conversation depends on its length: the label says which
     assert result["heard"]["utterances"] == sum(len(c.user_words) for c in conversations) > 0
     assert 0 < result["heard"]["words_right"] <= 1  # the shipped model hears some utterances word for word
     with pytest.raises(SystemExit):
