@@ -92,7 +92,8 @@ def deepen(model: InteractionModel, n_layers: int) -> InteractionModel:
     residual stream), so the stream entering the last block — the one the listening
     head reads (``model.listening.LAYER``) — is unchanged too. A capacity lever for a
     trained model that no longer fits its own training data; at a fine-tuning
-    learning rate the zeroed projections grow slowly (docs/eval.md, session 21)."""
+    learning rate the zeroed projections grow slowly, so ``microturn train
+    --new-lr-scale`` trains them faster (docs/eval.md, sessions 21–22)."""
     old = model.config
     if n_layers <= old.n_layers:
         raise ValueError(f"n_layers {n_layers}: the model already has {old.n_layers} blocks")
