@@ -390,7 +390,8 @@ def train(args: argparse.Namespace) -> list[float]:
         batch = [Example(*(t.to(device) for t in (e.user_bins, e.model_bins, e.text_in, e.text_out)), e.user_words)
                  for e in batch]
         for group in optimizer.param_groups:
-            group["lr"] = group["lr_scale"] * learning_rate(step, args.steps, args.lr, args.warmup)
+            # .get: a state saved before the groups had a scale resumes at the plain rate
+            group["lr"] = group.get("lr_scale", 1.0) * learning_rate(step, args.steps, args.lr, args.warmup)
         with autocast:
             if args.listen_probe:
                 loss, parts = listen_probe_loss(model, batch)
@@ -434,7 +435,7 @@ def parameter_groups(model: InteractionModel, new_blocks: list[str], new_lr_scal
     added blocks start with zeroed output projections, and at a fine-tuning rate those
     grew to ~5 % of the trained blocks' norms in 1,300 steps (docs/eval.md, session 21)."""
     trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
-    is_new = [bool(new_blocks) and name.startswith(tuple(new_blocks)) for name, _ in trainable]
+    is_new = [name.startswith(tuple(new_blocks)) for name, _ in trainable]
     groups = [{"params": [p for (_, p), new in zip(trainable, is_new) if not new], "lr_scale": 1.0}]
     if any(is_new):
         groups.append({"params": [p for (_, p), new in zip(trainable, is_new) if new], "lr_scale": new_lr_scale})
