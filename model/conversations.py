@@ -89,6 +89,7 @@ class Conversation:
     # What the user said and where: (start s, end s, text) per spoken part, for the
     # listening loss (model/listening.py). Background talk is not the user's.
     user_words: list[tuple[float, float, str]] = field(default_factory=list)
+    user_voice: str = ""  # the espeak-ng voice, "language+variant" ("" for a recording)
 
     @property
     def turns(self) -> int:
@@ -320,7 +321,7 @@ class _Builder:
         noise_level = self.level * 10 ** (-self.rng.uniform(15, 40) / 20)
         user += np.random.default_rng(self.rng.getrandbits(32)).normal(0, noise_level, user.size).astype(np.float32)
         return Conversation(seed, np.clip(user, -1, 1), np.clip(self.model, -1, 1), self.text_in, self.text_out,
-                            self.events, self.user_words)
+                            self.events, self.user_words, self.user_voice.name)
 
 
 def eval_arithmetic(a: int, symbol: str, b: int) -> int:

@@ -281,9 +281,12 @@ def evaluate(engine: StreamingModel | None, seeds: list[int], plots: Path | None
 def listen_probe(model: InteractionModel, conversations: list[Conversation]) -> dict[str, object]:
     """What the listening head reads off each user utterance (greedy CTC), teacher
     forced: the share read word for word, and of those with numbers (the operands,
-    "after seven"), the share whose number words were all read right."""
+    "after seven"), the share whose number words were all read right — overall and
+    by each part of the user's voice name (language voice, variant), because the
+    held-out voices are not all equally hard (docs/eval.md, session 22)."""
     frames = model.config.frames_per_audio_token
-    utterances = right = with_numbers = numbers_right = 0
+    utterances = right = 0
+    numbers: dict[str, list[int]] = {}  # voice part (or "all") -> [right, utterances with numbers]
     for conversation in conversations:
         example = to_example(conversation, model.config)
         if not len(example.user_words):
@@ -291,20 +294,26 @@ def listen_probe(model: InteractionModel, conversations: list[Conversation]) -> 
         hidden = listened_states(model, teacher_forced_layers(model, [example]))
         found, words = listening.spans([example.user_words], frames)
         log_probs, lengths = listening.listen_logits(model.listen_head, hidden, found)
+        voice_parts = [part for part in conversation.user_voice.split("+") if part]
         for i, target_ids in enumerate(words.tolist()):
             target = [listening.WORDS[w - 1] for w in target_ids if w != listening.BLANK]
             read = listening.greedy_words(log_probs[:, i], int(lengths[i]))
             utterances += 1
             right += read == target
             if any(w in listening.NUMBERS for w in target):
-                with_numbers += 1
-                numbers_right += ([w for w in read if w in listening.NUMBERS]
-                                  == [w for w in target if w in listening.NUMBERS])
+                heard = ([w for w in read if w in listening.NUMBERS] == [w for w in target if w in listening.NUMBERS])
+                for key in ["all", *voice_parts]:
+                    tally = numbers.setdefault(key, [0, 0])
+                    tally[0] += heard
+                    tally[1] += 1
+    numbers_right, with_numbers = numbers.pop("all", [0, 0])
     return {
         "utterances": utterances,
         "words_right": round(right / utterances, 3) if utterances else None,
         "with_numbers": with_numbers,
         "numbers_right": round(numbers_right / with_numbers, 3) if with_numbers else None,
+        "numbers_right_by_voice": {part: {"with_numbers": n, "numbers_right": round(r / n, 3)}
+                                   for part, (r, n) in sorted(numbers.items())},
     }
 
 

@@ -92,6 +92,12 @@ def test_heard_only_reads_the_listening_head_without_the_closed_loop(capsys):
     assert result["seconds"] == 24  # a seed's conversation depends on its length: the label says which
     assert result["heard"]["utterances"] == sum(len(c.user_words) for c in conversations) > 0
     assert 0 < result["heard"]["words_right"] <= 1  # the shipped model hears some utterances word for word
+    # Per voice: each utterance with numbers counts once under its language voice and
+    # once under its variant ("en-us+f3": "en-us" and "f3").
+    by_voice = result["heard"]["numbers_right_by_voice"]
+    assert set(by_voice) == {part for c in conversations for part in c.user_voice.split("+")}
+    assert sum(v["with_numbers"] for v in by_voice.values()) == 2 * result["heard"]["with_numbers"]
+    assert all(0 <= v["numbers_right"] <= 1 for v in by_voice.values())
     with pytest.raises(SystemExit):
         eval_main(["--reference", "--heard-only"])
     assert "the reference tracks have none" in capsys.readouterr().err
