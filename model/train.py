@@ -40,7 +40,7 @@ from model.interaction import InteractionModel
 from model.memory import release_freed_memory
 from model.text import encode
 from model.transformer import MoE
-from model.weights import deepen, load_checkpoint, save_checkpoint, widen_kv_heads, with_parts, with_window
+from model.weights import deepen, deepened_blocks, load_checkpoint, save_checkpoint, widen_kv_heads, with_parts, with_window
 
 STATE_FILE = "train_state.pt"
 
@@ -322,9 +322,8 @@ def train(args: argparse.Namespace) -> list[float]:
         if args.kv_heads and args.kv_heads != model.config.n_kv_heads:
             model = widen_kv_heads(model, args.kv_heads)
         if args.layers:
-            shallow = model.config.n_layers
+            new_blocks = [f"trunk.blocks.{i}." for i in deepened_blocks(model.config.n_layers, args.layers)]
             model = deepen(model, args.layers)
-            new_blocks = [f"trunk.blocks.{i}." for i in range(shallow - 1, args.layers - 1)]  # deepen's order
         if args.audio_encoder:
             if args.audio_encoder <= model.config.audio_encoder_layers:
                 raise ValueError(f"--audio-encoder {args.audio_encoder}: {args.init} already has "
@@ -360,6 +359,8 @@ def train(args: argparse.Namespace) -> list[float]:
     step = 0
     if state is not None:
         optimizer.load_state_dict(state["optimizer"])  # the saved groups' lr_scale with it
+        for group in optimizer.param_groups:
+            group.setdefault("lr_scale", 1.0)  # a state saved before the groups had a scale
         step = state["step"]
 
     seeds = list(range(args.first_seed, args.first_seed + args.conversations))
@@ -390,8 +391,7 @@ def train(args: argparse.Namespace) -> list[float]:
         batch = [Example(*(t.to(device) for t in (e.user_bins, e.model_bins, e.text_in, e.text_out)), e.user_words)
                  for e in batch]
         for group in optimizer.param_groups:
-            # .get: a state saved before the groups had a scale resumes at the plain rate
-            group["lr"] = group.get("lr_scale", 1.0) * learning_rate(step, args.steps, args.lr, args.warmup)
+            group["lr"] = group["lr_scale"] * learning_rate(step, args.steps, args.lr, args.warmup)
         with autocast:
             if args.listen_probe:
                 loss, parts = listen_probe_loss(model, batch)
@@ -435,10 +435,11 @@ def parameter_groups(model: InteractionModel, new_blocks: list[str], new_lr_scal
     added blocks start with zeroed output projections, and at a fine-tuning rate those
     grew to ~5 % of the trained blocks' norms in 1,300 steps (docs/eval.md, session 21)."""
     trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
-    is_new = [name.startswith(tuple(new_blocks)) for name, _ in trainable]
-    groups = [{"params": [p for (_, p), new in zip(trainable, is_new) if not new], "lr_scale": 1.0}]
-    if any(is_new):
-        groups.append({"params": [p for (_, p), new in zip(trainable, is_new) if new], "lr_scale": new_lr_scale})
+    new = tuple(new_blocks)  # startswith(()) is False: no new blocks, one group
+    groups = [{"params": [p for name, p in trainable if not name.startswith(new)], "lr_scale": 1.0}]
+    added = [p for name, p in trainable if name.startswith(new)]
+    if added:
+        groups.append({"params": added, "lr_scale": new_lr_scale})
     return groups
 
 

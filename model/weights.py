@@ -107,12 +107,18 @@ def deepen(model: InteractionModel, n_layers: int) -> InteractionModel:
             moved = int(index) + (added if int(index) == old.n_layers - 1 else 0)  # the last block stays last
             name = f"{prefix}{moved}.{rest}"
         state[name] = tensor
-    for index in range(old.n_layers - 1, n_layers - 1):
+    for index in deepened_blocks(old.n_layers, n_layers):
         block = f"{prefix}{index}."
         for written in ("attn.out.weight", "ffn.w_down", "ffn.shared.down.weight"):
             state[block + written] = torch.zeros_like(state[block + written])
     deeper.load_state_dict(state)
     return deeper
+
+
+def deepened_blocks(n_layers: int, deeper: int) -> range:
+    """The indices of the blocks ``deepen`` adds going from ``n_layers`` to ``deeper``:
+    in before the last, which stays last."""
+    return range(n_layers - 1, deeper - 1)
 
 
 def with_window(model: InteractionModel, window: int) -> InteractionModel:
