@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import subprocess
@@ -174,6 +175,21 @@ def test_held_out_voices_are_not_training_voices():
     assert not set(conv._LANGUAGES_HELD_OUT) & set(conv._LANGUAGES_TRAIN)
     held_out = conv.generate([100], held_out=True)[0]
     assert held_out.events
+
+
+def test_a_stretched_training_voice_keeps_its_tempo():
+    # The widest stretch raises pitch and formants by ~1.4x; it must not also speed the
+    # user up by 1.4x, or "high voice" would be learned as "fast voice".
+    seed = next(s for s in range(1000) if conv._Builder(s, False, 30.0).stretch < 0.78)
+    stretched = conv._Builder(seed, False, 30.0)
+    plain = conv._Builder(seed, False, 30.0)
+    plain.user_voice = dataclasses.replace(
+        plain.user_voice, words_per_minute=round(plain.user_voice.words_per_minute / plain.stretch))
+    plain.stretch = 1.0
+    text = "what comes after seven and then what comes after nine"
+    start, end = stretched.user_says([text])
+    plain_start, plain_end = plain.user_says([text])
+    assert 0.88 < (end - start) / (plain_end - plain_start) < 1.12
 
 
 def test_render_wav_for_listening(tmp_path, sample):
