@@ -51,11 +51,11 @@ REPLY_AFTER_SILENCE_S = 0.15
 # ... and a barge-in silences the first output made after hearing this much of it.
 STOP_AFTER_SPEECH_S = 0.08
 MODEL_VOICE = Voice("en-us", words_per_minute=165, pitch=45, pitch_range=40)
-_VARIANTS_TRAIN = ["f1", "f2", "f4", "m1", "m2", "m4", "m6", "m7", "Annie", "Alex", "Andy", "linda",
-                   "john", "steph", "paul", "robert", "belinda", "ian", "edward", "aunty",
-                   # Version 7: high-pitched and breathy or rough voices, the kinds the
-                   # held-out zac (a child) and f3 (breathy, rough) were heard worst in.
-                   "f5", "Alicia", "anika", "Andrea", "sandro", "shelby"]
+_VARIANTS_TRAIN_V6 = ["f1", "f2", "f4", "m1", "m2", "m4", "m6", "m7", "Annie", "Alex", "Andy", "linda",
+                      "john", "steph", "paul", "robert", "belinda", "ian", "edward", "aunty"]
+# Version 7 adds high-pitched and breathy or rough voices, the kinds the held-out zac
+# (a child) and f3 (breathy, rough) were heard worst in.
+_VARIANTS_TRAIN = _VARIANTS_TRAIN_V6 + ["f5", "Alicia", "anika", "Andrea", "sandro", "shelby"]
 _VARIANTS_HELD_OUT = ["f3", "m5", "grandma", "max", "zac", "quincy"]
 _LANGUAGES_TRAIN = ["en-us", "en", "en-gb-x-rp", "en-us-nyc", "en-gb-x-gbclan", "en-gb-x-gbcwmd"]
 # Other languages' voices reading English: strong accents, for variety the held-out
@@ -146,6 +146,9 @@ class _Builder:
         self.cursor = self.rng.uniform(0.4, 1.2)  # seconds: where the next thing may start
         self.tasks = 0
         self.stretch = 1.0
+        # Held-out background talkers keep the version-6 list: a longer list changes
+        # what a draw picks, and the held-out conversations must stay as they were.
+        self.background_variants = _VARIANTS_TRAIN_V6 if held_out else _VARIANTS_TRAIN
         if not held_out:  # drawn last, so held-out conversations are the same as in version 2
             if self.rng.random() < ACCENT_SHARE:
                 self.user_voice = Voice(f"{self.rng.choice(_ACCENTS_TRAIN)}+{self.rng.choice(variants)}",
@@ -318,7 +321,7 @@ class _Builder:
         else:
             far = speak(self.rng.choice(["the meeting moved to thursday", "did you see the game last night",
                                          "pass me the salt please"]),
-                        Voice(f"en+{self.rng.choice(_VARIANTS_TRAIN)}", self.rng.randint(140, 200)))
+                        Voice(f"en+{self.rng.choice(self.background_variants)}", self.rng.randint(140, 200)))
             far = _room(far, self.rng)[:length]
             self.user[start : start + far.size] += far * self.level * self.rng.uniform(0.05, 0.15)
         self.events.append(Event("noise", (start + length) / SAMPLE_RATE))

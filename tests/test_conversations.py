@@ -177,6 +177,23 @@ def test_held_out_voices_are_not_training_voices():
     assert held_out.events
 
 
+def test_held_out_conversations_are_those_of_version_6(monkeypatch):
+    # Background talkers are drawn from the training variants; version 7's longer list
+    # must not change what a held-out conversation says, in which voices, or results
+    # before and after it stop being comparable. What is spoken is recorded rather than
+    # the audio: in one process espeak-ng carries state from call to call.
+    spoken: list[tuple[str, str]] = []
+    speak = conv.speak
+    monkeypatch.setattr(conv, "speak", lambda text, voice: spoken.append((text, voice.name)) or speak(text, voice))
+    seed = 1_000_038  # the longer list would change its background talker and what follows
+    conv.make_conversation(seed, held_out=True)
+    now = spoken.copy()
+    spoken.clear()
+    monkeypatch.setattr(conv, "_VARIANTS_TRAIN", conv._VARIANTS_TRAIN_V6)
+    conv.make_conversation(seed, held_out=True)
+    assert spoken == now
+
+
 def test_a_stretched_training_voice_keeps_its_tempo():
     # The widest stretch raises pitch and formants by ~1.4x; it must not also speed the
     # user up by 1.4x, or "high voice" would be learned as "fast voice".
