@@ -72,6 +72,10 @@ class _Engine:
             _AUDIO_OUTPUT_SYNCHRONOUS, 0, espeakng_loader.get_data_path().encode(), 0)
         if self.sample_rate <= 0:
             raise RuntimeError("espeak-ng failed to initialise")
+        # Initialising seeds espeak-ng's noise generator from the clock, so breathy
+        # voices (f3, f5, sandro, ...) differed from run to run; a fixed seed makes a
+        # process's first utterances the same bits every time.
+        self.lib.espeak_ng_SetRandSeed(ctypes.c_long(0))
         self.lock = threading.Lock()
         self._chunks: list[np.ndarray] = []
         self._words: list[int] = []
