@@ -34,19 +34,26 @@ def test_numbers_are_spelled_as_espeak_says_them_and_strange_words_refused():
 
 
 def test_every_utterance_is_in_the_vocabulary_and_where_the_user_is_loud(sample):
+    checked_loudness = 0
     for conversation in sample:
         assert conversation.user_words, conversation.seed
         targets = listening.word_targets(conversation.user_words)
         frames = conversation.user_audio[: conversation.user_audio.size // 800 * 800].reshape(-1, 800)
         # Most of a conversation is not the user talking. The held-out rooms can be
-        # noisy (speech 1.5x the floor there); a span off the speech reads ~1.0x.
-        floor = np.median(np.sqrt(np.mean(frames**2, axis=1)))
+        # noisy (speech 1.5x the floor there); a span off the speech reads ~1.0x. The
+        # noisiest rooms (noise 15 dB under the speech's peak, about its RMS) leave
+        # loudness nothing to tell: there even the loudest frames are < 1.5x the floor.
+        rms = np.sqrt(np.mean(frames**2, axis=1))
+        floor = np.median(rms)
+        audible = np.percentile(rms, 95) > 1.5 * floor
+        checked_loudness += audible
         for (start_s, end_s, text), row in zip(conversation.user_words, targets.tolist(), strict=True):
             spoken = conversation.user_audio[int(start_s * SAMPLE_RATE) : int(end_s * SAMPLE_RATE)]
-            assert np.sqrt(np.mean(spoken**2)) > 1.4 * floor, (conversation.seed, text)
+            assert not audible or np.sqrt(np.mean(spoken**2)) > 1.4 * floor, (conversation.seed, text)
             assert row[0] == int(start_s * 80) and row[1] >= (end_s + listening.LAG_S) * 80
             words = [listening.WORDS[i - 1] for i in row[2:] if i != listening.BLANK]
             assert words == listening.spoken_words(text)
+    assert checked_loudness >= len(sample) - 1  # one noisy room in the sample at most
 
 
 def test_a_crop_keeps_the_whole_utterances_in_it_and_moves_them(sample):
