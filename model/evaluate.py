@@ -244,6 +244,7 @@ def aggregate(records: list[dict[str, object]]) -> dict[str, object]:
         "spoken_word_accuracy": rate(heard, "right"),
         "spoken_word_accuracy_asr": rate([h for h in heard if h["right_asr"] is not None], "right_asr"),
         "written_word_accuracy": rate(heard, "written_right"),
+        "spoken_words_scored": len(heard),  # the three rates above are over these (to pool runs)
         "events": {kind: len(of(kind)) for kind in ("answer", "pause", "barge_in", "delegation", "noise")},
     }
 
