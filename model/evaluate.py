@@ -135,7 +135,8 @@ def _delegation(event: Event, following: Event | None, wanted_text: list[str],
     after = written.partition("</task>")[2] if asked else written
     copied = re.search(rf"(?<![\d.:-]){re.escape(event.expected_text)}(?![\d:])", after) is not None
     request_right = bool(asked and wanted) and _same_request(asked[0], wanted[0])
-    return {"copied": copied, "request_right": request_right, "answered": copied and request_right}
+    return {"copied": copied, "request_right": request_right, "answered": copied and request_right,
+            "asked": ": ".join(asked[0]) if asked else None, "wanted": ": ".join(wanted[0]) if wanted else None}
 
 
 def _same_request(asked: tuple[str, str], wanted: tuple[str, str]) -> bool:
@@ -158,7 +159,8 @@ def score(conversation: Conversation, timeline: Timeline) -> list[dict[str, obje
     wanted_text = data_text(conversation)
     delegations = [e for e in conversation.events if e.kind == "delegation"]
     for event in conversation.events:
-        record: dict[str, object] = {"kind": event.kind, "user_end_s": round(event.user_end_s, 3)}
+        record: dict[str, object] = {"kind": event.kind, "user_end_s": round(event.user_end_s, 3),
+                                     "seed": conversation.seed}
         if event.kind in ("answer", "pause", "delegation"):
             record.update(_reply(event, timeline))
         if event.kind in ("answer", "pause") and event.expected_text in NUMBER_WORDS:
@@ -240,6 +242,9 @@ def aggregate(records: list[dict[str, object]]) -> dict[str, object]:
         "delegation_accuracy": rate(of("delegation"), "answered"),
         "delegation_request_accuracy": rate(of("delegation"), "request_right"),
         "delegation_result_copied": rate(of("delegation"), "copied"),
+        # Each wrong request, to read what was misheard (session 24: mostly one number word).
+        "delegation_misses": [{key: r[key] for key in ("seed", "user_end_s", "wanted", "asked")}
+                              for r in of("delegation") if not r["request_right"]],
         "noise_silence_rate": rate(of("noise"), "silent"),
         "spoken_word_accuracy": rate(heard, "right"),
         "spoken_word_accuracy_asr": rate([h for h in heard if h["right_asr"] is not None], "right_asr"),

@@ -15,7 +15,7 @@ from loadtest.run import SCRIPT_SEED
 from model import dmel
 from model.config import NO_TEXT
 from model.conversations import NUMBER_WORDS, OUT_POSITIONS, Conversation, Event, generate, speak
-from model.evaluate import Timeline, evaluate, model_timeline, reference_timeline, score, vocoded_timeline
+from model.evaluate import Timeline, aggregate, evaluate, model_timeline, reference_timeline, score, vocoded_timeline
 from model.evaluate import main as eval_main
 from model.interface import SAMPLE_RATE, TURN_SAMPLES
 from model.speech import Voice
@@ -132,6 +132,11 @@ def test_a_delegation_counts_only_if_the_model_asked_for_the_right_sum():
     misheard = first_delegation(asking(f"{int(a) + 1} {op} {b}"))  # an operand misheard
     assert right["request_right"] and right["copied"] and right["answered"]
     assert misheard["copied"] and not misheard["request_right"] and not misheard["answered"]
+    # The eval lists each wrong request beside the right one, to read what was misheard.
+    assert aggregate(score(conversation, reference))["delegation_misses"] == []
+    misses = aggregate(score(conversation, asking(f"{int(a) + 1} {op} {b}")))["delegation_misses"]
+    assert misses == [{"seed": conversation.seed, "user_end_s": misheard["user_end_s"],
+                       "wanted": f"calc: {a} {op} {b}", "asked": f"calc: {int(a) + 1} {op} {b}"}]
     if op == "+":  # the tool answers the sum, whatever its order
         assert first_delegation(asking(f"{b} + {a}"))["answered"]
 
