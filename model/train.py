@@ -368,7 +368,8 @@ def train(args: argparse.Namespace) -> list[float]:
     if distributed and rank != 0 and cache is not None:
         dist.barrier()  # rank 0 generates and caches; the others then read the cache
     examples = load_examples(seeds, config, cache, args.workers)
-    examples += load_examples(list(range(args.drills)), config, cache, args.workers, drills=True)
+    drill_seeds = list(range(args.first_drill, args.first_drill + args.drills))
+    examples += load_examples(drill_seeds, config, cache, args.workers, drills=True)
     if distributed and rank == 0 and cache is not None:
         dist.barrier()
     if args.recordings:  # served sessions (docs/recording.md); every rank reads them itself
@@ -479,6 +480,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--conversations", type=int, default=400)
     parser.add_argument("--drills", type=int, default=0,
                         help="delegation drills added to the conversations (model.conversations.make_delegation_drill)")
+    parser.add_argument("--first-drill", type=int, default=0,
+                        help="drill seeds start here (a chained fine-tune can take drills its --init never saw)")
     parser.add_argument("--recordings", action="append", default=[], metavar="DIR",
                         help="also train on every session recording under DIR (repeatable)")
     parser.add_argument("--first-seed", type=int, default=0)
