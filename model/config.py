@@ -58,6 +58,10 @@ class ModelConfig:
     # blocks (0: none): a word spans several tokens, and the per-token blocks cannot
     # see past their own 50 ms. Streaming keeps that many tokens per session.
     audio_context: int = 0
+    # Levels the user's audio is quantised to (dMel.quantize): N_BINS, or finer — speech
+    # fills ~4 of the 16 bins, so more levels let the model hear 2.8 dB steps, not 11 dB.
+    # The finer bins add to the coarse bins' embedding (a table starting at zero).
+    audio_in_bins: int = dmel.N_BINS
 
     def __post_init__(self) -> None:
         if self.d_model % self.n_heads:
@@ -72,6 +76,7 @@ class ModelConfig:
             raise ValueError("frames_per_audio_token must divide the 16 frames of a micro-turn")
         if self.audio_context < 0:
             raise ValueError("audio_context must be >= 0")
+        dmel.check_levels(self.audio_in_bins)
         if self.frames_per_turn % self.out_positions:
             raise ValueError("out_positions must divide the 16 frames of a micro-turn")
 

@@ -8,6 +8,11 @@ Frames are causal: frame *i* covers samples [200·i − 600, 200·i + 200), i.e.
 ends where its hop ends, and the stream starts with 600 samples of silence. So a
 chunk's 16 frames need only the chunk plus the 600 samples before it, and
 streaming (``dmel_chunk``) computes exactly what the whole utterance would.
+
+The user's audio may be heard at a finer step than the model speaks in
+(``ModelConfig.audio_in_bins``): speech fills only about four of the 16 bins (~11 dB
+each; docs/eval.md, session 26). Finer bins nest in the coarse ones — fine bin f lies
+in coarse bin f // (levels // N_BINS) — so a model can grow them onto trained weights.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ F_MIN, F_MAX = 80.0, 7600.0
 LOG_MIN, LOG_MAX = -7.0, 2.0
 N_BINS = 16
 BIN_WIDTH = (LOG_MAX - LOG_MIN) / N_BINS
+FINE_BINS = 64  # the finest input step training data keeps (2.8 dB); a multiple of N_BINS
 CONTEXT = WINDOW - HOP  # samples of left context a frame needs beyond its hop
 
 
@@ -61,10 +67,25 @@ def log_mel(audio: torch.Tensor) -> torch.Tensor:
     return torch.log10(mel.clamp_min(1e-10)).clamp(LOG_MIN, LOG_MAX)
 
 
-def quantize(log_mel_frames: torch.Tensor) -> torch.Tensor:
-    """Log-mel -> bin indices in [0, N_BINS), int64."""
-    bins = torch.floor((log_mel_frames - LOG_MIN) / BIN_WIDTH).to(torch.int64)
-    return bins.clamp(0, N_BINS - 1)
+def quantize(log_mel_frames: torch.Tensor, levels: int = N_BINS) -> torch.Tensor:
+    """Log-mel -> bin indices in [0, levels), int64 (``levels``: N_BINS times a power of two)."""
+    check_levels(levels)
+    # BIN_WIDTH scaled by a power of two is exact, so fine bins nest exactly in coarse ones.
+    bins = torch.floor((log_mel_frames - LOG_MIN) / (BIN_WIDTH * N_BINS / levels)).to(torch.int64)
+    return bins.clamp(0, levels - 1)
+
+
+def check_levels(levels: int) -> None:
+    ratio = levels // N_BINS
+    if levels % N_BINS or ratio & (ratio - 1) or levels > 256:
+        raise ValueError(f"levels must be {N_BINS} times a power of two, at most 256 (uint8), not {levels}")
+
+
+def coarsen(bins: torch.Tensor, levels: int, to: int = N_BINS) -> torch.Tensor:
+    """Bins at ``levels`` -> the bins at ``to`` levels that hold them (exact nesting)."""
+    if levels % to:
+        raise ValueError(f"{levels} levels do not nest in {to}")
+    return bins // (levels // to) if levels != to else bins
 
 
 def dequantize(bins: torch.Tensor) -> torch.Tensor:
@@ -72,15 +93,15 @@ def dequantize(bins: torch.Tensor) -> torch.Tensor:
     return LOG_MIN + (bins.to(torch.float32) + 0.5) * BIN_WIDTH
 
 
-def dmel(audio: torch.Tensor) -> torch.Tensor:
+def dmel(audio: torch.Tensor, levels: int = N_BINS) -> torch.Tensor:
     """Whole-utterance dMel: (..., samples) with samples a multiple of HOP -> (..., frames, N_MELS)."""
     if audio.shape[-1] % HOP:
         raise ValueError(f"audio length must be a multiple of {HOP} samples")
     padded = torch.nn.functional.pad(audio, (CONTEXT, 0))
-    return quantize(log_mel(padded))
+    return quantize(log_mel(padded), levels)
 
 
-def dmel_chunk(context: torch.Tensor, chunk: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def dmel_chunk(context: torch.Tensor, chunk: torch.Tensor, levels: int = N_BINS) -> tuple[torch.Tensor, torch.Tensor]:
     """Streaming dMel: one chunk per stream, given each stream's left context.
 
     context: (batch, CONTEXT) — the stream's previous 600 samples (zeros at the start);
@@ -88,4 +109,4 @@ def dmel_chunk(context: torch.Tensor, chunk: torch.Tensor) -> tuple[torch.Tensor
     Consecutive calls give exactly ``dmel`` of the whole stream.
     """
     audio = torch.cat([context, chunk], dim=-1)
-    return quantize(log_mel(audio)), audio[:, -CONTEXT:].clone()
+    return quantize(log_mel(audio), levels), audio[:, -CONTEXT:].clone()

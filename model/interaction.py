@@ -29,11 +29,11 @@ ROLE_AUDIO_IN, ROLE_TEXT_IN, ROLE_VIDEO, ROLE_OUTPUT = range(4)
 class AudioBag(nn.Module):
     """A token from several dMel frames: the sum of one embedding per (frame, channel, bin)."""
 
-    def __init__(self, frames: int, dim: int) -> None:
+    def __init__(self, frames: int, dim: int, levels: int = dmel.N_BINS, std: float = 0.02) -> None:
         super().__init__()
         self.frames = frames
-        self.table = nn.Parameter(torch.randn(frames * dmel.N_MELS * dmel.N_BINS, dim) * 0.02)
-        offsets = torch.arange(frames * dmel.N_MELS) * dmel.N_BINS
+        self.table = nn.Parameter(torch.randn(frames * dmel.N_MELS * levels, dim) * std)
+        offsets = torch.arange(frames * dmel.N_MELS) * levels
         self.register_buffer("offsets", offsets, persistent=False)
 
     def forward(self, bins: torch.Tensor) -> torch.Tensor:
@@ -133,6 +133,8 @@ class InteractionModel(nn.Module):
         self.config = config
         d = config.d_model
         self.audio_in = AudioBag(config.frames_per_audio_token, d)
+        if config.audio_in_bins > dmel.N_BINS:  # starts at zero: grown onto a model, changes nothing yet
+            self.audio_in_fine = AudioBag(config.frames_per_audio_token, d, config.audio_in_bins, std=0.0)
         # Off (span 0, 0 layers), each holds no weights and passes tokens through.
         self.audio_context = AudioContext(d, config.audio_context)
         self.audio_encoder = AudioEncoder(d, config.audio_encoder_layers, config.audio_encoder_hidden)
@@ -155,10 +157,15 @@ class InteractionModel(nn.Module):
         return F.interpolate(frame[None], size=(size, size), mode="bilinear", antialias=True, align_corners=False)[0]
 
     def encode_audio(self, bins: torch.Tensor, past: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """User audio tokens: bins (n, frames·k, mels) -> ((n, k, d), the context the
-        next call needs). ``past`` is the previous call's (None: a conversation's
-        start); one call over many micro-turns equals one call per micro-turn."""
-        tokens, past = self.audio_context(self.audio_in(bins), past)
+        """User audio tokens: bins (n, frames·k, mels) at ``config.audio_in_bins`` levels
+        -> ((n, k, d), the context the next call needs). ``past`` is the previous call's
+        (None: a conversation's start); one call over many micro-turns equals one call
+        per micro-turn."""
+        levels = self.config.audio_in_bins
+        tokens = self.audio_in(dmel.coarsen(bins, levels))
+        if levels > dmel.N_BINS:
+            tokens = tokens + self.audio_in_fine(bins)
+        tokens, past = self.audio_context(tokens, past)
         return self.audio_encoder(tokens) + self.roles.weight[ROLE_AUDIO_IN], past
 
     def embed_inputs(self, audio: torch.Tensor, text: torch.Tensor, video: torch.Tensor | None,

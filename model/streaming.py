@@ -146,7 +146,7 @@ class StreamingModel:
 
         audio = torch.from_numpy(np.stack([chunk.audio for chunk in batch]))
         contexts = torch.cat([s.dmel_context for s in sessions])
-        bins, contexts = dmel.dmel_chunk(contexts, audio)
+        bins, contexts = dmel.dmel_chunk(contexts, audio, config.audio_in_bins)
         for i, session in enumerate(sessions):
             session.dmel_context = contexts[i : i + 1]
         text = self._take_text(batch, sessions)

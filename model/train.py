@@ -8,8 +8,9 @@ output predicts it. Loss: text cross-entropy plus the audio head's loss.
 
 CPU by default, bf16 autocast on CUDA, data-parallel under ``torchrun``. Resumable:
 ``--resume`` continues from ``OUT/train_state.pt`` (weights, optimiser, step, data
-position). Generated conversations are cached under ``--cache``/v``DATA_VERSION``
-(dMel bins as uint8: ~0.3 MB a conversation).
+position). Generated conversations are cached under ``--cache``/``CACHE_NAME``
+(dMel bins as uint8: ~0.3 MB a conversation; the user's at ``dmel.FINE_BINS`` levels,
+which every ``ModelConfig.audio_in_bins`` nests in).
 
 The model's own audio history is teacher-forced with light noise (``--history-noise``):
 served closed-loop it hears its own imperfect output, not the clean reference. The
@@ -43,13 +44,15 @@ from model.transformer import MoE
 from model.weights import deepen, deepened_blocks, load_checkpoint, save_checkpoint, widen_kv_heads, with_parts, with_window
 
 STATE_FILE = "train_state.pt"
+# The data version and the levels the user's bins are stored at: either changes the examples.
+CACHE_NAME = f"v{DATA_VERSION}-user{dmel.FINE_BINS}"
 
 
 @dataclass
 class Example:
     """One conversation as tensors, turn-aligned."""
 
-    user_bins: torch.Tensor  # (turns·16, mels) uint8
+    user_bins: torch.Tensor  # (turns·16, mels) uint8 at dmel.FINE_BINS levels
     model_bins: torch.Tensor  # (turns·16, mels) uint8
     text_in: torch.Tensor  # (turns, text_in_slots)
     text_out: torch.Tensor  # (turns, out_positions)
@@ -73,8 +76,9 @@ def text_input_slots(text_in: list[str], slots: int) -> torch.Tensor:
 
 
 def to_example(conversation: Conversation, config: ModelConfig) -> Example:
-    # Bins as uint8 (16 levels): thousands of conversations fit in memory; batches widen them.
-    user = dmel.dmel(torch.from_numpy(conversation.user_audio)[None])[0].to(torch.uint8)
+    # Bins as uint8: thousands of conversations fit in memory; batches widen them. The
+    # user's at the finest input levels, so one cache serves models of any audio_in_bins.
+    user = dmel.dmel(torch.from_numpy(conversation.user_audio)[None], dmel.FINE_BINS)[0].to(torch.uint8)
     own = dmel.dmel(torch.from_numpy(conversation.model_audio)[None])[0].to(torch.uint8)
     text_out = torch.from_numpy(conversation.text_out)
     if text_out.shape[1] != config.out_positions:
@@ -89,7 +93,7 @@ def load_examples(seeds: list[int], config: ModelConfig, cache: Path | None, wor
     only what the cache lacks."""
     examples: dict[int, Example] = {}
     missing = []
-    cache = cache / f"v{DATA_VERSION}" if cache else None
+    cache = cache / CACHE_NAME if cache else None
     prefix = "drill-" if drills else ""
     for seed in seeds:
         path = cache / f"{prefix}{seed}.pt" if cache else None
@@ -132,9 +136,10 @@ def jitter_bins(bins: torch.Tensor, rate: float, generator: torch.Generator | No
 
 def mask_user_bins(bins: torch.Tensor, bands: int, max_width: int, jitter: float,
                    generator: torch.Generator | None = None) -> torch.Tensor:
-    """SpecAugment for one example's user dMel (frames, mels): ``bands`` bands of up to
-    ``max_width`` mel channels each drop to the silence floor for the whole window, and
-    a ``jitter`` fraction of the speech bins moves one step (see ``jitter_bins``).
+    """SpecAugment for one example's user dMel (frames, mels) at ``dmel.FINE_BINS``
+    levels: ``bands`` bands of up to ``max_width`` mel channels each drop to the silence
+    floor for the whole window, and a ``jitter`` fraction of the speech bins moves one
+    coarse (N_BINS) step, keeping its place within the step (see ``jitter_bins``).
 
     No time masks: a stretch of silence inside speech is exactly what the model must
     tell apart from the end of a turn, so it must not be faked. Floor bins stay floor,
@@ -146,7 +151,10 @@ def mask_user_bins(bins: torch.Tensor, bands: int, max_width: int, jitter: float
         start = int(torch.randint(0, mels - width + 1, (), generator=generator))
         out[..., start : start + width] = 0
     if jitter > 0:
-        out = torch.where(out > 0, jitter_bins(out, jitter, generator).clamp(min=1), out)
+        ratio = dmel.FINE_BINS // dmel.N_BINS
+        coarse, within = out.long() // ratio, out.long() % ratio
+        coarse = torch.where(coarse > 0, jitter_bins(coarse, jitter, generator).clamp(min=1), coarse)
+        out = coarse * ratio + within
     return out.to(bins.dtype)
 
 
@@ -157,6 +165,7 @@ def teacher_forced_layers(model: InteractionModel, batch: list[Example], history
     config = model.config
     b, turns = len(batch), batch[0].turns
     user = torch.stack([e.user_bins for e in batch]).long().view(b, turns * 16, dmel.N_MELS)
+    user = dmel.coarsen(user, dmel.FINE_BINS, config.audio_in_bins)
     own = torch.stack([e.model_bins for e in batch]).long().view(b, turns, 16, dmel.N_MELS)
     text_in = torch.stack([e.text_in for e in batch]).view(b * turns, -1)
     text_out = torch.stack([e.text_out for e in batch])  # (b, turns, out)
@@ -297,8 +306,9 @@ def train(args: argparse.Namespace) -> list[float]:
     """Train as ``args`` say; returns the loss of every step this run made."""
     if args.kv_heads and not args.init:
         raise ValueError("--kv-heads widens the checkpoint given by --init; a new model takes its heads from --preset")
-    if (args.audio_encoder or args.audio_context or args.layers) and not args.init:
-        raise ValueError("--audio-encoder, --audio-context and --layers add parts to the checkpoint given by --init")
+    if (args.audio_encoder or args.audio_context or args.layers or args.audio_in_bins) and not args.init:
+        raise ValueError("--audio-encoder, --audio-context, --audio-in-bins and --layers add parts to the "
+                         "checkpoint given by --init")
     if not (0 <= args.user_mask_width <= dmel.N_MELS and args.user_mask_bands >= 0 and 0 <= args.user_jitter <= 1):
         raise ValueError(f"--user-mask-bands >= 0, --user-mask-width 0..{dmel.N_MELS} and --user-jitter 0..1, "
                          f"not {args.user_mask_bands}, {args.user_mask_width}, {args.user_jitter}")
@@ -333,6 +343,11 @@ def train(args: argparse.Namespace) -> list[float]:
             if model.config.audio_context:
                 raise ValueError(f"--audio-context: {args.init} already mixes {model.config.audio_context} tokens")
             model = with_parts(model, audio_context=args.audio_context)
+        if args.audio_in_bins:
+            if args.audio_in_bins <= model.config.audio_in_bins or args.audio_in_bins > dmel.FINE_BINS:
+                raise ValueError(f"--audio-in-bins {args.audio_in_bins}: {args.init} hears "
+                                 f"{model.config.audio_in_bins} levels; grow to more, at most {dmel.FINE_BINS}")
+            model = with_parts(model, audio_in_bins=args.audio_in_bins)
         state = None
     else:
         model = InteractionModel(preset(args.preset, audio_head=args.audio_head, listen_head=listens))
@@ -504,6 +519,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "last (same outputs at the start; ModelConfig.n_layers)")
     parser.add_argument("--new-lr-scale", type=float, default=1.0, metavar="FACTOR",
                         help="with --layers: the new blocks learn at FACTOR times --lr (kept by --resume)")
+    parser.add_argument("--audio-in-bins", type=int, default=0, metavar="LEVELS",
+                        help="with --init: hear the user's audio at this many dMel levels, not 16 "
+                             f"(up to {dmel.FINE_BINS}; same outputs at the start; ModelConfig.audio_in_bins)")
     parser.add_argument("--audio-context", type=int, default=0, metavar="TOKENS",
                         help="with --init: mix each user audio token with this many before it "
                              "(same outputs at the start; ModelConfig.audio_context)")

@@ -23,7 +23,7 @@ CONFIG_FILE = "config.json"
 DECODING_FILE = "decoding.json"
 DECODING_KEYS = {"write_threshold"}
 # Weight-name prefixes of the parts ``with_parts`` may add to a trained model.
-GROWABLE = ("listen_head.", "audio_encoder.", "audio_context.")
+GROWABLE = ("listen_head.", "audio_encoder.", "audio_context.", "audio_in_fine.")
 
 
 def save_checkpoint(model: InteractionModel, directory: str | Path) -> Path:
@@ -131,8 +131,8 @@ def with_window(model: InteractionModel, window: int) -> InteractionModel:
 
 def with_parts(model: InteractionModel, **changes: Any) -> InteractionModel:
     """The same weights in a config that adds parts (``listen_head=True``, the user
-    audio's encoder blocks or context); each new part starts so that the outputs are
-    unchanged."""
+    audio's encoder blocks, context or finer bins); each new part starts so that the
+    outputs are unchanged."""
     grown = InteractionModel(dataclasses.replace(model.config, **changes))
     missing, unexpected = grown.load_state_dict(model.state_dict(), strict=False)
     if unexpected or any(not name.startswith(GROWABLE) for name in missing):

@@ -20,7 +20,7 @@ from model.streaming import StreamingModel
 from model.transformer import MoE, Segment, StreamBatch, Transformer, pad_rows
 from model.vocoder import (LAG_SAMPLES, VocoderState, griffin_lim, seam_bends, spectral_convergence,
                            vocode_chunk)
-from model.weights import deepen, load_checkpoint, save_checkpoint, widen_kv_heads
+from model.weights import deepen, load_checkpoint, save_checkpoint, widen_kv_heads, with_parts
 
 SPEECH = Path(__file__).parent / "data" / "speech.wav"
 # A small config whose window is shorter than the test conversations, so the
@@ -58,6 +58,29 @@ def test_dmel_shape_range_and_streaming_equals_whole_utterance():
         bins, context = dmel.dmel_chunk(context, audio[:, turn * TURN_SAMPLES : (turn + 1) * TURN_SAMPLES])
         parts.append(bins)
     assert torch.equal(torch.cat(parts, dim=1), whole)
+
+
+def test_finer_dmel_levels_nest_exactly_in_the_coarse_bins_and_stream_as_a_whole():
+    """A model that hears 64 levels reads the 16 coarse bins off the fine ones: every
+    fine bin must lie inside the coarse bin the shipped model would have seen."""
+    audio = speech_audio()[None, : 10 * TURN_SAMPLES]
+    fine = dmel.dmel(audio, 64)
+    assert fine.min() >= 0 and fine.max() < 64
+    assert torch.equal(dmel.coarsen(fine, 64), dmel.dmel(audio))
+    noisy = torch.randn(400_000) * 3 - 2  # boundaries of every kind, not just speech
+    assert torch.equal(dmel.coarsen(dmel.quantize(noisy, 64), 64), dmel.quantize(noisy))
+    assert torch.equal(dmel.coarsen(dmel.quantize(noisy, 64), 64, 32), dmel.quantize(noisy, 32))
+    context, parts = torch.zeros(1, dmel.CONTEXT), []
+    for turn in range(10):
+        bins, context = dmel.dmel_chunk(context, audio[:, turn * TURN_SAMPLES : (turn + 1) * TURN_SAMPLES], 64)
+        parts.append(bins)
+    assert torch.equal(torch.cat(parts, dim=1), fine)
+    # Within-speech detail the coarse bins lose: more distinct values per channel.
+    speaking = fine[0, :, 20:40]
+    assert len(torch.unique(speaking)) > 2 * len(torch.unique(dmel.coarsen(speaking, 64)))
+    for bad in (48, 512, 20):
+        with pytest.raises(ValueError, match="times a power of two"):
+            dmel.quantize(noisy[:10], bad)
 
 
 def test_dmel_dequantize_returns_bin_centres_within_half_a_bin():
@@ -242,16 +265,61 @@ def test_a_streamed_session_equals_the_full_forward_of_its_sequence():
     torch.testing.assert_close(torch.stack(engine.returned), full[ends], rtol=1e-4, atol=1e-4)
 
 
+def test_finer_input_bins_grown_onto_a_model_change_nothing_until_trained():
+    """``with_parts(audio_in_bins=64)``: the fine table starts at zero, so the grown
+    model's tokens from 64-level bins equal the old model's from 16-level bins; once
+    the table moves, a step inside one coarse bin changes the token."""
+    torch.manual_seed(10)
+    model = InteractionModel(dataclasses.replace(SMALL, audio_context=2)).eval()
+    torch.nn.init.normal_(model.audio_context.out.weight, std=0.1)
+    grown = with_parts(model, audio_in_bins=64).eval()
+    assert grown.config.audio_in_bins == 64 and not grown.audio_in_fine.table.any()
+    fine = torch.randint(0, 64, (2, 2 * SMALL.frames_per_turn, dmel.N_MELS))
+    with torch.no_grad():
+        before, _ = model.encode_audio(dmel.coarsen(fine, 64))
+        after, _ = grown.encode_audio(fine)
+        torch.testing.assert_close(after, before, rtol=0, atol=0)
+        grown.audio_in_fine.table.normal_(std=0.02)  # as if trained
+        nudged = fine.clone()
+        nudged[:, 0, 0] = nudged[:, 0, 0] // 4 * 4 + (nudged[:, 0, 0] % 4 + 1) % 4  # same coarse bin
+        assert torch.equal(dmel.coarsen(nudged, 64), dmel.coarsen(fine, 64))
+        moved, _ = grown.encode_audio(nudged)
+    assert not torch.allclose(moved[:, 0], after[:, 0])
+    with pytest.raises(ValueError, match="times a power of two"):
+        with_parts(model, audio_in_bins=48)
+
+
+def test_the_engine_feeds_a_fine_bin_model_the_bins_it_was_trained_on():
+    """Serving must quantise the user's audio at the model's levels, as training does."""
+    torch.manual_seed(11)
+    model = with_parts(InteractionModel(SMALL), audio_in_bins=64).eval()
+    torch.nn.init.normal_(model.audio_in_fine.table, std=0.05)
+    engine = RecordingModel(model, max_sessions=1)
+    engine.open_session("s")
+    rng, speech = np.random.default_rng(0), speech_audio()
+    audio = [turn_audio(rng, speech, turn) for turn in range(3)]
+    for turn, chunk in enumerate(audio):
+        engine.step([TurnInput("s", turn, chunk)])
+    bins = dmel.dmel(torch.from_numpy(np.concatenate(audio))[None], 64)
+    with torch.no_grad():
+        expected, _ = model.encode_audio(bins)
+    k, passes = SMALL.audio_in_tokens, len(engine.fed) // 3  # each step: inputs, then one pass per output
+    firsts = engine.fed[::passes]  # the pass carrying the turn's inputs, after the last output fed back
+    fed = torch.stack([firsts[0][:k], *(tokens[1 : 1 + k] for tokens in firsts[1:])])
+    torch.testing.assert_close(fed.reshape(-1, SMALL.d_model), expected[0], rtol=1e-5, atol=1e-5)
+
+
 # -- batch invariance ------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("audio_head, encoder, context", [("classify", 0, 0), ("flow", 0, 0), ("classify", 2, 3)])
-def test_a_session_is_bit_identical_alone_or_beside_seven_others(audio_head, encoder, context):
+@pytest.mark.parametrize("audio_head, encoder, context, levels",
+                         [("classify", 0, 0, 16), ("flow", 0, 0, 16), ("classify", 2, 3, 64)])
+def test_a_session_is_bit_identical_alone_or_beside_seven_others(audio_head, encoder, context, levels):
     """Alone; among 7 busy sessions of other lengths (attention reads the pool in
     place); among 7 idle ones (it gathers its slot); and while others leave (slots
     are compacted under it). Outputs must be the same bits in every case."""
     config = dataclasses.replace(SMALL, audio_head=audio_head, window=96, audio_encoder_layers=encoder,
-                                 audio_context=context)
+                                 audio_context=context, audio_in_bins=levels)
     torch.manual_seed(4)
     model = InteractionModel(config)
     if encoder:  # its blocks start as identities: make them count
@@ -259,6 +327,8 @@ def test_a_session_is_bit_identical_alone_or_beside_seven_others(audio_head, enc
             torch.nn.init.normal_(block.down.weight, std=0.1)
     if context:  # so does the context's projection
         torch.nn.init.normal_(model.audio_context.out.weight, std=0.1)
+    if levels > dmel.N_BINS:  # and the finer bins' table
+        torch.nn.init.normal_(model.audio_in_fine.table, std=0.05)
     speech = speech_audio()
     temperature = 1.0 if audio_head == "flow" else 0.0
 

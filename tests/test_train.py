@@ -49,16 +49,19 @@ def test_training_lowers_the_loss_resumes_and_serves(tmp_path):
 
     # A fine-tune that first widens the key/value heads (1 -> 4), narrows the
     # attention window, adds encoder blocks on the user's audio, mixes each audio
-    # token with the three before it and adds a trunk block trains and serves too. The tiny preset has the encoder now: start from the run's weights without it.
+    # token with the three before it, hears 64 levels and adds a trunk block trains and serves too. The tiny preset has the encoder now: start from the run's weights without it.
     save_checkpoint(without_parts(load_checkpoint(out), audio_encoder_layers=0), tmp_path / "without_encoder")
     with pytest.raises(ValueError, match="already has 2 blocks"):
         train(build_parser().parse_args(common[2:] + ["--out", str(tmp_path / "twice"), "--init", str(out),
                                                       "--audio-encoder", "2", "--steps", "1"]))
+    with pytest.raises(ValueError, match="hears 16 levels; grow to more, at most 64"):
+        train(build_parser().parse_args(common[2:] + ["--out", str(tmp_path / "finer"), "--init", str(out),
+                                                      "--audio-in-bins", "128", "--steps", "1"]))
     wide = tmp_path / "wide"
     growing = common[2:] + ["--out", str(wide), "--init", str(tmp_path / "without_encoder"), "--kv-heads", "4",
                             "--window", "128", "--audio-encoder", "2", "--audio-context", "3", "--layers", "5",
                             "--new-lr-scale", "10", "--user-mask-bands", "2", "--user-jitter", "0.1",
-                            "--first-drill", "1"]
+                            "--first-drill", "1", "--audio-in-bins", "64"]
     tuned = train(build_parser().parse_args(growing + ["--steps", "3"]))
     assert len(tuned) == 3 and statistics.mean(tuned) < 0.8 * statistics.mean(losses[:5])  # from the trained weights
     drills = sorted(path.name for path in (tmp_path / "cache").glob("v*/drill-*.pt"))
@@ -73,6 +76,8 @@ def test_training_lowers_the_loss_resumes_and_serves(tmp_path):
     assert all(block.down.weight.abs().max() > 0 for block in encoder)
     assert '"audio_context": 3' in (wide / "config.json").read_text()
     assert engine.model.audio_context.out.weight.abs().max() > 0  # started at zero
+    assert '"audio_in_bins": 64' in (wide / "config.json").read_text()
+    assert engine.model.audio_in_fine.table.abs().max() > 0  # started at zero
     assert '"n_layers": 5' in (wide / "config.json").read_text()
     assert engine.model.trunk.blocks[3].attn.out.weight.abs().max() > 0  # the added block, started as an identity
     # The added block learns at ten times the rate, and a resumed run keeps it so.
@@ -88,17 +93,20 @@ def test_training_lowers_the_loss_resumes_and_serves(tmp_path):
 
 
 def test_user_audio_masks_drop_whole_bands_and_keep_silence_silent():
+    """On the stored 64-level bins: silence (coarse bin 0) stays silent, jitter moves a
+    bin one coarse step and keeps its place within the step."""
     generator = torch.Generator().manual_seed(1)
-    bins = torch.randint(1, 16, (320, 80), generator=generator, dtype=torch.uint8)
+    bins = torch.randint(4, 64, (320, 80), generator=generator, dtype=torch.uint8)
     bins[100:140] = 0  # a pause: it must stay a pause
     masked = mask_user_bins(bins, bands=2, max_width=12, jitter=0.2, generator=generator)
     assert masked.dtype == torch.uint8 and masked.shape == bins.shape
     assert (masked[100:140] == 0).all()
     dropped = (masked == 0).all(0)  # channels silenced for the whole window
     assert 0 < dropped.sum() <= 24 and not (bins == 0).all(0).any()
-    moved = masked[:, ~dropped].long() - bins[:, ~dropped].long()
-    speech = bins[:, ~dropped] > 0
-    assert moved.abs().max() <= 1 and (masked[:, ~dropped][speech] >= 1).all()
+    assert torch.equal(masked[:, ~dropped] % 4, bins[:, ~dropped] % 4)
+    moved = masked[:, ~dropped].long() // 4 - bins[:, ~dropped].long() // 4
+    speech = bins[:, ~dropped] >= 4
+    assert moved.abs().max() <= 1 and (masked[:, ~dropped][speech] >= 4).all()
     assert 0.1 < (moved[speech] != 0).float().mean() < 0.3  # ~the jitter rate (less at the clamped ends)
     assert torch.equal(mask_user_bins(bins, 0, 12, 0.0), bins)
 
