@@ -58,7 +58,7 @@ class ModelConfig:
     # blocks (0: none): a word spans several tokens, and the per-token blocks cannot
     # see past their own 50 ms. Streaming keeps that many tokens per session.
     audio_context: int = 0
-    # Levels the user's audio is quantised to (dMel.quantize): N_BINS, or finer — speech
+    # Levels the user's audio is quantised to (dmel.quantize): N_BINS, or finer — speech
     # fills ~4 of the 16 bins, so more levels let the model hear 2.8 dB steps, not 11 dB.
     # The finer bins add to the coarse bins' embedding (a table starting at zero).
     audio_in_bins: int = dmel.N_BINS

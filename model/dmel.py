@@ -28,7 +28,7 @@ F_MIN, F_MAX = 80.0, 7600.0
 LOG_MIN, LOG_MAX = -7.0, 2.0
 N_BINS = 16
 BIN_WIDTH = (LOG_MAX - LOG_MIN) / N_BINS
-FINE_BINS = 64  # the finest input step training data keeps (2.8 dB); a multiple of N_BINS
+FINE_BINS = 64  # the finest input step training data keeps (2.8 dB); N_BINS times a power of two
 CONTEXT = WINDOW - HOP  # samples of left context a frame needs beyond its hop
 
 
