@@ -152,9 +152,9 @@ def mask_user_bins(bins: torch.Tensor, bands: int, max_width: int, jitter: float
         out[..., start : start + width] = 0
     if jitter > 0:
         ratio = dmel.FINE_BINS // dmel.N_BINS
-        coarse, within = out.long() // ratio, out.long() % ratio
-        coarse = torch.where(coarse > 0, jitter_bins(coarse, jitter, generator).clamp(min=1), coarse)
-        out = coarse * ratio + within
+        coarse = dmel.coarsen(out.long(), dmel.FINE_BINS)
+        moved = torch.where(coarse > 0, jitter_bins(coarse, jitter, generator).clamp(min=1), coarse)
+        out = out.long() + (moved - coarse) * ratio  # the place within the coarse step is kept
     return out.to(bins.dtype)
 
 
