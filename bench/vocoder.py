@@ -16,11 +16,13 @@ import argparse
 import json
 import time
 
+from model.arguments import at_least
+
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--conversations", type=int, default=20)
-    parser.add_argument("--first-seed", type=int, default=1_000_000)
+    parser.add_argument("--conversations", type=at_least(1), default=20)
+    parser.add_argument("--first-seed", type=at_least(0), default=1_000_000)
     args = parser.parse_args(argv)
     # Imported here: conversation workers re-import this module (torch at import in a
     # forked child can deadlock; model/conversations.py).

@@ -35,6 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
+from model.arguments import at_least
 from model.audio import resample_mono
 from model.config import NO_TEXT
 from model.interface import SAMPLE_RATE, TURN_SAMPLES
@@ -436,7 +437,7 @@ def main(argv: list[str] | None = None) -> None:
 
     parser = argparse.ArgumentParser(prog="microturn sample",
                                      description="Render a synthetic conversation to a stereo WAV.")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=at_least(0), default=0)
     parser.add_argument("--held-out", action="store_true", help="use the held-out voices")
     parser.add_argument("--seconds", type=float, default=24.0)
     parser.add_argument("--out", default="conversation.wav")

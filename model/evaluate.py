@@ -45,6 +45,7 @@ import numpy as np
 import torch
 
 from model import listening, recognise
+from model.arguments import at_least
 from model.conversations import NUMBER_WORDS, Conversation, Event, generate
 from model.copying import copy_probe
 from model.interaction import InteractionModel
@@ -327,8 +328,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="microturn eval", description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", default=None, help="checkpoint directory (default: random weights)")
     parser.add_argument("--reference", action="store_true", help="score the reference model tracks instead")
-    parser.add_argument("--conversations", type=int, default=20)
-    parser.add_argument("--first-seed", type=int, default=1_000_000, help="held-out seeds start here")
+    parser.add_argument("--conversations", type=at_least(1), default=20)
+    parser.add_argument("--first-seed", type=at_least(0), default=1_000_000, help="held-out seeds start here")
     parser.add_argument("--training-voices", action="store_true",
                         help="users in the training voices and accents (pair with a --first-seed past the "
                              "training seeds): separates hearing new voices from the skill itself")

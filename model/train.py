@@ -34,6 +34,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from model import dmel, listening
+from model.arguments import at_least
 from model.config import NO_TEXT, ModelConfig, preset
 from model.conversations import DATA_VERSION, Conversation, generate
 from model.heads import weighted_mean
@@ -470,11 +471,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", required=True, help="checkpoint directory")
     parser.add_argument("--preset", default="tiny")
     parser.add_argument("--audio-head", choices=["classify", "flow"], default="classify")
-    parser.add_argument("--steps", type=int, default=2000)
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--turns", type=int, default=40, help="micro-turns per training window (8 s)")
+    parser.add_argument("--steps", type=at_least(1), default=2000)
+    parser.add_argument("--batch", type=at_least(1), default=8)
+    parser.add_argument("--turns", type=at_least(1), default=40, help="micro-turns per training window (8 s)")
     parser.add_argument("--lr", type=float, default=2e-3)
-    parser.add_argument("--warmup", type=int, default=100)
+    parser.add_argument("--warmup", type=at_least(0), default=100)
     parser.add_argument("--balance-rate", type=float, default=1e-3)
     parser.add_argument("--history-noise", type=float, default=0.1,
                         help="fraction of the model's own fed-back dMel bins moved by one step")
@@ -492,18 +493,18 @@ def build_parser() -> argparse.ArgumentParser:
                              "adds the head to a checkpoint without one)")
     parser.add_argument("--listen-probe", action="store_true",
                         help="train only the listening head, on its loss alone (the trunk frozen)")
-    parser.add_argument("--conversations", type=int, default=400)
-    parser.add_argument("--drills", type=int, default=0,
+    parser.add_argument("--conversations", type=at_least(0), default=400)
+    parser.add_argument("--drills", type=at_least(0), default=0,
                         help="delegation drills added to the conversations (model.conversations.make_delegation_drill)")
-    parser.add_argument("--first-drill", type=int, default=0,
+    parser.add_argument("--first-drill", type=at_least(0), default=0,
                         help="drill seeds start here (a chained fine-tune can take drills its --init never saw)")
     parser.add_argument("--recordings", action="append", default=[], metavar="DIR",
                         help="also train on every session recording under DIR (repeatable)")
-    parser.add_argument("--first-seed", type=int, default=0)
+    parser.add_argument("--first-seed", type=at_least(0), default=0)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cache", default=".cache/conversations", help="'' disables the cache")
-    parser.add_argument("--workers", type=int, default=2, help="processes generating conversations")
-    parser.add_argument("--save-every", type=int, default=200)
+    parser.add_argument("--workers", type=at_least(1), default=2, help="processes generating conversations")
+    parser.add_argument("--save-every", type=at_least(1), default=200)
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--init", default="", help="start from this checkpoint's weights (not with --resume)")
     parser.add_argument("--window", type=int, default=0,

@@ -229,3 +229,10 @@ def test_the_shipped_model_answers_as_readily_late_in_a_session_as_early():
         assert took[-2] or took[-1], f"silent from 16 s on: {list(zip(starts, took))}"
         answered += [(numbers[i], starts[i], took[i]) for i in range(len(starts))]
     assert sum(not took for _, _, took in answered) <= 1, answered
+
+
+def test_a_negative_first_seed_is_refused_not_replayed(capsys):
+    """Seed -1,000,000 would replay held-out seed 1,000,000 (random.Random takes |seed|)."""
+    with pytest.raises(SystemExit):
+        eval_main(["--first-seed", "-1000000"])
+    assert "argument --first-seed: must be 0 or more, not -1000000" in capsys.readouterr().err

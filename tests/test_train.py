@@ -223,3 +223,12 @@ def test_freed_audio_buffers_go_back_to_the_os():
     trimmed, released, kept = run.stdout.split()
     assert trimmed == "True" and kept == "100"
     assert int(released) > 75 << 20, f"under half of the 150 MB freed went back to the OS ({int(released) >> 20} MB)"
+
+
+@pytest.mark.parametrize("flag", ["--first-seed", "--first-drill", "--drills", "--conversations"])
+def test_negative_seeds_and_counts_are_refused(flag, capsys):
+    """random.Random(-s) is random.Random(s): a negative --first-seed would replay other
+    seeds' conversations (-1,000,000 is the held-out set) instead of failing."""
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--out", "unused", flag, "-1000000"])
+    assert f"argument {flag}: must be 0 or more, not -1000000" in capsys.readouterr().err
