@@ -49,6 +49,7 @@ class MicroTurnModel(Protocol):
 
     name: str
     weights: str  # what the weights are: "random", a checkpoint's name, or "none"
+    decoding: str  # how output text is chosen: "greedy", "write_threshold P", or "none"
 
     def open_session(self, session_id: str) -> None:
         """Allocate per-session state; called before the session's first step."""

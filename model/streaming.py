@@ -107,6 +107,11 @@ class StreamingModel:
         # reads it after each step; models without it report no faults).
         self.faults: Mapping[str, str] = {}
 
+    @property
+    def decoding(self) -> str:
+        """How text is chosen, as /healthz reports it (a checkpoint's decoding.json sets it)."""
+        return "greedy" if self.write_threshold is None else f"write_threshold {self.write_threshold:g}"
+
     def open_session(self, session_id: str) -> None:
         self.pool.open(session_id)  # its cache zeroed: no NaN survives a reset
         # Seeded from the session id (not Python's salted hash): reproducible runs.

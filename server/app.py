@@ -101,6 +101,7 @@ def create_app(config: ServerConfig, tracer_provider: TracerProvider | None = No
                 "status": "ok" if alive else "engine stopped",
                 "engine": registry.engine.model.name,
                 "weights": registry.engine.model.weights,
+                "decoding": registry.engine.model.decoding,
                 "sessions": len(registry),
                 "capacity": registry.capacity,
                 "free": max(registry.capacity - len(registry), 0),

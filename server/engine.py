@@ -340,6 +340,7 @@ class EchoModel:
 
     name = "echo"
     weights = "none"
+    decoding = "none"
 
     def __init__(self) -> None:
         self._previous: dict[str, np.ndarray] = {}

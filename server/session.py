@@ -121,7 +121,8 @@ class Session:
         self.trace_id = format(self.span.get_span_context().trace_id, "032x")
         # Time-aligned record of the session (the client consented); never blocks the loop.
         self.recorder = recording.open(
-            session_id, {"engine": engine.model.name, "weights": engine.model.weights, "trace_id": self.trace_id},
+            session_id, {"engine": engine.model.name, "weights": engine.model.weights,
+                         "decoding": engine.model.decoding, "trace_id": self.trace_id},
             on_failure=lambda message: self.loop.call_soon_threadsafe(self._recording_failed, message),
         ) if recording is not None else None
         self.metrics = metrics
@@ -585,6 +586,7 @@ class Session:
             session_id=self.id,
             engine=self.engine.model.name,
             weights=self.engine.model.weights,
+            decoding=self.engine.model.decoding,
             turn_ms=TURN_MS,
             sample_rate=SAMPLE_RATE,
             protocol=PROTOCOL_VERSION,

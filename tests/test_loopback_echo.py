@@ -42,7 +42,7 @@ async def test_echo_returns_the_speech_one_turn_later(live_server, speech):
     await peer.connect()
     try:
         ready = await peer.wait_for_event("session.ready")
-        assert ready["engine"] == "echo" and ready["turn_ms"] == 200
+        assert ready["engine"] == "echo" and ready["decoding"] == "none" and ready["turn_ms"] == 200
         await asyncio.sleep(speech.size / SAMPLE_RATE + 2.0)
         async with httpx.AsyncClient() as client:
             info = (await client.get(peer.session_url)).json()

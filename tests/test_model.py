@@ -532,9 +532,10 @@ def test_a_checkpoints_decoding_json_sets_how_it_is_served(tmp_path):
 
     torch.manual_seed(0)
     save_checkpoint(InteractionModel(preset("tiny")), tmp_path / "ckpt")
-    assert load_engine(str(tmp_path / "ckpt"), max_sessions=1).write_threshold is None
+    assert load_engine(str(tmp_path / "ckpt"), max_sessions=1).decoding == "greedy"
     (tmp_path / "ckpt" / "decoding.json").write_text('{"write_threshold": 0.4}')
-    assert load_engine(str(tmp_path / "ckpt"), max_sessions=1).write_threshold == 0.4
+    engine = load_engine(str(tmp_path / "ckpt"), max_sessions=1)
+    assert engine.write_threshold == 0.4 and engine.decoding == "write_threshold 0.4"
     assert load_engine(str(tmp_path / "ckpt"), max_sessions=1, write_threshold=None).write_threshold is None
     (tmp_path / "ckpt" / "decoding.json").write_text('{"write_treshold": 0.4}')
     with pytest.raises(ValueError, match="unknown decoding settings"):

@@ -17,7 +17,7 @@ async def test_a_peer_talks_to_the_model_engine(model_server, speech):
     await peer.connect()
     try:
         ready = await peer.wait_for_event("session.ready")
-        assert ready["engine"] == "model" and ready["weights"] == "random"
+        assert ready["engine"] == "model" and ready["weights"] == "random" and ready["decoding"] == "greedy"
         await asyncio.sleep(3.0)
         async with httpx.AsyncClient() as client:
             info = (await client.get(peer.session_url)).json()
@@ -39,4 +39,4 @@ async def test_a_peer_talks_to_the_model_engine(model_server, speech):
     # Random weights still make sound: the vocoder's output reaches the peer.
     heard = peer.recording.audio()
     assert heard.size > SAMPLE_RATE and float(np.sqrt(np.mean(heard**2))) > 1e-3
-    assert health["engine"] == "model" and health["weights"] == "random"
+    assert health["engine"] == "model" and health["weights"] == "random" and health["decoding"] == "greedy"
