@@ -535,3 +535,10 @@ def main(argv: list[str] | None = None) -> None:
 
 if __name__ == "__main__":  # torchrun -m model.train ...
     main()
+    # Everything is saved and the process group destroyed; skip the interpreter's
+    # teardown. A rank once aborted there ("terminate called without an active
+    # exception", after its last step, barrier and destroy): C++ threads of gloo or
+    # the TCP store torn down during finalisation, as pytorch/pytorch#179291 describes.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
