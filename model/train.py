@@ -152,10 +152,10 @@ def mask_user_bins(bins: torch.Tensor, bands: int, max_width: int, jitter: float
         start = int(torch.randint(0, mels - width + 1, (), generator=generator))
         out[..., start : start + width] = 0
     if jitter > 0:
-        ratio = dmel.FINE_BINS // dmel.N_BINS
-        coarse = dmel.coarsen(out.long(), dmel.FINE_BINS)
+        fine = out.long()
+        coarse = dmel.coarsen(fine, dmel.FINE_BINS)
         moved = torch.where(coarse > 0, jitter_bins(coarse, jitter, generator).clamp(min=1), coarse)
-        out = out.long() + (moved - coarse) * ratio  # the place within the coarse step is kept
+        out = fine + (moved - coarse) * (dmel.FINE_BINS // dmel.N_BINS)  # keeps the place within the step
     return out.to(bins.dtype)
 
 
