@@ -30,6 +30,8 @@ import random
 import re
 import wave
 from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -392,15 +394,27 @@ def generate(seeds: list[int], held_out: bool = False, duration_s: float = 24.0,
     bits whatever ran before it."""
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload(["model.conversations"])
-    with _one_openmp_thread():
-        pool = context.Pool(workers, maxtasksperchild=1)  # starts the fork server
-    with pool:
-        return pool.map(_one, [(seed, held_out, duration_s, drills) for seed in seeds], chunksize=1)
+    # An executor, not multiprocessing.Pool: a Pool replaces a worker that dies while
+    # starting and waits for ever, so a caller's script without a main guard (whose
+    # workers re-import it and call generate() again) hung silently.
+    executor = ProcessPoolExecutor(workers, mp_context=context, max_tasks_per_child=1)
+    try:
+        with _one_openmp_thread():  # the first submit starts the fork server
+            futures = [executor.submit(_one, (seed, held_out, duration_s, drills)) for seed in seeds]
+        return [future.result() for future in futures]
+    except BrokenProcessPool as error:
+        raise RuntimeError(
+            "a conversation worker died before it finished. Each worker imports the calling "
+            "script again as __mp_main__, so a script that calls generate() must do so under "
+            "`if __name__ == \"__main__\":` (see 'Safe importing of main module' in Python's "
+            "multiprocessing docs)") from error
+    finally:  # on Ctrl-C too: drop what has not started rather than make it all
+        executor.shutdown(cancel_futures=True)
 
 
 @contextlib.contextmanager
 def _one_openmp_thread() -> Iterator[None]:
-    """While the pool starts the fork server: one OpenMP thread there, so in every
+    """While the executor starts the fork server: one OpenMP thread there, so in every
     worker. The server imports torch; a process forked from one whose OpenMP team had
     started hangs in its first parallel op — such as the module-level torch ops of a
     caller's script, which each worker re-imports as ``__mp_main__``. (A worker makes

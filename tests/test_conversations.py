@@ -92,6 +92,31 @@ def test_a_script_that_uses_torch_can_generate(tmp_path):
     assert os.environ.get("OMP_NUM_THREADS") == before  # the caller's setting is restored
 
 
+_A_SCRIPT_WITHOUT_A_MAIN_GUARD = """
+from model.conversations import generate
+
+print(len(generate([3], duration_s=6.0)))
+"""
+
+
+def test_a_script_without_a_main_guard_gets_an_error_not_a_hang(tmp_path):
+    """Each worker re-imports the script and calls generate() while it is still
+    starting, so it dies; a multiprocessing.Pool replaced such workers for ever."""
+    script = tmp_path / "script.py"
+    script.write_text(_A_SCRIPT_WITHOUT_A_MAIN_GUARD)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    process = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True, env=env, start_new_session=True)
+    try:
+        stdout, stderr = process.communicate(timeout=90)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.communicate()
+        pytest.fail("generate() hung in a script without a main guard")
+    assert process.returncode == 1 and stdout == ""
+    assert 'RuntimeError: a conversation worker died' in stderr and '__name__ == "__main__"' in stderr
+
+
 def test_layout_on_the_micro_turn_timeline(sample):
     for c in sample:
         assert c.user_audio.shape == c.model_audio.shape == (c.turns * TURN_SAMPLES,)
