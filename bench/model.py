@@ -2,7 +2,7 @@
 batched vs one-at-a-time. Median of ``--repeats`` runs of each measurement.
 
     microturn bench model [--json] [--preset tiny] [--repeats 5] [--device cuda] [--attention sdpa|xformers] [--window N]
-                       [--layers N] [--audio-encoder N] [--audio-context N]
+                       [--layers N] [--audio-encoder N] [--audio-context N] [--write-threshold P|greedy]
 
 On CUDA with xformers installed it also runs the step-by-sessions sweep with SDPA
 in the same process and reports the ratio and the xformers kernels that ran.
@@ -25,6 +25,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
+from model.arguments import write_threshold
 from model.attention import XFORMERS_OPS_USED
 from model.config import preset
 from model.interaction import InteractionModel
@@ -85,7 +86,8 @@ def synchronize(engine: StreamingModel) -> None:
 def run(preset_name: str = "tiny", repeats: int = 5, context_s: float = 60.0,
         counts: tuple[int, ...] = (1, 8, 32, 64), device: str = "cpu",
         attention: str | None = None, window: int = 0, audio_encoder: int | None = None,
-        audio_context: int | None = None, layers: int | None = None) -> dict[str, object]:
+        audio_context: int | None = None, layers: int | None = None,
+        write_threshold: float | None = None) -> dict[str, object]:
     torch.manual_seed(0)
     overrides: dict[str, int] = {"window": window} if window else {}
     if audio_encoder is not None:
@@ -96,7 +98,8 @@ def run(preset_name: str = "tiny", repeats: int = 5, context_s: float = 60.0,
         overrides["n_layers"] = layers
     model = InteractionModel(preset(preset_name, **overrides)).eval()
     config = model.config
-    engine = StreamingModel(model, max_sessions=max(counts) + 1, device=device, attention=attention)
+    engine = StreamingModel(model, max_sessions=max(counts) + 1, device=device, attention=attention,
+                            write_threshold=write_threshold)
     results: dict[str, object] = {
         "preset": preset_name,
         "parameters_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 2),
@@ -106,6 +109,7 @@ def run(preset_name: str = "tiny", repeats: int = 5, context_s: float = 60.0,
         "n_layers": config.n_layers,
         "audio_encoder_layers": config.audio_encoder_layers,
         "audio_context": config.audio_context,
+        "decoding": engine.decoding,
         "torch_threads": torch.get_num_threads(),
         "cpu_count": os.cpu_count(),
         "context_s": context_s,
@@ -116,7 +120,8 @@ def run(preset_name: str = "tiny", repeats: int = 5, context_s: float = 60.0,
     results["step_ms_by_sessions"] = step_ms
     if engine.pool.backend == "xformers":
         results["xformers_ops"] = dict(XFORMERS_OPS_USED)
-        sdpa = StreamingModel(model, max_sessions=max(counts) + 1, device=device, attention="sdpa")
+        sdpa = StreamingModel(model, max_sessions=max(counts) + 1, device=device, attention="sdpa",
+                              write_threshold=write_threshold)
         sdpa_ms = step_sweep(sdpa, counts, context_s, repeats)
         del sdpa
         results["sdpa_step_ms_by_sessions"] = sdpa_ms
@@ -153,10 +158,13 @@ def main(argv: list[str] | None = None) -> None:
                         help="earlier audio tokens each user audio token mixes in (default: the preset's)")
     parser.add_argument("--layers", type=int, default=None, metavar="BLOCKS",
                         help="trunk blocks (default: the preset's)")
+    parser.add_argument("--write-threshold", type=write_threshold, default=None, metavar="P",
+                        help="decode text in two stages with this threshold (default: greedy; the shipped "
+                             "checkpoint's decoding.json says 0.5)")
     args = parser.parse_args(argv)
     results = run(args.preset, args.repeats, args.context_s, device=args.device, attention=args.attention,
                   window=args.window, audio_encoder=args.audio_encoder, audio_context=args.audio_context,
-                  layers=args.layers)
+                  layers=args.layers, write_threshold=args.write_threshold)
     if args.json:
         print(json.dumps(results))
         return

@@ -26,6 +26,7 @@ from typing import Any
 import httpx
 
 from loadtest.worker import work
+from model.arguments import at_least, counts, positive
 from model.conversations import Conversation, generate
 from model.evaluate import aggregate
 
@@ -203,14 +204,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--url", default=None, help="a running server (default: start one)")
     parser.add_argument("--engine", choices=["echo", "model"], default="echo", help="engine of a started server")
     parser.add_argument("--checkpoint", default=None, help="checkpoint of a started model server")
-    parser.add_argument("--peers", type=int, default=4)
-    parser.add_argument("--seconds", type=float, default=20.0, help="script length each peer plays")
-    parser.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) // 2))
-    parser.add_argument("--ramp", default=None, help="comma-separated peer counts: run each until one fails")
-    parser.add_argument("--jitter-prefetch", type=int, default=1, help="the peers' receive jitter buffer (packets)")
+    parser.add_argument("--peers", type=at_least(1), default=4)
+    parser.add_argument("--seconds", type=positive, default=20.0, help="script length each peer plays")
+    parser.add_argument("--workers", type=at_least(1), default=max(1, (os.cpu_count() or 2) // 2))
+    parser.add_argument("--ramp", type=counts, default=None, help="comma-separated peer counts: run each until one fails")
+    parser.add_argument("--jitter-prefetch", type=at_least(1, at_most=8), default=1, help="the peers' receive jitter buffer (packets)")
     parser.add_argument("--max-p99-ms", type=float, default=MAX_SERVER_ADDED_P99_MS,
                         help="ramp: the p99 server-added latency a passing count may have")
-    parser.add_argument("--scripts", type=int, default=4, help="distinct conversations the peers cycle through")
+    parser.add_argument("--scripts", type=at_least(1), default=4, help="distinct conversations the peers cycle through")
     parser.add_argument("--json", default=None, help="write the results here")
     parser.add_argument("--report", default=None, help="directory for report.md and PNG plots")
     parser.add_argument("--server-arg", action="append", default=[], help="extra argument for a started server")
@@ -224,7 +225,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     process, url = (None, args.url) if args.url else start_server(args.engine, args.checkpoint, args.server_arg)
     try:
         health = httpx.get(url + "/healthz", timeout=5).json()
-        levels = [int(n) for n in args.ramp.split(",")] if args.ramp else [args.peers]
+        levels = args.ramp or [args.peers]
         runs = []
         for peers in levels:
             level = run_level(url, peers, args.seconds, args.workers, scripts, args.jitter_prefetch)

@@ -35,6 +35,7 @@ import numpy as np
 from aiortc import RTCPeerConnection
 
 from loadtest.peer import Peer, SignallingError
+from model.arguments import at_least
 from model.interface import SAMPLE_RATE
 from model.memory import release_freed_memory, resident_bytes
 from server.session import Session
@@ -293,11 +294,11 @@ def summarize(result: SoakResult, warmup: int = 100) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(prog="python -m loadtest.soak", description=__doc__.split("\n\n")[0])
     parser.add_argument("--url", default=None, help="a running server (default: start an echo server)")
-    parser.add_argument("--cycles", type=int, default=1000)
-    parser.add_argument("--concurrency", type=int, default=8)
-    parser.add_argument("--vanish-every", type=int, default=5, help="every N-th peer vanishes (0: none)")
-    parser.add_argument("--sample-every", type=int, default=100, help="cycles per batch (a sample after each)")
-    parser.add_argument("--warmup", type=int, default=100, help="cycles before memory is expected to be flat")
+    parser.add_argument("--cycles", type=at_least(1), default=1000)
+    parser.add_argument("--concurrency", type=at_least(1), default=8)
+    parser.add_argument("--vanish-every", type=at_least(0), default=5, help="every N-th peer vanishes (0: none)")
+    parser.add_argument("--sample-every", type=at_least(1), default=100, help="cycles per batch (a sample after each)")
+    parser.add_argument("--warmup", type=at_least(0), default=100, help="cycles before memory is expected to be flat")
     parser.add_argument("--json", default=None, help="also write the summary, samples and errors here")
     args = parser.parse_args(argv)
 

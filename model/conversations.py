@@ -37,7 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
-from model.arguments import at_least
+from model.arguments import at_least, positive
 from model.audio import resample_mono
 from model.config import NO_TEXT
 from model.interface import SAMPLE_RATE, TURN_SAMPLES
@@ -453,7 +453,7 @@ def main(argv: list[str] | None = None) -> None:
                                      description="Render a synthetic conversation to a stereo WAV.")
     parser.add_argument("--seed", type=at_least(0), default=0)
     parser.add_argument("--held-out", action="store_true", help="use the held-out voices")
-    parser.add_argument("--seconds", type=float, default=24.0)
+    parser.add_argument("--seconds", type=positive, default=24.0)
     parser.add_argument("--out", default="conversation.wav")
     args = parser.parse_args(argv)
     conversation = generate([args.seed], args.held_out, args.seconds, workers=1)[0]

@@ -45,7 +45,7 @@ import numpy as np
 import torch
 
 from model import listening, recognise
-from model.arguments import at_least
+from model.arguments import at_least, positive, write_threshold
 from model.conversations import NUMBER_WORDS, Conversation, Event, generate
 from model.copying import copy_probe
 from model.interaction import InteractionModel
@@ -333,7 +333,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--training-voices", action="store_true",
                         help="users in the training voices and accents (pair with a --first-seed past the "
                              "training seeds): separates hearing new voices from the skill itself")
-    parser.add_argument("--seconds", type=float, default=24.0,
+    parser.add_argument("--seconds", type=positive, default=24.0,
                         help="conversation length (a seed's conversation depends on it; `microturn "
                              "loadtest --seconds S` plays seeds from 2,000,000 at S + 2)")
     parser.add_argument("--heard-only", action="store_true",
@@ -342,7 +342,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--plots", default=None, help="directory for one timeline PNG per conversation")
     parser.add_argument("--write-threshold", default=argparse.SUPPRESS,
-                        type=lambda value: None if value == "greedy" else float(value),
+                        type=write_threshold,
                         help="decode text in two stages with this threshold, or 'greedy' "
                              "(default: as the checkpoint's decoding.json says)")
     args = parser.parse_args(argv)

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from model import dmel
+from model.arguments import check_write_threshold
 from model.config import NO_TEXT, preset
 from model.interaction import InteractionModel, choose_text
 from model.interface import TurnInput, TurnOutput
@@ -100,6 +101,11 @@ class StreamingModel:
                            torch.bfloat16 if self.device.type == "cuda" else torch.float32, attention)
         self.seed = seed
         self.temperature = temperature
+        if write_threshold is not None:  # a checkpoint's decoding.json or a command line
+            try:
+                check_write_threshold(write_threshold)
+            except ValueError as error:
+                raise ValueError(f"write_threshold: {error}") from None
         self.write_threshold = write_threshold  # see ``choose_text``; None: greedy
         self.weights = weights  # what the page shows: "random" or the checkpoint's name
         self._sessions: dict[str, _Session] = {}

@@ -236,3 +236,12 @@ def test_a_negative_first_seed_is_refused_not_replayed(capsys):
     with pytest.raises(SystemExit):
         eval_main(["--first-seed", "-1000000"])
     assert "argument --first-seed: must be 0 or more, not -1000000" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("value", ["7", "0", "nan", "half"])
+def test_a_write_threshold_that_is_no_probability_is_refused(capsys, value):
+    """At 0 the model would always write, above 1 never; 'greedy' is the other choice."""
+    with pytest.raises(SystemExit):
+        eval_main(["--write-threshold", value])
+    assert (f"argument --write-threshold: 'greedy' or a probability between 0 and 1 (exclusive), not '{value}'"
+            in capsys.readouterr().err)

@@ -73,3 +73,19 @@ def test_online_reply_latency_is_read_finer_than_a_turn(delay_s):
     assert answers and missed == overlapped == 0
     for before, after in answers:
         assert after["took_turn"] and after["latency_s"] == pytest.approx(before["latency_s"] + delay_s, abs=0.025)
+
+
+@pytest.mark.parametrize("flag,value,said", [
+    ("--peers", "0", "must be 1 or more, not 0"),
+    ("--workers", "-2", "must be 1 or more, not -2"),
+    ("--seconds", "nan", "must be above 0, not nan"),
+    ("--jitter-prefetch", "9", "must be 8 or less, not 9"),
+    ("--ramp", "4,x", "must be comma-separated whole numbers, not '4,x'"),
+    ("--ramp", "8,0", "each must be 1 or more, not 0"),
+])
+def test_nonsense_flags_are_refused_before_anything_starts(capsys, flag, value, said):
+    """Once these reached a worker process or a division, after the scripts were made
+    and a server started; now argparse names the flag."""
+    with pytest.raises(SystemExit):
+        loadtest_main([flag, value])
+    assert f"argument {flag}: {said}" in capsys.readouterr().err

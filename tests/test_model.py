@@ -540,3 +540,7 @@ def test_a_checkpoints_decoding_json_sets_how_it_is_served(tmp_path):
     (tmp_path / "ckpt" / "decoding.json").write_text('{"write_treshold": 0.4}')
     with pytest.raises(ValueError, match="unknown decoding settings"):
         load_engine(str(tmp_path / "ckpt"), max_sessions=1)
+    for nonsense in ("0", "1", "1.5", "-0.2", "NaN"):  # always write, never, or no meaning
+        (tmp_path / "ckpt" / "decoding.json").write_text(f'{{"write_threshold": {nonsense}}}')
+        with pytest.raises(ValueError, match="write_threshold: a probability between 0 and 1"):
+            load_engine(str(tmp_path / "ckpt"), max_sessions=1)
