@@ -78,7 +78,7 @@ def _decoder(vocabulary: tuple[str, ...]):  # type: ignore[no-untyped-def]
 
     decoder = Decoder(samprate=SAMPLE_RATE, lm=None, logfn="/dev/null")
     grammar = "#JSGF V1.0;\ngrammar answer;\npublic <answer> = " + " | ".join(vocabulary) + ";\n"
-    decoder.set_jsgf_string("answer", grammar)
+    decoder.add_jsgf_string("answer", grammar)
     decoder.activate_search("answer")
     return decoder
 
