@@ -21,6 +21,18 @@ def at_least(minimum: int, at_most: int | None = None) -> Callable[[str], int]:
     return integer
 
 
+def between(low: float, high: float = float("inf")) -> Callable[[str], float]:
+    """An argparse type: a number from ``low`` to ``high`` (a weight, a fraction)."""
+    def number(text: str) -> float:
+        value = float(text)
+        if not low <= value <= high:  # NaN fails this too
+            raise argparse.ArgumentTypeError(
+                f"must be {low:g} or more, not {text}" if high == float("inf")
+                else f"must be from {low:g} to {high:g}, not {text}")
+        return value
+    return number
+
+
 def positive(text: str) -> float:
     """An argparse type: a finite number above zero (a length in seconds, say)."""
     value = float(text)

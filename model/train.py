@@ -34,7 +34,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from model import dmel, listening
-from model.arguments import at_least
+from model.arguments import at_least, between, positive
 from model.config import NO_TEXT, ModelConfig, preset
 from model.conversations import DATA_VERSION, Conversation, generate
 from model.heads import weighted_mean
@@ -310,9 +310,6 @@ def train(args: argparse.Namespace) -> list[float]:
     if (args.audio_encoder or args.audio_context or args.layers or args.audio_in_bins) and not args.init:
         raise ValueError("--audio-encoder, --audio-context, --audio-in-bins and --layers add parts to the "
                          "checkpoint given by --init")
-    if not (0 <= args.user_mask_width <= dmel.N_MELS and args.user_mask_bands >= 0 and 0 <= args.user_jitter <= 1):
-        raise ValueError(f"--user-mask-bands >= 0, --user-mask-width 0..{dmel.N_MELS} and --user-jitter 0..1, "
-                         f"not {args.user_mask_bands}, {args.user_mask_width}, {args.user_jitter}")
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     if distributed:
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
@@ -474,21 +471,21 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--steps", type=at_least(1), default=2000)
     parser.add_argument("--batch", type=at_least(1), default=8)
     parser.add_argument("--turns", type=at_least(1), default=40, help="micro-turns per training window (8 s)")
-    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--lr", type=positive, default=2e-3)
     parser.add_argument("--warmup", type=at_least(0), default=100)
-    parser.add_argument("--balance-rate", type=float, default=1e-3)
-    parser.add_argument("--history-noise", type=float, default=0.1,
+    parser.add_argument("--balance-rate", type=between(0), default=1e-3)
+    parser.add_argument("--history-noise", type=between(0, 1), default=0.1,
                         help="fraction of the model's own fed-back dMel bins moved by one step")
-    parser.add_argument("--user-mask-bands", type=int, default=0,
+    parser.add_argument("--user-mask-bands", type=at_least(0), default=0,
                         help="mel bands of the user's audio dropped to the floor per training window (0: off)")
-    parser.add_argument("--user-mask-width", type=int, default=12, help="widest such band, in mel channels (of 80)")
-    parser.add_argument("--user-jitter", type=float, default=0.0,
+    parser.add_argument("--user-mask-width", type=at_least(0, at_most=dmel.N_MELS), default=12, help="widest such band, in mel channels (of 80)")
+    parser.add_argument("--user-jitter", type=between(0, 1), default=0.0,
                         help="fraction of the user's speech dMel bins moved by one step (silence untouched)")
-    parser.add_argument("--text-weight", type=float, default=1.0,
+    parser.add_argument("--text-weight", type=between(0), default=1.0,
                         help="text-loss weight of positions that write a byte (1: plain mean)")
-    parser.add_argument("--speech-weight", type=float, default=1.0,
+    parser.add_argument("--speech-weight", type=between(0), default=1.0,
                         help="audio-loss weight of positions that are not silent (1: plain mean)")
-    parser.add_argument("--listen-weight", type=float, default=0.0,
+    parser.add_argument("--listen-weight", type=between(0), default=0.0,
                         help="weight of the listening head's CTC loss on the user's words (0: off; "
                              "adds the head to a checkpoint without one)")
     parser.add_argument("--listen-probe", action="store_true",
@@ -507,23 +504,23 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--save-every", type=at_least(1), default=200)
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--init", default="", help="start from this checkpoint's weights (not with --resume)")
-    parser.add_argument("--window", type=int, default=0,
+    parser.add_argument("--window", type=at_least(0), default=0,
                         help="attention window in tokens (default: the preset's or --init checkpoint's); "
                              "sinks + window must fit in --turns micro-turns")
-    parser.add_argument("--kv-heads", type=int, default=0,
+    parser.add_argument("--kv-heads", type=at_least(0), default=0,
                         help="with --init: widen to this many key/value heads first (same outputs at the start)")
-    parser.add_argument("--audio-encoder", type=int, default=0, metavar="BLOCKS",
+    parser.add_argument("--audio-encoder", type=at_least(0), default=0, metavar="BLOCKS",
                         help="with --init: grow the encoder on the user's audio tokens to this many blocks "
                              "(same outputs at the start; ModelConfig.audio_encoder_layers)")
-    parser.add_argument("--layers", type=int, default=0, metavar="BLOCKS",
+    parser.add_argument("--layers", type=at_least(0), default=0, metavar="BLOCKS",
                         help="with --init: deepen the trunk to this many blocks, the new ones in before the "
                              "last (same outputs at the start; ModelConfig.n_layers)")
-    parser.add_argument("--new-lr-scale", type=float, default=1.0, metavar="FACTOR",
+    parser.add_argument("--new-lr-scale", type=between(0), default=1.0, metavar="FACTOR",
                         help="with --layers: the new blocks learn at FACTOR times --lr (kept by --resume)")
-    parser.add_argument("--audio-in-bins", type=int, default=0, metavar="LEVELS",
+    parser.add_argument("--audio-in-bins", type=at_least(0), default=0, metavar="LEVELS",
                         help="with --init: hear the user's audio at this many dMel levels, not 16 "
                              f"(up to {dmel.FINE_BINS}; same outputs at the start; ModelConfig.audio_in_bins)")
-    parser.add_argument("--audio-context", type=int, default=0, metavar="TOKENS",
+    parser.add_argument("--audio-context", type=at_least(0), default=0, metavar="TOKENS",
                         help="with --init: mix each user audio token with this many before it "
                              "(same outputs at the start; ModelConfig.audio_context)")
     return parser

@@ -119,11 +119,21 @@ def test_windows_shorter_than_the_served_attention_span_are_refused(tmp_path):
     assert not (tmp_path / "ckpt").exists()
 
 
-@pytest.mark.parametrize("masks", [["--user-mask-width", "81"], ["--user-jitter", "1.5"], ["--user-mask-bands", "-1"]])
-def test_impossible_user_audio_masks_are_refused_before_training(tmp_path, masks):
-    with pytest.raises(ValueError, match="--user-mask-width 0..80"):
-        train(build_parser().parse_args(["--out", str(tmp_path / "ckpt"), *masks, "--steps", "1"]))
-    assert not (tmp_path / "ckpt").exists()
+@pytest.mark.parametrize("flag,value,said", [
+    ("--user-mask-width", "81", "must be 80 or less, not 81"),
+    ("--user-jitter", "1.5", "must be from 0 to 1, not 1.5"),
+    ("--user-mask-bands", "-1", "must be 0 or more, not -1"),
+    ("--history-noise", "-0.1", "must be from 0 to 1, not -0.1"),
+    ("--lr", "-3e-4", "must be above 0, not -3e-4"),  # would climb the loss, silently
+    ("--lr", "nan", "must be above 0, not nan"),
+    ("--listen-weight", "-0.25", "must be 0 or more, not -0.25"),
+    ("--text-weight", "nan", "must be 0 or more, not nan"),
+    ("--layers", "-2", "must be 0 or more, not -2"),
+])
+def test_impossible_training_settings_are_refused_before_training(capsys, flag, value, said):
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--out", "unused", f"{flag}={value}"])
+    assert f"argument {flag}: {said}" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("growth", [["--kv-heads", "4"], ["--audio-encoder", "2"], ["--layers", "6"]])
