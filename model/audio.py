@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import av
 import numpy as np
 
 
@@ -11,6 +10,8 @@ def resample_mono(audio: np.ndarray, rate_in: int, rate_out: int, fmt: str = "fl
     ("flt": float32, "s16": int16), the resampler's tail flushed."""
     if rate_in == rate_out and fmt == "flt":
         return audio.astype(np.float32)
+    import av  # here, not at the top: training from a full cache needs no PyAV (bench/gpu_check.sh)
+
     frame = av.AudioFrame.from_ndarray(audio.astype(np.float32).reshape(1, -1), format="flt", layout="mono")
     frame.sample_rate = rate_in
     resampler = av.AudioResampler(format=fmt, layout="mono", rate=rate_out)

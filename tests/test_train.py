@@ -242,3 +242,26 @@ def test_negative_seeds_and_counts_are_refused(flag, capsys):
     with pytest.raises(SystemExit):
         build_parser().parse_args(["--out", "unused", flag, "-1000000"])
     assert f"argument {flag}: must be 0 or more, not -1000000" in capsys.readouterr().err
+
+
+_TRAIN_WITHOUT_MEDIA_LIBRARIES = """
+import sys
+for name in ("av", "espeakng_loader", "pocketsphinx", "aiortc", "starlette"):
+    sys.modules[name] = None  # not installed, as on the lent GPU machine
+from model.train import main
+main(sys.argv[1:])
+"""
+
+
+def test_training_from_a_full_cache_needs_no_media_libraries(tmp_path):
+    """bench/gpu_check.sh trains on a GPU machine that has torch but not PyAV or
+    espeak-ng, from conversations cached here and carried there."""
+    from model.train import load_examples
+
+    load_examples([0, 1], preset("tiny"), tmp_path / "cache")  # generated here, with PyAV and espeak-ng
+    run = subprocess.run(
+        [sys.executable, "-c", _TRAIN_WITHOUT_MEDIA_LIBRARIES, "--out", str(tmp_path / "ckpt"), "--conversations", "2",
+         "--cache", str(tmp_path / "cache"), "--steps", "2", "--batch", "2", "--turns", "40", "--save-every", "2"],
+        capture_output=True, text=True, timeout=120, check=False)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "step 2/2" in run.stderr and (tmp_path / "ckpt" / "model.safetensors").exists()
