@@ -12,7 +12,8 @@
 #   mkdir -p .gpu/cache/v8-user64 && cp .cache/conversations/v8-user64/290{00..39}.pt .gpu/cache/v8-user64/
 # Then: device run, command "bash bench/gpu_check.sh", carry [".whl", ".gpu"], timeout_s 540.
 # Results land in $OUT (a plain run here writes them to /tmp/gpu_check; with no GPU the
-# CUDA tests skip and the rest runs on the CPU, which checks the plumbing).
+# CUDA tests skip and the rest runs on the CPU, which checks the plumbing: tests/test_train.py
+# runs it so, smaller, through CACHE, CONVERSATIONS, REPEATS and TRAIN_STEPS).
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu_check}
 mkdir -p "$OUT"
@@ -36,14 +37,14 @@ step "CUDA and xformers tests"
     | tee "$OUT/tests.log" || status=1
 
 step "bench model on $DEVICE"
-"$PYTHON" -m bench.model --json --repeats 15 --device "$DEVICE" > "$OUT/bench_model.json" || status=1
+"$PYTHON" -m bench.model --json --repeats "${REPEATS:-15}" --device "$DEVICE" > "$OUT/bench_model.json" || status=1
 cat "$OUT/bench_model.json"
 
 # bf16 autocast on CUDA; the same batches on the CPU for the plumbing. 40 conversations
 # are enough to read throughput and see the loss fall; they are not a training set.
 step "train tiny on $DEVICE (${TRAIN_STEPS:=300} steps)"
-"$PYTHON" -m model.train --out "$OUT/train" --cache .gpu/cache --conversations 40 --first-seed 29000 \
-    --steps "$TRAIN_STEPS" --batch 16 --turns 80 --warmup 20 --save-every "$TRAIN_STEPS" --seed 0 2>&1 \
+"$PYTHON" -m model.train --out "$OUT/train" --cache "${CACHE:-.gpu/cache}" --conversations "${CONVERSATIONS:-40}" \
+    --first-seed 29000 --steps "$TRAIN_STEPS" --batch 16 --turns 80 --warmup 20 --save-every "$TRAIN_STEPS" --seed 0 2>&1 \
     | tr '\r' '\n' > "$OUT/train.log" || status=1
 grep "step " "$OUT/train.log" | awk 'NR == 1 || NR % 50 == 0'; tail -1 "$OUT/train.log"
 rm -rf "$OUT/train"  # a throughput check's weights: not worth bringing back

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import statistics
@@ -265,3 +266,26 @@ def test_training_from_a_full_cache_needs_no_media_libraries(tmp_path):
         capture_output=True, text=True, timeout=120, check=False)
     assert run.returncode == 0, run.stderr[-3000:]
     assert "step 2/2" in run.stderr and (tmp_path / "ckpt" / "model.safetensors").exists()
+
+
+def test_the_prepared_gpu_check_runs_here_without_a_gpu(tmp_path):
+    """bench/gpu_check.sh is for a GPU lease of minutes, so its plumbing is checked
+    here: without CUDA its CUDA tests skip and the bench and the training run on the CPU."""
+    from pathlib import Path
+
+    from model.train import load_examples
+
+    load_examples([29000, 29001], preset("tiny"), tmp_path / "cache")
+    repository = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "OUT": str(tmp_path / "out"), "PYTHON": sys.executable, "CACHE": str(tmp_path / "cache"),
+           "CONVERSATIONS": "2", "REPEATS": "1", "TRAIN_STEPS": "2"}
+    run = subprocess.run(["bash", str(repository / "bench" / "gpu_check.sh")], cwd=repository, env=env,
+                         capture_output=True, text=True, timeout=240, check=False)
+    assert run.returncode == 0, (run.stdout + run.stderr)[-3000:]
+    assert "done: status 0" in run.stdout
+    tests = (tmp_path / "out" / "tests.log").read_text()
+    assert " passed" in tests and "failed" not in tests, tests
+    bench = json.loads((tmp_path / "out" / "bench_model.json").read_text())
+    assert bench["device"] == "cpu" and set(bench["step_ms_by_sessions"]) == {"1", "8", "32", "64"}
+    assert "step 2/2" in (tmp_path / "out" / "train.log").read_text()
+    assert not (tmp_path / "out" / "train").exists()
