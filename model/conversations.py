@@ -45,7 +45,7 @@ from model.speech import Voice, synthesize
 from model.text import encode
 
 OUT_POSITIONS = 4  # output positions per micro-turn (ModelConfig.out_positions)
-DATA_VERSION = 8  # bump when the same seed would give a different conversation (cache key)
+DATA_VERSION = 9  # bump when the same seed would give a different conversation (cache key)
 # Timing rules, fixed rather than random so the model has one thing to learn: the
 # reply starts in the first output made after hearing this much silence after a
 # complete question (heard live 0.15-0.35 s after the user stops; a mid-utterance
@@ -80,6 +80,20 @@ VOICE_STRETCH = (0.66, 1.14)
 _LANGUAGES_HELD_OUT = ["en-gb-scotland", "en-029"]
 NUMBER_WORDS = ("zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen "
                 "fifteen sixteen seventeen eighteen nineteen twenty").split()
+_TENS = ("", "", "twenty", "thirty", "forty", "fifty", "sixty", "seventy", "eighty", "ninety")
+
+
+def english_numbers(text: str) -> str:
+    """Digits (0-99) as English words: another language's voice reads "38" in its own
+    language ("achtunddreißig"), not as accented English."""
+    def words(match: re.Match[str]) -> str:
+        n = int(match.group())
+        if n < len(NUMBER_WORDS):
+            return NUMBER_WORDS[n]
+        if n >= 100:
+            raise ValueError(f"no words for {n}")
+        return _TENS[n // 10] + (f" {NUMBER_WORDS[n % 10]}" if n % 10 else "")
+    return re.sub(r"\d+", words, text)
 
 
 @dataclass(frozen=True)
@@ -158,10 +172,12 @@ class _Builder:
         # Held-out background talkers keep the version-6 list: a longer list changes
         # what a draw picks, and the held-out conversations must stay as they were.
         self.background_variants = _VARIANTS_TRAIN_V6 if held_out else _VARIANTS_TRAIN
+        self.english_numbers = False  # another language's voice: say digits as English words
         if not held_out:  # drawn last, so held-out conversations are the same as in version 2
             if self.rng.random() < ACCENT_SHARE:
                 self.user_voice = replace(
                     self.user_voice, name=f"{self.rng.choice(_ACCENTS_TRAIN)}+{self.rng.choice(variants)}")
+                self.english_numbers = True
             self.stretch = self.rng.uniform(*VOICE_STRETCH)
             # Slowest: 130 wpm x 0.66 = 86, inside espeak-ng's range (80-450).
             self.user_voice = replace(self.user_voice,
@@ -177,7 +193,7 @@ class _Builder:
         start = self.cursor
         position = int(start * SAMPLE_RATE)
         for i, part in enumerate(parts):
-            audio = speak(part, self.user_voice)
+            audio = speak(english_numbers(part) if self.english_numbers else part, self.user_voice)
             if self.stretch != 1.0:
                 audio = resample_mono(audio, SAMPLE_RATE, round(SAMPLE_RATE * self.stretch))
             end = min(position + audio.size, self.user.size)

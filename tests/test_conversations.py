@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -261,3 +262,30 @@ def test_render_wav_for_listening(tmp_path, sample):
     # The model channel is the model track one micro-turn later, as heard live.
     expected = np.round(np.clip(sample[0].model_audio[:-TURN_SAMPLES], -1, 1) * 32767)
     assert np.abs(frames[TURN_SAMPLES:, 1] - expected).max() <= 1
+
+
+def test_numbers_are_said_in_english_words():
+    """Another language's voice reads digits in its own language: German said "38" as
+    "achtunddreißig" to a model asked to write "calc: 38 + ..." (versions 3-8)."""
+    assert conv.english_numbers("what is 38 plus 90?") == "what is thirty eight plus ninety?"
+    assert conv.english_numbers("7, 12, 20 and 99") == "seven, twelve, twenty and ninety nine"
+
+
+def test_an_accented_user_says_the_numbers_in_english(monkeypatch):
+    """What is spoken is English words; what the listening loss reads (user_words) is
+    the text as written. English voices still read the digits themselves (version 8's bits)."""
+    spoken: list[tuple[str, str]] = []
+    speak = conv.speak
+    monkeypatch.setattr(conv, "speak", lambda text, voice: spoken.append((text, voice.name)) or speak(text, voice))
+    for seed in (s for s in range(200) if conv._Builder(s, False, 24.0).english_numbers):
+        spoken.clear()
+        conversation = conv.make_conversation(seed, held_out=False)
+        written = [text for _, _, text in conversation.user_words]
+        if any(re.search(r"\d", text) for text in written):
+            break
+    else:
+        pytest.fail("no accented user among the first 200 seeds asks a sum")
+    said = [text for text, voice in spoken if voice == conversation.user_voice]
+    assert said == [conv.english_numbers(text) for text in written] and not any(re.search(r"\d", t) for t in said)
+    assert conversation.user_voice.split("+")[0] in conv._ACCENTS_TRAIN
+    assert not any(conv._Builder(seed, True, 24.0).english_numbers for seed in range(1_000_000, 1_000_100))
