@@ -207,8 +207,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--peers", type=at_least(1), default=4)
     parser.add_argument("--seconds", type=positive, default=20.0, help="script length each peer plays")
     parser.add_argument("--workers", type=at_least(1), default=max(1, (os.cpu_count() or 2) // 2))
-    parser.add_argument("--ramp", type=counts, default=None, help="comma-separated peer counts: run each until one fails")
-    parser.add_argument("--jitter-prefetch", type=at_least(1, at_most=8), default=1, help="the peers' receive jitter buffer (packets)")
+    parser.add_argument("--ramp", type=counts, default=None,
+                        help="comma-separated peer counts: run each until one fails")
+    parser.add_argument("--jitter-prefetch", type=at_least(1, at_most=8), default=1,
+                        help="the peers' receive jitter buffer (packets)")
     parser.add_argument("--max-p99-ms", type=float, default=MAX_SERVER_ADDED_P99_MS,
                         help="ramp: the p99 server-added latency a passing count may have")
     parser.add_argument("--scripts", type=at_least(1), default=4, help="distinct conversations the peers cycle through")

@@ -478,7 +478,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="fraction of the model's own fed-back dMel bins moved by one step")
     parser.add_argument("--user-mask-bands", type=at_least(0), default=0,
                         help="mel bands of the user's audio dropped to the floor per training window (0: off)")
-    parser.add_argument("--user-mask-width", type=at_least(0, at_most=dmel.N_MELS), default=12, help="widest such band, in mel channels (of 80)")
+    parser.add_argument("--user-mask-width", type=at_least(0, at_most=dmel.N_MELS), default=12,
+                        help="widest such band, in mel channels (of 80)")
     parser.add_argument("--user-jitter", type=between(0, 1), default=0.0,
                         help="fraction of the user's speech dMel bins moved by one step (silence untouched)")
     parser.add_argument("--text-weight", type=between(0), default=1.0,
