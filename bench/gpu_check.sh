@@ -9,7 +9,8 @@
 #   echo /.whl/ >> .git/info/exclude; echo /.gpu/ >> .git/info/exclude
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #       --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d .whl xformers==0.0.35
-#   mkdir -p .gpu/cache/v8-user64 && cp .cache/conversations/v8-user64/290{00..39}.pt .gpu/cache/v8-user64/
+#   name=$(.venv/bin/python -c 'from model.train import CACHE_NAME; print(CACHE_NAME)')  # data version's cache
+#   mkdir -p .gpu/cache/$name && cp .cache/conversations/$name/290{00..39}.pt .gpu/cache/$name/
 # Then: device run, command "bash bench/gpu_check.sh", carry [".whl", ".gpu"], timeout_s 540.
 # Results land in $OUT (a plain run here writes them to /tmp/gpu_check; with no GPU the
 # CUDA tests skip and the rest runs on the CPU, which checks the plumbing: tests/test_train.py

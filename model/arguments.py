@@ -67,5 +67,5 @@ def write_threshold(text: str) -> float | None:
 def check_write_threshold(value: float) -> float:
     """At 0 the model would always write, at 1 never, and NaN compares false to all."""
     if not 0 < value < 1:
-        raise ValueError(f"a probability between 0 and 1 (exclusive), not {value!r}")
+        raise ValueError(f"write_threshold: a probability between 0 and 1 (exclusive), not {value!r}")
     return value

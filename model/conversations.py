@@ -80,20 +80,23 @@ VOICE_STRETCH = (0.66, 1.14)
 _LANGUAGES_HELD_OUT = ["en-gb-scotland", "en-029"]
 NUMBER_WORDS = ("zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen "
                 "fifteen sixteen seventeen eighteen nineteen twenty").split()
-_TENS = ("", "", "twenty", "thirty", "forty", "fifty", "sixty", "seventy", "eighty", "ninety")
+TENS_WORDS = "twenty thirty forty fifty sixty seventy eighty ninety".split()
+
+
+def number_words(n: int) -> list[str]:
+    """0-99 as espeak-ng says them: 57 -> fifty seven."""
+    if not 0 <= n <= 99:
+        raise ValueError(f"no words for {n}")
+    if n < 20:
+        return [NUMBER_WORDS[n]]
+    tens, unit = divmod(n, 10)
+    return [TENS_WORDS[tens - 2]] + ([NUMBER_WORDS[unit]] if unit else [])
 
 
 def english_numbers(text: str) -> str:
     """Digits (0-99) as English words: another language's voice reads "38" in its own
     language ("achtunddreißig"), not as accented English."""
-    def words(match: re.Match[str]) -> str:
-        n = int(match.group())
-        if n < len(NUMBER_WORDS):
-            return NUMBER_WORDS[n]
-        if n >= 100:
-            raise ValueError(f"no words for {n}")
-        return _TENS[n // 10] + (f" {NUMBER_WORDS[n % 10]}" if n % 10 else "")
-    return re.sub(r"\d+", words, text)
+    return re.sub(r"\d+", lambda match: " ".join(number_words(int(match.group()))), text)
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,7 @@ import re
 import torch
 import torch.nn.functional as F
 
-from model.conversations import NUMBER_WORDS
+from model.conversations import NUMBER_WORDS, TENS_WORDS, number_words
 
 FRAMES_PER_SECOND = 80  # dMel frames (12.5 ms hop)
 LAG_S = 0.3  # the span read for an utterance ends this long after it
@@ -36,24 +36,13 @@ LAYER = -2  # index into Transformer.forward_layers: the stream entering the las
 MAX_WORDS = 8  # the longest user utterance: "what is fifty seven times seventy one"
 
 _UNITS = NUMBER_WORDS[:20]  # zero .. nineteen
-_TENS = "twenty thirty forty fifty sixty seventy eighty ninety".split()
 _GRAMMAR = ("hello hi there good morning what comes after count to is plus minus times um uh hmm "
             "stop wait okay thanks that's enough time it").split()
-WORDS: tuple[str, ...] = tuple(_GRAMMAR + _UNITS + _TENS)
-NUMBERS = frozenset(_UNITS + _TENS)
+WORDS: tuple[str, ...] = tuple(_GRAMMAR + _UNITS + TENS_WORDS)
+NUMBERS = frozenset(_UNITS + TENS_WORDS)
 BLANK = 0  # CTC blank; word i is id i + 1
 VOCAB = len(WORDS) + 1
 _IDS = {word: i + 1 for i, word in enumerate(WORDS)}
-
-
-def number_words(n: int) -> list[str]:
-    """0-99 as espeak-ng says them: 57 -> fifty seven."""
-    if not 0 <= n <= 99:
-        raise ValueError(f"no words for {n}")
-    if n < 20:
-        return [_UNITS[n]]
-    tens, unit = divmod(n, 10)
-    return [_TENS[tens - 2]] + ([_UNITS[unit]] if unit else [])
 
 
 def spoken_words(text: str) -> list[str]:

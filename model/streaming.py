@@ -102,10 +102,7 @@ class StreamingModel:
         self.seed = seed
         self.temperature = temperature
         if write_threshold is not None:  # a checkpoint's decoding.json or a command line
-            try:
-                check_write_threshold(write_threshold)
-            except ValueError as error:
-                raise ValueError(f"write_threshold: {error}") from None
+            check_write_threshold(write_threshold)
         self.write_threshold = write_threshold  # see ``choose_text``; None: greedy
         self.weights = weights  # what the page shows: "random" or the checkpoint's name
         self._sessions: dict[str, _Session] = {}
