@@ -108,6 +108,7 @@ class Event:
     expected_text: str = ""  # the answer's words, for accuracy checks
     model_start_s: float | None = None  # when the model's reply starts in this conversation
     user_start_s: float | None = None  # when the user's question began (the model is quiet from here)
+    question: str = ""  # an answer's question kind ("after", "small_sum", ...), to score skills apart
 
 
 @dataclass
@@ -250,8 +251,9 @@ class _Builder:
 
     # -- scenarios -------------------------------------------------------------------------
 
-    def question_and_answer(self) -> None:
-        kind = self.rng.choice(["greeting", "after", "count", "small_sum"])
+    def question_and_answer(self, kind: str | None = None) -> None:
+        if kind is None:  # drawn only here, so ordinary conversations keep their bits
+            kind = self.rng.choice(["greeting", "after", "count", "small_sum"])
         if kind == "greeting":
             question, answer = self.rng.choice([("hello", "hello! how can I help?"), ("hi there", "hi!"),
                                                 ("good morning", "good morning!")])
@@ -268,7 +270,7 @@ class _Builder:
             return
         begin, end = self.user_says([question])
         turn = self.reply_turn(end)
-        self.events.append(Event("answer", end, re.sub(r"[!?.,]", "", answer), turn * 0.2, begin))
+        self.events.append(Event("answer", end, re.sub(r"[!?.,]", "", answer), turn * 0.2, begin, kind))
         self.model_says(answer, turn)
         self.cursor += self.rng.uniform(0.6, 1.5)
 
@@ -281,7 +283,7 @@ class _Builder:
         pause = self.rng.uniform(0.4, 1.0)
         begin, end = self.user_says(parts, pauses_s=[pause])
         turn = self.reply_turn(end)
-        self.events.append(Event("pause", end, NUMBER_WORDS[n + 1], turn * 0.2, begin))
+        self.events.append(Event("pause", end, NUMBER_WORDS[n + 1], turn * 0.2, begin, "after"))
         self.model_says(f"{NUMBER_WORDS[n + 1]}.", turn)
         self.cursor += self.rng.uniform(0.6, 1.5)
 
@@ -401,14 +403,35 @@ def make_delegation_drill(seed: int, duration_s: float = 24.0) -> Conversation:
     return builder.finish(seed)
 
 
-def _one(args: tuple[int, bool, float, bool]) -> Conversation:
+ANSWER_DRILL_SEED_OFFSET = 20_000_000
+
+
+def make_answer_drill(seed: int, duration_s: float = 24.0) -> Conversation:
+    """Questions the model answers itself, back to back: three small sums to one
+    "what comes after", ~5 sums a conversation where an ordinary one has ~0.8. A
+    training supplement (``microturn train --answer-drills``) for the answer the mix
+    teaches least: a sum of two heard numbers, which V8 wrote right 1 time in 36
+    (docs/eval.md, session 29)."""
+    builder = _Builder(seed + ANSWER_DRILL_SEED_OFFSET, False, duration_s)
+    while builder.fits(4.0):
+        before = builder.cursor
+        builder.question_and_answer(builder.rng.choice(["small_sum", "small_sum", "small_sum", "after"]))
+        if builder.cursor == before:
+            break
+    return builder.finish(seed)
+
+
+DRILLS = {"delegation": make_delegation_drill, "answer": make_answer_drill}
+
+
+def _one(args: tuple[int, bool, float, str | None]) -> Conversation:
     seed, held_out, duration_s, drill = args
-    return make_delegation_drill(seed, duration_s) if drill else make_conversation(seed, held_out, duration_s)
+    return DRILLS[drill](seed, duration_s) if drill else make_conversation(seed, held_out, duration_s)
 
 
 def generate(seeds: list[int], held_out: bool = False, duration_s: float = 24.0,
-             workers: int = 2, drills: bool = False) -> list[Conversation]:
-    """Conversations for ``seeds`` (``drills``: delegation drills), each made in a fresh
+             workers: int = 2, drill: str | None = None) -> list[Conversation]:
+    """Conversations for ``seeds`` (``drill``: that kind of drill, a key of ``DRILLS``), each made in a fresh
     process (forked from a server that never ran espeak-ng), so every one is the same
     bits whatever ran before it."""
     context = multiprocessing.get_context("forkserver")
@@ -419,7 +442,7 @@ def generate(seeds: list[int], held_out: bool = False, duration_s: float = 24.0,
     executor = ProcessPoolExecutor(workers, mp_context=context, max_tasks_per_child=1)
     try:
         with _one_openmp_thread():  # the first submit starts the fork server
-            futures = [executor.submit(_one, (seed, held_out, duration_s, drills)) for seed in seeds]
+            futures = [executor.submit(_one, (seed, held_out, duration_s, drill)) for seed in seeds]
         return [future.result() for future in futures]
     except BrokenProcessPool as error:
         raise RuntimeError(

@@ -88,14 +88,18 @@ def to_example(conversation: Conversation, config: ModelConfig) -> Example:
                    listening.word_targets(conversation.user_words))
 
 
+# Cache file names by kind; delegation drills keep the name they had before answer drills.
+_CACHE_PREFIX = {None: "", "delegation": "drill-", "answer": "answer-drill-"}
+
+
 def load_examples(seeds: list[int], config: ModelConfig, cache: Path | None, workers: int = 2,
-                  drills: bool = False) -> list[Example]:
-    """Examples for ``seeds`` (``drills``: delegation drills), generating (in parallel)
-    only what the cache lacks."""
+                  drill: str | None = None) -> list[Example]:
+    """Examples for ``seeds`` (``drill``: that kind of drill, see ``conversations.DRILLS``),
+    generating (in parallel) only what the cache lacks."""
     examples: dict[int, Example] = {}
     missing = []
     cache = cache / CACHE_NAME if cache else None
-    prefix = "drill-" if drills else ""
+    prefix = _CACHE_PREFIX[drill]
     for seed in seeds:
         path = cache / f"{prefix}{seed}.pt" if cache else None
         if path is not None and path.exists():
@@ -104,7 +108,7 @@ def load_examples(seeds: list[int], config: ModelConfig, cache: Path | None, wor
             missing.append(seed)
     for start in range(0, len(missing), 64):
         batch = missing[start : start + 64]
-        for seed, conversation in zip(batch, generate(batch, workers=workers, drills=drills), strict=True):
+        for seed, conversation in zip(batch, generate(batch, workers=workers, drill=drill), strict=True):
             example = to_example(conversation, config)
             examples[seed] = example
             if cache is not None:
@@ -382,7 +386,9 @@ def train(args: argparse.Namespace) -> list[float]:
         dist.barrier()  # rank 0 generates and caches; the others then read the cache
     examples = load_examples(seeds, config, cache, args.workers)
     drill_seeds = list(range(args.first_drill, args.first_drill + args.drills))
-    examples += load_examples(drill_seeds, config, cache, args.workers, drills=True)
+    examples += load_examples(drill_seeds, config, cache, args.workers, drill="delegation")
+    answer_drill_seeds = list(range(args.first_answer_drill, args.first_answer_drill + args.answer_drills))
+    examples += load_examples(answer_drill_seeds, config, cache, args.workers, drill="answer")
     if distributed and rank == 0 and cache is not None:
         dist.barrier()
     if args.recordings:  # served sessions (docs/recording.md); every rank reads them itself
@@ -496,6 +502,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="delegation drills added to the conversations (model.conversations.make_delegation_drill)")
     parser.add_argument("--first-drill", type=at_least(0), default=0,
                         help="drill seeds start here (a chained fine-tune can take drills its --init never saw)")
+    parser.add_argument("--answer-drills", type=at_least(0), default=0,
+                        help="answer drills added: small sums and 'what comes after' back to back "
+                             "(model.conversations.make_answer_drill)")
+    parser.add_argument("--first-answer-drill", type=at_least(0), default=0, help="answer drill seeds start here")
     parser.add_argument("--recordings", action="append", default=[], metavar="DIR",
                         help="also train on every session recording under DIR (repeatable)")
     parser.add_argument("--first-seed", type=at_least(0), default=0)

@@ -191,7 +191,7 @@ def test_delegation_writes_a_task_request_and_answers_when_the_result_arrives(sa
 
 
 def test_delegation_drills_are_delegations_only_with_the_result_soon_after_the_request():
-    drills = conv.generate([0, 1], drills=True)
+    drills = conv.generate([0, 1], drill="delegation")
     assert drills[0].seed == 0 and not np.array_equal(drills[0].user_audio, conv.generate([0])[0].user_audio)
     for c in drills:
         assert len(c.events) >= 2 and {e.kind for e in c.events} == {"delegation"}
@@ -205,6 +205,23 @@ def test_delegation_drills_are_delegations_only_with_the_result_soon_after_the_r
             said_until = max(t for t in range(result_turn) if speaking[t]) + 1
             assert 1 <= result_turn - max(said_until, request_turn + 1) <= 4
             assert f": {event.expected_text}</result>" in c.text_in[result_turn]
+
+
+def test_answer_drills_are_small_sums_and_next_numbers_answered_in_words():
+    drills = conv.generate([0, 1], drill="answer")
+    assert not np.array_equal(drills[0].user_audio, conv.generate([0], drill="delegation")[0].user_audio)
+    sums = 0
+    for c in drills:
+        assert {e.kind for e in c.events} == {"answer"} and {e.question for e in c.events} <= {"small_sum", "after"}
+        written = bytes(t for t in c.text_out.flatten().tolist() if t < 256).decode()
+        asked = [text for _, _, text in c.user_words]
+        assert len(asked) == len(c.events) >= 4
+        for question, event in zip(asked, c.events, strict=True):
+            numbers = [conv.NUMBER_WORDS.index(w) for w in re.findall(r"[a-z]+", question) if w in conv.NUMBER_WORDS]
+            wanted = sum(numbers) if event.question == "small_sum" else numbers[0] + 1
+            assert event.expected_text == conv.NUMBER_WORDS[wanted] and f"{event.expected_text}." in written
+        sums += sum(e.question == "small_sum" for e in c.events)
+    assert sums >= 6  # several a conversation, where an ordinary one has under one
 
 
 def test_only_noise_gets_no_answer(sample):

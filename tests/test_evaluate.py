@@ -25,7 +25,8 @@ from server.config import default_checkpoint
 
 KEYS = {"turn_taking_tor", "response_latency_s_median", "overlap_rate", "pause_tor", "stop_latency_s_p90",
         "delegation_accuracy", "delegation_request_accuracy", "delegation_result_copied", "noise_silence_rate",
-        "spoken_word_accuracy", "spoken_word_accuracy_asr", "written_word_accuracy", "spoken_words_scored"}
+        "spoken_word_accuracy", "spoken_word_accuracy_asr", "written_word_accuracy", "spoken_words_scored",
+        "spoken_words_by_question"}
 
 
 def test_the_reference_tracks_score_as_a_perfect_model():
@@ -39,6 +40,10 @@ def test_the_reference_tracks_score_as_a_perfect_model():
     assert 0.4 <= result["spoken_word_accuracy_asr"] <= 1.0  # pocketsphinx's ceiling (0.63 here)
     assert result["written_word_accuracy"] == 1.0
     assert 0 < result["spoken_words_scored"] <= result["events"]["answer"] + result["events"]["pause"]
+    by_question = result["spoken_words_by_question"]
+    assert set(by_question) <= {"after", "small_sum", "pause"} and len(by_question) >= 2
+    assert sum(q["scored"] for q in by_question.values()) == result["spoken_words_scored"]
+    assert all(q["spoken"] == 1.0 and q["written"] == 1.0 for q in by_question.values())
 
 
 def test_conversations_in_the_training_voices_are_scored_alike():

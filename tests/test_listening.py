@@ -20,7 +20,7 @@ from model.weights import load_checkpoint, save_checkpoint, with_parts, without_
 
 @pytest.fixture(scope="module")
 def sample() -> list[conv.Conversation]:
-    return conv.generate([0, 1, 2]) + conv.generate([0], drills=True) + conv.generate([1_000_000], held_out=True)
+    return conv.generate([0, 1, 2]) + conv.generate([0], drill="delegation") + conv.generate([1_000_000], held_out=True)
 
 
 def test_numbers_are_spelled_as_espeak_says_them_and_strange_words_refused():

@@ -62,11 +62,14 @@ def test_training_lowers_the_loss_resumes_and_serves(tmp_path):
     growing = common[2:] + ["--out", str(wide), "--init", str(tmp_path / "without_encoder"), "--kv-heads", "4",
                             "--window", "128", "--audio-encoder", "2", "--audio-context", "3", "--layers", "5",
                             "--new-lr-scale", "10", "--user-mask-bands", "2", "--user-jitter", "0.1",
-                            "--first-drill", "1", "--audio-in-bins", "64"]
+                            "--first-drill", "1", "--audio-in-bins", "64", "--answer-drills", "1",
+                            "--first-answer-drill", "2"]
     tuned = train(build_parser().parse_args(growing + ["--steps", "3"]))
     assert len(tuned) == 3 and statistics.mean(tuned) < 0.8 * statistics.mean(losses[:5])  # from the trained weights
     drills = sorted(path.name for path in (tmp_path / "cache").glob("v*/drill-*.pt"))
     assert drills == ["drill-0.pt", "drill-1.pt"], "the fine-tune took drill 1, not drill 0 again"
+    answer_drills = [path.name for path in (tmp_path / "cache").glob("v*/answer-drill-*.pt")]
+    assert answer_drills == ["answer-drill-2.pt"], "cached apart from the delegation drills of the same seed"
     engine = make_model("model", max_sessions=2, checkpoint=str(wide))
     engine.open_session("s")
     assert np.isfinite(engine.step([TurnInput("s", 0, np.zeros(TURN_SAMPLES, dtype=np.float32))])[0].audio).all()
