@@ -233,7 +233,10 @@ def aggregate(records: list[dict[str, object]]) -> dict[str, object]:
     answers = of("answer")
     latencies = [r["latency_s"] for r in answers if r["latency_s"] is not None]
     heard = [r["heard"] for r in records if r.get("heard") is not None]
-    questions = sorted({r["question"] for r in records if r.get("heard") is not None})
+    by_question: dict[str, list[dict[str, object]]] = {}
+    for r in records:
+        if r.get("heard") is not None:
+            by_question.setdefault(r["question"], []).append(r["heard"])
     stops = [r["stop_latency_s"] for r in of("barge_in")]
     stops_known = sorted(s if s is not None else float("inf") for s in stops)
     return {
@@ -254,11 +257,10 @@ def aggregate(records: list[dict[str, object]]) -> dict[str, object]:
         "written_word_accuracy": rate(heard, "written_right"),
         "spoken_words_scored": len(heard),  # the three rates above are over these (to pool runs)
         # The same by question: a sum of two heard numbers, the next number, the next
-        # number after a pause (session 29: V8 wrote 1 sum in 36 right, 0.75 of the others).
+        # number after a pause (session 29: V8 wrote 1 sum in 36 right, 0.64-0.75 of the others).
         "spoken_words_by_question": {
             question: {"scored": len(items), "spoken": rate(items, "right"), "written": rate(items, "written_right")}
-            for question in questions
-            for items in [[r["heard"] for r in records if r.get("heard") is not None and r["question"] == question]]},
+            for question, items in sorted(by_question.items())},
         "events": {kind: len(of(kind)) for kind in ("answer", "pause", "barge_in", "delegation", "noise")},
     }
 
