@@ -29,7 +29,7 @@ import os
 import random
 import re
 import wave
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field, replace
@@ -108,7 +108,7 @@ class Event:
     expected_text: str = ""  # the answer's words, for accuracy checks
     model_start_s: float | None = None  # when the model's reply starts in this conversation
     user_start_s: float | None = None  # when the user's question began (the model is quiet from here)
-    question: str = ""  # an answer's question kind ("after", "small_sum", ...), to score skills apart
+    question: str = ""  # an answer's kind of question ("after", "small_sum", ...), to score skills apart
 
 
 @dataclass
@@ -283,7 +283,7 @@ class _Builder:
         pause = self.rng.uniform(0.4, 1.0)
         begin, end = self.user_says(parts, pauses_s=[pause])
         turn = self.reply_turn(end)
-        self.events.append(Event("pause", end, NUMBER_WORDS[n + 1], turn * 0.2, begin, "after"))
+        self.events.append(Event("pause", end, NUMBER_WORDS[n + 1], turn * 0.2, begin))
         self.model_says(f"{NUMBER_WORDS[n + 1]}.", turn)
         self.cursor += self.rng.uniform(0.6, 1.5)
 
@@ -395,9 +395,14 @@ def make_delegation_drill(seed: int, duration_s: float = 24.0) -> Conversation:
     ordinary one has 0.8. A training supplement (``microturn train --drills``)
     for the one skill the mix teaches least often — copying the result's digits."""
     builder = _Builder(seed + DRILL_SEED_OFFSET, False, duration_s)
-    while builder.fits(8.0):
+    return _back_to_back(builder, seed, 8.0, lambda: builder.delegation(result_wait=(1, 4)))
+
+
+def _back_to_back(builder: _Builder, seed: int, room_s: float, scenario: Callable[[], None]) -> Conversation:
+    """A drill: ``scenario`` again and again while ``room_s`` seconds are left and it fits."""
+    while builder.fits(room_s):
         before = builder.cursor
-        builder.delegation(result_wait=(1, 4))
+        scenario()
         if builder.cursor == before:
             break
     return builder.finish(seed)
@@ -413,12 +418,8 @@ def make_answer_drill(seed: int, duration_s: float = 24.0) -> Conversation:
     teaches least: a sum of two heard numbers, which V8 wrote right 1 time in 36
     (docs/eval.md, session 29)."""
     builder = _Builder(seed + ANSWER_DRILL_SEED_OFFSET, False, duration_s)
-    while builder.fits(4.0):
-        before = builder.cursor
-        builder.question_and_answer(builder.rng.choice(["small_sum", "small_sum", "small_sum", "after"]))
-        if builder.cursor == before:
-            break
-    return builder.finish(seed)
+    return _back_to_back(builder, seed, 4.0, lambda: builder.question_and_answer(
+        builder.rng.choice(["small_sum", "small_sum", "small_sum", "after"])))
 
 
 DRILLS = {"delegation": make_delegation_drill, "answer": make_answer_drill}

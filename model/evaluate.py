@@ -166,7 +166,7 @@ def score(conversation: Conversation, timeline: Timeline) -> list[dict[str, obje
             record.update(_reply(event, timeline))
         if event.kind in ("answer", "pause") and event.expected_text in NUMBER_WORDS:
             record["heard"] = _heard(event, timeline)
-            record["question"] = "pause" if event.kind == "pause" else event.question
+            record["question"] = event.question or event.kind  # a pause's question is its own kind
         if event.kind == "barge_in":
             record.update(_stop(event, timeline))
         if event.kind == "delegation":
