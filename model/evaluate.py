@@ -232,10 +232,11 @@ def aggregate(records: list[dict[str, object]]) -> dict[str, object]:
 
     answers = of("answer")
     latencies = [r["latency_s"] for r in answers if r["latency_s"] is not None]
-    heard = [r["heard"] for r in records if r.get("heard") is not None]
+    heard: list[dict[str, object]] = []
     by_question: dict[str, list[dict[str, object]]] = {}
     for r in records:
         if r.get("heard") is not None:
+            heard.append(r["heard"])
             by_question.setdefault(r["question"], []).append(r["heard"])
     stops = [r["stop_latency_s"] for r in of("barge_in")]
     stops_known = sorted(s if s is not None else float("inf") for s in stops)

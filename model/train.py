@@ -380,15 +380,14 @@ def train(args: argparse.Namespace) -> list[float]:
             group.setdefault("lr_scale", 1.0)  # a state saved before the groups had a scale
         step = state["step"]
 
-    seeds = list(range(args.first_seed, args.first_seed + args.conversations))
     cache = Path(args.cache) if args.cache else None
     if distributed and rank != 0 and cache is not None:
         dist.barrier()  # rank 0 generates and caches; the others then read the cache
-    examples = load_examples(seeds, config, cache, args.workers)
-    drill_seeds = list(range(args.first_drill, args.first_drill + args.drills))
-    examples += load_examples(drill_seeds, config, cache, args.workers, drill="delegation")
-    answer_drill_seeds = list(range(args.first_answer_drill, args.first_answer_drill + args.answer_drills))
-    examples += load_examples(answer_drill_seeds, config, cache, args.workers, drill="answer")
+    examples: list[Example] = []
+    for drill, first, count in ((None, args.first_seed, args.conversations),
+                                ("delegation", args.first_drill, args.drills),
+                                ("answer", args.first_answer_drill, args.answer_drills)):
+        examples += load_examples(list(range(first, first + count)), config, cache, args.workers, drill=drill)
     if distributed and rank == 0 and cache is not None:
         dist.barrier()
     if args.recordings:  # served sessions (docs/recording.md); every rank reads them itself
