@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from model.arguments import write_threshold
-from model.attention import XFORMERS_OPS_USED
+from model.attention import XFORMERS_OPS_USED, xformers_unusable
 from model.config import preset
 from model.interaction import InteractionModel
 from model.interface import TURN_SAMPLES, TurnInput
@@ -126,6 +126,8 @@ def run(preset_name: str = "tiny", repeats: int = 5, context_s: float = 60.0,
         del sdpa
         results["sdpa_step_ms_by_sessions"] = sdpa_ms
         results["sdpa_over_xformers_step_ratio"] = {n: round(sdpa_ms[n] / step_ms[n], 2) for n in step_ms}
+    elif engine.device.type == "cuda":  # say why there is no comparison (a wheel for another torch, say)
+        results["xformers_unusable"] = xformers_unusable()
     results["batch32_throughput_ratio"] = round(32 * step_ms["1"] / step_ms["32"], 2) if "32" in step_ms else None
 
     # Streaming a micro-turn at 2 minutes of context vs recomputing those 2 minutes.

@@ -23,6 +23,8 @@ Two backends behind one rule, chosen at run time (``choose_backend``):
 from __future__ import annotations
 
 import functools
+import importlib.util
+import logging
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -33,18 +35,43 @@ import torch.nn.functional as F
 from model.config import ModelConfig
 
 BACKENDS = ("sdpa", "xformers")
+logger = logging.getLogger(__name__)
 
 
 @functools.cache
 def xformers_ops() -> Any | None:
     """``xformers.ops`` when it is installed and usable (it has CUDA kernels only), else None."""
-    if not torch.cuda.is_available():
-        return None
-    try:
-        import xformers.ops
-    except ImportError:
-        return None
+    return None if xformers_unusable() else _import_xformers_ops()
+
+
+def _import_xformers_ops() -> Any:
+    import xformers.ops
+
     return xformers.ops
+
+
+@functools.cache
+def xformers_unusable() -> str | None:
+    """Why xformers cannot run attention here, or None when it can. Importable is not
+    enough: a wheel built for another torch or CUDA imports, warns, and then has no
+    kernel for any input (xformers 0.0.35, built for torch 2.10 + CUDA 12.8, under
+    torch 2.11 + CUDA 13 on a lent H200: docs/training.md). So one tiny attention runs."""
+    if not torch.cuda.is_available():
+        return "no CUDA device (xformers has CUDA kernels only)"
+    try:
+        ops = _import_xformers_ops()
+    except ImportError:
+        return "xformers is not installed (pip install microturn[gpu])"
+    try:
+        q = torch.zeros(1, 8, 1, 64, device="cuda", dtype=torch.bfloat16)
+        ops.memory_efficient_attention_forward(q, q, q)
+    except Exception as error:  # noqa: BLE001 - any failure here means "use SDPA"
+        import xformers
+
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        return (f"xformers {xformers.__version__} has no working CUDA kernel under torch {torch.__version__} "
+                f"({first_line}; `python -m xformers.info` shows what it was built for)")
+    return None
 
 
 def choose_backend(device: torch.device, requested: str | None = None) -> str:
@@ -55,9 +82,12 @@ def choose_backend(device: torch.device, requested: str | None = None) -> str:
     if requested is not None and requested not in BACKENDS:
         raise ValueError(f"unknown attention backend {requested!r}; choose from {BACKENDS}")
     if requested == "xformers" and (device.type != "cuda" or xformers_ops() is None):
-        raise RuntimeError("the xformers backend needs a CUDA device and the 'gpu' extra (pip install microturn[gpu])")
+        raise RuntimeError("the xformers backend needs a CUDA device and the 'gpu' extra (pip install microturn[gpu]): "
+                           + (xformers_unusable() or f"not on {device.type}"))
     if requested:
         return requested
+    if device.type == "cuda" and xformers_ops() is None and importlib.util.find_spec("xformers") is not None:
+        logger.warning("attention: SDPA, not xformers: %s", xformers_unusable())
     return "xformers" if device.type == "cuda" and xformers_ops() is not None else "sdpa"
 
 

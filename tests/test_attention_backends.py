@@ -13,7 +13,7 @@ import importlib.util
 import pytest
 import torch
 
-from model.attention import choose_backend, visibility, xformers_ops
+from model.attention import choose_backend, visibility, xformers_ops, xformers_unusable
 from model.config import preset
 from model.kv import KVPool
 from model.transformer import PackedPlan, Segment, StreamBatch, Transformer, pad_rows
@@ -24,13 +24,13 @@ HAS_XFORMERS = importlib.util.find_spec("xformers") is not None
 needs_xformers = pytest.mark.skipif(not HAS_XFORMERS, reason="xformers (the 'gpu' extra) is not installed")
 needs_cuda_xformers = pytest.mark.skipif(
     not (torch.cuda.is_available() and HAS_XFORMERS and xformers_ops() is not None),
-    reason="needs a CUDA GPU and the 'gpu' extra (xformers has no CPU kernels)")
+    reason=f"needs a CUDA GPU and a working 'gpu' extra: {xformers_unusable()}")
 
 
 def test_the_backend_is_chosen_at_run_time_and_a_wrong_request_is_an_error(monkeypatch):
     monkeypatch.delenv("MICROTURN_ATTENTION", raising=False)
     assert choose_backend(torch.device("cpu")) == "sdpa"
-    with pytest.raises(RuntimeError, match="CUDA device and the 'gpu' extra"):
+    with pytest.raises(RuntimeError, match="CUDA device and the .gpu. extra.*no CUDA device"):
         choose_backend(torch.device("cpu"), "xformers")
     monkeypatch.setenv("MICROTURN_ATTENTION", "flash")
     with pytest.raises(ValueError, match="unknown attention backend"):
