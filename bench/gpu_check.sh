@@ -1,24 +1,35 @@
 #!/usr/bin/env bash
-# Everything here that needs a CUDA GPU, as one call on a lent GPU machine (~5 minutes):
-# the xformers/CUDA tests, `bench model` on CUDA (xformers against SDPA in one process),
-# and bf16 training of the tiny preset from carried conversations. It needs only
-# PyTorch there: the xformers wheel travels in .whl, the conversations in .gpu/cache
-# (training from a full cache imports neither PyAV nor espeak-ng; tests/test_train.py).
+# Everything here that needs a CUDA GPU, as one call on a lent GPU machine (~9 minutes):
+#   1. conversations generated there, on its CPU cores, for DATA_MINUTES (background);
+#   2. meanwhile the xformers/CUDA tests and `bench model` on CUDA (xformers against SDPA);
+#   3. then `tiny` and `small` trained from scratch side by side on that data, bf16
+#      autocast, for TRAIN_MINUTES each: one GPU, the same data, the same wall time;
+#   4. both checkpoints packed as bf16 in tar parts of at most 15 MB for the trip back,
+#      the logs in logs.tar (5 files: a call brings back at most 8, 64 MiB in all).
+# The machine has PyTorch, numpy and safetensors but not PyAV, espeak-ng or xformers:
+# those travel as wheels in .whl. The shipped weights stay behind (the wheels and the
+# repository with them would pass the 64 MiB a call may carry; nothing here needs them).
 #
-# Prepared here, once (~1 minute; .whl ~3 MB, .gpu ~13 MB, the repository ~26 MB):
-#   echo /.whl/ >> .git/info/exclude; echo /.gpu/ >> .git/info/exclude
+# Prepared here, once (~1 minute; .whl ~49 MB):
+#   echo /.whl/ >> .git/info/exclude
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-#       --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d .whl xformers==0.0.35
-#   name=$(.venv/bin/python -c 'from model.train import CACHE_NAME; print(CACHE_NAME)')  # data version's cache
-#   mkdir -p .gpu/cache/$name && cp .cache/conversations/$name/290{00..39}.pt .gpu/cache/$name/
-# Then: device run, command "bash bench/gpu_check.sh", carry [".whl", ".gpu"], timeout_s 540.
+#       --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+#       -d .whl xformers==0.0.35 av==18.1.0 espeakng-loader==0.2.4
+#   mv checkpoints/tiny/model.safetensors /tmp/   # for the call only; put it back after
+# Then: device run, command "bash bench/gpu_check.sh", carry [".whl"], timeout_s 570.
+# Back here: cat tiny.tar.* | tar x -C DIR (likewise small), then `microturn eval --checkpoint DIR/tiny`.
+# The numbers of the first such run, and their commands: docs/training.md, "On a lent GPU".
 # Results land in $OUT (a plain run here writes them to /tmp/gpu_check; with no GPU the
 # CUDA tests skip and the rest runs on the CPU, which checks the plumbing: tests/test_train.py
-# runs it so, smaller, through CACHE, CONVERSATIONS, REPEATS and TRAIN_STEPS).
+# runs it so, in seconds, through the upper-case settings below).
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu_check}
-mkdir -p "$OUT"
+WORK=${WORK:-/tmp/gpu_work}  # the cache and the checkpoints at full size: not brought back
+mkdir -p "$OUT" "$WORK"
 PYTHON=${PYTHON:-python3}
+DATA_MINUTES=${DATA_MINUTES:-2.5} WORKERS=${WORKERS:-14} DRILLS=${DRILLS:-300}
+TRAIN_MINUTES=${TRAIN_MINUTES:-4.2} BATCH=${BATCH:-32} REPEATS=${REPEATS:-15} PRESETS=${PRESETS:-tiny small}
+FIRST_SEED=40000  # conversations no shipped model has seen (V8's reach 29,999)
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 if compgen -G ".whl/*.whl" > /dev/null; then
     "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
@@ -26,28 +37,69 @@ if compgen -G ".whl/*.whl" > /dev/null; then
 fi
 DEVICE=$("$PYTHON" -c "import torch; print('cuda' if torch.cuda.is_available() else 'cpu')")
 { nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv 2>/dev/null
+  nproc
   "$PYTHON" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
-  "$PYTHON" -c "import xformers; print('xformers', xformers.__version__)" 2>&1 | tail -1; } | tee "$OUT/versions.txt"
+  "$PYTHON" -c "import xformers; print('xformers', xformers.__version__)" 2>&1 | tail -1
+  "$PYTHON" -c "import av; print('av', av.__version__)" 2>&1 | tail -1; } | tee "$OUT/versions.txt"
 
 step() { echo "== $1 ($(date +%T))"; }
 status=0
 
+step "data: conversations from seed $FIRST_SEED for $DATA_MINUTES min on $WORKERS processes, then $DRILLS drills"
+"$PYTHON" -m model.train --out "$WORK/data" --steps 0 --cache "$WORK/cache" --conversations 100000 \
+    --first-seed "$FIRST_SEED" --drills "$DRILLS" --first-drill 4000 --workers "$WORKERS" \
+    --data-minutes "$DATA_MINUTES" > "$OUT/data.log" 2>&1 &
+data=$!
+
 # The repository's conftest starts servers (aiortc, starlette: not there); these tests need none.
 step "CUDA and xformers tests"
-"$PYTHON" -m pytest --noconftest -q -rs -p no:cacheprovider tests/test_attention_backends.py 2>&1 \
+timeout 120 "$PYTHON" -m pytest --noconftest -q -rs -p no:cacheprovider tests/test_attention_backends.py 2>&1 \
     | tee "$OUT/tests.log" || status=1
 
-step "bench model on $DEVICE"
-"$PYTHON" -m bench.model --json --repeats "${REPEATS:-15}" --device "$DEVICE" > "$OUT/bench_model.json" || status=1
+step "bench model on $DEVICE (the data generation shares the CPU)"
+timeout 150 "$PYTHON" -m bench.model --json --repeats "$REPEATS" --device "$DEVICE" > "$OUT/bench_model.json" || status=1
 cat "$OUT/bench_model.json"
 
-# bf16 autocast on CUDA; the same batches on the CPU for the plumbing. 40 conversations
-# are enough to read throughput and see the loss fall; they are not a training set.
-step "train tiny on $DEVICE (${TRAIN_STEPS:=300} steps)"
-"$PYTHON" -m model.train --out "$OUT/train" --cache "${CACHE:-.gpu/cache}" --conversations "${CONVERSATIONS:-40}" \
-    --first-seed 29000 --steps "$TRAIN_STEPS" --batch 16 --turns 80 --warmup 20 --save-every "$TRAIN_STEPS" --seed 0 2>&1 \
-    | tr '\r' '\n' > "$OUT/train.log" || status=1
-grep "step " "$OUT/train.log" | awk 'NR == 1 || NR % 50 == 0'; tail -1 "$OUT/train.log"
-rm -rf "$OUT/train"  # a throughput check's weights: not worth bringing back
+wait "$data" || status=1
+cat "$OUT/data.log"
+cache="$WORK/cache/$("$PYTHON" -c 'from model.train import CACHE_NAME; print(CACHE_NAME)')"
+made=$(find "$cache" -name '[0-9]*.pt' | wc -l)
+conversations=0  # the seeds from the first that are all there (as the training will read them)
+while [ -f "$cache/$((FIRST_SEED + conversations)).pt" ]; do conversations=$((conversations + 1)); done
+step "train ${PRESETS// /, } side by side on $conversations conversations ($made cached) + $DRILLS drills, $TRAIN_MINUTES min each"
+for preset in $PRESETS; do
+    lr=2e-3; [ "$preset" = tiny ] || lr=1e-3  # the wider model at half tiny's rate
+    "$PYTHON" -m model.train --out "$WORK/$preset" --preset "$preset" --cache "$WORK/cache" \
+        --conversations "$conversations" --first-seed "$FIRST_SEED" --drills "$DRILLS" --first-drill 4000 \
+        --steps 1000000 --minutes "$TRAIN_MINUTES" --batch "$BATCH" --turns 80 --lr "$lr" --warmup 100 \
+        --save-every 1000000 --seed 0 --listen-weight 0.25 --text-weight 3 --speech-weight 2 2>&1 \
+        | tr '\r' '\n' > "$OUT/train-$preset.log" &
+done
+wait || status=1
+for preset in $PRESETS; do
+    echo "-- $preset"; grep "step " "$OUT/train-$preset.log" | awk 'NR == 1 || NR % 20 == 0'; tail -1 "$OUT/train-$preset.log"
+done
+
+step "pack the checkpoints as bf16 (loaded back as float32 by load_checkpoint)"
+for preset in $PRESETS; do
+    "$PYTHON" - "$WORK/$preset" <<'EOF' || status=1
+import sys
+import torch
+from safetensors.torch import save_file
+from model.weights import CONFIG_FILE, WEIGHTS_FILE, load_checkpoint
+directory = sys.argv[1]
+model = load_checkpoint(directory)
+buffers = {name for name, _ in model.named_buffers()}  # routing biases and such stay float32
+state = {name: (t.to(torch.bfloat16) if t.is_floating_point() and name not in buffers else t).contiguous()
+         for name, t in model.state_dict().items()}
+save_file(state, f"{directory}/{WEIGHTS_FILE}", metadata={"config": model.config.to_json()})
+print(directory, sum(t.numel() for t in state.values()), "values")
+EOF
+    tar -C "$WORK" -c "$preset/model.safetensors" "$preset/config.json" | split -b 15M -d - "$OUT/$preset.tar." || status=1
+done
+# A call brings back at most 8 files: the logs go as one.
+(cd "$OUT" && tar -cf logs.tar versions.txt tests.log bench_model.json data.log train-*.log \
+    && rm versions.txt tests.log bench_model.json data.log train-*.log) || status=1
+ls -l "$OUT"
 step "done: status $status"
 exit $status

@@ -134,6 +134,19 @@ PRESETS: dict[str, ModelConfig] = {
     # Trains and serves on 2 CPU cores: 6.1M parameters, 3.5M active per token (+0.2M
     # on audio tokens: the encoder, added in session 15 as the shipped checkpoint has it).
     "tiny": ModelConfig(preset="tiny", audio_encoder_layers=2),
+    # The capacity step between them, trained in minutes on one GPU and still evaluated
+    # on the CPU: twice tiny's width, six blocks; 22.0M parameters (docs/training.md).
+    "small": ModelConfig(
+        preset="small",
+        d_model=256,
+        n_layers=6,
+        n_heads=8,
+        n_kv_heads=2,
+        expert_hidden=384,
+        shared_hidden=384,
+        audio_encoder_layers=2,
+        audio_encoder_hidden=384,
+    ),
     # Sized for one H100: 569M parameters, 267M active per token.
     "gpu": ModelConfig(
         preset="gpu",

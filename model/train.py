@@ -93,9 +93,11 @@ _CACHE_PREFIX = {None: "", "delegation": "drill-", "answer": "answer-drill-"}
 
 
 def load_examples(seeds: list[int], config: ModelConfig, cache: Path | None, workers: int = 2,
-                  drill: str | None = None) -> list[Example]:
+                  drill: str | None = None, deadline: float | None = None) -> list[Example]:
     """Examples for ``seeds`` (``drill``: that kind of drill, see ``conversations.DRILLS``),
-    generating (in parallel) only what the cache lacks."""
+    generating (in parallel) only what the cache lacks. Past ``deadline`` (a
+    ``time.monotonic()`` reading) no new batch is started, and what comes back is the
+    longest run of ``seeds`` from the first that is ready (a lease of minutes)."""
     examples: dict[int, Example] = {}
     missing = []
     cache = cache / CACHE_NAME if cache else None
@@ -107,17 +109,27 @@ def load_examples(seeds: list[int], config: ModelConfig, cache: Path | None, wor
         else:
             missing.append(seed)
     for start in range(0, len(missing), 64):
+        if deadline is not None and time.monotonic() > deadline:
+            break
         batch = missing[start : start + 64]
         for seed, conversation in zip(batch, generate(batch, workers=workers, drill=drill), strict=True):
             example = to_example(conversation, config)
             examples[seed] = example
             if cache is not None:
                 cache.mkdir(parents=True, exist_ok=True)
-                torch.save(example.__dict__, cache / f"{prefix}{seed}.pt")
+                # Written whole, then renamed: a run killed mid-write leaves no torn file.
+                partial = cache / f"{prefix}{seed}.pt.partial"
+                torch.save(example.__dict__, partial)
+                os.replace(partial, cache / f"{prefix}{seed}.pt")
         # The batch's audio is freed now; without the trim glibc kept it (2,100
         # conversations reached 24 GB RSS; a 320-conversation test holds ~0.3 GB + examples).
         release_freed_memory()
-    return [examples[seed] for seed in seeds]
+    ready = []
+    for seed in seeds:
+        if seed not in examples:
+            break
+        ready.append(examples[seed])
+    return ready
 
 
 def crop(example: Example, turns: int, rng: random.Random) -> Example:
@@ -277,6 +289,15 @@ def average_gradients(model: torch.nn.Module) -> None:
         offset += grad.numel()
 
 
+def broadcast_int(value: int, distributed: bool, device: torch.device) -> int:
+    """Rank 0's ``value`` on every rank (a run's end decided by one clock, not several)."""
+    if not distributed:
+        return value
+    tensor = torch.tensor([value], dtype=torch.int64, device=device)
+    dist.broadcast(tensor, src=0)
+    return int(tensor.item())
+
+
 def check_replicas_agree(model: torch.nn.Module) -> None:
     """Every rank must end with the same weights and buffers (the experts' routing
     biases); if not, gradients or loads were not shared."""
@@ -287,6 +308,15 @@ def check_replicas_agree(model: torch.nn.Module) -> None:
     dist.all_reduce(high, op=dist.ReduceOp.MAX)
     if not torch.equal(low, high):
         raise RuntimeError(f"data-parallel replicas diverged: weight checksums {low.item()} .. {high.item()}")
+
+
+def planned_steps(step: int, steps: int, first_step: int, elapsed_s: float, budget_s: float) -> int:
+    """The step this run will end at: ``steps``, or with a time budget (``--minutes``)
+    the step the rate so far reaches by then, so the cosine decay ends with the time."""
+    if not budget_s or step == first_step:
+        return steps
+    reached = first_step + round((step - first_step) * budget_s / max(elapsed_s, 1e-6))
+    return max(step, min(steps, reached))
 
 
 def learning_rate(step: int, total: int, peak: float, warmup: int) -> float:
@@ -384,16 +414,27 @@ def train(args: argparse.Namespace) -> list[float]:
     if distributed and rank != 0 and cache is not None:
         dist.barrier()  # rank 0 generates and caches; the others then read the cache
     examples: list[Example] = []
+    # --data-minutes bounds the conversations only: the drills are few and always made.
+    deadline = time.monotonic() + 60 * args.data_minutes if args.data_minutes else None
     for drill, first, count in ((None, args.first_seed, args.conversations),
                                 ("delegation", args.first_drill, args.drills),
                                 ("answer", args.first_answer_drill, args.answer_drills)):
-        examples += load_examples(list(range(first, first + count)), config, cache, args.workers, drill=drill)
+        loaded = load_examples(list(range(first, first + count)), config, cache, args.workers, drill=drill,
+                               deadline=deadline if drill is None else None)
+        if rank == 0 and len(loaded) < count:
+            print(f"data: {len(loaded)} of {count} conversations made by --data-minutes {args.data_minutes:g} "
+                  f"(seeds {first}–{first + len(loaded) - 1})", file=sys.stderr)
+        examples += loaded
     if distributed and rank == 0 and cache is not None:
         dist.barrier()
     if args.recordings:  # served sessions (docs/recording.md); every rank reads them itself
         from model.recordings import load_recording_examples
 
         examples += load_recording_examples(args.recordings, config, args.turns)
+    if args.steps == 0:  # --steps 0: the data is made and cached; nothing to train
+        if distributed:
+            dist.destroy_process_group()
+        return []
     if not examples:
         raise SystemExit("no training examples: --conversations is 0 and no usable --recordings")
     torch.manual_seed(args.seed * 1000 + rank + step)  # history noise differs by rank
@@ -402,7 +443,8 @@ def train(args: argparse.Namespace) -> list[float]:
     started, last_report, first_step = time.monotonic(), time.monotonic(), step
     losses: list[float] = []
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
-    while step < args.steps:
+    budget_s, total = 60 * args.minutes, args.steps
+    while step < total:
         batch = [crop(rng.choice(examples), args.turns, rng) for _ in range(args.batch)]
         if args.user_mask_bands or args.user_jitter:
             batch = [replace(e, user_bins=mask_user_bins(e.user_bins, args.user_mask_bands, args.user_mask_width,
@@ -410,7 +452,7 @@ def train(args: argparse.Namespace) -> list[float]:
         batch = [Example(*(t.to(device) for t in (e.user_bins, e.model_bins, e.text_in, e.text_out)), e.user_words)
                  for e in batch]
         for group in optimizer.param_groups:
-            group["lr"] = group["lr_scale"] * learning_rate(step, args.steps, args.lr, args.warmup)
+            group["lr"] = group["lr_scale"] * learning_rate(step, total, args.lr, args.warmup)
         with autocast:
             if args.listen_probe:
                 loss, parts = listen_probe_loss(model, batch)
@@ -428,14 +470,16 @@ def train(args: argparse.Namespace) -> list[float]:
         losses.append(parts["loss"])
         step += 1
         now = time.monotonic()
-        if rank == 0 and (now - last_report > 2 or step == args.steps):
+        if budget_s:  # every rank must agree on when to stop: rank 0's clock decides
+            total = broadcast_int(planned_steps(step, args.steps, first_step, now - started, budget_s), distributed, device)
+        if rank == 0 and (now - last_report > 2 or step == total):
             rate = tokens_per_step * (step - first_step) / max(now - started, 1e-6)
-            bar = "#" * int(30 * step / args.steps)
+            bar = "#" * int(30 * step / total)
             named = ", ".join(f"{name} {value:.3f}" for name, value in parts.items() if name != "loss")
-            print(f"\r[{bar:30s}] step {step}/{args.steps}  loss {parts['loss']:.3f} ({named})  "
+            print(f"\r[{bar:30s}] step {step}/{total}  loss {parts['loss']:.3f} ({named})  "
                   f"{rate:,.0f} tokens/s", end="", file=sys.stderr, flush=True)
             last_report = now
-        if rank == 0 and (step % args.save_every == 0 or step == args.steps):
+        if rank == 0 and (step % args.save_every == 0 or step == total):
             save(model, optimizer, step, out, new_blocks)
     if rank == 0:
         print(file=sys.stderr)
@@ -473,7 +517,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", required=True, help="checkpoint directory")
     parser.add_argument("--preset", default="tiny")
     parser.add_argument("--audio-head", choices=["classify", "flow"], default="classify")
-    parser.add_argument("--steps", type=at_least(1), default=2000)
+    parser.add_argument("--steps", type=at_least(0), default=2000,
+                        help="optimiser steps (0: make and cache the data, train nothing)")
+    parser.add_argument("--minutes", type=between(0), default=0.0,
+                        help="stop after this many minutes of training, the schedule fitted to them (0: off)")
+    parser.add_argument("--data-minutes", type=between(0), default=0.0,
+                        help="generate conversations for at most this long; train on the seeds made (0: off)")
     parser.add_argument("--batch", type=at_least(1), default=8)
     parser.add_argument("--turns", type=at_least(1), default=40, help="micro-turns per training window (8 s)")
     parser.add_argument("--lr", type=positive, default=2e-3)

@@ -273,22 +273,78 @@ def test_training_from_a_full_cache_needs_no_media_libraries(tmp_path):
 
 def test_the_prepared_gpu_check_runs_here_without_a_gpu(tmp_path):
     """bench/gpu_check.sh is for a GPU lease of minutes, so its plumbing is checked
-    here: without CUDA its CUDA tests skip and the bench and the training run on the CPU."""
+    here: without CUDA its CUDA tests skip, the bench and both trainings run on the
+    CPU, and what comes back (at most 8 files) unpacks into checkpoints that load."""
+    import tarfile
     from pathlib import Path
 
     from model.train import load_examples
+    from model.weights import load_checkpoint
 
-    load_examples([29000, 29001], preset("tiny"), tmp_path / "cache")
+    # Two conversations cached where the script starts; a deadline already past makes no more.
+    load_examples([40000, 40001], preset("tiny"), tmp_path / "work" / "cache")
     repository = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "OUT": str(tmp_path / "out"), "PYTHON": sys.executable, "CACHE": str(tmp_path / "cache"),
-           "CONVERSATIONS": "2", "REPEATS": "1", "TRAIN_STEPS": "2"}
+    env = {**os.environ, "OUT": str(tmp_path / "out"), "WORK": str(tmp_path / "work"), "PYTHON": sys.executable,
+           "DATA_MINUTES": "0.0001", "WORKERS": "1", "DRILLS": "0", "TRAIN_MINUTES": "0.05", "BATCH": "2",
+           "REPEATS": "1"}
     run = subprocess.run(["bash", str(repository / "bench" / "gpu_check.sh")], cwd=repository, env=env,
                          capture_output=True, text=True, timeout=240, check=False)
     assert run.returncode == 0, (run.stdout + run.stderr)[-3000:]
-    assert "done: status 0" in run.stdout
-    tests = (tmp_path / "out" / "tests.log").read_text()
+    assert "done: status 0" in run.stdout and "on 2 conversations (2 cached)" in run.stdout
+    out = tmp_path / "out"
+    assert len(list(out.iterdir())) <= 8
+    with tarfile.open(out / "logs.tar") as logs:
+        logs.extractall(tmp_path / "logs", filter="data")
+    tests = (tmp_path / "logs" / "tests.log").read_text()
     assert " passed" in tests and "failed" not in tests, tests
-    bench = json.loads((tmp_path / "out" / "bench_model.json").read_text())
+    bench = json.loads((tmp_path / "logs" / "bench_model.json").read_text())
     assert bench["device"] == "cpu" and set(bench["step_ms_by_sessions"]) == {"1", "8", "32", "64"}
-    assert "step 2/2" in (tmp_path / "out" / "train.log").read_text()
-    assert not (tmp_path / "out" / "train").exists()
+    assert "of 100000 conversations made by --data-minutes" in (tmp_path / "logs" / "data.log").read_text()
+    for name, parameters in (("tiny", 6_060_702), ("small", 22_033_390)):
+        assert "step " in (tmp_path / "logs" / f"train-{name}.log").read_text()
+        parts = sorted(out.glob(f"{name}.tar.*"))
+        assert parts and all(part.stat().st_size <= 15 * 2**20 for part in parts)
+        packed = tmp_path / f"{name}.tar"
+        packed.write_bytes(b"".join(part.read_bytes() for part in parts))
+        with tarfile.open(packed) as archive:
+            archive.extractall(tmp_path / "back", filter="data")
+        model = load_checkpoint(tmp_path / "back" / name)  # bf16 on disk, float32 once loaded
+        assert model.config.preset == name and sum(p.numel() for p in model.state_dict().values()) == parameters
+        assert all(p.dtype == torch.float32 for p in model.parameters())
+
+def test_a_time_budget_fits_the_schedule_to_the_steps_it_will_reach():
+    from model.train import learning_rate, planned_steps
+
+    assert planned_steps(0, 1000, 0, 0.0, 60.0) == 1000  # no rate yet: the step limit
+    assert planned_steps(10, 1000, 0, 6.0, 60.0) == 100  # 10 steps in 6 s of 60
+    assert planned_steps(10, 50, 0, 6.0, 60.0) == 50  # --steps still caps it
+    assert planned_steps(110, 1000, 100, 6.0, 60.0) == 200  # a resumed run counts its own steps
+    assert planned_steps(10, 1000, 0, 61.0, 60.0) == 10  # out of time: this step is the last
+    assert planned_steps(10, 1000, 0, 6.0, 0.0) == 1000  # no budget
+    assert learning_rate(99, planned_steps(99, 10**6, 0, 59.4, 60.0), 1e-3, 10) == pytest.approx(1e-4, rel=0.01)
+
+
+def test_a_data_deadline_trains_on_the_seeds_made_from_the_first(tmp_path):
+    """--data-minutes: past the deadline nothing new is generated, and the examples are
+    the seeds from the first that are ready, so a gap never shifts what a seed means."""
+    import time
+
+    from model.train import CACHE_NAME, load_examples
+
+    config = preset("tiny")
+    load_examples([7, 9], config, tmp_path)
+    assert not list((tmp_path / CACHE_NAME).glob("*.partial"))  # written whole, then renamed
+    past = time.monotonic() - 1
+    assert len(load_examples([7, 8, 9], config, tmp_path, deadline=past)) == 1  # 8 missing: 7 alone
+    assert load_examples([8, 9], config, tmp_path, deadline=past) == []
+    assert len(load_examples([7], config, tmp_path, deadline=past)) == 1
+    assert len(load_examples([9, 7], config, tmp_path, deadline=past)) == 2
+
+
+def test_steps_zero_makes_and_caches_the_data_and_trains_nothing(tmp_path):
+    from model.train import CACHE_NAME, main
+
+    main(["--out", str(tmp_path / "ckpt"), "--steps", "0", "--conversations", "1", "--first-seed", "5",
+          "--cache", str(tmp_path / "cache"), "--workers", "1"])
+    assert (tmp_path / "cache" / CACHE_NAME / "5.pt").exists()
+    assert not (tmp_path / "ckpt" / "model.safetensors").exists()
