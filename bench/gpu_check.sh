@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
 # Everything here that needs a CUDA GPU, as one call on a lent GPU machine (~9 minutes):
-#   1. conversations generated there, on its CPU cores, for DATA_MINUTES (background);
+#   1. drills, then conversations, generated there on its CPU cores for DATA_MINUTES,
+#      in the background all along (session 31 measured ~13 conversations/s on 14);
 #   2. meanwhile the xformers/CUDA tests and `bench model` on CUDA (xformers against SDPA);
-#   3. then `tiny` and `small` trained from scratch side by side on that data, bf16
-#      autocast, for TRAIN_MINUTES each: one GPU, the same data, the same wall time;
-#   4. both checkpoints packed as bf16 in tar parts of at most 15 MB for the trip back,
-#      the logs in logs.tar (5 files: a call brings back at most 8, 64 MiB in all).
+#   3. from TRAIN_AFTER seconds, PRESETS (default `small`; "tiny small" trains both
+#      side by side for a same-data, same-minutes comparison, as session 31 did) trained
+#      from scratch, bf16 autocast, for TRAIN_MINUTES, taking in the conversations made
+#      meanwhile (--follow-cache), so the data grows while the GPU trains;
+#   4. the checkpoints packed as bf16 in tar parts of at most 15 MB for the trip back,
+#      the logs in logs.tar (at most 5 files: a call brings back 8, 64 MiB in all).
 # The machine has PyTorch, numpy and safetensors but not PyAV, espeak-ng or xformers:
 # those travel as wheels in .whl. The shipped weights stay behind (the wheels and the
 # repository with them would pass the 64 MiB a call may carry; nothing here needs them).
@@ -17,7 +20,7 @@
 #       -d .whl xformers==0.0.35 av==18.1.0 espeakng-loader==0.2.4
 #   mv checkpoints/tiny/model.safetensors /tmp/   # for the call only; put it back after
 # Then: device run, command "bash bench/gpu_check.sh", carry [".whl"], timeout_s 570.
-# Back here: cat tiny.tar.* | tar x -C DIR (likewise small), then `microturn eval --checkpoint DIR/tiny`.
+# Back here: cat small.tar.* | tar x -C DIR, then `microturn eval --checkpoint DIR/small`.
 # The numbers of the first such run, and their commands: docs/training.md, "On a lent GPU".
 # Results land in $OUT (a plain run here writes them to /tmp/gpu_check; with no GPU the
 # CUDA tests skip and the rest runs on the CPU, which checks the plumbing: tests/test_train.py
@@ -27,9 +30,10 @@ OUT=${OUT:-/tmp/gpu_check}
 WORK=${WORK:-/tmp/gpu_work}  # the cache and the checkpoints at full size: not brought back
 mkdir -p "$OUT" "$WORK"
 PYTHON=${PYTHON:-python3}
-DATA_MINUTES=${DATA_MINUTES:-2.5} WORKERS=${WORKERS:-14} DRILLS=${DRILLS:-300}
-TRAIN_MINUTES=${TRAIN_MINUTES:-4.2} BATCH=${BATCH:-32} REPEATS=${REPEATS:-15} PRESETS=${PRESETS:-tiny small}
+DATA_MINUTES=${DATA_MINUTES:-6.5} WORKERS=${WORKERS:-13} DRILLS=${DRILLS:-300} TRAIN_AFTER=${TRAIN_AFTER:-130}
+TRAIN_MINUTES=${TRAIN_MINUTES:-5.5} BATCH=${BATCH:-32} REPEATS=${REPEATS:-15} PRESETS=${PRESETS:-small}
 FIRST_SEED=40000  # conversations no shipped model has seen (V8's reach 29,999)
+started=$SECONDS
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 if compgen -G ".whl/*.whl" > /dev/null; then
     "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
@@ -45,10 +49,13 @@ DEVICE=$("$PYTHON" -c "import torch; print('cuda' if torch.cuda.is_available() e
 step() { echo "== $1 ($(date +%T))"; }
 status=0
 
-step "data: conversations from seed $FIRST_SEED for $DATA_MINUTES min on $WORKERS processes, then $DRILLS drills"
-"$PYTHON" -m model.train --out "$WORK/data" --steps 0 --cache "$WORK/cache" --conversations 100000 \
-    --first-seed "$FIRST_SEED" --drills "$DRILLS" --first-drill 4000 --workers "$WORKERS" \
-    --data-minutes "$DATA_MINUTES" > "$OUT/data.log" 2>&1 &
+# Made all along, on the CPU cores the training leaves idle: the drills first (few,
+# and the training reads them all at its start), then conversations until the deadline.
+step "data: $DRILLS drills, then conversations from seed $FIRST_SEED for $DATA_MINUTES min on $WORKERS processes"
+common=(--cache "$WORK/cache" --first-drill 4000 --workers "$WORKERS" --steps 0)
+{ "$PYTHON" -m model.train --out "$WORK/data" "${common[@]}" --conversations 0 --drills "$DRILLS" \
+  && "$PYTHON" -m model.train --out "$WORK/data" "${common[@]}" --conversations 100000 \
+         --first-seed "$FIRST_SEED" --data-minutes "$DATA_MINUTES"; } > "$OUT/data.log" 2>&1 &
 data=$!
 
 # The repository's conftest starts servers (aiortc, starlette: not there); these tests need none.
@@ -60,24 +67,26 @@ step "bench model on $DEVICE (the data generation shares the CPU)"
 timeout 150 "$PYTHON" -m bench.model --json --repeats "$REPEATS" --device "$DEVICE" > "$OUT/bench_model.json" || status=1
 cat "$OUT/bench_model.json"
 
-wait "$data" || status=1
-cat "$OUT/data.log"
-cache="$WORK/cache/$("$PYTHON" -c 'from model.train import CACHE_NAME; print(CACHE_NAME)')"
-made=$(find "$cache" -name '[0-9]*.pt' | wc -l)
-conversations=0  # the seeds from the first that are all there (as the training will read them)
-while [ -f "$cache/$((FIRST_SEED + conversations)).pt" ]; do conversations=$((conversations + 1)); done
-step "train ${PRESETS// /, } side by side on $conversations conversations ($made cached) + $DRILLS drills, $TRAIN_MINUTES min each"
+wait_s=$((TRAIN_AFTER - (SECONDS - started)))
+[ "$wait_s" -gt 0 ] && sleep "$wait_s"
+# Each run takes the conversations cached so far and, every 50 steps, those made since
+# (--follow-cache); the drills are all there by now (else it makes what is missing).
+step "train ${PRESETS// /, } for $TRAIN_MINUTES min each, side by side, following the data"
+trainers=()
 for preset in $PRESETS; do
     lr=2e-3; [ "$preset" = tiny ] || lr=1e-3  # the wider model at half tiny's rate
-    "$PYTHON" -m model.train --out "$WORK/$preset" --preset "$preset" --cache "$WORK/cache" \
-        --conversations "$conversations" --first-seed "$FIRST_SEED" --drills "$DRILLS" --first-drill 4000 \
+    "$PYTHON" -m model.train --out "$WORK/$preset" --preset "$preset" --cache "$WORK/cache" --follow-cache \
+        --conversations 100000 --first-seed "$FIRST_SEED" --drills "$DRILLS" --first-drill 4000 \
         --steps 1000000 --minutes "$TRAIN_MINUTES" --batch "$BATCH" --turns 80 --lr "$lr" --warmup 100 \
         --save-every 1000000 --seed 0 --listen-weight 0.25 --text-weight 3 --speech-weight 2 2>&1 \
         | tr '\r' '\n' > "$OUT/train-$preset.log" &
+    trainers+=($!)
 done
-wait || status=1
+for pid in "${trainers[@]}" "$data"; do wait "$pid" || status=1; done
+cat "$OUT/data.log"
 for preset in $PRESETS; do
-    echo "-- $preset"; grep "step " "$OUT/train-$preset.log" | awk 'NR == 1 || NR % 20 == 0'; tail -1 "$OUT/train-$preset.log"
+    echo "-- $preset"; grep "step \|data:" "$OUT/train-$preset.log" | awk 'NR == 1 || NR % 20 == 0'
+    tail -1 "$OUT/train-$preset.log"
 done
 
 step "pack the checkpoints as bf16 (loaded back as float32 by load_checkpoint)"
@@ -86,7 +95,7 @@ for preset in $PRESETS; do
 import sys
 import torch
 from safetensors.torch import save_file
-from model.weights import CONFIG_FILE, WEIGHTS_FILE, load_checkpoint
+from model.weights import WEIGHTS_FILE, load_checkpoint
 directory = sys.argv[1]
 model = load_checkpoint(directory)
 buffers = {name for name, _ in model.named_buffers()}  # routing biases and such stay float32

@@ -132,6 +132,15 @@ def load_examples(seeds: list[int], config: ModelConfig, cache: Path | None, wor
     return ready
 
 
+def cached_run(cache: Path, first: int, limit: int) -> list[Example]:
+    """The conversations cached from seed ``first`` up to the first gap (or ``limit``):
+    what a generator running beside the training has finished (``--follow-cache``)."""
+    directory, examples = cache / CACHE_NAME, []
+    while first + len(examples) < limit and (path := directory / f"{first + len(examples)}.pt").exists():
+        examples.append(Example(**torch.load(path)))
+    return examples
+
+
 def crop(example: Example, turns: int, rng: random.Random) -> Example:
     if example.turns <= turns:
         return example
@@ -411,6 +420,8 @@ def train(args: argparse.Namespace) -> list[float]:
         step = state["step"]
 
     cache = Path(args.cache) if args.cache else None
+    if args.follow_cache and (cache is None or distributed):
+        raise ValueError("--follow-cache reads conversations another process writes to --cache; one process only")
     if distributed and rank != 0 and cache is not None:
         dist.barrier()  # rank 0 generates and caches; the others then read the cache
     examples: list[Example] = []
@@ -419,11 +430,16 @@ def train(args: argparse.Namespace) -> list[float]:
     for drill, first, count in ((None, args.first_seed, args.conversations),
                                 ("delegation", args.first_drill, args.drills),
                                 ("answer", args.first_answer_drill, args.answer_drills)):
-        loaded = load_examples(list(range(first, first + count)), config, cache, args.workers, drill=drill,
-                               deadline=deadline if drill is None else None)
+        if drill is None and args.follow_cache:  # what is ready now; more joins as it is made
+            loaded = cached_run(cache, first, first + count)
+        else:
+            loaded = load_examples(list(range(first, first + count)), config, cache, args.workers, drill=drill,
+                                   deadline=deadline if drill is None else None)
         if rank == 0 and len(loaded) < count:
-            print(f"data: {len(loaded)} of {count} conversations made by --data-minutes {args.data_minutes:g} "
-                  f"(seeds {first}–{first + len(loaded) - 1})", file=sys.stderr)
+            print(f"data: {len(loaded)} of {count} conversations ready (seeds {first}–{first + len(loaded) - 1})",
+                  file=sys.stderr)
+        if drill is None:
+            following = first + len(loaded)  # --follow-cache: the next seed to look for
         examples += loaded
     if distributed and rank == 0 and cache is not None:
         dist.barrier()
@@ -445,6 +461,13 @@ def train(args: argparse.Namespace) -> list[float]:
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
     budget_s, total = 60 * args.minutes, args.steps
     while step < total:
+        if args.follow_cache and step % 50 == 0:
+            fresh = cached_run(cache, following, args.first_seed + args.conversations)
+            if fresh:
+                following += len(fresh)
+                examples += fresh
+                print(f"\ndata: +{len(fresh)} conversations at step {step}, "
+                      f"{following - args.first_seed} now", file=sys.stderr)
         batch = [crop(rng.choice(examples), args.turns, rng) for _ in range(args.batch)]
         if args.user_mask_bands or args.user_jitter:
             batch = [replace(e, user_bins=mask_user_bins(e.user_bins, args.user_mask_bands, args.user_mask_width,
@@ -556,6 +579,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--first-answer-drill", type=at_least(0), default=0, help="answer drill seeds start here")
     parser.add_argument("--recordings", action="append", default=[], metavar="DIR",
                         help="also train on every session recording under DIR (repeatable)")
+    parser.add_argument("--follow-cache", action="store_true",
+                        help="train on the conversations already in --cache and add those another "
+                             "process (--steps 0) caches meanwhile, every 50 steps; generates none")
     parser.add_argument("--first-seed", type=at_least(0), default=0)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cache", default=".cache/conversations", help="'' disables the cache")

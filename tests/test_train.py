@@ -285,23 +285,24 @@ def test_the_prepared_gpu_check_runs_here_without_a_gpu(tmp_path):
     load_examples([40000, 40001], preset("tiny"), tmp_path / "work" / "cache")
     repository = Path(__file__).resolve().parents[1]
     env = {**os.environ, "OUT": str(tmp_path / "out"), "WORK": str(tmp_path / "work"), "PYTHON": sys.executable,
-           "DATA_MINUTES": "0.0001", "WORKERS": "1", "DRILLS": "0", "TRAIN_MINUTES": "0.05", "BATCH": "2",
-           "REPEATS": "1"}
+           "DATA_MINUTES": "0.0001", "WORKERS": "1", "DRILLS": "0", "TRAIN_AFTER": "0", "TRAIN_MINUTES": "0.05",
+           "BATCH": "2", "REPEATS": "1", "PRESETS": "tiny small"}
     run = subprocess.run(["bash", str(repository / "bench" / "gpu_check.sh")], cwd=repository, env=env,
                          capture_output=True, text=True, timeout=240, check=False)
-    assert run.returncode == 0, (run.stdout + run.stderr)[-3000:]
-    assert "done: status 0" in run.stdout and "on 2 conversations (2 cached)" in run.stdout
+    report = (run.stdout + run.stderr)[-3000:]
+    assert run.returncode == 0 and "done: status 0" in run.stdout, report
     out = tmp_path / "out"
-    assert len(list(out.iterdir())) <= 8
+    assert len(list(out.iterdir())) <= 8, report
     with tarfile.open(out / "logs.tar") as logs:
         logs.extractall(tmp_path / "logs", filter="data")
     tests = (tmp_path / "logs" / "tests.log").read_text()
     assert " passed" in tests and "failed" not in tests, tests
     bench = json.loads((tmp_path / "logs" / "bench_model.json").read_text())
     assert bench["device"] == "cpu" and set(bench["step_ms_by_sessions"]) == {"1", "8", "32", "64"}
-    assert "of 100000 conversations made by --data-minutes" in (tmp_path / "logs" / "data.log").read_text()
+    assert "2 of 100000 conversations ready" in (tmp_path / "logs" / "data.log").read_text()
     for name, parameters in (("tiny", 6_060_702), ("small", 22_033_390)):
-        assert "step " in (tmp_path / "logs" / f"train-{name}.log").read_text()
+        log = (tmp_path / "logs" / f"train-{name}.log").read_text()
+        assert "2 of 100000 conversations ready" in log and "step " in log, log  # --follow-cache found both
         parts = sorted(out.glob(f"{name}.tar.*"))
         assert parts and all(part.stat().st_size <= 15 * 2**20 for part in parts)
         packed = tmp_path / f"{name}.tar"
@@ -348,3 +349,24 @@ def test_steps_zero_makes_and_caches_the_data_and_trains_nothing(tmp_path):
           "--cache", str(tmp_path / "cache"), "--workers", "1"])
     assert (tmp_path / "cache" / CACHE_NAME / "5.pt").exists()
     assert not (tmp_path / "ckpt" / "model.safetensors").exists()
+
+
+def test_following_the_cache_takes_the_seeds_ready_up_to_the_first_gap(tmp_path):
+    """--follow-cache: a generator beside the training caches conversations in any order
+    within a batch; the training takes them from the next seed on, up to a gap."""
+    from model.train import cached_run, load_examples, main
+
+    config = preset("tiny")
+    load_examples([0, 2], config, tmp_path)
+    assert len(cached_run(tmp_path, 0, 10)) == 1  # seed 1 not made yet
+    load_examples([1], config, tmp_path)
+    assert [e.turns for e in cached_run(tmp_path, 1, 10)] == [e.turns for e in load_examples([1, 2], config, tmp_path)]
+    assert len(cached_run(tmp_path, 0, 2)) == 2  # --conversations still bounds it
+    run = subprocess.run(
+        [sys.executable, "-m", "model.train", "--out", str(tmp_path / "ckpt"), "--cache", str(tmp_path),
+         "--follow-cache", "--conversations", "5", "--steps", "1", "--batch", "1", "--turns", "40"],
+        capture_output=True, text=True, timeout=120, check=False)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "3 of 5 conversations ready" in run.stderr  # and it made none of seeds 3 and 4
+    with pytest.raises(ValueError, match="one process only"):
+        main(["--out", str(tmp_path / "x"), "--cache", "", "--follow-cache", "--steps", "1"])
