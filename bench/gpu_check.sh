@@ -7,7 +7,7 @@
 #      side by side for a same-data, same-minutes comparison, as session 31 did) trained
 #      from scratch, bf16 autocast, for TRAIN_MINUTES, taking in the conversations made
 #      meanwhile (--follow-cache), so the data grows while the GPU trains;
-#   4. the checkpoints packed as bf16 in tar parts of at most 15 MB for the trip back,
+#   4. the checkpoints packed as bf16 in tar parts of at most 15 MiB for the trip back,
 #      the logs in logs.tar (at most 5 files: a call brings back 8, 64 MiB in all).
 # The machine has PyTorch, numpy and safetensors but not PyAV, espeak-ng or xformers:
 # those travel as wheels in .whl. The shipped weights stay behind (the wheels and the
@@ -35,9 +35,10 @@ TRAIN_MINUTES=${TRAIN_MINUTES:-5.5} BATCH=${BATCH:-32} REPEATS=${REPEATS:-15} PR
 FIRST_SEED=40000  # conversations no shipped model has seen (V8's reach 29,999)
 started=$SECONDS
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-if compgen -G ".whl/*.whl" > /dev/null; then
-    "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-        && export PYTHONPATH="$PYTHONPATH:/tmp/site"
+WHEELS=${WHEELS:-.whl} SITE=${SITE:-/tmp/site}  # the carried wheels, and where they are unpacked
+if compgen -G "$WHEELS/*.whl" > /dev/null; then
+    "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" "$WHEELS"/*.whl \
+        && export PYTHONPATH="$PYTHONPATH:$SITE"
 fi
 DEVICE=$("$PYTHON" -c "import torch; print('cuda' if torch.cuda.is_available() else 'cpu')")
 { nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv 2>/dev/null
@@ -50,7 +51,8 @@ step() { echo "== $1 ($(date +%T))"; }
 status=0
 
 # Made all along, on the CPU cores the training leaves idle: the drills first (few,
-# and the training reads them all at its start), then conversations until the deadline.
+# and the training reads them all at its start; ~30 s, well inside TRAIN_AFTER), then
+# conversations until the deadline.
 step "data: $DRILLS drills, then conversations from seed $FIRST_SEED for $DATA_MINUTES min on $WORKERS processes"
 common=(--cache "$WORK/cache" --first-drill 4000 --workers "$WORKERS" --steps 0)
 { "$PYTHON" -m model.train --out "$WORK/data" "${common[@]}" --conversations 0 --drills "$DRILLS" \
@@ -75,11 +77,12 @@ step "train ${PRESETS// /, } for $TRAIN_MINUTES min each, side by side, followin
 trainers=()
 for preset in $PRESETS; do
     lr=2e-3; [ "$preset" = tiny ] || lr=1e-3  # the wider model at half tiny's rate
-    "$PYTHON" -m model.train --out "$WORK/$preset" --preset "$preset" --cache "$WORK/cache" --follow-cache \
+    # In a subshell: $! is then the pipeline's status under pipefail, not tr's.
+    ( "$PYTHON" -m model.train --out "$WORK/$preset" --preset "$preset" --cache "$WORK/cache" --follow-cache \
         --conversations 100000 --first-seed "$FIRST_SEED" --drills "$DRILLS" --first-drill 4000 \
         --steps 1000000 --minutes "$TRAIN_MINUTES" --batch "$BATCH" --turns 80 --lr "$lr" --warmup 100 \
         --save-every 1000000 --seed 0 --listen-weight 0.25 --text-weight 3 --speech-weight 2 2>&1 \
-        | tr '\r' '\n' > "$OUT/train-$preset.log" &
+        | tr '\r' '\n' > "$OUT/train-$preset.log" ) &
     trainers+=($!)
 done
 for pid in "${trainers[@]}" "$data"; do wait "$pid" || status=1; done

@@ -117,8 +117,10 @@ def load_examples(seeds: list[int], config: ModelConfig, cache: Path | None, wor
             examples[seed] = example
             if cache is not None:
                 cache.mkdir(parents=True, exist_ok=True)
-                # Written whole, then renamed: a run killed mid-write leaves no torn file.
-                partial = cache / f"{prefix}{seed}.pt.partial"
+                # Written whole, then renamed: a run killed mid-write leaves no torn file, and a
+                # reader beside a writer (--follow-cache) never meets half of one. One name per
+                # writer: two processes making the same seed must not share a partial file.
+                partial = cache / f"{prefix}{seed}.pt.{os.getpid()}.partial"
                 torch.save(example.__dict__, partial)
                 os.replace(partial, cache / f"{prefix}{seed}.pt")
         # The batch's audio is freed now; without the trim glibc kept it (2,100
@@ -426,7 +428,13 @@ def train(args: argparse.Namespace) -> list[float]:
         dist.barrier()  # rank 0 generates and caches; the others then read the cache
     examples: list[Example] = []
     # --data-minutes bounds the conversations only: the drills are few and always made.
-    deadline = time.monotonic() + 60 * args.data_minutes if args.data_minutes else None
+    # Under torchrun rank 0 makes them; the others, past the barrier, take what it cached
+    # (a deadline already past) rather than make the rest on a fresh clock of their own.
+    deadline = None
+    if args.data_minutes:
+        if distributed and cache is None:
+            raise ValueError("--data-minutes under torchrun needs --cache: the ranks must train on the same seeds")
+        deadline = time.monotonic() + 60 * args.data_minutes if rank == 0 else 0.0
     for drill, first, count in ((None, args.first_seed, args.conversations),
                                 ("delegation", args.first_drill, args.drills),
                                 ("answer", args.first_answer_drill, args.answer_drills)):
@@ -436,8 +444,8 @@ def train(args: argparse.Namespace) -> list[float]:
             loaded = load_examples(list(range(first, first + count)), config, cache, args.workers, drill=drill,
                                    deadline=deadline if drill is None else None)
         if rank == 0 and len(loaded) < count:
-            print(f"data: {len(loaded)} of {count} conversations ready (seeds {first}–{first + len(loaded) - 1})",
-                  file=sys.stderr)
+            print(f"data: {len(loaded)} of {count} {drill + ' drills' if drill else 'conversations'} ready"
+                  + (f" (seeds {first}–{first + len(loaded) - 1})" if loaded else ""), file=sys.stderr)
         if drill is None:
             following = first + len(loaded)  # --follow-cache: the next seed to look for
         examples += loaded
@@ -452,7 +460,8 @@ def train(args: argparse.Namespace) -> list[float]:
             dist.destroy_process_group()
         return []
     if not examples:
-        raise SystemExit("no training examples: --conversations is 0 and no usable --recordings")
+        raise SystemExit("no training examples: no conversations (--conversations 0, or none cached yet for "
+                         "--follow-cache), no drills and no usable --recordings")
     torch.manual_seed(args.seed * 1000 + rank + step)  # history noise differs by rank
     rng = random.Random(args.seed * 1000 + step + rank)
     tokens_per_step = args.batch * args.turns * config.tokens_per_turn
@@ -545,7 +554,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--minutes", type=between(0), default=0.0,
                         help="stop after this many minutes of training, the schedule fitted to them (0: off)")
     parser.add_argument("--data-minutes", type=between(0), default=0.0,
-                        help="generate conversations for at most this long; train on the seeds made (0: off)")
+                        help="start no new batch of conversations after this many minutes; train on the "
+                             "seeds made from the first (0: off)")
     parser.add_argument("--batch", type=at_least(1), default=8)
     parser.add_argument("--turns", type=at_least(1), default=40, help="micro-turns per training window (8 s)")
     parser.add_argument("--lr", type=positive, default=2e-3)

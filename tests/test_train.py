@@ -271,6 +271,7 @@ def test_training_from_a_full_cache_needs_no_media_libraries(tmp_path):
     assert "step 2/2" in run.stderr and (tmp_path / "ckpt" / "model.safetensors").exists()
 
 
+@pytest.mark.timeout(300)  # ~60 s alone; a loaded 2-core machine has taken twice that
 def test_the_prepared_gpu_check_runs_here_without_a_gpu(tmp_path):
     """bench/gpu_check.sh is for a GPU lease of minutes, so its plumbing is checked
     here: without CUDA its CUDA tests skip, the bench and both trainings run on the
@@ -286,7 +287,8 @@ def test_the_prepared_gpu_check_runs_here_without_a_gpu(tmp_path):
     repository = Path(__file__).resolve().parents[1]
     env = {**os.environ, "OUT": str(tmp_path / "out"), "WORK": str(tmp_path / "work"), "PYTHON": sys.executable,
            "DATA_MINUTES": "0.0001", "WORKERS": "1", "DRILLS": "0", "TRAIN_AFTER": "0", "TRAIN_MINUTES": "0.05",
-           "BATCH": "2", "REPEATS": "1", "PRESETS": "tiny small"}
+           "BATCH": "2", "REPEATS": "1", "PRESETS": "tiny small",
+           "WHEELS": str(tmp_path / "no-wheels")}  # what a fresh clone has: none carried here
     run = subprocess.run(["bash", str(repository / "bench" / "gpu_check.sh")], cwd=repository, env=env,
                          capture_output=True, text=True, timeout=240, check=False)
     report = (run.stdout + run.stderr)[-3000:]
@@ -348,7 +350,7 @@ def test_steps_zero_makes_and_caches_the_data_and_trains_nothing(tmp_path):
     main(["--out", str(tmp_path / "ckpt"), "--steps", "0", "--conversations", "1", "--first-seed", "5",
           "--cache", str(tmp_path / "cache"), "--workers", "1"])
     assert (tmp_path / "cache" / CACHE_NAME / "5.pt").exists()
-    assert not (tmp_path / "ckpt" / "model.safetensors").exists()
+    assert not (tmp_path / "ckpt" / "model.safetensors").exists() and not (tmp_path / "ckpt" / "train_state.pt").exists()
 
 
 def test_following_the_cache_takes_the_seeds_ready_up_to_the_first_gap(tmp_path):
@@ -370,3 +372,32 @@ def test_following_the_cache_takes_the_seeds_ready_up_to_the_first_gap(tmp_path)
     assert "3 of 5 conversations ready" in run.stderr  # and it made none of seeds 3 and 4
     with pytest.raises(ValueError, match="one process only"):
         main(["--out", str(tmp_path / "x"), "--cache", "", "--follow-cache", "--steps", "1"])
+
+
+@pytest.mark.timeout(240)
+def test_following_the_cache_takes_in_what_arrives_while_it_trains(tmp_path):
+    """A seed cached after the run started joins it at the next check (every 50 steps)."""
+    import re
+    import shutil
+
+    from model.train import CACHE_NAME, load_examples
+
+    config = preset("tiny")
+    load_examples([0], config, tmp_path / "cache")
+    load_examples([1], config, tmp_path / "later")
+    trainer = subprocess.Popen(
+        [sys.executable, "-m", "model.train", "--out", str(tmp_path / "ckpt"), "--cache", str(tmp_path / "cache"),
+         "--follow-cache", "--conversations", "3", "--steps", "51", "--batch", "1", "--turns", "40",
+         "--save-every", "1000"], stderr=subprocess.PIPE, text=True)
+    assert trainer.stderr is not None
+    before = [trainer.stderr.readline() for _ in range(1)]  # printed before the first step (a warning may precede it)
+    while "conversations ready" not in before[-1] and before[-1] and len(before) < 20:
+        before.append(trainer.stderr.readline())
+    assert "1 of 3 conversations ready" in before[-1], before
+    # As a generator would: written beside, then renamed into place.
+    shutil.copy(tmp_path / "later" / CACHE_NAME / "1.pt", tmp_path / "cache" / CACHE_NAME / "1.pt.partial")
+    (tmp_path / "cache" / CACHE_NAME / "1.pt.partial").rename(tmp_path / "cache" / CACHE_NAME / "1.pt")
+    rest = trainer.stderr.read()
+    assert trainer.wait(timeout=200) == 0, rest[-2000:]
+    # At the check at step 0 or 50, whichever comes first after the rename.
+    assert re.search(r"\+1 conversations at step (0|50), 2 now", rest), rest[-2000:]
