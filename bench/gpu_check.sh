@@ -94,19 +94,8 @@ done
 
 step "pack the checkpoints as bf16 (loaded back as float32 by load_checkpoint)"
 for preset in $PRESETS; do
-    "$PYTHON" - "$WORK/$preset" <<'EOF' || status=1
-import sys
-import torch
-from safetensors.torch import save_file
-from model.weights import WEIGHTS_FILE, load_checkpoint
-directory = sys.argv[1]
-model = load_checkpoint(directory)
-buffers = {name for name, _ in model.named_buffers()}  # routing biases and such stay float32
-state = {name: (t.to(torch.bfloat16) if t.is_floating_point() and name not in buffers else t).contiguous()
-         for name, t in model.state_dict().items()}
-save_file(state, f"{directory}/{WEIGHTS_FILE}", metadata={"config": model.config.to_json()})
-print(directory, sum(t.numel() for t in state.values()), "values")
-EOF
+    "$PYTHON" -c "import sys, torch; from model.weights import load_checkpoint, save_checkpoint
+save_checkpoint(load_checkpoint(sys.argv[1]), sys.argv[1], torch.bfloat16)" "$WORK/$preset" || status=1
     tar -C "$WORK" -c "$preset/model.safetensors" "$preset/config.json" | split -b 15M -d - "$OUT/$preset.tar." || status=1
 done
 # A call brings back at most 8 files: the logs go as one.

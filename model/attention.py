@@ -72,7 +72,7 @@ def xformers_unusable() -> str | None:
     except Exception as error:  # noqa: BLE001 - any failure here means "use SDPA"
         import xformers
 
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
         return (f"xformers {xformers.__version__} has no working CUDA kernel under torch {torch.__version__} "
                 f"({first_line}; `python -m xformers.info` shows what it was built for)")
     return None

@@ -21,6 +21,7 @@ frequency masks in dMel terms) so hearing rests on more than one voice's details
 from __future__ import annotations
 
 import argparse
+import itertools
 import math
 import os
 import random
@@ -126,12 +127,7 @@ def load_examples(seeds: list[int], config: ModelConfig, cache: Path | None, wor
         # The batch's audio is freed now; without the trim glibc kept it (2,100
         # conversations reached 24 GB RSS; a 320-conversation test holds ~0.3 GB + examples).
         release_freed_memory()
-    ready = []
-    for seed in seeds:
-        if seed not in examples:
-            break
-        ready.append(examples[seed])
-    return ready
+    return [examples[seed] for seed in itertools.takewhile(examples.__contains__, seeds)]
 
 
 def cached_run(cache: Path, first: int, limit: int) -> list[Example]:

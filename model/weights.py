@@ -26,10 +26,15 @@ DECODING_KEYS = {"write_threshold"}
 GROWABLE = ("listen_head.", "audio_encoder.", "audio_context.", "audio_in_fine.")
 
 
-def save_checkpoint(model: InteractionModel, directory: str | Path) -> Path:
+def save_checkpoint(model: InteractionModel, directory: str | Path, dtype: torch.dtype | None = None) -> Path:
+    """``dtype`` (e.g. bf16, for a checkpoint's trip off a GPU machine) casts the floating
+    parameters; buffers such as the experts' routing biases keep their precision.
+    ``load_checkpoint`` reads either back into the model's own float32."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    state = {name: tensor.detach().contiguous().cpu() for name, tensor in model.state_dict().items()}
+    parameters = {name for name, _ in model.named_parameters()}
+    state = {name: (tensor.to(dtype) if dtype and name in parameters and tensor.is_floating_point() else tensor)
+             .detach().contiguous().cpu() for name, tensor in model.state_dict().items()}
     save_file(state, directory / WEIGHTS_FILE, metadata={"config": model.config.to_json()})
     (directory / CONFIG_FILE).write_text(model.config.to_json() + "\n")
     return directory

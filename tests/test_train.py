@@ -315,6 +315,7 @@ def test_the_prepared_gpu_check_runs_here_without_a_gpu(tmp_path):
         assert model.config.preset == name and sum(p.numel() for p in model.state_dict().values()) == parameters
         assert all(p.dtype == torch.float32 for p in model.parameters())
 
+
 def test_a_time_budget_fits_the_schedule_to_the_steps_it_will_reach():
     from model.train import learning_rate, planned_steps
 
@@ -390,7 +391,7 @@ def test_following_the_cache_takes_in_what_arrives_while_it_trains(tmp_path):
          "--follow-cache", "--conversations", "3", "--steps", "51", "--batch", "1", "--turns", "40",
          "--save-every", "1000"], stderr=subprocess.PIPE, text=True)
     assert trainer.stderr is not None
-    before = [trainer.stderr.readline() for _ in range(1)]  # printed before the first step (a warning may precede it)
+    before = [trainer.stderr.readline()]  # printed before the first step (a warning may precede it)
     while "conversations ready" not in before[-1] and before[-1] and len(before) < 20:
         before.append(trainer.stderr.readline())
     assert "1 of 3 conversations ready" in before[-1], before
