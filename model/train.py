@@ -43,7 +43,8 @@ from model.interaction import InteractionModel
 from model.memory import release_freed_memory
 from model.text import encode
 from model.transformer import MoE
-from model.weights import deepen, deepened_blocks, load_checkpoint, save_checkpoint, widen_kv_heads, with_parts, with_window
+from model.weights import (deepen, deepened_blocks, load_checkpoint, save_checkpoint, widen_kv_heads,
+                           with_audio_head, with_parts, with_window)
 
 STATE_FILE = "train_state.pt"
 # The data version and the levels the user's bins are stored at: either changes the examples.
@@ -362,8 +363,13 @@ def train(args: argparse.Namespace) -> list[float]:
     listens = args.listen_weight > 0 or args.listen_probe  # the run needs a listening head
 
     new_blocks: list[str] = []  # name prefixes of the parameters the rate is scaled for
+    if args.listen_probe and args.audio_head_only:
+        raise ValueError("--listen-probe trains the listening head alone, --audio-head-only the audio head alone")
     if args.resume and state_path.exists():
         model = load_checkpoint(out)
+        if args.audio_head and args.audio_head != model.config.audio_head:
+            raise ValueError(f"--audio-head {args.audio_head} with --resume: {out} was trained with "
+                             f"{model.config.audio_head}")
         state = torch.load(state_path, map_location="cpu")
         new_blocks = state.get("new_blocks", [])
     elif args.init:  # fine-tune: its weights, a fresh optimiser and schedule
@@ -387,9 +393,11 @@ def train(args: argparse.Namespace) -> list[float]:
                 raise ValueError(f"--audio-in-bins {args.audio_in_bins}: {args.init} hears "
                                  f"{model.config.audio_in_bins} levels; grow to more, at most {dmel.FINE_BINS}")
             model = with_parts(model, audio_in_bins=args.audio_in_bins)
+        if args.audio_head and args.audio_head != model.config.audio_head:
+            model = with_audio_head(model, args.audio_head)
         state = None
     else:
-        model = InteractionModel(preset(args.preset, audio_head=args.audio_head, listen_head=listens))
+        model = InteractionModel(preset(args.preset, audio_head=args.audio_head or "classify", listen_head=listens))
         state = None
     if args.window and args.window != model.config.window:
         if state is not None:
@@ -402,9 +410,10 @@ def train(args: argparse.Namespace) -> list[float]:
     config = model.config
     check_trained_span(config, args.turns)
     model.to(device).train()
-    if args.listen_probe:
+    frozen_but = "listen_head." if args.listen_probe else "audio_head." if args.audio_head_only else None
+    if frozen_but:
         for name, parameter in model.named_parameters():
-            parameter.requires_grad_(name.startswith("listen_head."))
+            parameter.requires_grad_(name.startswith(frozen_but))
     if args.new_lr_scale != 1 and not new_blocks:
         raise ValueError("--new-lr-scale scales the rate of the blocks --layers adds")
     groups = parameter_groups(model, new_blocks, args.new_lr_scale)
@@ -493,7 +502,7 @@ def train(args: argparse.Namespace) -> list[float]:
             average_gradients(model)
         torch.nn.utils.clip_grad_norm_(trained, 1.0)
         optimizer.step()
-        if not args.listen_probe:  # a probe leaves everything but its head as it was
+        if not frozen_but:  # training one head leaves everything else as it was
             balance_experts(model, args.balance_rate, distributed)
         losses.append(parts["loss"])
         step += 1
@@ -544,7 +553,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="microturn train", description="Train the interaction model.")
     parser.add_argument("--out", required=True, help="checkpoint directory")
     parser.add_argument("--preset", default="tiny")
-    parser.add_argument("--audio-head", choices=["classify", "flow"], default="classify")
+    parser.add_argument("--audio-head", choices=["classify", "flow"], default=None,
+                        help="a new model's audio head (default classify); with --init, a head of the other "
+                             "kind replaces the checkpoint's, fresh")
+    parser.add_argument("--audio-head-only", action="store_true",
+                        help="train the audio head alone, the rest frozen: a (new) head learns to voice a "
+                             "trained trunk without changing what it says or when")
     parser.add_argument("--steps", type=at_least(0), default=2000,
                         help="optimiser steps (0: make and cache the data, train nothing)")
     parser.add_argument("--minutes", type=between(0), default=0.0,

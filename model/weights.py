@@ -145,6 +145,17 @@ def with_parts(model: InteractionModel, **changes: Any) -> InteractionModel:
     return grown
 
 
+def with_audio_head(model: InteractionModel, audio_head: str) -> InteractionModel:
+    """The same trunk and text head with a fresh audio head of another kind
+    (``"classify"`` or ``"flow"``): a trained trunk that a new head learns to voice."""
+    swapped = InteractionModel(dataclasses.replace(model.config, audio_head=audio_head))
+    kept = {name: tensor for name, tensor in model.state_dict().items() if not name.startswith("audio_head.")}
+    missing, unexpected = swapped.load_state_dict(kept, strict=False)
+    if unexpected or any(not name.startswith("audio_head.") for name in missing):
+        raise ValueError(f"cannot swap the audio head: missing {missing}, unexpected {unexpected}")
+    return swapped
+
+
 def without_parts(model: InteractionModel, **changes: Any) -> InteractionModel:
     """The inverse of ``with_parts``: the same weights in a config that drops parts
     (``listen_head=False``, ``audio_encoder_layers=0``) — a checkpoint as it was before."""

@@ -15,6 +15,7 @@ import torch
 
 from model.interface import TURN_SAMPLES, TurnInput
 from model.config import NO_TEXT, preset
+from model.heads import FlowHead
 from model.interaction import InteractionModel
 from model.train import Example, batch_loss, build_parser, mask_user_bins, text_input_slots, train
 from model.weights import load_checkpoint, save_checkpoint, without_parts
@@ -402,3 +403,30 @@ def test_following_the_cache_takes_in_what_arrives_while_it_trains(tmp_path):
     assert trainer.wait(timeout=200) == 0, rest[-2000:]
     # At the check at step 0 or 50, whichever comes first after the rename.
     assert re.search(r"\+1 conversations at step (0|50), 2 now", rest), rest[-2000:]
+
+
+def test_a_fresh_flow_head_learns_to_voice_a_frozen_trained_trunk(tmp_path):
+    """``--init`` with the other ``--audio-head`` swaps in a fresh head; with
+    ``--audio-head-only`` it alone trains, so what the model says and when stays the
+    checkpoint's (the question the issue asks of the flow head: what does it need?)."""
+    shipped = load_checkpoint("checkpoints/tiny")
+    out = tmp_path / "flow"
+    common = ["--out", str(out), "--batch", "2", "--turns", "80", "--conversations", "2", "--cache",
+              str(tmp_path / "cache"), "--warmup", "2", "--save-every", "100", "--lr", "3e-3"]
+    losses = train(build_parser().parse_args(common + ["--init", "checkpoints/tiny", "--audio-head", "flow",
+                                                       "--audio-head-only", "--steps", "30"]))
+    assert statistics.mean(losses[-5:]) < 0.7 * statistics.mean(losses[:5]), losses
+    voiced = load_checkpoint(out)
+    assert voiced.config.audio_head == "flow" and shipped.config.audio_head == "classify"
+    assert isinstance(voiced.audio_head, FlowHead)
+    kept = voiced.state_dict()
+    assert all(torch.equal(tensor, kept[name]) for name, tensor in shipped.state_dict().items()
+               if not name.startswith("audio_head."))
+    engine = make_model("model", max_sessions=2, checkpoint=str(out))
+    engine.open_session("s")
+    assert np.isfinite(engine.step([TurnInput("s", 0, np.zeros(TURN_SAMPLES, dtype=np.float32))])[0].audio).all()
+
+    with pytest.raises(ValueError, match="was trained with flow"):
+        train(build_parser().parse_args(common + ["--audio-head", "classify", "--resume", "--steps", "31"]))
+    with pytest.raises(ValueError, match="alone"):
+        train(build_parser().parse_args(common + ["--listen-probe", "--audio-head-only", "--steps", "1"]))
