@@ -46,6 +46,10 @@ class ModelConfig:
     flow_hidden: int = 256
     flow_layers: int = 3
     flow_steps: int = 4
+    # A flow-sampled patch whose mean quantised level is below this many bins is
+    # rendered as the floor (0: never). Sampled flow silence lands near, not on, the
+    # floor; fed back, that reads as speech to the trunk (docs/eval.md, session 32).
+    flow_silence_gate: float = 1.0
     # A CTC head reading the user's words off the audio tokens (model/listening.py):
     # a training signal for hearing, and the eval's ``heard`` figures. Not served.
     listen_head: bool = False

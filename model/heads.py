@@ -85,6 +85,7 @@ class FlowHead(nn.Module):
         super().__init__()
         self.frames = config.frames_per_output
         self.steps = config.flow_steps
+        self.silence_gate = config.flow_silence_gate
         size = self.frames * dmel.N_MELS
         width = config.flow_hidden
         self.inp = nn.Linear(size, width)
@@ -127,8 +128,11 @@ class FlowHead(nn.Module):
         for i in range(self.steps):
             t = torch.full((x.shape[0],), i / self.steps, device=hidden.device)
             x = x + self.velocity(x, t, hidden) / self.steps
-        mel = x[:n] * _MEL_SCALE + _MEL_CENTRE
-        return mel.clamp(dmel.LOG_MIN, dmel.LOG_MAX).view(n, self.frames, dmel.N_MELS)
+        mel = (x[:n] * _MEL_SCALE + _MEL_CENTRE).clamp(dmel.LOG_MIN, dmel.LOG_MAX).view(n, self.frames, dmel.N_MELS)
+        if self.silence_gate > 0:  # near-floor patches become the floor, as the classify head renders it
+            quiet = dmel.quantize(mel).float().flatten(1).mean(-1) < self.silence_gate
+            mel = torch.where(quiet[:, None, None], dmel.dequantize(torch.zeros_like(mel)), mel)
+        return mel
 
 
 def make_audio_head(config: ModelConfig) -> nn.Module:

@@ -183,15 +183,18 @@ def mask_user_bins(bins: torch.Tensor, bands: int, max_width: int, jitter: float
     return out.to(bins.dtype)
 
 
-def teacher_forced_layers(model: InteractionModel, batch: list[Example], history_noise: float = 0.0) -> list[torch.Tensor]:
+def teacher_forced_layers(model: InteractionModel, batch: list[Example], history_noise: float = 0.0,
+                          own_history: torch.Tensor | None = None) -> list[torch.Tensor]:
     """Teacher forcing: the trunk's residual stream after each block over a batch of
     equally long examples, each (b, turns·tokens_per_turn, d); the model's own audio
-    is fed back with ``history_noise``."""
+    (the reference's bins, or ``own_history``'s (b, turns·16, mels) where given: see
+    ``rendered_history``) is fed back with ``history_noise``."""
     config = model.config
     b, turns = len(batch), batch[0].turns
     user = torch.stack([e.user_bins for e in batch]).long().view(b, turns * 16, dmel.N_MELS)
     user = dmel.coarsen(user, dmel.FINE_BINS, config.audio_in_bins)
-    own = torch.stack([e.model_bins for e in batch]).long().view(b, turns, 16, dmel.N_MELS)
+    own = torch.stack([e.model_bins for e in batch]) if own_history is None else own_history
+    own = own.long().view(b, turns, 16, dmel.N_MELS)
     text_in = torch.stack([e.text_in for e in batch]).view(b * turns, -1)
     text_out = torch.stack([e.text_out for e in batch])  # (b, turns, out)
     audio, _ = model.encode_audio(user)  # the whole window at once: the context runs across turns
@@ -204,6 +207,18 @@ def teacher_forced_layers(model: InteractionModel, batch: list[Example], history
 def listened_states(model: InteractionModel, layers: list[torch.Tensor]) -> torch.Tensor:
     """What the listening head reads: the audio tokens' states in ``listening.LAYER``."""
     return layers[listening.LAYER][:, model.audio_positions(layers[0].shape[1] // model.config.tokens_per_turn)]
+
+
+@torch.no_grad()
+def rendered_history(model: InteractionModel, batch: list[Example]) -> torch.Tensor:
+    """The model's own audio as its audio head renders it, one output ahead of the
+    reference (b, turns·16, mels) bins: each patch is what the head samples from the
+    reference history before it. Served, the trunk hears its head's rendering, not
+    the reference; a flow head's differs by ~0.75 bins a value where the trunk was
+    trained on ~0.1 (``--history-noise``), and that moved it off its training
+    distribution (docs/eval.md, session 32)."""
+    hidden = predicting_states(model, teacher_forced_layers(model, batch))
+    return dmel.quantize(model.audio_head.sample(hidden)).view(len(batch), -1, dmel.N_MELS)
 
 
 def predictor_states(model: InteractionModel, batch: list[Example], history_noise: float = 0.0) -> torch.Tensor:
@@ -221,7 +236,7 @@ def predicting_states(model: InteractionModel, layers: list[torch.Tensor]) -> to
 
 def batch_loss(model: InteractionModel, batch: list[Example], history_noise: float = 0.0,
                text_weight: float = 1.0, speech_weight: float = 1.0,
-               listen_weight: float = 0.0) -> tuple[torch.Tensor, dict[str, float]]:
+               listen_weight: float = 0.0, render_history: bool = False) -> tuple[torch.Tensor, dict[str, float]]:
     """Teacher-forced loss of a batch of equally long examples; the model's own audio
     is fed back with ``history_noise`` (see ``jitter_bins``) but predicted clean.
 
@@ -230,10 +245,13 @@ def batch_loss(model: InteractionModel, batch: list[Example], history_noise: flo
     times in the text loss, ``speech_weight`` each position whose audio is not
     silent in the audio loss, so the rare decisions (when to start, which word,
     which digit to copy) keep their share of the gradient. ``listen_weight`` adds
-    the listening head's CTC loss on the user's words (model/listening.py)."""
+    the listening head's CTC loss on the user's words (model/listening.py).
+    ``render_history`` feeds the model's own audio back as its head renders it
+    (``rendered_history``) rather than the reference."""
     config = model.config
     b, turns = len(batch), batch[0].turns
-    layers = teacher_forced_layers(model, batch, history_noise)
+    history = rendered_history(model, batch) if render_history else None
+    layers = teacher_forced_layers(model, batch, history_noise, history)
     predicting = predicting_states(model, layers)
     own = torch.stack([e.model_bins for e in batch]).long().view(b, turns, 16, dmel.N_MELS)
     text_targets = torch.stack([e.text_out for e in batch]).reshape(-1)
@@ -495,7 +513,7 @@ def train(args: argparse.Namespace) -> list[float]:
                 loss, parts = listen_probe_loss(model, batch)
             else:
                 loss, parts = batch_loss(model, batch, args.history_noise, args.text_weight, args.speech_weight,
-                                         args.listen_weight)
+                                         args.listen_weight, args.render_history)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if distributed:
@@ -573,6 +591,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--balance-rate", type=between(0), default=1e-3)
     parser.add_argument("--history-noise", type=between(0, 1), default=0.1,
                         help="fraction of the model's own fed-back dMel bins moved by one step")
+    parser.add_argument("--render-history", action="store_true",
+                        help="feed the model's own audio back as its audio head renders it (an extra forward "
+                             "pass without gradients), not the reference: what serving feeds it")
     parser.add_argument("--user-mask-bands", type=at_least(0), default=0,
                         help="mel bands of the user's audio dropped to the floor per training window (0: off)")
     parser.add_argument("--user-mask-width", type=at_least(0, at_most=dmel.N_MELS), default=12,

@@ -64,7 +64,7 @@ def test_training_lowers_the_loss_resumes_and_serves(tmp_path):
                             "--window", "128", "--audio-encoder", "2", "--audio-context", "3", "--layers", "5",
                             "--new-lr-scale", "10", "--user-mask-bands", "2", "--user-jitter", "0.1",
                             "--first-drill", "1", "--audio-in-bins", "64", "--answer-drills", "1",
-                            "--first-answer-drill", "2"]
+                            "--first-answer-drill", "2", "--render-history"]
     tuned = train(build_parser().parse_args(growing + ["--steps", "3"]))
     assert len(tuned) == 3 and statistics.mean(tuned) < 0.8 * statistics.mean(losses[:5])  # from the trained weights
     drills = sorted(path.name for path in (tmp_path / "cache").glob("v*/drill-*.pt"))
