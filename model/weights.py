@@ -138,22 +138,26 @@ def with_parts(model: InteractionModel, **changes: Any) -> InteractionModel:
     """The same weights in a config that adds parts (``listen_head=True``, the user
     audio's encoder blocks, context or finer bins); each new part starts so that the
     outputs are unchanged."""
-    grown = InteractionModel(dataclasses.replace(model.config, **changes))
-    missing, unexpected = grown.load_state_dict(model.state_dict(), strict=False)
-    if unexpected or any(not name.startswith(GROWABLE) for name in missing):
-        raise ValueError(f"cannot add {changes}: missing {missing}, unexpected {unexpected}")
-    return grown
+    return _rebuilt(model.state_dict(), dataclasses.replace(model.config, **changes), GROWABLE, f"add {changes}")
 
 
 def with_audio_head(model: InteractionModel, audio_head: str) -> InteractionModel:
     """The same trunk and text head with a fresh audio head of another kind
     (``"classify"`` or ``"flow"``): a trained trunk that a new head learns to voice."""
-    swapped = InteractionModel(dataclasses.replace(model.config, audio_head=audio_head))
     kept = {name: tensor for name, tensor in model.state_dict().items() if not name.startswith("audio_head.")}
-    missing, unexpected = swapped.load_state_dict(kept, strict=False)
-    if unexpected or any(not name.startswith("audio_head.") for name in missing):
-        raise ValueError(f"cannot swap the audio head: missing {missing}, unexpected {unexpected}")
-    return swapped
+    return _rebuilt(kept, dataclasses.replace(model.config, audio_head=audio_head), ("audio_head.",),
+                    "swap the audio head")
+
+
+def _rebuilt(state: dict[str, torch.Tensor], config: ModelConfig, fresh: tuple[str, ...],
+             what: str) -> InteractionModel:
+    """A model of ``config`` holding ``state``; only parameters under ``fresh`` may be
+    new (they keep their initialisation), and nothing in ``state`` may go unused."""
+    model = InteractionModel(config)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if unexpected or any(not name.startswith(fresh) for name in missing):
+        raise ValueError(f"cannot {what}: missing {missing}, unexpected {unexpected}")
+    return model
 
 
 def without_parts(model: InteractionModel, **changes: Any) -> InteractionModel:
