@@ -38,6 +38,7 @@ import argparse
 import json
 import re
 import statistics
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -259,11 +260,24 @@ def aggregate(records: list[dict[str, object]]) -> dict[str, object]:
         "spoken_words_scored": len(heard),  # the three rates above are over these (to pool runs)
         # The same by question: a sum of two heard numbers, the next number, the next
         # number after a pause (session 29: V8 wrote 1 sum in 36 right, 0.64-0.75 of the others).
+        # And split by what the listening head read off the question (``by_ear``, when
+        # the model has one): written right when its ear heard the numbers, and when not.
         "spoken_words_by_question": {
-            question: {"scored": len(items), "spoken": rate(items, "right"), "written": rate(items, "written_right")}
+            question: {"scored": len(items), "spoken": rate(items, "right"), "written": rate(items, "written_right"),
+                       **_by_ear(items, rate)}
             for question, items in sorted(by_question.items())},
         "events": {kind: len(of(kind)) for kind in ("answer", "pause", "barge_in", "delegation", "noise")},
     }
+
+
+def _by_ear(items: list[dict[str, object]], rate: Callable[[list[dict[str, object]], str], float | None]
+            ) -> dict[str, object]:
+    marked = [h for h in items if "by_ear" in h]
+    if not marked:
+        return {}
+    heard = [h for h in marked if h["by_ear"]]
+    return {"heard_by_ear": rate(marked, "by_ear"), "written_when_heard": rate(heard, "written_right"),
+            "written_when_misheard": rate([h for h in marked if not h["by_ear"]], "written_right")}
 
 
 def evaluate(engine: StreamingModel | None, seeds: list[int], plots: Path | None = None,
@@ -273,8 +287,10 @@ def evaluate(engine: StreamingModel | None, seeds: list[int], plots: Path | None
     ``held_out=False`` the users speak in the training voices (use seeds beyond the
     training range): what is left of the gap is the skill, not hearing new voices.
     A seed's conversation depends on ``duration_s`` too."""
-    records = []
+    records: list[dict[str, object]] = []
     conversations = generate(seeds, held_out=held_out, duration_s=duration_s)
+    listens = engine is not None and engine.model.config.listen_head
+    reads = {c.seed: read_by_ear(engine.model, c) for c in conversations} if listens else {}
     for conversation in conversations:
         timeline = reference_timeline(conversation) if engine is None else model_timeline(engine, conversation)
         records += score(conversation, timeline)
@@ -282,13 +298,14 @@ def evaluate(engine: StreamingModel | None, seeds: list[int], plots: Path | None
             plots.mkdir(parents=True, exist_ok=True)
             image = timeline_image(conversation.user_audio, timeline.active, timeline.text)
             write_png(image, plots / f"{conversation.seed}.png")
+    mark_heard_by_ear(records, reads)
     result = aggregate(records)
     if result["stop_latency_s_p90"] == float("inf"):
         result["stop_latency_s_p90"] = None  # it never stopped in the worst decile
     if engine is not None:
         result["delegation_copying"] = copy_probe(engine.model, conversations)
-        if engine.model.config.listen_head:
-            result["heard"] = listen_probe(engine.model, conversations)
+        if listens:
+            result["heard"] = listen_probe(reads, conversations)
     result["conversations"] = len(seeds)
     result["voices"] = "held-out" if held_out else "training"
     result["seconds"] = duration_s
@@ -296,33 +313,42 @@ def evaluate(engine: StreamingModel | None, seeds: list[int], plots: Path | None
 
 
 @torch.no_grad()
-def listen_probe(model: InteractionModel, conversations: list[Conversation]) -> dict[str, object]:
-    """What the listening head reads off each user utterance (greedy CTC), teacher
-    forced: the share read word for word, and of those with numbers (the operands,
+def read_by_ear(model: InteractionModel, conversation: Conversation) -> list[tuple[float, list[str], list[str]]]:
+    """Per user utterance: (end s, words said, words the listening head reads off it
+    by greedy CTC, teacher forced)."""
+    example = to_example(conversation, model.config)
+    if not len(example.user_words):
+        return []
+    hidden = listened_states(model, teacher_forced_layers(model, [example]))
+    found, words = listening.spans([example.user_words], model.config.frames_per_audio_token)
+    log_probs, lengths = listening.listen_logits(model.listen_head, hidden, found)
+    return [(end_s, [listening.WORDS[w - 1] for w in target_ids if w != listening.BLANK],
+             listening.greedy_words(log_probs[:, i], int(lengths[i])))
+            for i, (target_ids, (_, end_s, _)) in enumerate(zip(words.tolist(), conversation.user_words, strict=True))]
+
+
+def _numbers(words: list[str]) -> list[str]:
+    return [w for w in words if w in listening.NUMBERS]
+
+
+def listen_probe(reads: dict[int, list[tuple[float, list[str], list[str]]]],
+                 conversations: list[Conversation]) -> dict[str, object]:
+    """What the listening head reads off each user utterance (``read_by_ear``): the
+    share read word for word, and of those with numbers (the operands,
     "after seven"), the share whose number words were all read right — overall and
     by each part of the user's voice name (language voice, variant), because the
     held-out voices are not all equally hard (docs/eval.md, session 22)."""
-    frames = model.config.frames_per_audio_token
     utterances = right = 0
     numbers: dict[str, list[int]] = {}  # voice part (or "all") -> [right, utterances with numbers]
     for conversation in conversations:
-        example = to_example(conversation, model.config)
-        if not len(example.user_words):
-            continue
-        hidden = listened_states(model, teacher_forced_layers(model, [example]))
-        found, words = listening.spans([example.user_words], frames)
-        log_probs, lengths = listening.listen_logits(model.listen_head, hidden, found)
         voice_parts = [part for part in conversation.user_voice.split("+") if part]
-        for i, target_ids in enumerate(words.tolist()):
-            target = [listening.WORDS[w - 1] for w in target_ids if w != listening.BLANK]
-            read = listening.greedy_words(log_probs[:, i], int(lengths[i]))
+        for _, target, read in reads[conversation.seed]:
             utterances += 1
             right += read == target
-            if any(w in listening.NUMBERS for w in target):
-                heard = ([w for w in read if w in listening.NUMBERS] == [w for w in target if w in listening.NUMBERS])
+            if _numbers(target):
                 for key in ["all", *voice_parts]:
                     tally = numbers.setdefault(key, [0, 0])
-                    tally[0] += heard
+                    tally[0] += _numbers(read) == _numbers(target)
                     tally[1] += 1
     numbers_right, with_numbers = numbers.pop("all", [0, 0])
     return {
@@ -333,6 +359,20 @@ def listen_probe(model: InteractionModel, conversations: list[Conversation]) -> 
         "numbers_right_by_voice": {part: {"with_numbers": n, "numbers_right": round(r / n, 3)}
                                    for part, (r, n) in sorted(numbers.items())},
     }
+
+
+def mark_heard_by_ear(records: list[dict[str, object]], reads: dict[int, list[tuple[float, list[str], list[str]]]]
+                      ) -> None:
+    """Marks each scored answer with whether the listening head read the question's
+    numbers right (``by_ear``): a wrong answer to a question it heard is the skill's
+    fault, one to a question it misheard the ear's (docs/eval.md, session 33)."""
+    for record in records:
+        heard = record.get("heard")
+        if heard is None or not reads.get(record["seed"]):
+            continue
+        end_s, target, read = min(reads[record["seed"]], key=lambda r: abs(r[0] - record["user_end_s"]))
+        if abs(end_s - record["user_end_s"]) < 0.01 and _numbers(target):
+            heard["by_ear"] = _numbers(read) == _numbers(target)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -367,7 +407,8 @@ def main(argv: list[str] | None = None) -> None:
         if not engine.model.config.listen_head:
             parser.error(f"--heard-only: {args.checkpoint or 'the random model'} has no listening head")
         conversations = generate(seeds, held_out=held_out, duration_s=args.seconds)
-        result = {"heard": listen_probe(engine.model, conversations), "conversations": len(seeds),
+        reads = {c.seed: read_by_ear(engine.model, c) for c in conversations}
+        result = {"heard": listen_probe(reads, conversations), "conversations": len(seeds),
                   "voices": "held-out" if held_out else "training", "seconds": args.seconds}  # as evaluate() labels them
     else:
         result = evaluate(engine, seeds, Path(args.plots) if args.plots else None, held_out=held_out,

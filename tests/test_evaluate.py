@@ -15,7 +15,16 @@ from loadtest.run import SCRIPT_SEED
 from model import dmel
 from model.config import NO_TEXT
 from model.conversations import NUMBER_WORDS, OUT_POSITIONS, Conversation, Event, generate, speak
-from model.evaluate import Timeline, aggregate, evaluate, model_timeline, reference_timeline, score, vocoded_timeline
+from model.evaluate import (
+    Timeline,
+    aggregate,
+    evaluate,
+    mark_heard_by_ear,
+    model_timeline,
+    reference_timeline,
+    score,
+    vocoded_timeline,
+)
 from model.evaluate import main as eval_main
 from model.interface import SAMPLE_RATE, TURN_SAMPLES
 from model.speech import Voice
@@ -250,3 +259,24 @@ def test_a_write_threshold_that_is_no_probability_is_refused(capsys, value):
         eval_main(["--write-threshold", value])
     assert (f"argument --write-threshold: 'greedy' or a probability between 0 and 1 (exclusive), not '{value}'"
             in capsys.readouterr().err)
+
+
+def test_answers_are_split_by_whether_the_ear_heard_the_question():
+    """A wrong answer to a question the listening head read right is the skill's fault;
+    to one it misread, the ear's (session 33: V8 wrote "after N" right 0.87 of the time
+    when it heard N, and a small sum 1 time in 18)."""
+    def answer(end_s: float, written_right: bool) -> dict[str, object]:
+        return {"kind": "answer", "seed": 7, "user_end_s": end_s, "question": "after", "spoke_over": False,
+                "took_turn": True, "latency_s": 0.3,
+                "heard": {"right": written_right, "written_right": written_right, "right_asr": None}}
+
+    said = ["what", "comes", "after", "seven"]
+    reads = {7: [(2.0, said, said), (5.0, said[:3] + ["nine"], said[:3] + ["five"]), (8.0, ["hello"], [])]}
+    records = [answer(2.0, True), answer(5.0, False), answer(5.0, True), answer(11.0, False)]
+    mark_heard_by_ear(records, reads)
+    assert [r["heard"].get("by_ear") for r in records] == [True, False, False, None]  # 11 s: no such utterance
+    after = aggregate(records)["spoken_words_by_question"]["after"]
+    assert after["scored"] == 4 and after["written"] == 0.5
+    assert after["heard_by_ear"] == 0.333
+    assert after["written_when_heard"] == 1.0 and after["written_when_misheard"] == 0.5
+    assert "heard_by_ear" not in aggregate([answer(2.0, True)])["spoken_words_by_question"]["after"]  # no ear: no split

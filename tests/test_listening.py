@@ -11,7 +11,7 @@ import torch
 from model import conversations as conv
 from model import listening
 from model.config import preset
-from model.evaluate import listen_probe
+from model.evaluate import listen_probe, read_by_ear
 from model.interaction import InteractionModel
 from model.interface import SAMPLE_RATE
 from model.train import build_parser, crop, predictor_states, to_example, train
@@ -117,6 +117,6 @@ def test_the_probe_trains_the_head_alone_and_the_joint_loss_reaches_the_trunk(tm
     assert not torch.equal(load_checkpoint(tmp_path / "joint").state_dict()[trunk], probed_state[trunk])
 
     conversations = conv.generate([0, 1, 2])
-    heard = listen_probe(probed, conversations)
+    heard = listen_probe({c.seed: read_by_ear(probed, c) for c in conversations}, conversations)
     assert heard["utterances"] == sum(len(c.user_words) for c in conversations)
     assert heard["with_numbers"] > 0 and 0 <= heard["numbers_right"] <= 1 and 0 <= heard["words_right"] <= 1
