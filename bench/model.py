@@ -3,6 +3,7 @@ batched vs one-at-a-time. Median of ``--repeats`` runs of each measurement.
 
     microturn bench model [--json] [--preset tiny] [--repeats 5] [--device cuda] [--attention sdpa|xformers] [--window N]
                        [--layers N] [--audio-encoder N] [--audio-context N] [--write-threshold P|greedy]
+                       [--lexicon FILE]
 
 On CUDA with xformers installed it also runs the step-by-sessions sweep with SDPA
 in the same process and reports the ratio and the xformers kernels that ran.
@@ -25,11 +26,12 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from model.arguments import write_threshold
+from model.arguments import lexicon_file, write_threshold
 from model.attention import XFORMERS_OPS_USED, xformers_unusable
 from model.config import preset
 from model.interaction import InteractionModel
 from model.interface import TURN_SAMPLES, TurnInput
+from model.lexicon import Lexicon
 from model.streaming import StreamingModel
 
 TURNS_PER_SECOND = 5
@@ -87,7 +89,7 @@ def run(preset_name: str = "tiny", repeats: int = 5, context_s: float = 60.0,
         counts: tuple[int, ...] = (1, 8, 32, 64), device: str = "cpu",
         attention: str | None = None, window: int = 0, audio_encoder: int | None = None,
         audio_context: int | None = None, layers: int | None = None,
-        write_threshold: float | None = None) -> dict[str, object]:
+        write_threshold: float | None = None, lexicon: Lexicon | None = None) -> dict[str, object]:
     torch.manual_seed(0)
     overrides: dict[str, int] = {"window": window} if window else {}
     if audio_encoder is not None:
@@ -99,7 +101,7 @@ def run(preset_name: str = "tiny", repeats: int = 5, context_s: float = 60.0,
     model = InteractionModel(preset(preset_name, **overrides)).eval()
     config = model.config
     engine = StreamingModel(model, max_sessions=max(counts) + 1, device=device, attention=attention,
-                            write_threshold=write_threshold)
+                            write_threshold=write_threshold, lexicon=lexicon)
     results: dict[str, object] = {
         "preset": preset_name,
         "parameters_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 2),
@@ -121,7 +123,7 @@ def run(preset_name: str = "tiny", repeats: int = 5, context_s: float = 60.0,
     if engine.pool.backend == "xformers":
         results["xformers_ops"] = dict(XFORMERS_OPS_USED)
         sdpa = StreamingModel(model, max_sessions=max(counts) + 1, device=device, attention="sdpa",
-                              write_threshold=write_threshold)
+                              write_threshold=write_threshold, lexicon=lexicon)
         sdpa_ms = step_sweep(sdpa, counts, context_s, repeats)
         del sdpa
         results["sdpa_step_ms_by_sessions"] = sdpa_ms
@@ -163,10 +165,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--write-threshold", type=write_threshold, default=None, metavar="P",
                         help="decode text in two stages with this threshold (default: greedy; the shipped "
                              "checkpoint's decoding.json says 0.5)")
+    parser.add_argument("--lexicon", type=lexicon_file, default=None, metavar="FILE",
+                        help="spell only this word list's words (model/lexicon.py; default: any bytes)")
     args = parser.parse_args(argv)
     results = run(args.preset, args.repeats, args.context_s, device=args.device, attention=args.attention,
                   window=args.window, audio_encoder=args.audio_encoder, audio_context=args.audio_context,
-                  layers=args.layers, write_threshold=args.write_threshold)
+                  layers=args.layers, write_threshold=args.write_threshold,
+                  lexicon=Lexicon.load(args.lexicon) if args.lexicon else None)
     if args.json:
         print(json.dumps(results))
         return

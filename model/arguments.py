@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 from collections.abc import Callable
 
 
@@ -69,3 +70,12 @@ def check_write_threshold(value: float) -> float:
     if not 0 < value < 1:
         raise ValueError(f"write_threshold: a probability between 0 and 1 (exclusive), not {value!r}")
     return value
+
+
+def lexicon_file(text: str) -> str | None:
+    """An argparse type: 'none' (None) or the path of an existing word list (``model.lexicon``)."""
+    if text == "none":
+        return None
+    if not os.path.isfile(text):
+        raise argparse.ArgumentTypeError(f"'none' or a word list file, not {text!r} (no such file)")
+    return text

@@ -46,7 +46,7 @@ import numpy as np
 import torch
 
 from model import listening, recognise
-from model.arguments import at_least, positive, write_threshold
+from model.arguments import at_least, lexicon_file, positive, write_threshold
 from model.conversations import NUMBER_WORDS, Conversation, Event, generate
 from model.copying import copy_probe
 from model.interaction import InteractionModel
@@ -396,8 +396,11 @@ def main(argv: list[str] | None = None) -> None:
                         type=write_threshold,
                         help="decode text in two stages with this threshold, or 'greedy' "
                              "(default: as the checkpoint's decoding.json says)")
+    parser.add_argument("--lexicon", default=argparse.SUPPRESS, type=lexicon_file,
+                        help="word list the text must spell (model/lexicon.py), or 'none' "
+                             "(default: as the checkpoint's decoding.json says)")
     args = parser.parse_args(argv)
-    decoding = {"write_threshold": args.write_threshold} if "write_threshold" in args else {}
+    decoding = {key: getattr(args, key) for key in ("write_threshold", "lexicon") if key in args}
     if args.heard_only and args.reference:
         parser.error("--heard-only reads a model's listening head; the reference tracks have none")
     engine = None if args.reference else load_engine(args.checkpoint, max_sessions=1, **decoding)

@@ -224,7 +224,8 @@ def no_text(n: int, slots: int) -> torch.Tensor:
     return torch.full((n, slots), NO_TEXT, dtype=torch.int64)
 
 
-def choose_text(logits: torch.Tensor, write_threshold: float | None = None) -> torch.Tensor:
+def choose_text(logits: torch.Tensor, write_threshold: float | None = None,
+                allowed: torch.Tensor | None = None) -> torch.Tensor:
     """Text ids from text-head logits (n, vocab): greedy, or in two stages.
 
     Greedy keeps quiet (NO_TEXT) whenever NO_TEXT beats every single byte, so at
@@ -233,11 +234,17 @@ def choose_text(logits: torch.Tensor, write_threshold: float | None = None) -> t
     With ``write_threshold`` the model first decides whether to write — when all
     bytes together have at least that probability — and then writes the likeliest
     byte: a threshold on "take the turn", as turn-taking detectors use.
+    ``allowed`` (n, vocab) bool, from ``model.lexicon``, limits which byte is
+    written; whether to write is decided on the model's own probabilities first.
     """
+    if allowed is not None:
+        masked = logits.masked_fill(~allowed, float("-inf"))
+        if write_threshold is None:  # greedy among what is allowed (NO_TEXT always is)
+            return masked.argmax(-1)
     if write_threshold is None:
         return logits.argmax(-1)
     probs = torch.softmax(logits.float(), -1)
     writing = 1 - probs[:, NO_TEXT]
-    without_silence = logits.clone()
+    without_silence = (logits if allowed is None else masked).clone()
     without_silence[:, NO_TEXT] = float("-inf")
     return torch.where(writing >= write_threshold, without_silence.argmax(-1), NO_TEXT)

@@ -34,6 +34,7 @@ from model.config import NO_TEXT, preset
 from model.interaction import InteractionModel, choose_text
 from model.interface import TurnInput, TurnOutput
 from model.kv import KVPool
+from model.lexicon import Lexicon
 from model.text import Decoder, encode
 from model.transformer import ROW_MULTIPLE, Segment, StreamBatch, pad_rows
 from model.vocoder import VocoderState, vocode_chunk
@@ -50,6 +51,7 @@ class _Session:
     pending: torch.Tensor | None = None  # (1, d): last output of the previous micro-turn
     text_queue: list[int] = field(default_factory=list)  # input text ids waiting for a slot
     decoder: Decoder = field(default_factory=Decoder)
+    word_node: int = 0  # the word being written, as a lexicon node (0: none; no lexicon: always 0)
 
 
 @dataclass(slots=True)
@@ -64,18 +66,19 @@ class _Saved:
     vocoder: VocoderState
     pending: torch.Tensor | None
     text_queue: list[int]
+    word_node: int
     generator_state: torch.Tensor
 
     @classmethod
     def of(cls, session: _Session) -> _Saved:
         return cls(session, session.dmel_context, session.audio_past, session.vocoder, session.pending,
-                   list(session.text_queue), session.generator.get_state())
+                   list(session.text_queue), session.word_node, session.generator.get_state())
 
     def restore(self) -> None:
         session = self.session
         session.dmel_context, session.audio_past = self.dmel_context, self.audio_past
         session.vocoder, session.pending = self.vocoder, self.pending
-        session.text_queue = self.text_queue
+        session.text_queue, session.word_node = self.text_queue, self.word_node
         session.generator.set_state(self.generator_state)
 
 
@@ -89,7 +92,8 @@ class StreamingModel:
 
     def __init__(self, model: InteractionModel, max_sessions: int = 64, seed: int = 0,
                  temperature: float = 0.0, weights: str = "random", device: str = "cpu",
-                 attention: str | None = None, write_threshold: float | None = None) -> None:
+                 attention: str | None = None, write_threshold: float | None = None,
+                 lexicon: Lexicon | None = None) -> None:
         # On CUDA: weights fp32, compute and the KV pool in bf16 (autocast). Features,
         # sampling generators and the vocoder stay on the CPU: small per-session work.
         self.device = torch.device(device)
@@ -104,6 +108,9 @@ class StreamingModel:
         if write_threshold is not None:  # a checkpoint's decoding.json or a command line
             check_write_threshold(write_threshold)
         self.write_threshold = write_threshold  # see ``choose_text``; None: greedy
+        self.lexicon = lexicon  # the words text may spell (``model.lexicon``); None: any bytes
+        if lexicon is not None:  # its tables where the text ids are chosen
+            self._allowed, self._next_node = lexicon.allowed.to(self.device), lexicon.next_node.to(self.device)
         self.weights = weights  # what the page shows: "random" or the checkpoint's name
         self._sessions: dict[str, _Session] = {}
         # Sessions whose state the last ``step`` had to reset, and why (the engine
@@ -113,7 +120,8 @@ class StreamingModel:
     @property
     def decoding(self) -> str:
         """How text is chosen, as /healthz reports it (a checkpoint's decoding.json sets it)."""
-        return "greedy" if self.write_threshold is None else f"write_threshold {self.write_threshold:g}"
+        chosen = "greedy" if self.write_threshold is None else f"write_threshold {self.write_threshold:g}"
+        return chosen if self.lexicon is None else f"{chosen}, lexicon of {len(self.lexicon)} words"
 
     def open_session(self, session_id: str) -> None:
         self.pool.open(session_id)  # its cache zeroed: no NaN survives a reset
@@ -169,13 +177,18 @@ class StreamingModel:
         first = [inputs[i] if s.pending is None else torch.cat([s.pending, inputs[i]]) for i, s in enumerate(sessions)]
         hidden = self._forward(sessions, first)
         finite = torch.ones(n, dtype=torch.bool, device=device)
+        words = (None if self.lexicon is None  # each session's lexicon node (model.lexicon)
+                 else torch.tensor([s.word_node for s in sessions], dtype=torch.int64, device=device))
         texts, mels = [], []
         for position in range(config.out_positions):
             finite &= hidden.isfinite().all(-1)
             # A faulted row goes on with zeros: the heads then cannot raise on it
             # (e.g. sampling from NaN probabilities); its outputs are discarded.
             hidden = torch.where(finite[:, None], hidden, 0.0)
-            text_ids = choose_text(model.text_head(pad_rows(hidden))[:n], self.write_threshold)
+            allowed = None if words is None else self._allowed[words]
+            text_ids = choose_text(model.text_head(pad_rows(hidden))[:n], self.write_threshold, allowed)
+            if words is not None:
+                words = self._next_node[words, text_ids]
             mel = model.audio_head.sample(hidden, [s.generator for s in sessions], self.temperature)
             finite &= mel.isfinite().flatten(1).all(-1)
             texts.append(text_ids)
@@ -185,6 +198,9 @@ class StreamingModel:
                 hidden = self._forward(sessions, [fed_back[i : i + 1] for i in range(n)])
         for i, session in enumerate(sessions):
             session.pending = fed_back[i : i + 1].clone()
+        if words is not None:
+            for session, node in zip(sessions, words.tolist(), strict=True):
+                session.word_node = node
 
         faulted = (~finite).nonzero().flatten().tolist()
         mel_chunk = torch.cat(mels, dim=1).float().cpu()
@@ -247,14 +263,17 @@ class StreamingModel:
 
 
 def load_engine(checkpoint: str | None = None, max_sessions: int = 64, device: str = "cpu",
-                **decoding: float | None) -> StreamingModel:
+                **decoding: float | str | None) -> StreamingModel:
     """The interaction model as an engine: a checkpoint directory (decoded as its
-    ``decoding.json`` says, unless ``decoding`` overrides it), or the tiny preset
-    with seeded random weights when there is none."""
+    ``decoding.json`` says, unless ``decoding`` overrides it: ``write_threshold``, and
+    ``lexicon`` as a word list's path or None for none), or the tiny preset with
+    seeded random weights when there is none."""
+    settings = {**(load_decoding(checkpoint) if checkpoint else {}), **decoding}
+    lexicon = settings.pop("lexicon", None)
+    settings["lexicon"] = Lexicon.load(lexicon) if lexicon else None
     if checkpoint:
-        settings = {**load_decoding(checkpoint), **decoding}
         return StreamingModel(load_checkpoint(checkpoint), max_sessions,
                               weights=os.path.basename(checkpoint.rstrip("/")), device=device, **settings)
     torch.manual_seed(0)
     return StreamingModel(InteractionModel(preset("tiny")), max_sessions, weights="random", device=device,
-                          **decoding)
+                          **settings)

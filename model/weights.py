@@ -2,7 +2,9 @@
 
 A checkpoint is a directory holding ``model.safetensors`` and ``config.json``, and
 optionally ``decoding.json``: how it is best decoded (like a generation config),
-e.g. ``{"write_threshold": 0.4}`` (see ``model.interaction.choose_text``).
+e.g. ``{"write_threshold": 0.4, "lexicon": "lexicon.txt"}`` (see
+``model.interaction.choose_text`` and ``model.lexicon``; the lexicon is a word list
+in the checkpoint directory).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from model.interaction import InteractionModel
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 DECODING_FILE = "decoding.json"
-DECODING_KEYS = {"write_threshold"}
+DECODING_KEYS = {"write_threshold", "lexicon"}
 # Weight-name prefixes of the parts ``with_parts`` may add to a trained model.
 GROWABLE = ("listen_head.", "audio_encoder.", "audio_context.", "audio_in_fine.")
 
@@ -172,8 +174,9 @@ def without_parts(model: InteractionModel, **changes: Any) -> InteractionModel:
     return smaller
 
 
-def load_decoding(directory: str | Path) -> dict[str, float]:
-    """The checkpoint's decoding settings (``{}`` when it has none)."""
+def load_decoding(directory: str | Path) -> dict[str, float | str]:
+    """The checkpoint's decoding settings (``{}`` when it has none); a lexicon's file
+    name comes back as its path."""
     path = Path(directory) / DECODING_FILE
     if not path.exists():
         return {}
@@ -181,4 +184,9 @@ def load_decoding(directory: str | Path) -> dict[str, float]:
     unknown = set(settings) - DECODING_KEYS
     if unknown:
         raise ValueError(f"{path}: unknown decoding settings {sorted(unknown)}; known: {sorted(DECODING_KEYS)}")
+    if "lexicon" in settings:
+        lexicon = Path(directory) / str(settings["lexicon"])
+        if not lexicon.is_file():
+            raise ValueError(f"{path}: lexicon {settings['lexicon']!r} is not a file in {directory}")
+        settings["lexicon"] = str(lexicon)
     return settings
