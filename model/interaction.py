@@ -237,14 +237,11 @@ def choose_text(logits: torch.Tensor, write_threshold: float | None = None,
     ``allowed`` (n, vocab) bool, from ``model.lexicon``, limits which byte is
     written; whether to write is decided on the model's own probabilities first.
     """
-    if allowed is not None:
-        masked = logits.masked_fill(~allowed, float("-inf"))
-        if write_threshold is None:  # greedy among what is allowed (NO_TEXT always is)
-            return masked.argmax(-1)
+    choices = logits if allowed is None else logits.masked_fill(~allowed, float("-inf"))  # NO_TEXT is never masked
     if write_threshold is None:
-        return logits.argmax(-1)
+        return choices.argmax(-1)
     probs = torch.softmax(logits.float(), -1)
     writing = 1 - probs[:, NO_TEXT]
-    without_silence = (logits if allowed is None else masked).clone()
+    without_silence = choices.clone()
     without_silence[:, NO_TEXT] = float("-inf")
     return torch.where(writing >= write_threshold, without_silence.argmax(-1), NO_TEXT)
