@@ -276,7 +276,8 @@ def _by_ear(items: list[dict[str, object]], rate: Callable[[list[dict[str, objec
     if not marked:
         return {}
     heard = [h for h in marked if h["by_ear"]]
-    return {"heard_by_ear": rate(marked, "by_ear"), "written_when_heard": rate(heard, "written_right"),
+    return {"by_ear_scored": len(marked), "heard_by_ear": rate(marked, "by_ear"),  # counts to pool runs
+            "written_when_heard": rate(heard, "written_right"),
             "written_when_misheard": rate([h for h in marked if not h["by_ear"]], "written_right")}
 
 

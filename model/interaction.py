@@ -235,13 +235,14 @@ def choose_text(logits: torch.Tensor, write_threshold: float | None = None,
     bytes together have at least that probability — and then writes the likeliest
     byte: a threshold on "take the turn", as turn-taking detectors use.
     ``allowed`` (n, vocab) bool, from ``model.lexicon``, limits which byte is
-    written; whether to write is decided on the model's own probabilities first.
+    written; whether to write is decided on the model's own logits first, either way.
     """
-    choices = logits if allowed is None else logits.masked_fill(~allowed, float("-inf"))  # NO_TEXT is never masked
     if write_threshold is None:
-        return choices.argmax(-1)
-    probs = torch.softmax(logits.float(), -1)
-    writing = 1 - probs[:, NO_TEXT]
-    without_silence = choices.clone()
-    without_silence[:, NO_TEXT] = float("-inf")
-    return torch.where(writing >= write_threshold, without_silence.argmax(-1), NO_TEXT)
+        if allowed is None:
+            return logits.argmax(-1)
+        writing = logits.argmax(-1) != NO_TEXT
+    else:
+        writing = 1 - torch.softmax(logits.float(), -1)[:, NO_TEXT] >= write_threshold
+    bytes_only = logits.clone() if allowed is None else logits.masked_fill(~allowed, float("-inf"))
+    bytes_only[:, NO_TEXT] = float("-inf")
+    return torch.where(writing, bytes_only.argmax(-1), NO_TEXT)

@@ -11,8 +11,12 @@ next output on, since each output's audio comes from the same hidden state as it
 byte (docs/eval.md, session 33: written answers up, speech unchanged).
 
 State per session is one trie node: 0 outside a word, else the word prefix written so
-far. Silence or any non-letter ends a word (in the data a reply cut off mid-word is
-followed by silence, and the next word starts afresh).
+far. Any other byte ends a word, and so does a micro-turn with no text at all (in
+the data a reply cut off mid-word is followed by silence, and the next word starts
+afresh); a silent output inside a micro-turn does not, so a word the model pauses in
+goes on where it stopped. Words are case-sensitive, letters and apostrophes. Outside
+a word only printable ASCII and the task/result markers may be written: the data
+has nothing else, so anything else is never the word the model meant.
 
     python -m model.lexicon --conversations 400 --drills 100 --out checkpoints/tiny/lexicon.txt
 """
@@ -27,9 +31,11 @@ from pathlib import Path
 import torch
 
 from model.arguments import at_least
-from model.config import NO_TEXT, TEXT_VOCAB
+from model.config import NO_TEXT, RESULT_CLOSE, RESULT_OPEN, TASK_CLOSE, TASK_OPEN, TEXT_VOCAB
 
 LETTERS = frozenset(b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ'")
+# What may end a word or stand between words: printable ASCII and the markers.
+BETWEEN_WORDS = frozenset(range(0x20, 0x7F)) - LETTERS | {TASK_OPEN, TASK_CLOSE, RESULT_OPEN, RESULT_CLOSE}
 _WORD = re.compile(r"[A-Za-z']+")  # what the lexicon holds
 
 
@@ -54,20 +60,19 @@ class Lexicon:
                     complete.append(False)
                 node = children[node][byte]
             complete[node] = True
-        # next_node[node, id]: where writing ``id`` leads (0: out of any word), so a
-        # batch of sessions advances in one gather, on the engine's device.
+        # next_node[node, id]: where writing ``id`` leads (0: out of any word; silence
+        # stays put), so a batch of sessions advances in one gather on the engine's device.
         next_node = torch.zeros(len(children), TEXT_VOCAB, dtype=torch.int64)
+        next_node[:, NO_TEXT] = torch.arange(len(children))
         for node, next_bytes in enumerate(children):
             next_node[node, list(next_bytes)] = torch.tensor(list(next_bytes.values()), dtype=torch.int64)
         self.next_node = next_node
-        non_letters = torch.ones(TEXT_VOCAB, dtype=torch.bool)
-        non_letters[list(LETTERS)] = False
         allowed = torch.zeros(len(children), TEXT_VOCAB, dtype=torch.bool)
         allowed[:, NO_TEXT] = True  # staying silent is always the model's choice
         for node, (next_bytes, ends_word) in enumerate(zip(children, complete, strict=True)):
             allowed[node, list(next_bytes)] = True
             if node == 0 or ends_word:
-                allowed[node] |= non_letters
+                allowed[node, list(BETWEEN_WORDS)] = True
         self.allowed = allowed  # (nodes, TEXT_VOCAB)
 
     def __len__(self) -> int:
@@ -78,7 +83,8 @@ class Lexicon:
         return self.allowed[list(nodes)]
 
     def advance(self, node: int, token: int) -> int:
-        """The node after writing ``token``: deeper in a word, or 0 once it ends."""
+        """The node after writing ``token``: deeper in a word, or 0 once it ends (the
+        engine also ends it after a micro-turn without text)."""
         return int(self.next_node[node, token])
 
     def save(self, path: str | Path) -> None:

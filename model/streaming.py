@@ -199,7 +199,8 @@ class StreamingModel:
         for i, session in enumerate(sessions):
             session.pending = fed_back[i : i + 1].clone()
         if words is not None:
-            for session, node in zip(sessions, words.tolist(), strict=True):
+            silent = (torch.stack(texts, dim=1) == NO_TEXT).all(1)  # a micro-turn without text ends a word
+            for session, node in zip(sessions, torch.where(silent, 0, words).tolist(), strict=True):
                 session.word_node = node
 
         faulted = (~finite).nonzero().flatten().tolist()

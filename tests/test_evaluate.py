@@ -277,6 +277,6 @@ def test_answers_are_split_by_whether_the_ear_heard_the_question():
     assert [r["heard"].get("by_ear") for r in records] == [True, False, False, None]  # 11 s: no such utterance
     after = aggregate(records)["spoken_words_by_question"]["after"]
     assert after["scored"] == 4 and after["written"] == 0.5
-    assert after["heard_by_ear"] == 0.333
+    assert after["by_ear_scored"] == 3 and after["heard_by_ear"] == 0.333
     assert after["written_when_heard"] == 1.0 and after["written_when_misheard"] == 0.5
     assert "heard_by_ear" not in aggregate([answer(2.0, True)])["spoken_words_by_question"]["after"]  # no ear: no split

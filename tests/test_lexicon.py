@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from model.config import NO_TEXT, TASK_CLOSE, TEXT_VOCAB, preset
+from model.config import NO_TEXT, TASK_CLOSE, TASK_OPEN, TEXT_VOCAB, preset
 from model.conversations import generate
 from model.evaluate import main as eval_main
 from model.interaction import InteractionModel, choose_text
@@ -37,17 +37,20 @@ def test_a_letter_only_continues_a_word_and_a_word_only_ends_where_one_does():
     lexicon = Lexicon(["five", "fifteen", "four", "it's"])
     root = allowed_bytes(lexicon, 0)
     assert {"f", "i"} <= root and not {"s", "t", "F"} & root  # words start only as some word does
-    assert {".", " ", "1", ","} <= root  # outside a word, anything that is no letter
+    assert {".", " ", "1", ","} <= root  # outside a word, printable bytes that are no letter
+    assert not lexicon.mask([0])[0, [0x00, 0x0A, 0x80, 0xE2]].any()  # no control bytes, no non-ASCII
+    assert lexicon.mask([0])[0, [TASK_OPEN, TASK_CLOSE]].all()  # the model's requests
     assert allowed_bytes(lexicon, walk(lexicon, "fi")) == {"f", "v"}  # "fi": fifteen or five, nothing ends yet
     five = allowed_bytes(lexicon, walk(lexicon, "five"))
     assert "." in five and " " in five and not any(c.isalpha() for c in five)
     assert allowed_bytes(lexicon, walk(lexicon, "it")) == {"'"}  # the apostrophe is part of a word
     for node in (0, walk(lexicon, "fi"), walk(lexicon, "five")):
         assert lexicon.mask([node])[0, NO_TEXT]  # falling silent is always allowed, even mid-word
-    # A word ends at anything that is no letter, or at silence; the next starts afresh.
+    # A word ends at anything that is no letter, and the next starts afresh; a silent
+    # output inside a word keeps it (the engine ends it after a micro-turn without text).
     assert walk(lexicon, "five. f") == walk(lexicon, "f") != 0
-    assert lexicon.advance(walk(lexicon, "fo"), NO_TEXT) == 0
     assert lexicon.advance(walk(lexicon, "four"), TASK_CLOSE) == 0
+    assert lexicon.advance(walk(lexicon, "fo"), NO_TEXT) == walk(lexicon, "fo")
 
 
 def test_a_lexicon_holds_words_only():
@@ -77,7 +80,10 @@ def test_choose_text_writes_the_likeliest_allowed_byte_and_decides_to_write_unco
     chosen = choose_text(logits, 0.5, allowed).tolist()
     assert chosen[0] == ord("t")  # the likeliest byte the lexicon allows
     assert chosen[1] not in (NO_TEXT, ord("x"))  # it still writes: the decision was the model's
-    assert choose_text(logits, None, allowed).tolist() == [ord("t"), NO_TEXT]  # greedy among the allowed
+    greedy = choose_text(logits, None, allowed).tolist()  # greedy writes as it would have, an allowed byte
+    assert greedy[0] == ord("t") and greedy[1] not in (NO_TEXT, ord("x"))
+    probs[1, NO_TEXT] = 0.7
+    assert choose_text(probs.log(), None, allowed).tolist()[1] == NO_TEXT  # and keeps quiet as it would have
 
 
 def letters_model() -> InteractionModel:
@@ -130,9 +136,10 @@ def test_a_step_that_fails_puts_the_word_being_written_back():
     chunk = np.zeros(TURN_SAMPLES, dtype=np.float32)
     session = engine._sessions["s"]
     text, turn = "", 0
-    while session.word_node == 0:  # until it is in the middle of a word
+    while session.word_node == 0 and turn < 20:  # until it is in the middle of a word
         text += engine.step([TurnInput("s", turn, chunk)])[0].text
         turn += 1
+    assert session.word_node != 0, f"never stopped mid-word: {text!r}"
     before, good = session.word_node, session.vocoder
     session.vocoder = VocoderState(good.spectrum, good.magnitude[..., :-1], good.committed, good.opening)
     with pytest.raises(RuntimeError):
@@ -175,3 +182,22 @@ def test_the_shipped_lexicon_holds_every_word_the_data_teaches():
     taught = set().union(*(words_written(c.text_out) for c in conversations))
     assert {"fifteen", "calc", "moment"} <= taught  # answers, requests and holding phrases were all seen
     assert taught <= set(engine.lexicon.words), taught - set(engine.lexicon.words)
+
+
+def test_a_micro_turn_without_text_ends_the_word():
+    """A barge-in cuts a reply mid-word ("fou") and silence follows: the next word must
+    start afresh, not be forced to go on as "four"."""
+    lexicon = Lexicon(["hello", "fifteen"])
+    model = letters_model()
+    engine = StreamingModel(model, max_sessions=1, write_threshold=0.5, lexicon=lexicon)
+    engine.open_session("s")
+    chunk = np.zeros(TURN_SAMPLES, dtype=np.float32)
+    session, turn = engine._sessions["s"], 0
+    while session.word_node == 0 and turn < 20:
+        engine.step([TurnInput("s", turn, chunk)])
+        turn += 1
+    assert session.word_node != 0
+    with torch.no_grad():
+        model.text_head.bias[NO_TEXT] = 100.0  # it falls silent for a whole micro-turn
+    assert engine.step([TurnInput("s", turn, chunk)])[0].text == ""
+    assert session.word_node == 0
