@@ -38,7 +38,6 @@ import argparse
 import json
 import re
 import statistics
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -224,12 +223,14 @@ def _stop(event: Event, timeline: Timeline) -> dict[str, object]:
     return {"stop_latency_s": round(0.2 * (stop_turn + 1) + timeline.lag_s - event.user_end_s, 3)}
 
 
+def rate(items: list[dict[str, object]], key: str) -> float | None:
+    """The share of ``items`` whose ``key`` is true (None: no items)."""
+    return round(sum(bool(r[key]) for r in items) / len(items), 3) if items else None
+
+
 def aggregate(records: list[dict[str, object]]) -> dict[str, object]:
     def of(kind: str) -> list[dict[str, object]]:
         return [r for r in records if r["kind"] == kind]
-
-    def rate(items: list[dict[str, object]], key: str) -> float | None:
-        return round(sum(bool(r[key]) for r in items) / len(items), 3) if items else None
 
     answers = of("answer")
     latencies = [r["latency_s"] for r in answers if r["latency_s"] is not None]
@@ -264,14 +265,13 @@ def aggregate(records: list[dict[str, object]]) -> dict[str, object]:
         # the model has one): written right when its ear heard the numbers, and when not.
         "spoken_words_by_question": {
             question: {"scored": len(items), "spoken": rate(items, "right"), "written": rate(items, "written_right"),
-                       **_by_ear(items, rate)}
+                       **_by_ear(items)}
             for question, items in sorted(by_question.items())},
         "events": {kind: len(of(kind)) for kind in ("answer", "pause", "barge_in", "delegation", "noise")},
     }
 
 
-def _by_ear(items: list[dict[str, object]], rate: Callable[[list[dict[str, object]], str], float | None]
-            ) -> dict[str, object]:
+def _by_ear(items: list[dict[str, object]]) -> dict[str, object]:
     marked = [h for h in items if "by_ear" in h]
     if not marked:
         return {}

@@ -24,6 +24,7 @@ has nothing else, so anything else is never the word the model meant.
 from __future__ import annotations
 
 import argparse
+import copy
 import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -78,14 +79,21 @@ class Lexicon:
     def __len__(self) -> int:
         return len(self.words)
 
-    def mask(self, nodes: Sequence[int]) -> torch.Tensor:
-        """(n, TEXT_VOCAB) bool: which ids each session may write next."""
-        return self.allowed[list(nodes)]
+    def on(self, device: torch.device) -> Lexicon:
+        """The same lexicon with its tables on ``device`` (where an engine chooses text)."""
+        moved = copy.copy(self)
+        moved.allowed, moved.next_node = self.allowed.to(device), self.next_node.to(device)
+        return moved
 
-    def advance(self, node: int, token: int) -> int:
-        """The node after writing ``token``: deeper in a word, or 0 once it ends (the
+    def mask(self, nodes: torch.Tensor | Sequence[int]) -> torch.Tensor:
+        """(n, TEXT_VOCAB) bool: which ids each session may write next."""
+        return self.allowed[torch.as_tensor(nodes, device=self.allowed.device)]
+
+    def advance(self, nodes: torch.Tensor | int, ids: torch.Tensor | int) -> torch.Tensor:
+        """The nodes after writing ``ids``: deeper in a word, or 0 once it ends (the
         engine also ends it after a micro-turn without text)."""
-        return int(self.next_node[node, token])
+        device = self.next_node.device
+        return self.next_node[torch.as_tensor(nodes, device=device), torch.as_tensor(ids, device=device)]
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text("".join(f"{word}\n" for word in self.words))

@@ -108,9 +108,8 @@ class StreamingModel:
         if write_threshold is not None:  # a checkpoint's decoding.json or a command line
             check_write_threshold(write_threshold)
         self.write_threshold = write_threshold  # see ``choose_text``; None: greedy
-        self.lexicon = lexicon  # the words text may spell (``model.lexicon``); None: any bytes
-        if lexicon is not None:  # its tables where the text ids are chosen
-            self._allowed, self._next_node = lexicon.allowed.to(self.device), lexicon.next_node.to(self.device)
+        # The words text may spell (``model.lexicon``), its tables where text is chosen; None: any bytes.
+        self.lexicon = lexicon.on(self.device) if lexicon is not None else None
         self.weights = weights  # what the page shows: "random" or the checkpoint's name
         self._sessions: dict[str, _Session] = {}
         # Sessions whose state the last ``step`` had to reset, and why (the engine
@@ -185,10 +184,10 @@ class StreamingModel:
             # A faulted row goes on with zeros: the heads then cannot raise on it
             # (e.g. sampling from NaN probabilities); its outputs are discarded.
             hidden = torch.where(finite[:, None], hidden, 0.0)
-            allowed = None if words is None else self._allowed[words]
+            allowed = None if words is None else self.lexicon.mask(words)
             text_ids = choose_text(model.text_head(pad_rows(hidden))[:n], self.write_threshold, allowed)
             if words is not None:
-                words = self._next_node[words, text_ids]
+                words = self.lexicon.advance(words, text_ids)
             mel = model.audio_head.sample(hidden, [s.generator for s in sessions], self.temperature)
             finite &= mel.isfinite().flatten(1).all(-1)
             texts.append(text_ids)
@@ -198,8 +197,9 @@ class StreamingModel:
                 hidden = self._forward(sessions, [fed_back[i : i + 1] for i in range(n)])
         for i, session in enumerate(sessions):
             session.pending = fed_back[i : i + 1].clone()
+        written = torch.stack(texts, dim=1)  # (n, out_positions)
         if words is not None:
-            silent = (torch.stack(texts, dim=1) == NO_TEXT).all(1)  # a micro-turn without text ends a word
+            silent = (written == NO_TEXT).all(1)  # a micro-turn without text ends a word
             for session, node in zip(sessions, torch.where(silent, 0, words).tolist(), strict=True):
                 session.word_node = node
 
@@ -210,7 +210,7 @@ class StreamingModel:
         voice, states = vocode_chunk(VocoderState.stack([s.vocoder for s in sessions]), mel_chunk)
         for session, state in zip(sessions, states.unstack(), strict=True):
             session.vocoder = state
-        spoken = torch.stack(texts, dim=1).cpu()  # (n, out_positions)
+        spoken = written.cpu()
         voices = [voice[i].clamp(-1, 1).numpy().astype(np.float32) for i in range(n)]
         for i in faulted:
             voices[i] = np.zeros_like(voices[i])
