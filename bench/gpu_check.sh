@@ -5,23 +5,30 @@
 #   2. meanwhile the xformers/CUDA tests and `bench model` on CUDA (xformers against SDPA);
 #   3. from TRAIN_AFTER seconds, PRESETS (default `small`; "tiny small" trains both
 #      side by side for a same-data, same-minutes comparison, as session 31 did) trained
-#      from scratch, bf16 autocast, for TRAIN_MINUTES, taking in the conversations made
-#      meanwhile (--follow-cache), so the data grows while the GPU trains;
+#      for TRAIN_MINUTES, bf16 autocast, taking in the conversations made meanwhile
+#      (--follow-cache), so the data grows while the GPU trains. A preset whose checkpoint
+#      is carried in INIT (INIT/small/, say) continues from those weights (--init, a
+#      fresh schedule at LR, default half the from-scratch rate); the others start anew;
 #   4. the checkpoints packed as bf16 in tar parts of at most 15 MiB for the trip back,
 #      the logs in logs.tar (at most 5 files: a call brings back 8, 64 MiB in all).
 # The machine has PyTorch, numpy and safetensors but not PyAV, espeak-ng or xformers:
-# those travel as wheels in .whl. The shipped weights stay behind (the wheels and the
-# repository with them would pass the 64 MiB a call may carry; nothing here needs them).
+# espeak-ng and xformers travel as wheels in .whl. PyAV need not: without it the
+# conversations are resampled in numpy (MICROTURN_RESAMPLER=sinc, model/audio.py), which
+# leaves room in the 64 MiB a call may carry for a checkpoint to continue (`small` in
+# bf16: 44 MB). The shipped weights stay behind (nothing here needs them).
 #
-# Prepared here, once (~1 minute; .whl ~49 MB):
+# Prepared here, once (~1 minute; .whl ~13 MB):
 #   echo /.whl/ >> .git/info/exclude
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #       --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
-#       -d .whl xformers==0.0.35 av==18.1.0 espeakng-loader==0.2.4
+#       -d .whl xformers==0.0.35 espeakng-loader==0.2.4
 #   mv checkpoints/tiny/model.safetensors /tmp/   # for the call only; put it back after
-# Then: device run, command "bash bench/gpu_check.sh", carry [".whl"], timeout_s 570.
+#   mkdir -p .carry && cp -r LAST_RUN/small .carry/   # to continue: what the last call brought back
+# Then: device run, command "INIT=.carry FIRST_SEED=N bash bench/gpu_check.sh" (N: seeds no run
+# has trained on; docs/training.md, "On a lent GPU", lists those taken), carry [".whl", ".carry"],
+# timeout_s 570.
 # Back here: cat small.tar.* | tar x -C DIR, then `microturn eval --checkpoint DIR/small`.
-# The numbers of the first such run, and their commands: docs/training.md, "On a lent GPU".
+# The numbers of each such run, and their commands: docs/training.md, "On a lent GPU".
 # Results land in $OUT (a plain run here writes them to /tmp/gpu_check; with no GPU the
 # CUDA tests skip and the rest runs on the CPU, which checks the plumbing: tests/test_train.py
 # runs it so, in seconds, through the upper-case settings below).
@@ -32,7 +39,8 @@ mkdir -p "$OUT" "$WORK"
 PYTHON=${PYTHON:-python3}
 DATA_MINUTES=${DATA_MINUTES:-6.5} WORKERS=${WORKERS:-13} DRILLS=${DRILLS:-300} TRAIN_AFTER=${TRAIN_AFTER:-130}
 TRAIN_MINUTES=${TRAIN_MINUTES:-5.5} BATCH=${BATCH:-32} REPEATS=${REPEATS:-15} PRESETS=${PRESETS:-small}
-FIRST_SEED=40000  # conversations no shipped model has seen (V8's reach 29,999)
+FIRST_SEED=${FIRST_SEED:-40000} FIRST_DRILL=${FIRST_DRILL:-4000}  # seeds no shipped model has seen (V8's reach 29,999)
+INIT=${INIT:-} LR=${LR:-} CHECKS=${CHECKS:-1}  # CHECKS=0: no CUDA tests or bench, all the time to training
 started=$SECONDS
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 WHEELS=${WHEELS:-.whl} SITE=${SITE:-/tmp/site}  # the carried wheels, and where they are unpacked
@@ -41,11 +49,13 @@ if compgen -G "$WHEELS/*.whl" > /dev/null; then
         && export PYTHONPATH="$PYTHONPATH:$SITE"
 fi
 DEVICE=$("$PYTHON" -c "import torch; print('cuda' if torch.cuda.is_available() else 'cpu')")
+"$PYTHON" -c "import av" 2> /dev/null || export MICROTURN_RESAMPLER=sinc  # no PyAV carried: numpy resamples
 { nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv 2>/dev/null
   nproc
   "$PYTHON" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
   "$PYTHON" -c "import xformers; print('xformers', xformers.__version__)" 2>&1 | tail -1
-  "$PYTHON" -c "import av; print('av', av.__version__)" 2>&1 | tail -1; } | tee "$OUT/versions.txt"
+  "$PYTHON" -c "import av; print('av', av.__version__)" 2>&1 | tail -1
+  echo "resampler ${MICROTURN_RESAMPLER:-av}"; } | tee "$OUT/versions.txt"
 
 step() { echo "== $1 ($(date +%T))"; }
 status=0
@@ -54,20 +64,22 @@ status=0
 # and the training reads them all at its start; ~30 s, well inside TRAIN_AFTER), then
 # conversations until the deadline.
 step "data: $DRILLS drills, then conversations from seed $FIRST_SEED for $DATA_MINUTES min on $WORKERS processes"
-common=(--cache "$WORK/cache" --first-drill 4000 --workers "$WORKERS" --steps 0)
+common=(--cache "$WORK/cache" --first-drill "$FIRST_DRILL" --workers "$WORKERS" --steps 0)
 { "$PYTHON" -m model.train --out "$WORK/data" "${common[@]}" --conversations 0 --drills "$DRILLS" \
   && "$PYTHON" -m model.train --out "$WORK/data" "${common[@]}" --conversations 100000 \
          --first-seed "$FIRST_SEED" --data-minutes "$DATA_MINUTES"; } > "$OUT/data.log" 2>&1 &
 data=$!
 
-# The repository's conftest starts servers (aiortc, starlette: not there); these tests need none.
-step "CUDA and xformers tests"
-timeout 120 "$PYTHON" -m pytest --noconftest -q -rs -p no:cacheprovider tests/test_attention_backends.py 2>&1 \
-    | tee "$OUT/tests.log" || status=1
+if [ "$CHECKS" = 1 ]; then
+    # The repository's conftest starts servers (aiortc, starlette: not there); these tests need none.
+    step "CUDA and xformers tests"
+    timeout 120 "$PYTHON" -m pytest --noconftest -q -rs -p no:cacheprovider tests/test_attention_backends.py 2>&1 \
+        | tee "$OUT/tests.log" || status=1
 
-step "bench model on $DEVICE (the data generation shares the CPU)"
-timeout 150 "$PYTHON" -m bench.model --json --repeats "$REPEATS" --device "$DEVICE" > "$OUT/bench_model.json" || status=1
-cat "$OUT/bench_model.json"
+    step "bench model on $DEVICE (the data generation shares the CPU)"
+    timeout 150 "$PYTHON" -m bench.model --json --repeats "$REPEATS" --device "$DEVICE" > "$OUT/bench_model.json" || status=1
+    cat "$OUT/bench_model.json"
+fi
 
 wait_s=$((TRAIN_AFTER - (SECONDS - started)))
 [ "$wait_s" -gt 0 ] && sleep "$wait_s"
@@ -77,9 +89,14 @@ step "train ${PRESETS// /, } for $TRAIN_MINUTES min each, side by side, followin
 trainers=()
 for preset in $PRESETS; do
     lr=2e-3; [ "$preset" = tiny ] || lr=1e-3  # the wider model at half tiny's rate
+    start=(--preset "$preset")
+    if [ -n "$INIT" ] && [ -f "$INIT/$preset/model.safetensors" ]; then
+        start=(--init "$INIT/$preset"); lr=$("$PYTHON" -c "print($lr / 2)")  # continued: a gentler schedule
+    fi
+    lr=${LR:-$lr}
     # In a subshell: $! is then the pipeline's status under pipefail, not tr's.
-    ( "$PYTHON" -m model.train --out "$WORK/$preset" --preset "$preset" --cache "$WORK/cache" --follow-cache \
-        --conversations 100000 --first-seed "$FIRST_SEED" --drills "$DRILLS" --first-drill 4000 \
+    ( "$PYTHON" -m model.train --out "$WORK/$preset" "${start[@]}" --cache "$WORK/cache" --follow-cache \
+        --conversations 100000 --first-seed "$FIRST_SEED" --drills "$DRILLS" --first-drill "$FIRST_DRILL" \
         --steps 1000000 --minutes "$TRAIN_MINUTES" --batch "$BATCH" --turns 80 --lr "$lr" --warmup 100 \
         --save-every 1000000 --seed 0 --listen-weight 0.25 --text-weight 3 --speech-weight 2 2>&1 \
         | tr '\r' '\n' > "$OUT/train-$preset.log" ) &
@@ -88,7 +105,7 @@ done
 for pid in "${trainers[@]}" "$data"; do wait "$pid" || status=1; done
 cat "$OUT/data.log"
 for preset in $PRESETS; do
-    echo "-- $preset"; grep "step \|data:" "$OUT/train-$preset.log" | awk 'NR == 1 || NR % 20 == 0'
+    echo "-- $preset"; grep "model:\|step \|data:" "$OUT/train-$preset.log" | awk 'NR <= 2 || NR % 20 == 0'
     tail -1 "$OUT/train-$preset.log"
 done
 
@@ -99,8 +116,11 @@ save_checkpoint(load_checkpoint(sys.argv[1]), sys.argv[1], torch.bfloat16)" "$WO
     tar -C "$WORK" -c "$preset/model.safetensors" "$preset/config.json" | split -b 15M -d - "$OUT/$preset.tar." || status=1
 done
 # A call brings back at most 8 files: the logs go as one.
-(cd "$OUT" && tar -cf logs.tar versions.txt tests.log bench_model.json data.log train-*.log \
-    && rm versions.txt tests.log bench_model.json data.log train-*.log) || status=1
+logs=()  # CHECKS=0 writes no tests.log or bench_model.json
+for log in "$OUT"/{versions.txt,tests.log,bench_model.json,data.log} "$OUT"/train-*.log; do
+    [ -f "$log" ] && logs+=("$(basename "$log")")
+done
+(cd "$OUT" && tar -cf logs.tar "${logs[@]}" && rm "${logs[@]}") || status=1
 ls -l "$OUT"
 step "done: status $status"
 exit $status

@@ -1,8 +1,30 @@
-"""Whole-signal resampling with PyAV (the same library the server streams through)."""
+"""Whole-signal resampling: PyAV (the library the server streams through) by default,
+or a windowed-sinc resampler in numpy where PyAV is not installed.
+
+The lent GPU machine has no PyAV, and its 35.8 MB wheel would crowd out the weights a
+continued training run carries there (bench/gpu_check.sh), so the conversations made
+there set ``MICROTURN_RESAMPLER=sinc``. The two agree to within a fraction of a percent
+of the signal (tests/test_audio_resampling.py) but not bit for bit, so the training cache
+keeps what each makes apart (``model.train.cache_name``) and held-out evaluation, made
+here, always uses PyAV.
+"""
 
 from __future__ import annotations
 
+import math
+import os
+
 import numpy as np
+
+RESAMPLERS = ("av", "sinc")
+
+
+def resampler() -> str:
+    """The resampler this process uses, from ``MICROTURN_RESAMPLER`` (default ``av``)."""
+    name = os.environ.get("MICROTURN_RESAMPLER", "av")
+    if name not in RESAMPLERS:
+        raise ValueError(f"MICROTURN_RESAMPLER={name!r}: expected one of {', '.join(RESAMPLERS)}")
+    return name
 
 
 def resample_mono(audio: np.ndarray, rate_in: int, rate_out: int, fmt: str = "flt") -> np.ndarray:
@@ -10,10 +32,41 @@ def resample_mono(audio: np.ndarray, rate_in: int, rate_out: int, fmt: str = "fl
     ("flt": float32, "s16": int16), the resampler's tail flushed."""
     if rate_in == rate_out and fmt == "flt":
         return audio.astype(np.float32)
+    if resampler() == "sinc":
+        out = resample_sinc(audio, rate_in, rate_out)
+        return out if fmt == "flt" else np.clip(np.round(out * 32768), -32768, 32767).astype(np.int16)
     import av  # here, not at the top: training from a full cache needs no PyAV (bench/gpu_check.sh)
 
     frame = av.AudioFrame.from_ndarray(audio.astype(np.float32).reshape(1, -1), format="flt", layout="mono")
     frame.sample_rate = rate_in
-    resampler = av.AudioResampler(format=fmt, layout="mono", rate=rate_out)
-    parts = [o.to_ndarray()[0] for o in (*resampler.resample(frame), *resampler.resample(None))]
+    resampler_ = av.AudioResampler(format=fmt, layout="mono", rate=rate_out)
+    parts = [o.to_ndarray()[0] for o in (*resampler_.resample(frame), *resampler_.resample(None))]
     return np.concatenate(parts) if parts else np.zeros(0, np.float32 if fmt == "flt" else np.int16)
+
+
+def resample_sinc(audio: np.ndarray, rate_in: int, rate_out: int, zero_crossings: int = 16,
+                  cutoff: float = 0.97, beta: float = 8.6) -> np.ndarray:
+    """Band-limited resampling with a Kaiser-windowed sinc: the low-pass sits at
+    ``cutoff`` of the lower rate's Nyquist, ``zero_crossings`` lobes each side. No delay,
+    and ``ceil(n * rate_out / rate_in)`` samples out, as PyAV gives (to one)."""
+    audio = np.asarray(audio, dtype=np.float64)
+    common = math.gcd(rate_in, rate_out)
+    up, down = rate_out // common, rate_in // common
+    n_out = math.ceil(audio.size * up / down)
+    band = cutoff * min(rate_in, rate_out) / rate_in  # the pass band, as a fraction of the input's Nyquist
+    half_width = zero_crossings / band  # in input samples, each side
+    reach = math.ceil(half_width)
+    # Output j sits at input time j * down / up: sample (j * down) // up plus a phase of
+    # at most `up` values, so the filter is worked out once per phase that occurs.
+    position = np.arange(n_out, dtype=np.int64) * down
+    phases, which = np.unique(position % up, return_inverse=True)
+    distance = phases[:, None] / up - np.arange(-reach, reach + 1)[None, :]  # (phases, taps)
+    window = np.i0(beta * np.sqrt(np.clip(1 - (distance / half_width) ** 2, 0, None))) / np.i0(beta)
+    weights = band * np.sinc(band * distance) * window * (np.abs(distance) <= half_width)
+    padded = np.pad(audio, (2 * reach, 2 * reach + 1))
+    out = np.empty(n_out, np.float64)
+    for first in range(0, n_out, 8192):  # in blocks: the gathered taps stay a few MB
+        block = slice(first, first + 8192)
+        taps = (position[block] // up + reach)[:, None] + np.arange(2 * reach + 1)[None, :]
+        out[block] = np.einsum("ij,ij->i", padded[taps], weights[which[block]])
+    return out.astype(np.float32)

@@ -38,7 +38,7 @@ from pathlib import Path
 import numpy as np
 
 from model.arguments import at_least, positive
-from model.audio import resample_mono
+from model.audio import resample_mono, resampler
 from model.config import NO_TEXT
 from model.interface import SAMPLE_RATE, TURN_SAMPLES
 from model.speech import Voice, synthesize
@@ -425,8 +425,10 @@ def make_answer_drill(seed: int, duration_s: float = 24.0) -> Conversation:
 DRILLS = {"delegation": make_delegation_drill, "answer": make_answer_drill}
 
 
-def _one(args: tuple[int, bool, float, str | None]) -> Conversation:
-    seed, held_out, duration_s, drill = args
+def _one(args: tuple[int, bool, float, str | None, str]) -> Conversation:
+    seed, held_out, duration_s, drill, resampler_name = args
+    # The fork server keeps the environment it started with, not the caller's of now.
+    os.environ["MICROTURN_RESAMPLER"] = resampler_name
     return DRILLS[drill](seed, duration_s) if drill else make_conversation(seed, held_out, duration_s)
 
 
@@ -443,7 +445,7 @@ def generate(seeds: list[int], held_out: bool = False, duration_s: float = 24.0,
     executor = ProcessPoolExecutor(workers, mp_context=context, max_tasks_per_child=1)
     try:
         with _one_openmp_thread():  # the first submit starts the fork server
-            futures = [executor.submit(_one, (seed, held_out, duration_s, drill)) for seed in seeds]
+            futures = [executor.submit(_one, (seed, held_out, duration_s, drill, resampler())) for seed in seeds]
         return [future.result() for future in futures]
     except BrokenProcessPool as error:
         raise RuntimeError(

@@ -8,7 +8,7 @@ output predicts it. Loss: text cross-entropy plus the audio head's loss.
 
 CPU by default, bf16 autocast on CUDA, data-parallel under ``torchrun``. Resumable:
 ``--resume`` continues from ``OUT/train_state.pt`` (weights, optimiser, step, data
-position). Generated conversations are cached under ``--cache``/``CACHE_NAME``
+position). Generated conversations are cached under ``--cache``/``cache_name()``
 (dMel bins as uint8: ~0.3 MB a conversation; the user's at ``dmel.FINE_BINS`` levels,
 which every ``ModelConfig.audio_in_bins`` nests in).
 
@@ -36,6 +36,7 @@ import torch.nn.functional as F
 
 from model import dmel, listening
 from model.arguments import at_least, between, positive
+from model.audio import resampler
 from model.config import NO_TEXT, ModelConfig, preset
 from model.conversations import DATA_VERSION, Conversation, generate
 from model.heads import weighted_mean
@@ -49,6 +50,12 @@ from model.weights import (deepen, deepened_blocks, load_checkpoint, save_checkp
 STATE_FILE = "train_state.pt"
 # The data version and the levels the user's bins are stored at: either changes the examples.
 CACHE_NAME = f"v{DATA_VERSION}-user{dmel.FINE_BINS}"
+
+
+def cache_name() -> str:
+    """``CACHE_NAME``, marked when this process resamples without PyAV (``model.audio``):
+    the two resamplers' conversations differ in their low bits, so they are kept apart."""
+    return CACHE_NAME if resampler() == "av" else f"{CACHE_NAME}-{resampler()}"
 
 
 @dataclass
@@ -102,7 +109,7 @@ def load_examples(seeds: list[int], config: ModelConfig, cache: Path | None, wor
     longest run of ``seeds`` from the first that is ready (a lease of minutes)."""
     examples: dict[int, Example] = {}
     missing = []
-    cache = cache / CACHE_NAME if cache else None
+    cache = cache / cache_name() if cache else None
     prefix = _CACHE_PREFIX[drill]
     for seed in seeds:
         path = cache / f"{prefix}{seed}.pt" if cache else None
@@ -134,7 +141,7 @@ def load_examples(seeds: list[int], config: ModelConfig, cache: Path | None, wor
 def cached_run(cache: Path, first: int, limit: int) -> list[Example]:
     """The conversations cached from seed ``first`` up to the first gap (or ``limit``):
     what a generator running beside the training has finished (``--follow-cache``)."""
-    directory, examples = cache / CACHE_NAME, []
+    directory, examples = cache / cache_name(), []
     while first + len(examples) < limit and (path := directory / f"{first + len(examples)}.pt").exists():
         examples.append(Example(**torch.load(path)))
     return examples
@@ -426,6 +433,10 @@ def train(args: argparse.Namespace) -> list[float]:
             raise ValueError("--listen-weight with --resume: the run's model was fixed when it started")
         model = with_parts(model, listen_head=True)
     config = model.config
+    if rank == 0 and args.steps:  # (--steps 0 only makes data)
+        origin = f"resumed in {out}" if state is not None else f"from {args.init}" if args.init else "new"
+        print(f"model: {config.preset}, {sum(p.numel() for p in model.parameters()):,} parameters, {origin}",
+              file=sys.stderr)
     check_trained_span(config, args.turns)
     model.to(device).train()
     frozen_but = "listen_head." if args.listen_probe else "audio_head." if args.audio_head_only else None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import re
 import statistics
 import subprocess
 import sys
@@ -273,22 +274,32 @@ def test_training_from_a_full_cache_needs_no_media_libraries(tmp_path):
 
 
 @pytest.mark.timeout(300)  # ~60 s alone; a loaded 2-core machine has taken twice that
-def test_the_prepared_gpu_check_runs_here_without_a_gpu(tmp_path):
+def test_the_prepared_gpu_check_runs_here_without_a_gpu(tmp_path, monkeypatch):
     """bench/gpu_check.sh is for a GPU lease of minutes, so its plumbing is checked
     here: without CUDA its CUDA tests skip, the bench and both trainings run on the
-    CPU, and what comes back (at most 8 files) unpacks into checkpoints that load."""
+    CPU — one continuing a carried checkpoint, one from scratch — with PyAV absent, as
+    there, and what comes back (at most 8 files) unpacks into checkpoints that load."""
     import tarfile
     from pathlib import Path
 
     from model.train import load_examples
     from model.weights import load_checkpoint
 
-    # Two conversations cached where the script starts; a deadline already past makes no more.
-    load_examples([40000, 40001], preset("tiny"), tmp_path / "work" / "cache")
     repository = Path(__file__).resolve().parents[1]
+    # PyAV absent, as on the GPU machine: a package of its name that fails to import.
+    (tmp_path / "no-av" / "av").mkdir(parents=True)
+    (tmp_path / "no-av" / "av" / "__init__.py").write_text("raise ImportError('no PyAV on this machine')\n")
+    # Two conversations cached where the script starts, made as it would make them (no
+    # PyAV: numpy resamples); a deadline already past makes no more.
+    monkeypatch.setenv("MICROTURN_RESAMPLER", "sinc")
+    load_examples([40000, 40001], preset("tiny"), tmp_path / "work" / "cache")
+    monkeypatch.delenv("MICROTURN_RESAMPLER")
+    (tmp_path / "carried").mkdir()
+    (tmp_path / "carried" / "tiny").symlink_to(repository / "checkpoints" / "tiny")  # continued; small is not carried
     env = {**os.environ, "OUT": str(tmp_path / "out"), "WORK": str(tmp_path / "work"), "PYTHON": sys.executable,
            "DATA_MINUTES": "0.0001", "WORKERS": "1", "DRILLS": "0", "TRAIN_AFTER": "0", "TRAIN_MINUTES": "0.05",
-           "BATCH": "2", "REPEATS": "1", "PRESETS": "tiny small",
+           "BATCH": "2", "REPEATS": "1", "PRESETS": "tiny small", "INIT": str(tmp_path / "carried"),
+           "PYTHONPATH": str(tmp_path / "no-av"),
            "WHEELS": str(tmp_path / "no-wheels")}  # what a fresh clone has: none carried here
     run = subprocess.run(["bash", str(repository / "bench" / "gpu_check.sh")], cwd=repository, env=env,
                          capture_output=True, text=True, timeout=240, check=False)
@@ -298,14 +309,18 @@ def test_the_prepared_gpu_check_runs_here_without_a_gpu(tmp_path):
     assert len(list(out.iterdir())) <= 8, report
     with tarfile.open(out / "logs.tar") as logs:
         logs.extractall(tmp_path / "logs", filter="data")
+    assert "resampler sinc" in (tmp_path / "logs" / "versions.txt").read_text()
     tests = (tmp_path / "logs" / "tests.log").read_text()
     assert " passed" in tests and "failed" not in tests, tests
     bench = json.loads((tmp_path / "logs" / "bench_model.json").read_text())
     assert bench["device"] == "cpu" and set(bench["step_ms_by_sessions"]) == {"1", "8", "32", "64"}
     assert "2 of 100000 conversations ready" in (tmp_path / "logs" / "data.log").read_text()
-    for name, parameters in (("tiny", 6_060_702), ("small", 22_033_390)):
+    first_loss = {}
+    for name, parameters, origin in (("tiny", 6_060_702, f"from {tmp_path / 'carried' / 'tiny'}"),
+                                     ("small", 22_033_390, "new")):
         log = (tmp_path / "logs" / f"train-{name}.log").read_text()
         assert "2 of 100000 conversations ready" in log and "step " in log, log  # --follow-cache found both
+        first_loss[name] = float(re.search(r"loss ([0-9.]+)", log)[1])
         parts = sorted(out.glob(f"{name}.tar.*"))
         assert parts and all(part.stat().st_size <= 15 * 2**20 for part in parts)
         packed = tmp_path / f"{name}.tar"
@@ -315,6 +330,8 @@ def test_the_prepared_gpu_check_runs_here_without_a_gpu(tmp_path):
         model = load_checkpoint(tmp_path / "back" / name)  # bf16 on disk, float32 once loaded
         assert model.config.preset == name and sum(p.numel() for p in model.state_dict().values()) == parameters
         assert all(p.dtype == torch.float32 for p in model.parameters())
+        assert f"model: {name}, {sum(p.numel() for p in model.parameters()):,} parameters, {origin}\n" in log, log
+    assert first_loss["tiny"] < first_loss["small"] / 4, first_loss  # the carried weights, trained; not new ones
 
 
 def test_a_time_budget_fits_the_schedule_to_the_steps_it_will_reach():
