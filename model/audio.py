@@ -5,8 +5,8 @@ The lent GPU machine has no PyAV, and its 35.8 MB wheel would crowd out the weig
 continued training run carries there (bench/gpu_check.sh), so the conversations made
 there set ``MICROTURN_RESAMPLER=sinc``. The two agree to within a fraction of a percent
 of the signal (tests/test_audio_resampling.py) but not bit for bit, so the training cache
-keeps what each makes apart (``model.train.cache_name``) and held-out evaluation, made
-here, always uses PyAV.
+keeps what each makes apart (``model.train.cache_name``), and evaluation refuses the
+numpy one, so that every figure in docs/eval.md is of the same sound.
 """
 
 from __future__ import annotations

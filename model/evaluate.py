@@ -46,6 +46,7 @@ import torch
 
 from model import listening, recognise
 from model.arguments import at_least, lexicon_file, positive, write_threshold
+from model.audio import resampler
 from model.conversations import NUMBER_WORDS, Conversation, Event, generate
 from model.copying import copy_probe
 from model.interaction import InteractionModel
@@ -281,6 +282,14 @@ def _by_ear(items: list[dict[str, object]]) -> dict[str, object]:
             "written_when_misheard": rate([h for h in marked if not h["by_ear"]], "written_right")}
 
 
+def _check_resampler() -> None:
+    """Every figure in docs/eval.md is on conversations resampled by PyAV; the numpy
+    resampler (model/audio.py) is for training data made where PyAV is missing."""
+    if resampler() != "av":
+        raise ValueError(f"MICROTURN_RESAMPLER={resampler()}: evaluation conversations are made with PyAV, "
+                         "so that every evaluation is of the same sound; unset it to evaluate")
+
+
 def evaluate(engine: StreamingModel | None, seeds: list[int], plots: Path | None = None,
              held_out: bool = True, duration_s: float = 24.0) -> dict[str, object]:
     """Scores over held-out conversations; ``engine=None`` scores the reference tracks.
@@ -288,6 +297,7 @@ def evaluate(engine: StreamingModel | None, seeds: list[int], plots: Path | None
     ``held_out=False`` the users speak in the training voices (use seeds beyond the
     training range): what is left of the gap is the skill, not hearing new voices.
     A seed's conversation depends on ``duration_s`` too."""
+    _check_resampler()
     records: list[dict[str, object]] = []
     conversations = generate(seeds, held_out=held_out, duration_s=duration_s)
     listens = engine is not None and engine.model.config.listen_head
@@ -401,6 +411,10 @@ def main(argv: list[str] | None = None) -> None:
                         help="word list the text must spell (model/lexicon.py), or 'none' "
                              "(default: as the checkpoint's decoding.json says)")
     args = parser.parse_args(argv)
+    try:
+        _check_resampler()
+    except ValueError as error:
+        parser.error(str(error))
     decoding = {key: getattr(args, key) for key in ("write_threshold", "lexicon") if key in args}
     if args.heard_only and args.reference:
         parser.error("--heard-only reads a model's listening head; the reference tracks have none")

@@ -70,3 +70,14 @@ def test_an_unknown_resampler_is_a_clear_error(monkeypatch):
     monkeypatch.setenv("MICROTURN_RESAMPLER", "sox")
     with pytest.raises(ValueError, match="MICROTURN_RESAMPLER='sox': expected one of av, sinc"):
         resample_mono(np.zeros(100, np.float32), 22050, 16000)
+
+
+def test_evaluation_refuses_conversations_not_made_with_pyav(monkeypatch, capsys):
+    from model.evaluate import evaluate, main
+
+    monkeypatch.setenv("MICROTURN_RESAMPLER", "sinc")
+    with pytest.raises(ValueError, match="evaluation conversations are made with PyAV"):
+        evaluate(None, [1_000_000])
+    with pytest.raises(SystemExit) as exit_:
+        main(["--reference", "--conversations", "1"])
+    assert exit_.value.code == 2 and "unset it to evaluate" in capsys.readouterr().err
