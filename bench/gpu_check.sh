@@ -23,7 +23,7 @@
 #       --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
 #       -d .whl xformers==0.0.35 espeakng-loader==0.2.4
 #   mv checkpoints/tiny/model.safetensors /tmp/   # for the call only; put it back after
-#   mkdir -p .carry && cp -r LAST_RUN/small .carry/   # to continue: what the last call brought back
+#   echo /.carry/ >> .git/info/exclude; mkdir -p .carry && cp -r LAST_RUN/small .carry/   # to continue one
 # Then: device run, command "INIT=.carry FIRST_SEED=N bash bench/gpu_check.sh" (N: seeds no run
 # has trained on; docs/training.md, "On a lent GPU", lists those taken), carry [".whl", ".carry"],
 # timeout_s 570.
@@ -39,8 +39,15 @@ mkdir -p "$OUT" "$WORK"
 PYTHON=${PYTHON:-python3}
 DATA_MINUTES=${DATA_MINUTES:-6.5} WORKERS=${WORKERS:-13} DRILLS=${DRILLS:-300} TRAIN_AFTER=${TRAIN_AFTER:-130}
 TRAIN_MINUTES=${TRAIN_MINUTES:-5.5} BATCH=${BATCH:-32} REPEATS=${REPEATS:-15} PRESETS=${PRESETS:-small}
-FIRST_SEED=${FIRST_SEED:-40000} FIRST_DRILL=${FIRST_DRILL:-4000}  # seeds no shipped model has seen (V8's reach 29,999)
+# Seeds no run has trained on (docs/training.md, "On a lent GPU", lists those taken: move these on after each call).
+FIRST_SEED=${FIRST_SEED:-42000} FIRST_DRILL=${FIRST_DRILL:-4700}
 INIT=${INIT:-} LR=${LR:-} CHECKS=${CHECKS:-1}  # CHECKS=0: no CUDA tests or bench, all the time to training
+case "$CHECKS" in 0 | 1) ;; *) echo "CHECKS=$CHECKS: 0 or 1" >&2; exit 2 ;; esac
+if [ -n "$INIT" ]; then  # a lease is too short to find out from a log that nothing was continued
+    carried=0
+    for preset in $PRESETS; do [ -f "$INIT/$preset/model.safetensors" ] && carried=1; done
+    [ "$carried" = 1 ] || { echo "INIT=$INIT holds none of $PRESETS (INIT/PRESET/model.safetensors)" >&2; exit 2; }
+fi
 started=$SECONDS
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 WHEELS=${WHEELS:-.whl} SITE=${SITE:-/tmp/site}  # the carried wheels, and where they are unpacked

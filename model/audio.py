@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import os
+from functools import lru_cache
 
 import numpy as np
 
@@ -33,7 +34,7 @@ def resample_mono(audio: np.ndarray, rate_in: int, rate_out: int, fmt: str = "fl
     if rate_in == rate_out and fmt == "flt":
         return audio.astype(np.float32)
     if resampler() == "sinc":
-        out = resample_sinc(audio, rate_in, rate_out)
+        out = audio.astype(np.float32) if rate_in == rate_out else resample_sinc(audio, rate_in, rate_out)
         return out if fmt == "flt" else np.clip(np.round(out * 32768), -32768, 32767).astype(np.int16)
     import av  # here, not at the top: training from a full cache needs no PyAV (bench/gpu_check.sh)
 
@@ -44,29 +45,37 @@ def resample_mono(audio: np.ndarray, rate_in: int, rate_out: int, fmt: str = "fl
     return np.concatenate(parts) if parts else np.zeros(0, np.float32 if fmt == "flt" else np.int16)
 
 
-def resample_sinc(audio: np.ndarray, rate_in: int, rate_out: int, zero_crossings: int = 16,
-                  cutoff: float = 0.97, beta: float = 8.6) -> np.ndarray:
-    """Band-limited resampling with a Kaiser-windowed sinc: the low-pass sits at
-    ``cutoff`` of the lower rate's Nyquist, ``zero_crossings`` lobes each side. No delay,
-    and ``ceil(n * rate_out / rate_in)`` samples out, as PyAV gives (to one)."""
+def resample_sinc(audio: np.ndarray, rate_in: int, rate_out: int) -> np.ndarray:
+    """Band-limited resampling with a Kaiser-windowed sinc (``_sinc_filters``). No
+    delay, and ``ceil(n * rate_out / rate_in)`` samples out, as PyAV gives (to one)."""
     audio = np.asarray(audio, dtype=np.float64)
     common = math.gcd(rate_in, rate_out)
     up, down = rate_out // common, rate_in // common
-    n_out = math.ceil(audio.size * up / down)
-    band = cutoff * min(rate_in, rate_out) / rate_in  # the pass band, as a fraction of the input's Nyquist
-    half_width = zero_crossings / band  # in input samples, each side
-    reach = math.ceil(half_width)
-    # Output j sits at input time j * down / up: sample (j * down) // up plus a phase of
-    # at most `up` values, so the filter is worked out once per phase that occurs.
+    n_out = -(-audio.size * up // down)  # ceil, in integers
+    filters = _sinc_filters(up, down)
+    reach = filters.shape[1] // 2
+    # Output j sits at input time j * down / up: sample (j * down) // up plus one of
+    # `up` phases, each with its own filter.
     position = np.arange(n_out, dtype=np.int64) * down
-    phases, which = np.unique(position % up, return_inverse=True)
-    distance = phases[:, None] / up - np.arange(-reach, reach + 1)[None, :]  # (phases, taps)
-    window = np.i0(beta * np.sqrt(np.clip(1 - (distance / half_width) ** 2, 0, None))) / np.i0(beta)
-    weights = band * np.sinc(band * distance) * window * (np.abs(distance) <= half_width)
-    padded = np.pad(audio, (2 * reach, 2 * reach + 1))
+    padded = np.pad(audio, (reach, reach + 1))  # padded[i + reach] is audio[i], zeros beyond
     out = np.empty(n_out, np.float64)
     for first in range(0, n_out, 8192):  # in blocks: the gathered taps stay a few MB
-        block = slice(first, first + 8192)
-        taps = (position[block] // up + reach)[:, None] + np.arange(2 * reach + 1)[None, :]
-        out[block] = np.einsum("ij,ij->i", padded[taps], weights[which[block]])
+        block = position[first : first + 8192]
+        taps = (block // up)[:, None] + np.arange(2 * reach + 1)[None, :]  # audio[nearest - reach ...]
+        out[first : first + block.size] = np.einsum("ij,ij->i", padded[taps], filters[block % up])
     return out.astype(np.float32)
+
+
+@lru_cache(maxsize=8)  # a conversation uses two rate pairs: espeak-ng's, and its voice's stretch
+def _sinc_filters(up: int, down: int, zero_crossings: int = 16, cutoff: float = 0.97,
+                  beta: float = 8.6) -> np.ndarray:
+    """(up, taps) filters, one per output phase, for resampling by ``up / down``: the
+    low-pass at ``cutoff`` of the lower rate's Nyquist, ``zero_crossings`` lobes each side."""
+    band = cutoff * min(up, down) / down  # the pass band, as a fraction of the input's Nyquist
+    half_width = zero_crossings / band  # in input samples, each side
+    reach = math.ceil(half_width)
+    distance = np.arange(up)[:, None] / up - np.arange(-reach, reach + 1)[None, :]
+    window = np.i0(beta * np.sqrt(np.clip(1 - (distance / half_width) ** 2, 0, None))) / np.i0(beta)
+    filters = band * np.sinc(band * distance) * window * (np.abs(distance) <= half_width)
+    filters.flags.writeable = False  # shared by every call through the cache
+    return filters

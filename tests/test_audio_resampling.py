@@ -20,7 +20,8 @@ def speech() -> tuple[np.ndarray, int]:
     return utterance.audio.astype(np.float32), utterance.sample_rate
 
 
-def test_sinc_resampling_matches_pyav_on_speech(speech):
+def test_sinc_resampling_matches_pyav_on_speech(speech, monkeypatch):
+    monkeypatch.delenv("MICROTURN_RESAMPLER", raising=False)  # resample_mono is PyAV's, the reference
     audio, rate = speech
     at_16k = resample_mono(audio, rate, 16000)
     ours = resample_sinc(audio, rate, 16000)
@@ -52,6 +53,7 @@ def test_a_conversation_made_without_pyav_is_the_same_sound_in_its_own_cache(tmp
     from model.train import CACHE_NAME, load_examples
 
     config = preset("tiny")
+    monkeypatch.delenv("MICROTURN_RESAMPLER", raising=False)
     (with_pyav,) = load_examples([40000], config, tmp_path)
     monkeypatch.setenv("MICROTURN_RESAMPLER", "sinc")  # the workers take it from the caller, not the fork server
     (without,) = load_examples([40000], config, tmp_path)
@@ -73,11 +75,14 @@ def test_an_unknown_resampler_is_a_clear_error(monkeypatch):
 
 
 def test_evaluation_refuses_conversations_not_made_with_pyav(monkeypatch, capsys):
+    from model.conversations import generate
     from model.evaluate import evaluate, main
 
     monkeypatch.setenv("MICROTURN_RESAMPLER", "sinc")
     with pytest.raises(ValueError, match="evaluation conversations are made with PyAV"):
         evaluate(None, [1_000_000])
+    with pytest.raises(ValueError, match="held-out conversations are made with PyAV"):
+        generate([1_000_000], held_out=True)  # the voicing probe's and the load test's way in
     with pytest.raises(SystemExit) as exit_:
         main(["--reference", "--conversations", "1"])
     assert exit_.value.code == 2 and "unset it to evaluate" in capsys.readouterr().err

@@ -282,7 +282,7 @@ def test_the_prepared_gpu_check_runs_here_without_a_gpu(tmp_path, monkeypatch):
     import tarfile
     from pathlib import Path
 
-    from model.train import load_examples
+    from model.train import CACHE_NAME, load_examples
     from model.weights import load_checkpoint
 
     repository = Path(__file__).resolve().parents[1]
@@ -292,12 +292,12 @@ def test_the_prepared_gpu_check_runs_here_without_a_gpu(tmp_path, monkeypatch):
     # Two conversations cached where the script starts, made as it would make them (no
     # PyAV: numpy resamples); a deadline already past makes no more.
     monkeypatch.setenv("MICROTURN_RESAMPLER", "sinc")
-    load_examples([40000, 40001], preset("tiny"), tmp_path / "work" / "cache")
+    load_examples([42000, 42001], preset("tiny"), tmp_path / "work" / "cache")  # the script's first seeds
     monkeypatch.delenv("MICROTURN_RESAMPLER")
     (tmp_path / "carried").mkdir()
     (tmp_path / "carried" / "tiny").symlink_to(repository / "checkpoints" / "tiny")  # continued; small is not carried
     env = {**os.environ, "OUT": str(tmp_path / "out"), "WORK": str(tmp_path / "work"), "PYTHON": sys.executable,
-           "DATA_MINUTES": "0.0001", "WORKERS": "1", "DRILLS": "0", "TRAIN_AFTER": "0", "TRAIN_MINUTES": "0.05",
+           "DATA_MINUTES": "0.0001", "WORKERS": "1", "DRILLS": "1", "TRAIN_AFTER": "0", "TRAIN_MINUTES": "0.05",
            "BATCH": "2", "REPEATS": "1", "PRESETS": "tiny small", "INIT": str(tmp_path / "carried"),
            "PYTHONPATH": str(tmp_path / "no-av"),
            "WHEELS": str(tmp_path / "no-wheels")}  # what a fresh clone has: none carried here
@@ -315,6 +315,7 @@ def test_the_prepared_gpu_check_runs_here_without_a_gpu(tmp_path, monkeypatch):
     bench = json.loads((tmp_path / "logs" / "bench_model.json").read_text())
     assert bench["device"] == "cpu" and set(bench["step_ms_by_sessions"]) == {"1", "8", "32", "64"}
     assert "2 of 100000 conversations ready" in (tmp_path / "logs" / "data.log").read_text()
+    assert (tmp_path / "work" / "cache" / f"{CACHE_NAME}-sinc" / "drill-4700.pt").exists()  # made there, no PyAV
     first_loss = {}
     for name, parameters, origin in (("tiny", 6_060_702, f"from {tmp_path / 'carried' / 'tiny'}"),
                                      ("small", 22_033_390, "new")):
@@ -332,6 +333,19 @@ def test_the_prepared_gpu_check_runs_here_without_a_gpu(tmp_path, monkeypatch):
         assert all(p.dtype == torch.float32 for p in model.parameters())
         assert f"model: {name}, {sum(p.numel() for p in model.parameters()):,} parameters, {origin}\n" in log, log
     assert first_loss["tiny"] < first_loss["small"] / 4, first_loss  # the carried weights, trained; not new ones
+
+
+def test_the_gpu_check_stops_before_a_lease_is_spent_on_a_carried_checkpoint_it_cannot_find(tmp_path):
+    from pathlib import Path
+
+    repository = Path(__file__).resolve().parents[1]
+    (tmp_path / "carried" / "tiny").mkdir(parents=True)  # carried, but not the preset asked for
+    env = {**os.environ, "OUT": str(tmp_path / "out"), "WORK": str(tmp_path / "work"), "PYTHON": sys.executable,
+           "PRESETS": "small", "INIT": str(tmp_path / "carried")}
+    run = subprocess.run(["bash", str(repository / "bench" / "gpu_check.sh")], cwd=repository, env=env,
+                         capture_output=True, text=True, timeout=60, check=False)
+    assert run.returncode == 2 and "holds none of small" in run.stderr, run.stderr
+    assert not (tmp_path / "work" / "cache").exists()  # nothing started
 
 
 def test_a_time_budget_fits_the_schedule_to_the_steps_it_will_reach():
