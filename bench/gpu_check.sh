@@ -84,7 +84,8 @@ if [ "$CHECKS" = 1 ]; then
         | tee "$OUT/tests.log" || status=1
 
     step "bench model on $DEVICE (the data generation shares the CPU)"
-    timeout 150 "$PYTHON" -m bench.model --json --repeats "$REPEATS" --device "$DEVICE" > "$OUT/bench_model.json" || status=1
+    timeout 150 "$PYTHON" -m bench.model --json --repeats "$REPEATS" --device "$DEVICE" > "$OUT/bench_model.json" \
+        || status=1
     cat "$OUT/bench_model.json"
 fi
 

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 import re
 import statistics
 from dataclasses import dataclass
@@ -54,7 +55,7 @@ from model.interface import SAMPLE_RATE, TURN_SAMPLES, TurnInput
 from model.plot import timeline_image, write_png
 from model.streaming import StreamingModel, load_engine
 from model.text import Decoder
-from model.train import listened_states, teacher_forced_layers, to_example
+from model.train import batch_loss, crop, listened_states, teacher_forced_layers, to_example
 from model.vocoder import LAG_SAMPLES
 from server.tasks import TaskRequestParser
 from server.tools import ToolError, calculate
@@ -386,6 +387,26 @@ def mark_heard_by_ear(records: list[dict[str, object]], reads: dict[int, list[tu
             heard["by_ear"] = _numbers(read) == _numbers(target)
 
 
+def teacher_forced_loss(model: InteractionModel, conversations: list[Conversation],
+                        turns: int = 80) -> dict[str, float]:
+    """The training's loss on ``conversations``, teacher forced, on one window of
+    ``turns`` micro-turns each (placed by a fixed seed) with the weights every run since
+    session 14 trained with (text 3, speech 2, listening 0.25). Seconds where the closed
+    loop takes minutes; set against the same figure on conversations a model trained
+    on, it shows how much of its data it memorised."""
+    examples = [to_example(c, model.config) for c in conversations]
+    rng, totals = random.Random(0), {}
+    model.eval()
+    with torch.no_grad():
+        for first in range(0, len(examples), 4):
+            batch = [crop(e, turns, rng) for e in examples[first : first + 4]]
+            _, parts = batch_loss(model, batch, text_weight=3.0, speech_weight=2.0,
+                                  listen_weight=0.25 if model.config.listen_head else 0.0)
+            for key, value in parts.items():
+                totals[key] = totals.get(key, 0.0) + value * len(batch)
+    return {key: round(value / len(examples), 4) for key, value in totals.items()}
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="microturn eval", description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", default=None, help="checkpoint directory (default: random weights)")
@@ -401,6 +422,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--heard-only", action="store_true",
                         help="only what the listening head reads off the users' utterances (teacher forced, no "
                              "closed loop: seconds where the full evaluation takes minutes)")
+    parser.add_argument("--loss", action="store_true",
+                        help="only the training's loss, teacher forced (no closed loop): with --training-voices "
+                             "and a --first-seed no run trained on, against seeds it did, how much it memorised")
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--plots", default=None, help="directory for one timeline PNG per conversation")
     parser.add_argument("--write-threshold", default=argparse.SUPPRESS,
@@ -418,6 +442,8 @@ def main(argv: list[str] | None = None) -> None:
     decoding = {key: getattr(args, key) for key in ("write_threshold", "lexicon") if key in args}
     if args.heard_only and args.reference:
         parser.error("--heard-only reads a model's listening head; the reference tracks have none")
+    if args.loss and (args.reference or args.heard_only):
+        parser.error("--loss is a model's loss: not with --reference or --heard-only")
     engine = None if args.reference else load_engine(args.checkpoint, max_sessions=1, **decoding)
     seeds = list(range(args.first_seed, args.first_seed + args.conversations))
     held_out = not args.training_voices
@@ -428,6 +454,10 @@ def main(argv: list[str] | None = None) -> None:
         reads = {c.seed: read_by_ear(engine.model, c) for c in conversations}
         result = {"heard": listen_probe(reads, conversations), "conversations": len(seeds),
                   "voices": "held-out" if held_out else "training", "seconds": args.seconds}  # as evaluate() labels them
+    elif args.loss:
+        conversations = generate(seeds, held_out=held_out, duration_s=args.seconds)
+        result = {"loss": teacher_forced_loss(engine.model, conversations), "conversations": len(seeds),
+                  "voices": "held-out" if held_out else "training", "seconds": args.seconds}
     else:
         result = evaluate(engine, seeds, Path(args.plots) if args.plots else None, held_out=held_out,
                           duration_s=args.seconds)

@@ -121,6 +121,26 @@ def test_heard_only_reads_the_listening_head_without_the_closed_loop(capsys):
     assert "the random model has no listening head" in capsys.readouterr().err
 
 
+def test_loss_is_the_trainings_teacher_forced_loss_without_the_closed_loop(capsys):
+    """--loss: seconds, not minutes, to compare checkpoints, or a checkpoint on data it
+    trained on against data it did not (how much it memorised: docs/eval.md, session 34)."""
+    args = ["--loss", "--training-voices", "--first-seed", "5000000", "--conversations", "2", "--json"]
+    eval_main(["--checkpoint", str(default_checkpoint()), *args])
+    trained = json.loads(capsys.readouterr().out)
+    eval_main(args)  # random weights
+    untrained = json.loads(capsys.readouterr().out)
+    assert trained["conversations"] == 2 and trained["voices"] == "training"
+    assert set(trained["loss"]) == {"loss", "text", "audio", "listen"}  # the shipped model has a listening head
+    assert set(untrained["loss"]) == {"loss", "text", "audio"}
+    assert trained["loss"]["loss"] == pytest.approx(
+        trained["loss"]["text"] + trained["loss"]["audio"] + 0.25 * trained["loss"]["listen"], abs=1e-3)
+    assert trained["loss"]["text"] < untrained["loss"]["text"] / 10
+    assert trained["loss"]["audio"] < untrained["loss"]["audio"]
+    with pytest.raises(SystemExit):
+        eval_main(["--loss", "--reference"])
+    assert "--loss is a model's loss" in capsys.readouterr().err
+
+
 def test_a_delegation_counts_only_if_the_model_asked_for_the_right_sum():
     """Offline the data's result is fed back whatever the model asked; live, the tool
     answers the request it wrote. A model that misheard an operand and then read out
