@@ -147,9 +147,18 @@ def _room(audio: np.ndarray, rng: random.Random) -> np.ndarray:
     noise_rng = np.random.default_rng(rng.getrandbits(32))
     response = noise_rng.normal(0, 1, length) * np.exp(-6.9 * np.arange(length) / length)
     response[0] = 1.0 / rng.uniform(0.2, 0.6)  # the direct path dominates
-    wet = np.convolve(audio, response / np.abs(response).sum() * 4)[: audio.size]
+    wet = convolve(audio, response / np.abs(response).sum() * 4)[: audio.size]
     mix = rng.uniform(0.0, 0.5)
     return ((1 - mix) * audio + mix * wet).astype(np.float32)
+
+
+def convolve(signal: np.ndarray, response: np.ndarray) -> np.ndarray:
+    """Full linear convolution in float64, by FFT: done directly, a room's response
+    (1,600–8,000 taps) over a conversation was four fifths of its making (session 34)."""
+    size = 1 << (signal.size + response.size - 2).bit_length()  # a power of two >= the full length
+    spectrum = np.fft.rfft(signal.astype(np.float64), size) * np.fft.rfft(response.astype(np.float64), size)
+    full = np.fft.irfft(spectrum, size)  # (numpy's FFT keeps float32 input in float32: hence the casts)
+    return full[: signal.size + response.size - 1]
 
 
 class _Builder:
