@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Everything here that needs a CUDA GPU, as one call on a lent GPU machine (~9 minutes):
 #   1. drills, then conversations, generated there on its CPU cores for DATA_MINUTES,
-#      in the background all along (session 31 measured ~13 conversations/s on 14);
+#      in the background all along (session 31: ~13 conversations/s on 14; 1.7x that a core
+#      since session 34 made the room convolution FFT, docs/benchmarks.md);
 #   2. meanwhile the xformers/CUDA tests and `bench model` on CUDA (xformers against SDPA);
 #   3. from TRAIN_AFTER seconds, PRESETS (default `small`; "tiny small" trains both
 #      side by side for a same-data, same-minutes comparison, as session 31 did) trained
