@@ -155,6 +155,8 @@ def _room(audio: np.ndarray, rng: random.Random) -> np.ndarray:
 def convolve(signal: np.ndarray, response: np.ndarray) -> np.ndarray:
     """Full linear convolution in float64, by FFT: done directly, a room's response
     (1,600–8,000 taps) over a conversation was four fifths of its making (session 34)."""
+    if not signal.size or not response.size:
+        raise ValueError("convolve: an empty signal or response")  # as np.convolve
     size = 1 << (signal.size + response.size - 2).bit_length()  # a power of two >= the full length
     spectrum = np.fft.rfft(signal.astype(np.float64), size) * np.fft.rfft(response.astype(np.float64), size)
     full = np.fft.irfft(spectrum, size)  # (numpy's FFT keeps float32 input in float32: hence the casts)

@@ -390,21 +390,31 @@ def mark_heard_by_ear(records: list[dict[str, object]], reads: dict[int, list[tu
 def teacher_forced_loss(model: InteractionModel, conversations: list[Conversation],
                         turns: int = 80) -> dict[str, float]:
     """The training's loss on ``conversations``, teacher forced, on one window of
-    ``turns`` micro-turns each (placed by a fixed seed) with the weights every run since
-    session 14 trained with (text 3, speech 2, listening 0.25). Seconds where the closed
-    loop takes minutes; set against the same figure on conversations a model trained
-    on, it shows how much of its data it memorised."""
+    ``turns`` micro-turns each (placed by a fixed seed; the whole conversation if
+    shorter) with the weights every run since session 14 trained with (text 3, speech 2,
+    listening 0.25), its own voice fed back clean (training adds ``--history-noise``)
+    and the user's audio unmasked. Seconds where the closed loop takes minutes; set
+    against the same figure on conversations a model trained on, it shows how much of
+    its data it memorised. Each part is a mean over the batches that have it (a batch
+    with no whole utterance has no listening loss)."""
     examples = [to_example(c, model.config) for c in conversations]
-    rng, totals = random.Random(0), {}
+    rng = random.Random(0)
+    totals: dict[str, float] = {}
+    counts: dict[str, int] = {}
+    training = model.training
     model.eval()
-    with torch.no_grad():
-        for first in range(0, len(examples), 4):
-            batch = [crop(e, turns, rng) for e in examples[first : first + 4]]
-            _, parts = batch_loss(model, batch, text_weight=3.0, speech_weight=2.0,
-                                  listen_weight=0.25 if model.config.listen_head else 0.0)
-            for key, value in parts.items():
-                totals[key] = totals.get(key, 0.0) + value * len(batch)
-    return {key: round(value / len(examples), 4) for key, value in totals.items()}
+    try:
+        with torch.no_grad():
+            for first in range(0, len(examples), 4):
+                batch = [crop(e, turns, rng) for e in examples[first : first + 4]]
+                _, parts = batch_loss(model, batch, history_noise=0.0, text_weight=3.0, speech_weight=2.0,
+                                      listen_weight=0.25 if model.config.listen_head else 0.0)
+                for key, value in parts.items():
+                    totals[key] = totals.get(key, 0.0) + value * len(batch)
+                    counts[key] = counts.get(key, 0) + len(batch)
+    finally:
+        model.train(training)
+    return {key: round(value / counts[key], 4) for key, value in totals.items()}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -436,7 +446,8 @@ def main(argv: list[str] | None = None) -> None:
                              "(default: as the checkpoint's decoding.json says)")
     args = parser.parse_args(argv)
     try:
-        _check_resampler()
+        if not (args.loss and args.training_voices):  # a loss on training data made there, as it was made
+            _check_resampler()
     except ValueError as error:
         parser.error(str(error))
     decoding = {key: getattr(args, key) for key in ("write_threshold", "lexicon") if key in args}
@@ -457,7 +468,8 @@ def main(argv: list[str] | None = None) -> None:
     elif args.loss:
         conversations = generate(seeds, held_out=held_out, duration_s=args.seconds)
         result = {"loss": teacher_forced_loss(engine.model, conversations), "conversations": len(seeds),
-                  "voices": "held-out" if held_out else "training", "seconds": args.seconds}
+                  "voices": "held-out" if held_out else "training", "seconds": args.seconds,
+                  "resampler": resampler()}
     else:
         result = evaluate(engine, seeds, Path(args.plots) if args.plots else None, held_out=held_out,
                           duration_s=args.seconds)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import random
 import re
 import signal
 import subprocess
@@ -308,13 +309,20 @@ def test_an_accented_user_says_the_numbers_in_english(monkeypatch):
     assert not any(conv._Builder(seed, True, 24.0).english_numbers for seed in range(1_000_000, 1_000_100))
 
 
-def test_the_room_convolves_by_fft_as_numpy_does_directly():
+def test_the_room_convolves_by_fft_as_numpy_does_directly(monkeypatch):
     """FFT convolution (done directly, four fifths of a conversation's making): the same
-    numbers to float64 rounding, which the float32 audio does not see: 120 held-out and 20
-    training conversations came out the same to the bit (docs/eval.md, session 34)."""
+    numbers to float64 rounding, which the room's float32 output does not see: 120
+    held-out and 20 training conversations came out the same to the bit (docs/eval.md,
+    session 34)."""
     rng = np.random.default_rng(0)
     for size, taps in ((16000, 1600), (24 * 16000, 8000), (5, 7), (1, 1)):
-        signal = rng.normal(0, 0.1, size).astype(np.float32)
+        sound = rng.normal(0, 0.1, size).astype(np.float32)
         response = rng.normal(0, 1, taps) * np.exp(-6.9 * np.arange(taps) / taps)
-        direct, ours = np.convolve(signal, response), conv.convolve(signal, response)
+        direct, ours = np.convolve(sound, response), conv.convolve(sound, response)
         assert ours.shape == direct.shape and np.abs(ours - direct).max() < 1e-9 * max(1.0, np.abs(direct).max())
+    with pytest.raises(ValueError, match="empty"):
+        conv.convolve(np.zeros(0, np.float32), np.ones(3))
+    audio = rng.normal(0, 0.1, 4 * 16000).astype(np.float32)
+    by_fft = [conv._room(audio, random.Random(seed)) for seed in range(8)]
+    monkeypatch.setattr(conv, "convolve", np.convolve)  # the direct convolution it replaced
+    assert all(np.array_equal(room, conv._room(audio, random.Random(seed))) for seed, room in enumerate(by_fft))

@@ -5,6 +5,7 @@ the evaluation steps it, still taking turns late in a session."""
 from __future__ import annotations
 
 import json
+import random
 import re
 
 import numpy as np
@@ -139,6 +140,24 @@ def test_loss_is_the_trainings_teacher_forced_loss_without_the_closed_loop(capsy
     with pytest.raises(SystemExit):
         eval_main(["--loss", "--reference"])
     assert "--loss is a model's loss" in capsys.readouterr().err
+
+
+def test_the_teacher_forced_loss_is_the_same_each_time_and_leaves_the_model_as_it_was():
+    from model.evaluate import teacher_forced_loss
+    from model.train import batch_loss, crop, to_example
+    from model.weights import load_checkpoint
+
+    model = load_checkpoint(default_checkpoint()).train()
+    conversations = generate([5_000_000, 5_000_001], held_out=False)
+    first = teacher_forced_loss(model, conversations)
+    assert model.training and teacher_forced_loss(model, conversations) == first
+    # One 80-micro-turn window each, placed by Random(0), at the weights of every run since session 14.
+    rng = random.Random(0)
+    batch = [crop(to_example(c, model.config), 80, rng) for c in conversations]
+    model.eval()
+    with torch.no_grad():
+        _, parts = batch_loss(model, batch, history_noise=0.0, text_weight=3.0, speech_weight=2.0, listen_weight=0.25)
+    assert first == {key: round(value, 4) for key, value in parts.items()}
 
 
 def test_a_delegation_counts_only_if_the_model_asked_for_the_right_sum():
