@@ -375,7 +375,8 @@ def test_dockerfile_copies_exist_and_pass_dockerignore(name: str) -> None:
 
 def test_dockerignore_keeps_the_context_small() -> None:
     for path in (".git/HEAD", ".venv/bin/python", ".cache/x", "tests/test_infra.py", "server/__pycache__/x.pyc",
-                 "checkpoints/other/model.safetensors", "microturn.egg-info/PKG-INFO"):
+                 "checkpoints/other/model.safetensors", "microturn.egg-info/PKG-INFO",
+                 ".carry/small/model.safetensors", ".whl/av-18.1.0-cp311-abi3-manylinux_2_28_x86_64.whl"):
         assert dockerignored(path), path
     for path in ("checkpoints/tiny/model.safetensors", "web/index.html", "server/app.py",
                  "constraints/cpu.txt", "README.md", "pyproject.toml"):
