@@ -40,8 +40,8 @@ def resample_mono(audio: np.ndarray, rate_in: int, rate_out: int, fmt: str = "fl
 
     frame = av.AudioFrame.from_ndarray(audio.astype(np.float32).reshape(1, -1), format="flt", layout="mono")
     frame.sample_rate = rate_in
-    resampler_ = av.AudioResampler(format=fmt, layout="mono", rate=rate_out)
-    parts = [o.to_ndarray()[0] for o in (*resampler_.resample(frame), *resampler_.resample(None))]
+    converter = av.AudioResampler(format=fmt, layout="mono", rate=rate_out)
+    parts = [o.to_ndarray()[0] for o in (*converter.resample(frame), *converter.resample(None))]
     return np.concatenate(parts) if parts else np.zeros(0, np.float32 if fmt == "flt" else np.int16)
 
 
