@@ -97,10 +97,11 @@ wait_s=$((TRAIN_AFTER - (SECONDS - started)))
 step "train ${PRESETS// /, } for $TRAIN_MINUTES min each, side by side, following the data"
 trainers=()
 for preset in $PRESETS; do
-    lr=2e-3; [ "$preset" = tiny ] || lr=1e-3  # the wider model at half tiny's rate
+    # The wider model at half tiny's rate; a continued one at half its from-scratch rate.
+    lr=2e-3 continued_lr=1e-3; [ "$preset" = tiny ] || lr=1e-3 continued_lr=5e-4
     start=(--preset "$preset")
     if [ -n "$INIT" ] && [ -f "$INIT/$preset/model.safetensors" ]; then
-        start=(--init "$INIT/$preset"); lr=$("$PYTHON" -c "print($lr / 2)")  # continued: a gentler schedule
+        start=(--init "$INIT/$preset") lr=$continued_lr
     fi
     lr=${LR:-$lr}
     # In a subshell: $! is then the pipeline's status under pipefail, not tr's.

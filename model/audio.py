@@ -28,6 +28,14 @@ def resampler() -> str:
     return name
 
 
+def require_pyav(what: str) -> None:
+    """Refuse the numpy resampler where ``what`` is evaluated: every figure in
+    docs/eval.md is of PyAV-resampled sound."""
+    if resampler() != "av":
+        raise ValueError(f"MICROTURN_RESAMPLER={resampler()}: {what} are made with PyAV, "
+                         "so that every evaluation is of the same sound; unset it to evaluate")
+
+
 def resample_mono(audio: np.ndarray, rate_in: int, rate_out: int, fmt: str = "flt") -> np.ndarray:
     """Mono ``audio`` (float, [-1, 1]) from ``rate_in`` to ``rate_out``, as ``fmt``
     ("flt": float32, "s16": int16), the resampler's tail flushed."""

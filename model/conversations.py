@@ -38,7 +38,7 @@ from pathlib import Path
 import numpy as np
 
 from model.arguments import at_least, positive
-from model.audio import resample_mono, resampler
+from model.audio import require_pyav, resample_mono, resampler
 from model.config import NO_TEXT
 from model.interface import SAMPLE_RATE, TURN_SAMPLES
 from model.speech import Voice, synthesize
@@ -448,9 +448,8 @@ def generate(seeds: list[int], held_out: bool = False, duration_s: float = 24.0,
     """Conversations for ``seeds`` (``drill``: that kind of drill, a key of ``DRILLS``), each made in a fresh
     process (forked from a server that never ran espeak-ng), so every one is the same
     bits whatever ran before it."""
-    if held_out and resampler() != "av":  # every evaluation (eval, voicing, loadtest) hears the same sound
-        raise ValueError(f"MICROTURN_RESAMPLER={resampler()}: held-out conversations are made with PyAV, "
-                         "so that every evaluation is of the same sound; unset it to evaluate")
+    if held_out:  # every evaluation (eval, voicing, loadtest) hears the same sound
+        require_pyav("held-out conversations")
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload(["model.conversations"])
     # An executor, not multiprocessing.Pool: a Pool replaces a worker that dies while

@@ -47,7 +47,7 @@ import torch
 
 from model import listening, recognise
 from model.arguments import at_least, lexicon_file, positive, write_threshold
-from model.audio import resampler
+from model.audio import require_pyav, resampler
 from model.conversations import NUMBER_WORDS, Conversation, Event, generate
 from model.copying import copy_probe
 from model.interaction import InteractionModel
@@ -283,14 +283,6 @@ def _by_ear(items: list[dict[str, object]]) -> dict[str, object]:
             "written_when_misheard": rate([h for h in marked if not h["by_ear"]], "written_right")}
 
 
-def _check_resampler() -> None:
-    """Every figure in docs/eval.md is on conversations resampled by PyAV; the numpy
-    resampler (model/audio.py) is for training data made where PyAV is missing."""
-    if resampler() != "av":
-        raise ValueError(f"MICROTURN_RESAMPLER={resampler()}: evaluation conversations are made with PyAV, "
-                         "so that every evaluation is of the same sound; unset it to evaluate")
-
-
 def evaluate(engine: StreamingModel | None, seeds: list[int], plots: Path | None = None,
              held_out: bool = True, duration_s: float = 24.0) -> dict[str, object]:
     """Scores over held-out conversations; ``engine=None`` scores the reference tracks.
@@ -298,7 +290,7 @@ def evaluate(engine: StreamingModel | None, seeds: list[int], plots: Path | None
     ``held_out=False`` the users speak in the training voices (use seeds beyond the
     training range): what is left of the gap is the skill, not hearing new voices.
     A seed's conversation depends on ``duration_s`` too."""
-    _check_resampler()
+    require_pyav("evaluation conversations")  # training voices too, which generate() lets through
     records: list[dict[str, object]] = []
     conversations = generate(seeds, held_out=held_out, duration_s=duration_s)
     listens = engine is not None and engine.model.config.listen_head
@@ -447,7 +439,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     try:
         if not (args.loss and args.training_voices):  # a loss on training data made there, as it was made
-            _check_resampler()
+            require_pyav("evaluation conversations")
     except ValueError as error:
         parser.error(str(error))
     decoding = {key: getattr(args, key) for key in ("write_threshold", "lexicon") if key in args}
