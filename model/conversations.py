@@ -28,9 +28,11 @@ import multiprocessing
 import os
 import random
 import re
+import time
 import wave
+from collections import deque
 from collections.abc import Callable, Iterator
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -448,6 +450,16 @@ def generate(seeds: list[int], held_out: bool = False, duration_s: float = 24.0,
     """Conversations for ``seeds`` (``drill``: that kind of drill, a key of ``DRILLS``), each made in a fresh
     process (forked from a server that never ran espeak-ng), so every one is the same
     bits whatever ran before it."""
+    return list(generate_in_order(seeds, held_out, duration_s, workers, drill))
+
+
+def generate_in_order(seeds: list[int], held_out: bool = False, duration_s: float = 24.0, workers: int = 2,
+                      drill: str | None = None, until: float | None = None) -> Iterator[Conversation]:
+    """``generate``, one conversation at a time, in seed order, while the workers go
+    on with the next ones: a caller that works on each (the trainer's dMel) no longer
+    leaves them idle. At most ``4 * workers`` are made ahead of the caller, so memory
+    stays bounded. Past ``until`` (a ``time.monotonic()`` reading) no conversation is
+    started; those already started still come."""
     if held_out:  # every evaluation (eval, voicing, loadtest) hears the same sound
         require_pyav("held-out conversations")
     context = multiprocessing.get_context("forkserver")
@@ -456,17 +468,30 @@ def generate(seeds: list[int], held_out: bool = False, duration_s: float = 24.0,
     # starting and waits for ever, so a caller's script without a main guard (whose
     # workers re-import it and call generate() again) hung silently.
     executor = ProcessPoolExecutor(workers, mp_context=context, max_tasks_per_child=1)
+    pending = iter(seeds)
+    in_flight: deque[Future[Conversation]] = deque()
+
+    def start_next() -> None:
+        if until is not None and time.monotonic() > until:
+            return
+        if (seed := next(pending, None)) is not None:
+            in_flight.append(executor.submit(_one, (seed, held_out, duration_s, drill, resampler())))
+
     try:
         with _one_openmp_thread():  # the first submit starts the fork server
-            futures = [executor.submit(_one, (seed, held_out, duration_s, drill, resampler())) for seed in seeds]
-        return [future.result() for future in futures]
+            for _ in range(4 * workers):
+                start_next()
+        while in_flight:
+            conversation = in_flight.popleft().result()
+            start_next()
+            yield conversation
     except BrokenProcessPool as error:
         raise RuntimeError(
             "a conversation worker died before it finished. Each worker imports the calling "
             "script again as __mp_main__, so a script that calls generate() must do so under "
             "`if __name__ == \"__main__\":` (see 'Safe importing of main module' in Python's "
             "multiprocessing docs)") from error
-    finally:  # on Ctrl-C too: drop what has not started rather than make it all
+    finally:  # on Ctrl-C, or a caller that stops early: drop what has not started rather than make it all
         executor.shutdown(cancel_futures=True)
 
 

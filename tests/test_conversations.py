@@ -46,6 +46,20 @@ def test_a_seed_gives_the_same_bits_whatever_was_generated_before(sample):
         assert np.array_equal(original.text_out, repeat.text_out) and original.text_in == repeat.text_in
 
 
+def test_conversations_come_in_seed_order_as_they_are_made_and_a_caller_may_stop_early():
+    seeds = [11, 3, 7, 5, 2, 13]  # more than one worker keeps in flight (4): each one made replaced
+    streamed = list(conv.generate_in_order(seeds, duration_s=6.0, workers=1))
+    for one, seed in zip(streamed, seeds, strict=True):
+        [alone] = conv.generate([seed], duration_s=6.0)
+        assert np.array_equal(one.user_audio, alone.user_audio) and one.text_in == alone.text_in
+
+    many = conv.generate_in_order(list(range(1_000)), duration_s=6.0, workers=1)
+    assert next(many).text_out.shape[0] == 30  # seed 0, six seconds of micro-turns
+    began = time.monotonic()
+    many.close()  # drops the three waiting, finishes the one being made: not the other 999
+    assert time.monotonic() - began < 15
+
+
 _SAY_BREATHILY = """
 import hashlib
 from model.speech import Voice, synthesize
