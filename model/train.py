@@ -121,7 +121,7 @@ def load_examples(seeds: list[int], config: ModelConfig, cache: Path | None, wor
             missing.append(seed)
     made = generate_in_order(missing, workers=workers, drill=drill, until=deadline)
     # The dMel below runs while the workers make the next conversations: on one thread, as
-    # theirs do. Two threads on cores the workers fill made the whole 25 % slower (2 cores).
+    # theirs do. Two threads on cores the workers fill made the whole ~30 % slower (2 cores).
     with torch_threads(1):
         for count, (seed, conversation) in enumerate(zip(missing, made, strict=False), start=1):
             example = to_example(conversation, config)

@@ -56,7 +56,7 @@ def test_conversations_come_in_seed_order_as_they_are_made_and_a_caller_may_stop
     many = conv.generate_in_order(list(range(1_000)), duration_s=6.0, workers=1)
     assert next(many).text_out.shape[0] == 30  # seed 0, six seconds of micro-turns
     began = time.monotonic()
-    many.close()  # drops the three waiting, finishes the one being made: not the other 999
+    many.close()  # drops those waiting, finishes what the worker already holds: not the other 999
     assert time.monotonic() - began < 15
 
 
