@@ -457,9 +457,10 @@ def generate_in_order(seeds: list[int], held_out: bool = False, duration_s: floa
                       drill: str | None = None, until: float | None = None) -> Iterator[Conversation]:
     """``generate``, one conversation at a time, in seed order, while the workers go
     on with the next ones: a caller that works on each (the trainer's dMel) no longer
-    leaves them idle. At most ``4 * workers`` are made ahead of the caller, so memory
-    stays bounded. Past ``until`` (a ``time.monotonic()`` reading) no conversation is
-    started; those already started still come."""
+    leaves them idle. At most ``4 * workers`` are submitted ahead of the caller, so
+    memory stays bounded. Past ``until`` (a ``time.monotonic()`` reading) nothing more
+    is submitted and what waits unstarted is dropped: the stream ends after the
+    conversations being made then. Close it (``contextlib.closing``) if you stop early."""
     if held_out:  # every evaluation (eval, voicing, loadtest) hears the same sound
         require_pyav("held-out conversations")
     context = multiprocessing.get_context("forkserver")
@@ -468,22 +469,29 @@ def generate_in_order(seeds: list[int], held_out: bool = False, duration_s: floa
     # starting and waits for ever, so a caller's script without a main guard (whose
     # workers re-import it and call generate() again) hung silently.
     executor = ProcessPoolExecutor(workers, mp_context=context, max_tasks_per_child=1)
-    pending = iter(seeds)
+    unsubmitted = iter(seeds)
     in_flight: deque[Future[Conversation]] = deque()
 
-    def start_next() -> None:
-        if until is not None and time.monotonic() > until:
-            return
-        if (seed := next(pending, None)) is not None:
+    def past_until() -> bool:
+        return until is not None and time.monotonic() > until
+
+    def submit_next() -> None:
+        if not past_until() and (seed := next(unsubmitted, None)) is not None:
             in_flight.append(executor.submit(_one, (seed, held_out, duration_s, drill, resampler())))
 
     try:
         with _one_openmp_thread():  # the first submit starts the fork server
             for _ in range(4 * workers):
-                start_next()
+                submit_next()
         while in_flight:
-            conversation = in_flight.popleft().result()
-            start_next()
+            if past_until():
+                for future in in_flight:
+                    future.cancel()  # only those not yet started: the rest still come
+            future = in_flight.popleft()
+            if future.cancelled():
+                return  # what comes is a run of seeds from the first, never one with a gap
+            conversation = future.result()
+            submit_next()
             yield conversation
     except BrokenProcessPool as error:
         raise RuntimeError(
@@ -491,7 +499,7 @@ def generate_in_order(seeds: list[int], held_out: bool = False, duration_s: floa
             "script again as __mp_main__, so a script that calls generate() must do so under "
             "`if __name__ == \"__main__\":` (see 'Safe importing of main module' in Python's "
             "multiprocessing docs)") from error
-    finally:  # on Ctrl-C, or a caller that stops early: drop what has not started rather than make it all
+    finally:  # on Ctrl-C, or closed early: drop what has not started rather than make it all
         executor.shutdown(cancel_futures=True)
 
 

@@ -119,11 +119,14 @@ def load_examples(seeds: list[int], config: ModelConfig, cache: Path | None, wor
             examples[seed] = Example(**torch.load(path))
         else:
             missing.append(seed)
-    made = generate_in_order(missing, workers=workers, drill=drill, until=deadline)
+    stream = generate_in_order(missing, workers=workers, drill=drill, until=deadline)
     # The dMel below runs while the workers make the next conversations: on one thread, as
-    # theirs do. Two threads on cores the workers fill made the whole ~30 % slower (2 cores).
-    with torch_threads(1):
-        for count, (seed, conversation) in enumerate(zip(missing, made, strict=False), start=1):
+    # theirs do (they, and on a GPU machine the trainers, have the other cores). Two
+    # threads on cores the workers fill made the whole ~30 % slower (2 cores). Closed
+    # on the way out, error or not, so the workers stop at once rather than at exit.
+    with torch_threads(1), contextlib.closing(stream):
+        # Not strict: past the deadline the stream ends before the seeds do.
+        for count, (seed, conversation) in enumerate(zip(missing, stream, strict=False), start=1):
             example = to_example(conversation, config)
             examples[seed] = example
             if cache is not None:

@@ -1,23 +1,26 @@
 """The thousand-session soak of ``test_soak.py``, run in a fresh interpreter.
 
-    python tests/soak_process.py CYCLES CONCURRENCY VANISH_EVERY SAMPLE_EVERY WARMUP PEER_TIMEOUT_S
+    python tests/soak_process.py CYCLES CONCURRENCY VANISH_EVERY SAMPLE_EVERY WARMUP PEER_TIMEOUT_S OUT.json
 
 Why a process of its own: the soak's memory bounds read this process's RSS, and
 inside the full suite that is a 1.8 GB pytest process whose allocator still holds
-what every earlier test left — its noise (an 8.5 MB step at one sample) broke the
-16 MB bound twice in ~6 full runs while the soak alone always passed. A fresh
-interpreter measures the server and its peers, nothing else.
+what every earlier test left — its noise broke an RSS bound twice in ~6 full runs
+(+16.8 MB against 16, one 8.5 MB step at the last sample; +8.01 against 8 late)
+while the soak alone always passed. A fresh interpreter measures the server and its
+peers, nothing else.
 
 The server runs here in a uvicorn thread (as everywhere in the suite) so the probe
-can count its event loop's tasks and the objects left behind. Prints one JSON object
-(the soak's result, its summary, why sessions closed, what was logged at ERROR, the
-final health) for the test to judge; this script asserts nothing.
+can count its event loop's tasks and the objects left behind. Writes one JSON object
+to OUT.json (the soak's result, its summary, why sessions closed, what was logged at
+ERROR, the final health) for the test to judge; this script asserts nothing. Past
+``STACKS_AFTER_S`` it prints every thread's stack to stderr, so a hang says where.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import faulthandler
 import json
 import logging
 import sys
@@ -32,6 +35,8 @@ from loadtest.soak import process_probe, soak, summarize
 from server import telemetry as tm
 from server.app import create_app
 from server.config import ServerConfig
+
+STACKS_AFTER_S = 540  # inside the test's 570 s limit on this process
 
 
 class CloseReasons(SpanProcessor):
@@ -88,5 +93,8 @@ async def run(cycles: int, concurrency: int, vanish_every: int, sample_every: in
 
 
 if __name__ == "__main__":
+    faulthandler.dump_traceback_later(STACKS_AFTER_S)
     cycles, concurrency, vanish_every, sample_every, warmup = (int(a) for a in sys.argv[1:6])
-    print(json.dumps(asyncio.run(run(cycles, concurrency, vanish_every, sample_every, warmup, float(sys.argv[6])))))
+    soaked = asyncio.run(run(cycles, concurrency, vanish_every, sample_every, warmup, float(sys.argv[6])))
+    with open(sys.argv[7], "w") as out:
+        json.dump(soaked, out)

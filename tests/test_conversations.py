@@ -46,15 +46,35 @@ def test_a_seed_gives_the_same_bits_whatever_was_generated_before(sample):
         assert np.array_equal(original.text_out, repeat.text_out) and original.text_in == repeat.text_in
 
 
-def test_conversations_come_in_seed_order_as_they_are_made_and_a_caller_may_stop_early():
-    seeds = [11, 3, 7, 5, 2, 13]  # more than one worker keeps in flight (4): each one made replaced
-    streamed = list(conv.generate_in_order(seeds, duration_s=6.0, workers=1))
+def test_conversations_come_in_seed_order_as_they_are_made_a_few_ahead(monkeypatch):
+    submitted: list[int] = []
+    submit = conv.ProcessPoolExecutor.submit
+
+    def counted(self, fn, /, *args, **kwargs):
+        submitted.append(args[0][0])  # the seed
+        return submit(self, fn, *args, **kwargs)
+
+    monkeypatch.setattr(conv.ProcessPoolExecutor, "submit", counted)
+    # Six seeds, more than the four one worker keeps in flight, so each one taken is replaced.
+    seeds = [11, 3, 7, 5, 2, 13]
+    stream = conv.generate_in_order(seeds, duration_s=6.0, workers=1)
+    first = next(stream)
+    assert submitted == seeds[:5]  # four ahead, and one more for the one taken
+    streamed = [first, *stream]
+    assert submitted == seeds
     for one, seed in zip(streamed, seeds, strict=True):
         [alone] = conv.generate([seed], duration_s=6.0)
         assert np.array_equal(one.user_audio, alone.user_audio) and one.text_in == alone.text_in
 
-    many = conv.generate_in_order(list(range(1_000)), duration_s=6.0, workers=1)
-    assert next(many).text_out.shape[0] == 30  # seed 0, six seconds of micro-turns
+
+def test_past_its_deadline_the_stream_ends_early_and_closing_it_stops_the_workers():
+    seeds = list(range(1_000))
+    until = time.monotonic() + 2.0
+    came = [c.text_out.shape[0] for c in conv.generate_in_order(seeds, duration_s=6.0, workers=1, until=until)]
+    assert 1 <= len(came) < 100 and set(came) == {30}  # 1,000 would take minutes
+
+    many = conv.generate_in_order(seeds, duration_s=6.0, workers=1)
+    assert next(many).text_out.shape[0] == 30  # six seconds of micro-turns
     began = time.monotonic()
     many.close()  # drops those waiting, finishes what the worker already holds: not the other 999
     assert time.monotonic() - began < 15

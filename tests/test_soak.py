@@ -12,6 +12,7 @@ nothing else.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -37,7 +38,8 @@ WARMUP = 100  # first-use allocations (codecs, OpenSSL, the allocator's arenas) 
 PEER_TIMEOUT_S = 5.0
 FREED_WITHIN_S = 10.0
 # Memory, measured here (four runs of 1,000 cycles, one of 3,000; a busy 2-core machine;
-# then inside pytest, since 2026-12-05 in a process of its own: +7.7 / +2.9 MB):
+# inside pytest until 2026-12-05, since then in a process of its own: first run
+# +7.7 MB from cycle 100, +2.9 MB over the last 500):
 # - RSS (after gc and malloc_trim) rises by 2-10 MB from cycle 100 and levels off by
 #   cycle ~1,000 (then +2 MB over 2,000 more cycles): by 0.4-4.5 MB over the last 500
 #   of 1,000. A leak of 16 KB per session (8 MB over 500) breaks the late bound.
@@ -81,15 +83,23 @@ async def test_a_vanished_peer_sends_nothing_more_and_its_session_is_freed_after
 
 
 @pytest.mark.timeout(600)
-def test_a_thousand_sessions_leave_nothing_behind_and_vanished_peers_are_freed():
+def test_a_thousand_sessions_leave_nothing_behind_and_vanished_peers_are_freed(tmp_path: Path):
     # In a fresh interpreter (tests/soak_process.py says why): this process's RSS
-    # after the rest of the suite is mostly its allocator's noise.
-    child = subprocess.run(
-        [sys.executable, str(Path(__file__).with_name("soak_process.py")),
-         str(CYCLES), str(CONCURRENCY), str(VANISH_EVERY), str(SAMPLE_EVERY), str(WARMUP), str(PEER_TIMEOUT_S)],
-        check=False, capture_output=True, text=True, timeout=570)
-    assert child.returncode == 0, child.stderr[-4000:]
-    soaked = json.loads(child.stdout.splitlines()[-1])
+    # after the rest of the suite is mostly its allocator's noise. This checkout's
+    # code, not whichever the environment has installed.
+    out = tmp_path / "soak.json"
+    try:
+        child = subprocess.run(
+            [sys.executable, str(Path(__file__).with_name("soak_process.py")), str(CYCLES), str(CONCURRENCY),
+             str(VANISH_EVERY), str(SAMPLE_EVERY), str(WARMUP), str(PEER_TIMEOUT_S), str(out)],
+            env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
+            check=False, capture_output=True, text=True, timeout=570)
+    except subprocess.TimeoutExpired as timeout:  # its stacks at 540 s are in stderr
+        stderr = timeout.stderr.decode(errors="replace") if isinstance(timeout.stderr, bytes) else timeout.stderr
+        pytest.fail(f"the soak did not finish in 570 s:\n{(stderr or '')[-8000:]}")
+    print(child.stderr[-4000:])  # shown if an assertion below fails
+    assert child.returncode == 0, child.stderr[-8000:]
+    soaked = json.loads(out.read_text())
     result, health, reasons = soaked["result"], soaked["health"], soaked["close_reasons"]
     print(json.dumps({**soaked["summary"], "close_reasons": reasons}, indent=1))
     for sample in result["samples"]:
