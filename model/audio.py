@@ -31,8 +31,8 @@ def resampler() -> str:
 def require_pyav(what: str) -> None:
     """Refuse the numpy resampler where ``what`` is evaluated: every figure in
     docs/eval.md is of PyAV-resampled sound."""
-    if resampler() != "av":
-        raise ValueError(f"MICROTURN_RESAMPLER={resampler()}: {what} are made with PyAV, "
+    if (name := resampler()) != "av":
+        raise ValueError(f"MICROTURN_RESAMPLER={name}: {what} are made with PyAV, "
                          "so that every evaluation is of the same sound; unset it to evaluate")
 
 

@@ -28,6 +28,13 @@ from server.telemetry import build_tracer_provider
 from server.tools import Tool
 
 DATA = Path(__file__).parent / "data"
+REPOSITORY = Path(__file__).resolve().parents[1]
+
+
+def checkout_env() -> dict[str, str]:
+    """This process's environment with this checkout first on the path, so that a child
+    Python runs this tree's code, not whichever the environment has installed."""
+    return {**os.environ, "PYTHONPATH": str(REPOSITORY)}
 
 
 @pytest.fixture(scope="session")

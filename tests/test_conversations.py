@@ -11,10 +11,10 @@ import subprocess
 import sys
 import time
 import wave
-from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import checkout_env
 
 from model import conversations as conv
 from model.config import NO_TEXT, RESULT_OPEN, ModelConfig, TASK_CLOSE, TASK_OPEN
@@ -111,7 +111,7 @@ def test_a_script_that_uses_torch_can_generate(tmp_path):
     from the fork server); ``microturn`` itself never showed it."""
     script = tmp_path / "script.py"
     script.write_text(_A_CALLERS_SCRIPT)
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    env = checkout_env()
     env.pop("OMP_NUM_THREADS", None)
     process = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                text=True, env=env, start_new_session=True)
@@ -140,7 +140,7 @@ def test_a_script_without_a_main_guard_gets_an_error_not_a_hang(tmp_path):
     starting, so it dies; a multiprocessing.Pool replaced such workers for ever."""
     script = tmp_path / "script.py"
     script.write_text(_A_SCRIPT_WITHOUT_A_MAIN_GUARD)
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    env = checkout_env()
     process = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                text=True, env=env, start_new_session=True)
     try:

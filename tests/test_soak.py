@@ -12,7 +12,6 @@ nothing else.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time
@@ -20,7 +19,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import running_server
+from conftest import checkout_env, running_server
 
 from loadtest.impair import ImpairedLink, Impairment
 from loadtest.peer import Peer
@@ -92,7 +91,7 @@ def test_a_thousand_sessions_leave_nothing_behind_and_vanished_peers_are_freed(t
         child = subprocess.run(
             [sys.executable, str(Path(__file__).with_name("soak_process.py")), str(CYCLES), str(CONCURRENCY),
              str(VANISH_EVERY), str(SAMPLE_EVERY), str(WARMUP), str(PEER_TIMEOUT_S), str(out)],
-            env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
+            env=checkout_env(),
             check=False, capture_output=True, text=True, timeout=570)
     except subprocess.TimeoutExpired as timeout:  # its stacks at 540 s are in stderr
         stderr = timeout.stderr.decode(errors="replace") if isinstance(timeout.stderr, bytes) else timeout.stderr
