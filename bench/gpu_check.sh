@@ -123,7 +123,9 @@ step "pack the checkpoints as bf16 (loaded back as float32 by load_checkpoint)"
 for preset in $PRESETS; do
     "$PYTHON" -c "import sys, torch; from model.weights import load_checkpoint, save_checkpoint
 save_checkpoint(load_checkpoint(sys.argv[1]), sys.argv[1], torch.bfloat16)" "$WORK/$preset" || status=1
-    tar -C "$WORK" -c "$preset/model.safetensors" "$preset/config.json" | split -b 15M -d - "$OUT/$preset.tar." || status=1
+    packed=("$preset/model.safetensors" "$preset/config.json")  # and how it decodes, where training wrote it
+    for file in decoding.json lexicon.txt; do [ -f "$WORK/$preset/$file" ] && packed+=("$preset/$file"); done
+    tar -C "$WORK" -c "${packed[@]}" | split -b 15M -d - "$OUT/$preset.tar." || status=1
 done
 # A call brings back at most 8 files: the logs go as one.
 logs=()  # CHECKS=0 writes no tests.log or bench_model.json

@@ -19,6 +19,8 @@ a word only printable ASCII and the task/result markers may be written: the data
 has nothing else, so anything else is never the word the model meant.
 
     python -m model.lexicon --conversations 400 --drills 100 --out checkpoints/tiny/lexicon.txt
+
+``microturn train`` writes one from its own examples' text at every save.
 """
 
 from __future__ import annotations

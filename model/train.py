@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import itertools
+import json
 import math
 import os
 import random
@@ -43,13 +44,15 @@ from model.config import NO_TEXT, ModelConfig, preset
 from model.conversations import DATA_VERSION, Conversation, generate_in_order
 from model.heads import weighted_mean
 from model.interaction import InteractionModel
+from model.lexicon import Lexicon, words_written
 from model.memory import release_freed_memory
 from model.text import encode
 from model.transformer import MoE
-from model.weights import (deepen, deepened_blocks, load_checkpoint, save_checkpoint, widen_kv_heads,
-                           with_audio_head, with_parts, with_window)
+from model.weights import (DECODING_FILE, deepen, deepened_blocks, load_checkpoint, load_decoding, save_checkpoint,
+                           widen_kv_heads, with_audio_head, with_parts, with_window)
 
 STATE_FILE = "train_state.pt"
+LEXICON_FILE = "lexicon.txt"
 # The data version and the levels the user's bins are stored at: either changes the examples.
 CACHE_NAME = f"v{DATA_VERSION}-user{dmel.FINE_BINS}"
 
@@ -451,6 +454,11 @@ def train(args: argparse.Namespace) -> list[float]:
             raise ValueError("--listen-weight with --resume: the run's model was fixed when it started")
         model = with_parts(model, listen_head=True)
     config = model.config
+    # How the weights it starts from are decoded carries on: a fine-tune of the shipped
+    # checkpoint keeps its write threshold (its lexicon is remade from this run's text).
+    decoded_from = out if state is not None else args.init
+    carried = {key: value for key, value in load_decoding(decoded_from).items()
+               if key == "write_threshold"} if decoded_from else {}
     if rank == 0 and args.steps:  # (--steps 0 only makes data)
         origin = f"resumed in {out}" if state is not None else f"from {args.init}" if args.init else "new"
         print(f"model: {config.preset}, {sum(p.numel() for p in model.parameters()):,} parameters, {origin}",
@@ -511,6 +519,7 @@ def train(args: argparse.Namespace) -> list[float]:
         if distributed:
             dist.destroy_process_group()
         return []
+    words = set().union(*(words_written(e.text_out.tolist()) for e in examples))
     if not examples:
         raise SystemExit("no training examples: no conversations (--conversations 0, or none cached yet for "
                          "--follow-cache), no drills and no usable --recordings")
@@ -527,6 +536,7 @@ def train(args: argparse.Namespace) -> list[float]:
             if fresh:
                 following += len(fresh)
                 examples += fresh
+                words = words.union(*(words_written(e.text_out.tolist()) for e in fresh))
                 print(f"\ndata: +{len(fresh)} conversations at step {step}, "
                       f"{following - args.first_seed} now", file=sys.stderr)
         batch = [crop(rng.choice(examples), args.turns, rng) for _ in range(args.batch)]
@@ -565,6 +575,7 @@ def train(args: argparse.Namespace) -> list[float]:
             last_report = now
         if rank == 0 and (step % args.save_every == 0 or step == total):
             save(model, optimizer, step, out, new_blocks)
+            save_decoding(out, carried, words)
     if rank == 0:
         print(file=sys.stderr)
     if distributed:
@@ -594,6 +605,22 @@ def save(model: InteractionModel, optimizer: torch.optim.Optimizer, step: int, o
          new_blocks: list[str]) -> None:
     save_checkpoint(model, out)
     torch.save({"optimizer": optimizer.state_dict(), "step": step, "new_blocks": new_blocks}, out / STATE_FILE)
+
+
+def save_decoding(out: Path, carried: dict[str, float | str], words: set[str]) -> None:
+    """``decoding.json`` beside the weights, so they serve and evaluate as trained: the
+    settings ``carried`` from the weights the run started from, and a lexicon of the words
+    its model text wrote (``model.lexicon``; none when that text holds no word)."""
+    settings = dict(carried)
+    if words:
+        Lexicon(words).save(out / LEXICON_FILE)
+        settings["lexicon"] = LEXICON_FILE
+    else:
+        (out / LEXICON_FILE).unlink(missing_ok=True)
+    if settings:
+        (out / DECODING_FILE).write_text(json.dumps(settings) + "\n")
+    else:
+        (out / DECODING_FILE).unlink(missing_ok=True)
 
 
 def build_parser() -> argparse.ArgumentParser:

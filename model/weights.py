@@ -4,7 +4,8 @@ A checkpoint is a directory holding ``model.safetensors`` and ``config.json``, a
 optionally ``decoding.json``: how it is best decoded (like a generation config),
 e.g. ``{"write_threshold": 0.4, "lexicon": "lexicon.txt"}`` (see
 ``model.interaction.choose_text`` and ``model.lexicon``; the lexicon is a word list
-in the checkpoint directory).
+in the checkpoint directory). ``microturn train`` writes both for the checkpoint it
+makes (``model.train.save_decoding``).
 """
 
 from __future__ import annotations

@@ -18,6 +18,7 @@ from model.interface import TURN_SAMPLES, TurnInput
 from model.config import NO_TEXT, preset
 from model.heads import FlowHead
 from model.interaction import InteractionModel
+from model.lexicon import from_data
 from model.train import Example, batch_loss, build_parser, mask_user_bins, text_input_slots, train
 from model.weights import load_checkpoint, save_checkpoint, without_parts
 from server.engine import make_model
@@ -44,8 +45,13 @@ def test_training_lowers_the_loss_resumes_and_serves(tmp_path):
     assert len(more) == 5, "resumed at step 40"
     assert torch.load(out / "train_state.pt")["step"] == 45
 
+    # It decodes as trained: a lexicon of the words its conversations and drill wrote, as
+    # model.lexicon makes one from the conversations themselves; no threshold to carry.
+    assert json.loads((out / "decoding.json").read_text()) == {"lexicon": "lexicon.txt"}
+    assert (out / "lexicon.txt").read_text().split() == from_data(range(4), range(1)).words
     engine = make_model("model", max_sessions=2, checkpoint=str(out))
     assert engine.weights == "ckpt"
+    assert engine.decoding == f"greedy, lexicon of {len(from_data(range(4), range(1)))} words"
     engine.open_session("s")
     output = engine.step([TurnInput("s", 0, np.zeros(TURN_SAMPLES, dtype=np.float32))])[0]
     assert output.audio.shape == (TURN_SAMPLES,) and np.isfinite(output.audio).all()
@@ -66,6 +72,7 @@ def test_training_lowers_the_loss_resumes_and_serves(tmp_path):
                             "--new-lr-scale", "10", "--user-mask-bands", "2", "--user-jitter", "0.1",
                             "--first-drill", "1", "--audio-in-bins", "64", "--answer-drills", "1",
                             "--first-answer-drill", "2", "--render-history"]
+    (tmp_path / "without_encoder" / "decoding.json").write_text('{"write_threshold": 0.4}')
     tuned = train(build_parser().parse_args(growing + ["--steps", "3"]))
     assert len(tuned) == 3 and statistics.mean(tuned) < 0.8 * statistics.mean(losses[:5])  # from the trained weights
     drills = sorted(path.name for path in (tmp_path / "cache").glob("v*/drill-*.pt"))
@@ -73,6 +80,9 @@ def test_training_lowers_the_loss_resumes_and_serves(tmp_path):
     answer_drills = [path.name for path in (tmp_path / "cache").glob("v*/answer-drill-*.pt")]
     assert answer_drills == ["answer-drill-2.pt"], "cached apart from the delegation drills of the same seed"
     engine = make_model("model", max_sessions=2, checkpoint=str(wide))
+    # The threshold it started with carries on; the lexicon is this run's, drills and all.
+    assert json.loads((wide / "decoding.json").read_text()) == {"write_threshold": 0.4, "lexicon": "lexicon.txt"}
+    assert engine.decoding.startswith("write_threshold 0.4, lexicon of ")
     engine.open_session("s")
     assert np.isfinite(engine.step([TurnInput("s", 0, np.zeros(TURN_SAMPLES, dtype=np.float32))])[0].audio).all()
     assert '"n_kv_heads": 4' in (wide / "config.json").read_text()
@@ -329,6 +339,9 @@ def test_the_prepared_gpu_check_runs_here_without_a_gpu(tmp_path, monkeypatch):
         with tarfile.open(packed) as archive:
             archive.extractall(tmp_path / "back", filter="data")
         model = load_checkpoint(tmp_path / "back" / name)  # bf16 on disk, float32 once loaded
+        decoding = json.loads((tmp_path / "back" / name / "decoding.json").read_text())  # came back with it
+        assert decoding == ({"write_threshold": 0.5} if name == "tiny" else {}) | {"lexicon": "lexicon.txt"}
+        assert (tmp_path / "back" / name / "lexicon.txt").read_text().split()
         assert model.config.preset == name and sum(p.numel() for p in model.state_dict().values()) == parameters
         assert all(p.dtype == torch.float32 for p in model.parameters())
         assert f"model: {name}, {sum(p.numel() for p in model.parameters()):,} parameters, {origin}\n" in log, log
