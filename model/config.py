@@ -66,6 +66,12 @@ class ModelConfig:
     # fills ~4 of the 16 bins, so more levels let the model hear 2.8 dB steps, not 11 dB.
     # The finer bins add to the coarse bins' embedding (a table starting at zero).
     audio_in_bins: int = dmel.N_BINS
+    # Outputs by which the model's text leads its voice (0: a byte and the first sound
+    # of it come from the same output). The data writes each byte with its sound; a
+    # model trained with a lead writes it that many outputs (50 ms each) earlier, so
+    # which word to say is chosen in text, and the voice follows the word already
+    # written rather than sounding a blend of the candidates (docs/eval.md, session 36).
+    text_lead: int = 0
 
     def __post_init__(self) -> None:
         if self.d_model % self.n_heads:
@@ -81,6 +87,8 @@ class ModelConfig:
         if self.audio_context < 0:
             raise ValueError("audio_context must be >= 0")
         dmel.check_levels(self.audio_in_bins)
+        if not 0 <= self.text_lead <= self.out_positions:
+            raise ValueError(f"text_lead must be 0 to {self.out_positions} outputs (one micro-turn)")
         if self.frames_per_turn % self.out_positions:
             raise ValueError("out_positions must divide the 16 frames of a micro-turn")
 

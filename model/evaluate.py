@@ -26,7 +26,11 @@ figures measure the interaction model alone). From what it says and writes:
   is right — choosing the word, apart from voicing it;
 - ``heard``: for a checkpoint with a listening head (model/listening.py), teacher
   forced, the user's utterances it read right word for word, and those with
-  numbers whose numbers it read right — hearing, apart from answering.
+  numbers whose numbers it read right — hearing, apart from answering;
+- ``answers_teacher_forced``: per kind of number answer and for task requests, teacher
+  forced, the first byte and the whole word it would write, fed its own voice as the
+  reference has it and as its head renders it — the skill, apart from the loop
+  (model/answering.py).
 
 ``reference_timeline`` scores the conversation's own model track — what a perfect
 model would do — which is how the metric code itself is tested.
@@ -46,6 +50,7 @@ import numpy as np
 import torch
 
 from model import listening, recognise
+from model.answering import answer_probe
 from model.arguments import at_least, lexicon_file, positive, write_threshold
 from model.audio import require_pyav, resampler
 from model.conversations import NUMBER_WORDS, Conversation, Event, generate
@@ -308,6 +313,7 @@ def evaluate(engine: StreamingModel | None, seeds: list[int], plots: Path | None
         result["stop_latency_s_p90"] = None  # it never stopped in the worst decile
     if engine is not None:
         result["delegation_copying"] = copy_probe(engine.model, conversations)
+        result["answers_teacher_forced"] = answer_probe(engine.model, conversations)
         if listens:
             result["heard"] = listen_probe(reads, conversations)
     result["conversations"] = len(seeds)
@@ -459,7 +465,8 @@ def main(argv: list[str] | None = None) -> None:
                   "voices": "held-out" if held_out else "training", "seconds": args.seconds}  # as evaluate() labels them
     elif args.loss:
         conversations = generate(seeds, held_out=held_out, duration_s=args.seconds)
-        result = {"loss": teacher_forced_loss(engine.model, conversations), "conversations": len(seeds),
+        result = {"loss": teacher_forced_loss(engine.model, conversations),
+                  "answers_teacher_forced": answer_probe(engine.model, conversations), "conversations": len(seeds),
                   "voices": "held-out" if held_out else "training", "seconds": args.seconds,
                   "resampler": resampler()}
     else:

@@ -58,7 +58,8 @@ def to_conversation(recording: Recording, positions: int) -> Conversation:
 
 
 def recording_example(recording: Recording, config: ModelConfig) -> Example:
-    return to_example(to_conversation(recording, config.out_positions), config)
+    # Its text is where the served model wrote it, any text lead included: not moved again.
+    return to_example(to_conversation(recording, config.out_positions), config, text_lead=0)
 
 
 def load_recording_examples(roots: list[str | Path], config: ModelConfig, min_turns: int) -> list[Example]:

@@ -90,7 +90,10 @@ def text_input_slots(text_in: list[str], slots: int) -> torch.Tensor:
     return ids
 
 
-def to_example(conversation: Conversation, config: ModelConfig) -> Example:
+def to_example(conversation: Conversation, config: ModelConfig, text_lead: int | None = None) -> Example:
+    """The conversation as ``config``'s model is trained on it: its text moved
+    ``text_lead`` outputs earlier (default ``config.text_lead``; 0 for what is cached,
+    and for a recording, whose text is already where the served model wrote it)."""
     # Bins as uint8: thousands of conversations fit in memory; batches widen them. The
     # user's at the finest input levels, so one cache serves models of any audio_in_bins.
     user = dmel.dmel(torch.from_numpy(conversation.user_audio)[None], dmel.FINE_BINS)[0].to(torch.uint8)
@@ -98,8 +101,21 @@ def to_example(conversation: Conversation, config: ModelConfig) -> Example:
     text_out = torch.from_numpy(conversation.text_out)
     if text_out.shape[1] != config.out_positions:
         raise ValueError(f"conversations have {text_out.shape[1]} output positions, the model {config.out_positions}")
-    return Example(user, own, text_input_slots(conversation.text_in, config.text_in_slots), text_out,
-                   listening.word_targets(conversation.user_words))
+    example = Example(user, own, text_input_slots(conversation.text_in, config.text_in_slots), text_out,
+                      listening.word_targets(conversation.user_words))
+    return leading_text(example, config.text_lead if text_lead is None else text_lead)
+
+
+def leading_text(example: Example, lead: int) -> Example:
+    """``example`` with its model text ``lead`` outputs ahead of its voice
+    (``ModelConfig.text_lead``): every byte moved that many output positions earlier,
+    across micro-turns; the last positions fall silent."""
+    if not lead:
+        return example
+    flat = example.text_out.reshape(-1)
+    led = torch.full_like(flat, NO_TEXT)
+    led[: flat.numel() - lead] = flat[lead:]
+    return replace(example, text_out=led.view_as(example.text_out))
 
 
 # Cache file names by kind; delegation drills keep the name they had before answer drills.
@@ -130,7 +146,7 @@ def load_examples(seeds: list[int], config: ModelConfig, cache: Path | None, wor
     with torch_threads(1), contextlib.closing(stream):
         # Not strict: past the deadline the stream ends before the seeds do.
         for count, (seed, conversation) in enumerate(zip(missing, stream, strict=False), start=1):
-            example = to_example(conversation, config)
+            example = to_example(conversation, config, text_lead=0)  # cached as the data has it
             examples[seed] = example
             if cache is not None:
                 cache.mkdir(parents=True, exist_ok=True)
@@ -145,7 +161,8 @@ def load_examples(seeds: list[int], config: ModelConfig, cache: Path | None, wor
                 # conversations reached 24 GB RSS; a 320-conversation test holds ~0.3 GB + examples).
                 release_freed_memory()
     release_freed_memory()
-    return [examples[seed] for seed in itertools.takewhile(examples.__contains__, seeds)]
+    return [leading_text(examples[seed], config.text_lead)
+            for seed in itertools.takewhile(examples.__contains__, seeds)]
 
 
 @contextlib.contextmanager
@@ -159,12 +176,12 @@ def torch_threads(count: int) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def cached_run(cache: Path, first: int, limit: int) -> list[Example]:
+def cached_run(cache: Path, first: int, limit: int, text_lead: int = 0) -> list[Example]:
     """The conversations cached from seed ``first`` up to the first gap (or ``limit``):
     what a generator running beside the training has finished (``--follow-cache``)."""
     directory, examples = cache / cache_name(), []
     while first + len(examples) < limit and (path := directory / f"{first + len(examples)}.pt").exists():
-        examples.append(Example(**torch.load(path)))
+        examples.append(leading_text(Example(**torch.load(path)), text_lead))
     return examples
 
 
@@ -449,6 +466,10 @@ def train(args: argparse.Namespace) -> list[float]:
         if state is not None:
             raise ValueError("--window with --resume: the run's span was fixed when it started")
         model = with_window(model, args.window)
+    if args.text_lead is not None and args.text_lead != model.config.text_lead:
+        if state is not None:
+            raise ValueError("--text-lead with --resume: the run's layout was fixed when it started")
+        model = with_parts(model, text_lead=args.text_lead)  # no new weights: the data moves
     if listens and not model.config.listen_head:
         if state is not None:
             raise ValueError("--listen-weight with --resume: the run's model was fixed when it started")
@@ -499,7 +520,7 @@ def train(args: argparse.Namespace) -> list[float]:
                                 ("delegation", args.first_drill, args.drills),
                                 ("answer", args.first_answer_drill, args.answer_drills)):
         if drill is None and args.follow_cache:  # what is ready now; more joins as it is made
-            loaded = cached_run(cache, first, first + count)
+            loaded = cached_run(cache, first, first + count, config.text_lead)
         else:
             loaded = load_examples(list(range(first, first + count)), config, cache, args.workers, drill=drill,
                                    deadline=deadline if drill is None else None)
@@ -532,7 +553,7 @@ def train(args: argparse.Namespace) -> list[float]:
     budget_s, total = 60 * args.minutes, args.steps
     while step < total:
         if args.follow_cache and step % 50 == 0:
-            fresh = cached_run(cache, following, args.first_seed + args.conversations)
+            fresh = cached_run(cache, following, args.first_seed + args.conversations, config.text_lead)
             if fresh:
                 following += len(fresh)
                 examples += fresh
@@ -702,6 +723,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--audio-in-bins", type=at_least(0), default=0, metavar="LEVELS",
                         help="with --init: hear the user's audio at this many dMel levels, not 16 "
                              f"(up to {dmel.FINE_BINS}; same outputs at the start; ModelConfig.audio_in_bins)")
+    parser.add_argument("--text-lead", type=at_least(0), default=None, metavar="OUTPUTS",
+                        help="train the model's text this many outputs (50 ms each) ahead of its voice "
+                             "(ModelConfig.text_lead; default: as the model has it, 0 for a new one)")
     parser.add_argument("--audio-context", type=at_least(0), default=0, metavar="TOKENS",
                         help="with --init: mix each user audio token with this many before it "
                              "(same outputs at the start; ModelConfig.audio_context)")

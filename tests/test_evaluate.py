@@ -221,6 +221,7 @@ def test_the_random_model_runs_through_the_evaluation_and_draws_its_timeline(tmp
     result = evaluate(load_engine(max_sessions=1), [1_000_002], plots=tmp_path)
     assert KEYS <= result.keys() and result["conversations"] == 1
     assert result["delegation_copying"]["answers"] == 1 and result["delegation_copying"]["digits"] == 2  # 't1: 87'
+    assert result["answers_teacher_forced"]["request"]["scored"] == 1  # its one delegation (model/answering.py)
     png = (tmp_path / "1000002.png").read_bytes()
     assert png.startswith(b"\x89PNG\r\n\x1a\n") and b"IEND" in png[-12:]
 

@@ -48,17 +48,19 @@ def test_training_lowers_the_loss_resumes_and_serves(tmp_path):
     # It decodes as trained: a lexicon of the words its conversations and drill wrote, as
     # model.lexicon makes one from the conversations themselves; no threshold to carry.
     assert json.loads((out / "decoding.json").read_text()) == {"lexicon": "lexicon.txt"}
-    assert (out / "lexicon.txt").read_text().split() == from_data(range(4), range(1)).words
+    words = from_data(range(4), range(1)).words
+    assert (out / "lexicon.txt").read_text().split() == words
     engine = make_model("model", max_sessions=2, checkpoint=str(out))
     assert engine.weights == "ckpt"
-    assert engine.decoding == f"greedy, lexicon of {len(from_data(range(4), range(1)))} words"
+    assert engine.decoding == f"greedy, lexicon of {len(words)} words"
     engine.open_session("s")
     output = engine.step([TurnInput("s", 0, np.zeros(TURN_SAMPLES, dtype=np.float32))])[0]
     assert output.audio.shape == (TURN_SAMPLES,) and np.isfinite(output.audio).all()
 
     # A fine-tune that first widens the key/value heads (1 -> 4), narrows the
     # attention window, adds encoder blocks on the user's audio, mixes each audio
-    # token with the three before it, hears 64 levels and adds a trunk block trains and serves too. The tiny preset has the encoder now: start from the run's weights without it.
+    # token with the three before it, hears 64 levels, adds a trunk block and writes its text an output
+    # ahead of its voice trains and serves too. The tiny preset has the encoder now: start from the run's weights without it.
     save_checkpoint(without_parts(load_checkpoint(out), audio_encoder_layers=0), tmp_path / "without_encoder")
     with pytest.raises(ValueError, match="already has 2 blocks"):
         train(build_parser().parse_args(common[2:] + ["--out", str(tmp_path / "twice"), "--init", str(out),
@@ -71,7 +73,7 @@ def test_training_lowers_the_loss_resumes_and_serves(tmp_path):
                             "--window", "128", "--audio-encoder", "2", "--audio-context", "3", "--layers", "5",
                             "--new-lr-scale", "10", "--user-mask-bands", "2", "--user-jitter", "0.1",
                             "--first-drill", "1", "--audio-in-bins", "64", "--answer-drills", "1",
-                            "--first-answer-drill", "2", "--render-history"]
+                            "--first-answer-drill", "2", "--render-history", "--text-lead", "1"]
     (tmp_path / "without_encoder" / "decoding.json").write_text('{"write_threshold": 0.4}')
     tuned = train(build_parser().parse_args(growing + ["--steps", "3"]))
     assert len(tuned) == 3 and statistics.mean(tuned) < 0.8 * statistics.mean(losses[:5])  # from the trained weights
@@ -95,6 +97,7 @@ def test_training_lowers_the_loss_resumes_and_serves(tmp_path):
     assert '"audio_in_bins": 64' in (wide / "config.json").read_text()
     assert engine.model.audio_in_fine.table.abs().max() > 0  # started at zero
     assert '"n_layers": 5' in (wide / "config.json").read_text()
+    assert '"text_lead": 1' in (wide / "config.json").read_text()
     assert engine.model.trunk.blocks[3].attn.out.weight.abs().max() > 0  # the added block, started as an identity
     # The added block learns at ten times the rate, and a resumed run keeps it so.
     assert len(train(build_parser().parse_args(growing + ["--steps", "4", "--resume"]))) == 1
@@ -103,6 +106,8 @@ def test_training_lowers_the_loss_resumes_and_serves(tmp_path):
     old_group, new_group = state["optimizer"]["param_groups"]
     assert len(new_group["params"]) == sum(1 for _ in engine.model.trunk.blocks[3].parameters())
     assert new_group["lr"] == pytest.approx(10 * old_group["lr"]) and old_group["lr"] > 0
+    with pytest.raises(ValueError, match="--text-lead with --resume"):
+        train(build_parser().parse_args(growing[:-1] + ["2", "--steps", "5", "--resume"]))
     with pytest.raises(ValueError, match="already mixes 3 tokens"):
         train(build_parser().parse_args(common[2:] + ["--out", str(tmp_path / "again"), "--init", str(wide),
                                                       "--audio-context", "2", "--steps", "1"]))
@@ -388,6 +393,42 @@ def test_a_data_deadline_trains_on_the_seeds_made_from_the_first(tmp_path):
     assert load_examples([8, 9], config, tmp_path, deadline=past) == []
     assert len(load_examples([7], config, tmp_path, deadline=past)) == 1
     assert len(load_examples([9, 7], config, tmp_path, deadline=past)) == 2
+
+
+def test_a_text_lead_moves_every_byte_earlier_and_the_cache_keeps_the_data_as_it_is(tmp_path):
+    """ModelConfig.text_lead: the model's text is trained that many outputs ahead of its
+    voice. Bytes move across micro-turns and the voice stays; what is cached (shared by
+    models of any lead) is the data as generated, and what comes back is moved."""
+    from dataclasses import replace
+
+    from model.conversations import generate
+    from model.train import CACHE_NAME, Example, cached_run, leading_text, load_examples, to_example
+
+    text = torch.tensor([[NO_TEXT, ord("h"), ord("i"), NO_TEXT], [NO_TEXT, NO_TEXT, ord("o"), ord("k")]])
+    example = Example(torch.zeros(32, 80, dtype=torch.uint8), torch.ones(32, 80, dtype=torch.uint8),
+                      torch.zeros(2, 4, dtype=torch.int64), text)
+    led = leading_text(example, 1)
+    assert led.text_out.tolist() == [[ord("h"), ord("i"), NO_TEXT, NO_TEXT], [NO_TEXT, ord("o"), ord("k"), NO_TEXT]]
+    # "hi" would be written before the conversation began: gone; "ok" crosses into turn 0.
+    assert leading_text(example, 3).text_out.tolist() == [[NO_TEXT, NO_TEXT, NO_TEXT, ord("o")],
+                                                          [ord("k"), NO_TEXT, NO_TEXT, NO_TEXT]]
+    assert led.model_bins is example.model_bins and leading_text(example, 0) is example
+
+    leading = replace(preset("tiny"), text_lead=2)
+    (conversation,) = generate([3])
+    as_data = to_example(conversation, preset("tiny"))
+    assert as_data.text_out.tolist() == torch.from_numpy(conversation.text_out).tolist()
+    assert (as_data.text_out != NO_TEXT).sum() > 10  # it says something, so the moves below are seen
+    (loaded,) = load_examples([3], leading, tmp_path)
+    assert torch.equal(loaded.text_out, leading_text(as_data, 2).text_out)
+    assert torch.equal(to_example(conversation, leading).text_out, loaded.text_out)
+    cached = Example(**torch.load(tmp_path / CACHE_NAME / "3.pt"))
+    assert torch.equal(cached.text_out, as_data.text_out)  # cached as the data has it
+    (again,) = load_examples([3], leading, tmp_path)  # from the cache this time
+    assert torch.equal(again.text_out, loaded.text_out)
+    assert torch.equal(cached_run(tmp_path, 3, 4, text_lead=2)[0].text_out, loaded.text_out)
+    with pytest.raises(ValueError, match="text_lead must be 0 to 4 outputs"):
+        replace(preset("tiny"), text_lead=5)
 
 
 def test_steps_zero_makes_and_caches_the_data_and_trains_nothing(tmp_path):
