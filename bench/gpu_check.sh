@@ -43,7 +43,11 @@ TRAIN_MINUTES=${TRAIN_MINUTES:-5.5} BATCH=${BATCH:-32} REPEATS=${REPEATS:-15} PR
 # Seeds no run has trained on (docs/training.md, "On a lent GPU", lists those taken: move these on after each call).
 FIRST_SEED=${FIRST_SEED:-42000} FIRST_DRILL=${FIRST_DRILL:-4700}
 INIT=${INIT:-} LR=${LR:-} CHECKS=${CHECKS:-1}  # CHECKS=0: no CUDA tests or bench, all the time to training
-case "$CHECKS" in 0 | 1) ;; *) echo "CHECKS=$CHECKS: 0 or 1" >&2; exit 2 ;; esac
+# RENDER_HISTORY=1: train on the voice the audio head renders, not the reference's (--render-history;
+# an extra forward pass a step; docs/eval.md, session 36: served answers follow that voice).
+RENDER_HISTORY=${RENDER_HISTORY:-0}
+case "$CHECKS$RENDER_HISTORY" in 00 | 01 | 10 | 11) ;; *) echo "CHECKS, RENDER_HISTORY: 0 or 1" >&2; exit 2 ;; esac
+render=(); [ "$RENDER_HISTORY" = 1 ] && render=(--render-history)
 if [ -n "$INIT" ]; then  # a lease is too short to find out from a log that nothing was continued
     carried=0
     for preset in $PRESETS; do [ -f "$INIT/$preset/model.safetensors" ] && carried=1; done
@@ -94,7 +98,7 @@ wait_s=$((TRAIN_AFTER - (SECONDS - started)))
 [ "$wait_s" -gt 0 ] && sleep "$wait_s"
 # Each run takes the conversations cached so far and, every 50 steps, those made since
 # (--follow-cache); the drills are all there by now (else it makes what is missing).
-step "train ${PRESETS// /, } for $TRAIN_MINUTES min each, side by side, following the data"
+step "train ${PRESETS// /, } for $TRAIN_MINUTES min each, side by side, following the data${render:+, on their own rendered voice}"
 trainers=()
 for preset in $PRESETS; do
     # The wider model at half tiny's rate; a continued one at half its from-scratch rate.
@@ -108,7 +112,7 @@ for preset in $PRESETS; do
     ( "$PYTHON" -m model.train --out "$WORK/$preset" "${start[@]}" --cache "$WORK/cache" --follow-cache \
         --conversations 100000 --first-seed "$FIRST_SEED" --drills "$DRILLS" --first-drill "$FIRST_DRILL" \
         --steps 1000000 --minutes "$TRAIN_MINUTES" --batch "$BATCH" --turns 80 --lr "$lr" --warmup 100 \
-        --save-every 1000000 --seed 0 --listen-weight 0.25 --text-weight 3 --speech-weight 2 2>&1 \
+        --save-every 1000000 --seed 0 --listen-weight 0.25 --text-weight 3 --speech-weight 2 "${render[@]}" 2>&1 \
         | tr '\r' '\n' > "$OUT/train-$preset.log" ) &
     trainers+=($!)
 done

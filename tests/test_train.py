@@ -313,13 +313,14 @@ def test_the_prepared_gpu_check_runs_here_without_a_gpu(tmp_path, monkeypatch):
     (tmp_path / "carried" / "tiny").symlink_to(repository / "checkpoints" / "tiny")  # continued; small is not carried
     env = {**os.environ, "OUT": str(tmp_path / "out"), "WORK": str(tmp_path / "work"), "PYTHON": sys.executable,
            "DATA_MINUTES": "0.0001", "WORKERS": "1", "DRILLS": "1", "TRAIN_AFTER": "0", "TRAIN_MINUTES": "0.05",
-           "BATCH": "2", "REPEATS": "1", "PRESETS": "tiny small", "INIT": str(tmp_path / "carried"),
+           "BATCH": "2", "REPEATS": "1", "PRESETS": "tiny small", "INIT": str(tmp_path / "carried"), "RENDER_HISTORY": "1",
            "PYTHONPATH": str(tmp_path / "no-av"),
            "WHEELS": str(tmp_path / "no-wheels")}  # what a fresh clone has: none carried here
     run = subprocess.run(["bash", str(repository / "bench" / "gpu_check.sh")], cwd=repository, env=env,
                          capture_output=True, text=True, timeout=240, check=False)
     report = (run.stdout + run.stderr)[-3000:]
     assert run.returncode == 0 and "done: status 0" in run.stdout, report
+    assert "following the data, on their own rendered voice" in run.stdout, report
     out = tmp_path / "out"
     assert len(list(out.iterdir())) <= 8, report
     with tarfile.open(out / "logs.tar") as logs:
