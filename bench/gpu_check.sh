@@ -46,7 +46,9 @@ INIT=${INIT:-} LR=${LR:-} CHECKS=${CHECKS:-1}  # CHECKS=0: no CUDA tests or benc
 # RENDER_HISTORY=1: train on the voice the audio head renders, not the reference's (--render-history;
 # an extra forward pass a step; docs/eval.md, session 36: served answers follow that voice).
 RENDER_HISTORY=${RENDER_HISTORY:-0}
-case "$CHECKS$RENDER_HISTORY" in 00 | 01 | 10 | 11) ;; *) echo "CHECKS, RENDER_HISTORY: 0 or 1" >&2; exit 2 ;; esac
+for switch in CHECKS RENDER_HISTORY; do
+    case "${!switch}" in 0 | 1) ;; *) echo "$switch=${!switch}: 0 or 1" >&2; exit 2 ;; esac
+done
 render=(); [ "$RENDER_HISTORY" = 1 ] && render=(--render-history)
 if [ -n "$INIT" ]; then  # a lease is too short to find out from a log that nothing was continued
     carried=0

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 
 from model.config import NO_TEXT, TASK_CLOSE, TASK_OPEN
-from model.conversations import NUMBER_WORDS, Conversation, Event
+from model.conversations import NUMBER_WORDS, Conversation, Event, turn_at
 from model.interaction import InteractionModel
 from model.lexicon import LETTERS
 from model.train import predicting_states, rendered_history, teacher_forced_layers, to_example
@@ -47,16 +47,23 @@ def written_span(event: Event, text: list[int], first: int) -> list[int] | None:
     return None
 
 
-@torch.no_grad()
-def chosen_bytes(model: InteractionModel, conversation: Conversation, own_voice: bool) -> tuple[list[int], list[int]]:
-    """(the reference's text ids as this model writes them, the byte the model picks at
-    each output position), its own voice fed back as the reference or as rendered."""
-    example = to_example(conversation, model.config)
-    history = rendered_history(model, [example]) if own_voice else None
-    hidden = predicting_states(model, teacher_forced_layers(model, [example], own_history=history))
+def _picked_bytes(model: InteractionModel, hidden: torch.Tensor) -> list[int]:
+    """The byte the text head picks at each output position, given it writes one."""
     logits = model.text_head(hidden).float()
-    logits[:, NO_TEXT] = float("-inf")  # which byte, given it writes one
-    return example.text_out.reshape(-1).tolist(), logits.argmax(-1).tolist()
+    logits[:, NO_TEXT] = float("-inf")
+    return logits.argmax(-1).tolist()
+
+
+@torch.no_grad()
+def chosen_bytes(model: InteractionModel, conversation: Conversation) -> tuple[list[int], list[int], list[int]]:
+    """(the reference's text ids as this model writes them, the byte the model picks at
+    each output position fed the reference voice, and fed its own rendering of it). The
+    rendering is sampled from the reference pass's own states, so it takes one pass more."""
+    batch = [to_example(conversation, model.config)]
+    hidden = predicting_states(model, teacher_forced_layers(model, batch))
+    own = predicting_states(model, teacher_forced_layers(model, batch,
+                                                         own_history=rendered_history(model, batch, hidden)))
+    return batch[0].text_out.reshape(-1).tolist(), _picked_bytes(model, hidden), _picked_bytes(model, own)
 
 
 def answer_probe(model: InteractionModel, conversations: list[Conversation]) -> dict[str, dict[str, object]]:
@@ -68,11 +75,9 @@ def answer_probe(model: InteractionModel, conversations: list[Conversation]) -> 
     tallies: dict[str, list[int]] = {}  # kind -> [scored, first byte, word, word own voice]
     try:
         for conversation in conversations:
-            text, reference = chosen_bytes(model, conversation, own_voice=False)
-            _, rendered = chosen_bytes(model, conversation, own_voice=True)
-            outputs = model.config.out_positions
+            text, reference, rendered = chosen_bytes(model, conversation)
             for event in conversation.events:
-                first = max(int(event.user_end_s / 0.2 + 1e-9) * outputs - model.config.text_lead, 0)
+                first = max(turn_at(event.user_end_s) * model.config.out_positions - model.config.text_lead, 0)
                 span = written_span(event, text, first)
                 if not span:
                     continue

@@ -131,6 +131,11 @@ class Conversation:
         return len(self.text_in)
 
 
+def turn_at(seconds: float) -> int:
+    """The micro-turn in progress at ``seconds`` of step time (an ``Event``'s times)."""
+    return int(seconds / 0.2 + 1e-9)
+
+
 def trim_silence(audio: np.ndarray, threshold: float = 0.01) -> np.ndarray:
     """Cut leading and trailing near-silence, so onsets and ends are where speech is."""
     loud = np.flatnonzero(np.abs(audio) > threshold)

@@ -53,7 +53,7 @@ from model import listening, recognise
 from model.answering import answer_probe
 from model.arguments import at_least, lexicon_file, positive, write_threshold
 from model.audio import require_pyav, resampler
-from model.conversations import NUMBER_WORDS, Conversation, Event, generate
+from model.conversations import NUMBER_WORDS, Conversation, Event, generate, turn_at
 from model.copying import copy_probe
 from model.interaction import InteractionModel
 from model.interface import SAMPLE_RATE, TURN_SAMPLES, TurnInput
@@ -123,12 +123,8 @@ def vocoded_timeline(emitted: np.ndarray, text: list[str]) -> Timeline:
     return Timeline(activity(speech), text, speech, lag_s=LAG_SAMPLES / SAMPLE_RATE)
 
 
-def _turn(seconds: float) -> int:
-    return int(seconds / 0.2 + 1e-9)
-
-
 def _question_turn(event: Event) -> int:
-    return _turn(event.user_start_s if event.user_start_s is not None else event.user_end_s)
+    return turn_at(event.user_start_s if event.user_start_s is not None else event.user_end_s)
 
 
 def _delegation(event: Event, following: Event | None, wanted_text: list[str],
@@ -183,15 +179,15 @@ def score(conversation: Conversation, timeline: Timeline) -> list[dict[str, obje
             later = delegations[delegations.index(event) + 1 :]
             record.update(_delegation(event, later[0] if later else None, wanted_text, timeline))
         if event.kind == "noise":
-            quiet = timeline.active[max(_turn(event.user_end_s - 1.0), 0) : _turn(event.user_end_s) + 2]
+            quiet = timeline.active[max(turn_at(event.user_end_s - 1.0), 0) : turn_at(event.user_end_s) + 2]
             record["silent"] = not quiet.any()
         records.append(record)
     return records
 
 
 def _reply(event: Event, timeline: Timeline) -> dict[str, object]:
-    end_turn = _turn(event.user_end_s)  # outputs from this one on come after the user stopped
-    start = _turn(event.user_start_s) + 1 if event.user_start_s is not None else max(end_turn - 5, 0)
+    end_turn = turn_at(event.user_end_s)  # outputs from this one on come after the user stopped
+    start = turn_at(event.user_start_s) + 1 if event.user_start_s is not None else max(end_turn - 5, 0)
     spoke_over = bool(timeline.active[start:end_turn].any())
     window = timeline.active[end_turn : end_turn + REPLY_WINDOW_TURNS]
     onset = int(np.argmax(window)) + end_turn if window.any() else None
@@ -203,7 +199,7 @@ def _heard(event: Event, timeline: Timeline) -> dict[str, object] | None:
     """Which word the reply is (None: no audio kept). No reply counts as wrong."""
     if timeline.audio is None:
         return None
-    end_turn = _turn(event.user_end_s)
+    end_turn = turn_at(event.user_end_s)
     window = timeline.active[end_turn : end_turn + REPLY_WINDOW_TURNS]
     heard: dict[str, object] = {"expected": event.expected_text, "dtw": "", "asr": None}
     words = re.findall(r"[a-z]+", "".join(timeline.text[end_turn : end_turn + REPLY_WINDOW_TURNS]).lower())
@@ -221,7 +217,7 @@ def _heard(event: Event, timeline: Timeline) -> dict[str, object] | None:
 
 
 def _stop(event: Event, timeline: Timeline) -> dict[str, object]:
-    onset_turn = _turn(event.user_end_s)  # for barge-in, user_end_s is when the user cut in
+    onset_turn = turn_at(event.user_end_s)  # for barge-in, user_end_s is when the user cut in
     after = timeline.active[onset_turn:]
     silent = np.flatnonzero(~after)
     if not silent.size:

@@ -255,14 +255,17 @@ def listened_states(model: InteractionModel, layers: list[torch.Tensor]) -> torc
 
 
 @torch.no_grad()
-def rendered_history(model: InteractionModel, batch: list[Example]) -> torch.Tensor:
+def rendered_history(model: InteractionModel, batch: list[Example], hidden: torch.Tensor | None = None
+                     ) -> torch.Tensor:
     """The model's own audio as its audio head renders it, one output ahead of the
     reference (b, turns·16, mels) bins: each patch is what the head samples from the
     reference history before it. Served, the trunk hears its head's rendering, not
     the reference; a flow head's differs by ~0.75 bins a value where the trunk was
     trained on ~0.1 (``--history-noise``), and that moved it off its training
-    distribution (docs/eval.md, session 32)."""
-    hidden = predicting_states(model, teacher_forced_layers(model, batch))
+    distribution (docs/eval.md, session 32). ``hidden``: the batch's ``predictor_states``
+    where the caller has them already (teacher forced, no history noise)."""
+    if hidden is None:
+        hidden = predicting_states(model, teacher_forced_layers(model, batch))
     return dmel.quantize(model.audio_head.sample(hidden)).view(len(batch), -1, dmel.N_MELS)
 
 
