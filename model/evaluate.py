@@ -285,12 +285,13 @@ def _by_ear(items: list[dict[str, object]]) -> dict[str, object]:
 
 
 def evaluate(engine: StreamingModel | None, seeds: list[int], plots: Path | None = None,
-             held_out: bool = True, duration_s: float = 24.0) -> dict[str, object]:
+             held_out: bool = True, duration_s: float = 24.0, keep_records: bool = False) -> dict[str, object]:
     """Scores over held-out conversations; ``engine=None`` scores the reference tracks.
     With ``plots``, writes each conversation's timeline there as ``SEED.png``. With
     ``held_out=False`` the users speak in the training voices (use seeds beyond the
     training range): what is left of the gap is the skill, not hearing new voices.
-    A seed's conversation depends on ``duration_s`` too."""
+    A seed's conversation depends on ``duration_s`` too. ``keep_records`` adds
+    ``records``: what the model did at each event, for ``microturn compare``."""
     require_pyav("evaluation conversations")  # training voices too, which generate() lets through
     records: list[dict[str, object]] = []
     conversations = generate(seeds, held_out=held_out, duration_s=duration_s)
@@ -315,6 +316,8 @@ def evaluate(engine: StreamingModel | None, seeds: list[int], plots: Path | None
     result["conversations"] = len(seeds)
     result["voices"] = "held-out" if held_out else "training"
     result["seconds"] = duration_s
+    if keep_records:
+        result["records"] = records
     return result
 
 
@@ -411,6 +414,13 @@ def teacher_forced_loss(model: InteractionModel, conversations: list[Conversatio
     return {key: round(value / counts[key], 4) for key, value in totals.items()}
 
 
+def write_records(path: Path, checkpoint: str, result: dict[str, object], records: list[dict[str, object]]) -> None:
+    """``records`` with what names the conversations they came from (a seed's
+    conversation depends on its voices and length too)."""
+    path.write_text(json.dumps({"checkpoint": checkpoint, "voices": result["voices"], "seconds": result["seconds"],
+                                "conversations": result["conversations"], "records": records}))
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="microturn eval", description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", default=None, help="checkpoint directory (default: random weights)")
@@ -431,6 +441,9 @@ def main(argv: list[str] | None = None) -> None:
                              "and a --first-seed no run trained on, against seeds it did, how much it memorised")
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--plots", default=None, help="directory for one timeline PNG per conversation")
+    parser.add_argument("--records", default=None, metavar="FILE",
+                        help="also write what the model did at each event to FILE (JSON), for a paired "
+                             "`microturn compare` with another checkpoint on the same conversations")
     parser.add_argument("--write-threshold", default=argparse.SUPPRESS,
                         type=write_threshold,
                         help="decode text in two stages with this threshold, or 'greedy' "
@@ -449,6 +462,8 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("--heard-only reads a model's listening head; the reference tracks have none")
     if args.loss and (args.reference or args.heard_only):
         parser.error("--loss is a model's loss: not with --reference or --heard-only")
+    if args.records and (args.loss or args.heard_only):
+        parser.error("--records are the closed loop's: not with --loss or --heard-only")
     engine = None if args.reference else load_engine(args.checkpoint, max_sessions=1, **decoding)
     seeds = list(range(args.first_seed, args.first_seed + args.conversations))
     held_out = not args.training_voices
@@ -467,7 +482,10 @@ def main(argv: list[str] | None = None) -> None:
                   "resampler": resampler()}
     else:
         result = evaluate(engine, seeds, Path(args.plots) if args.plots else None, held_out=held_out,
-                          duration_s=args.seconds)
+                          duration_s=args.seconds, keep_records=args.records is not None)
+        if args.records is not None:
+            source = "reference" if args.reference else args.checkpoint or "random"
+            write_records(Path(args.records), source, result, result.pop("records"))
     if args.json:
         print(json.dumps(result))
     else:

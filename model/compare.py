@@ -1,0 +1,151 @@
+"""Two checkpoints compared event by event on the same conversations (``microturn compare``).
+
+At this model's size most candidates differ from the shipped one by a few answers in
+40 (a delegation rate is ±0.07 at one standard error on 60 conversations; docs/eval.md,
+session 30), and rates from separate runs cannot say whether a difference is more than
+chance. Here both runs are scored on the same events, so only the events where the two
+disagree carry information: if the new one wins ``w`` and loses ``l`` of them, chance
+alone makes each way equally likely, and the exact two-sided sign test (McNemar's test)
+says how often a split as lopsided as ``w : l`` would come by chance.
+
+Input: the files ``microturn eval --records FILE`` writes, one or more per side (pooled,
+e.g. the issue's 60 and the next 60). Events are matched by voices, conversation length,
+seed, kind and when the user stopped; both sides must have the same events.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+from collections.abc import Callable
+from pathlib import Path
+
+Record = dict[str, object]
+Key = tuple[str, float, int, str, float]
+
+
+def _heard(record: Record) -> dict[str, object] | None:
+    heard = record.get("heard")
+    return heard if isinstance(heard, dict) else None
+
+
+def _question(name: str) -> Callable[[Record], bool]:
+    return lambda r: _heard(r) is not None and r.get("question") == name
+
+
+# name -> (which events it is read on, what is read: a yes or no per event). The names
+# and senses are the eval JSON's (``pause_tor`` counts pauses it spoke into: lower is better).
+OUTCOMES: dict[str, tuple[Callable[[Record], bool], Callable[[Record], bool]]] = {
+    "turn_taking_tor": (lambda r: r["kind"] == "answer", lambda r: bool(r["took_turn"])),
+    "pause_tor": (lambda r: r["kind"] == "pause", lambda r: bool(r["spoke_over"])),
+    "delegation_accuracy": (lambda r: r["kind"] == "delegation", lambda r: bool(r["answered"])),
+    "delegation_request_accuracy": (lambda r: r["kind"] == "delegation", lambda r: bool(r["request_right"])),
+    "noise_silence_rate": (lambda r: r["kind"] == "noise", lambda r: bool(r["silent"])),
+    "spoken_word_accuracy": (lambda r: _heard(r) is not None, lambda r: bool(_heard(r)["right"])),
+    "written_word_accuracy": (lambda r: _heard(r) is not None, lambda r: bool(_heard(r)["written_right"])),
+    **{f"written[{name}]": (_question(name), lambda r: bool(_heard(r)["written_right"]))
+       for name in ("after", "pause", "small_sum")},
+}
+LOWER_IS_BETTER = {"pause_tor"}
+
+
+def sign_test(wins: int, losses: int) -> float:
+    """Exact two-sided p-value of ``wins : losses`` when each is equally likely."""
+    n = wins + losses
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, k) for k in range(min(wins, losses) + 1)) / 2**n
+    return min(1.0, 2 * tail)
+
+
+def load(paths: list[Path]) -> dict[Key, Record]:
+    """The events of ``paths`` pooled, keyed as they are matched."""
+    events: dict[Key, Record] = {}
+    for path in paths:
+        try:
+            run = json.loads(path.read_text())
+            records = run["records"]
+            voices, seconds = str(run["voices"]), float(run["seconds"])
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            raise ValueError(f"{path}: not a `microturn eval --records` file ({error})") from error
+        for record in records:
+            key = (voices, seconds, int(record["seed"]), str(record["kind"]), float(record["user_end_s"]))
+            if key in events:
+                raise ValueError(f"{path}: seed {key[2]} is in more than one file of a side")
+            events[key] = record
+    return events
+
+
+def _rate(hits: int, n: int) -> float | None:
+    return round(hits / n, 3) if n else None
+
+
+def compare(base: dict[Key, Record], new: dict[Key, Record]) -> dict[str, dict[str, object]]:
+    """Per outcome: events read, each side's rate, the events only one side has it
+    for, and the sign test's p on those. Latencies: where both replied or stopped,
+    how often the new one was sooner and later."""
+    if base.keys() != new.keys():
+        missing, extra = len(base.keys() - new.keys()), len(new.keys() - base.keys())
+        raise ValueError(f"the two sides were not evaluated on the same conversations: {missing} of base's "
+                         f"events have no match in new, and {extra} of new's none in base (same seeds, "
+                         "--conversations, --seconds and voices on both)")
+    keys = sorted(base)
+    result: dict[str, dict[str, object]] = {}
+    for name, (applies, holds) in OUTCOMES.items():
+        pairs = [(holds(base[k]), holds(new[k])) for k in keys if applies(base[k]) and applies(new[k])]
+        only_base = sum(b and not n for b, n in pairs)
+        only_new = sum(n and not b for b, n in pairs)
+        result[name] = {"events": len(pairs), "base": _rate(sum(b for b, _ in pairs), len(pairs)),
+                        "new": _rate(sum(n for _, n in pairs), len(pairs)),
+                        "only_base": only_base, "only_new": only_new, "p": round(sign_test(only_base, only_new), 4)}
+    result["response_latency_s"] = _latencies([(base[k]["latency_s"], new[k]["latency_s"])
+                                               for k in keys if base[k]["kind"] == "answer"])
+    result["stop_latency_s"] = _latencies([(base[k]["stop_latency_s"], new[k]["stop_latency_s"])
+                                           for k in keys if base[k]["kind"] == "barge_in"])
+    return result
+
+
+def _latencies(pairs: list[tuple[object, object]]) -> dict[str, object]:
+    both = [(float(b), float(n)) for b, n in pairs if b is not None and n is not None]
+    sooner = sum(n < b for b, n in both)
+    later = sum(n > b for b, n in both)
+    return {"events": len(both), "base_median": round(statistics.median(b for b, _ in both), 3) if both else None,
+            "new_median": round(statistics.median(n for _, n in both), 3) if both else None,
+            "new_sooner": sooner, "new_later": later, "p": round(sign_test(sooner, later), 4)}
+
+
+def table(result: dict[str, dict[str, object]]) -> str:
+    """``result`` as two Markdown tables, rates then latencies; where p < 0.05 the
+    rate's row says which side is better."""
+    rates = ["| outcome | events | base | new | only base | only new | p |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    latencies = ["| latency | events with both | base median, s | new median, s | new sooner | new later | p |",
+                 "| --- | --- | --- | --- | --- | --- | --- |"]
+    for name, row in result.items():
+        if "only_base" not in row:
+            latencies.append(f"| {name} | {row['events']} | {row['base_median']} | {row['new_median']} | "
+                             f"{row['new_sooner']} | {row['new_later']} | {row['p']} |")
+            continue
+        base_wins, new_wins = row["only_base"], row["only_new"]
+        if name in LOWER_IS_BETTER:
+            base_wins, new_wins = new_wins, base_wins
+        verdict = "" if row["p"] >= 0.05 else (" (new better)" if new_wins > base_wins else " (new worse)")
+        rates.append(f"| {name} | {row['events']} | {row['base']} | {row['new']} | {row['only_base']} | "
+                     f"{row['only_new']} | {row['p']}{verdict} |")
+    return "\n".join(rates) + "\n\n" + "\n".join(latencies)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="microturn compare", description=__doc__.splitlines()[0])
+    parser.add_argument("--base", nargs="+", type=Path, required=True, metavar="FILE",
+                        help="`microturn eval --records` files of the checkpoint to compare against (pooled)")
+    parser.add_argument("--new", nargs="+", type=Path, required=True, metavar="FILE",
+                        help="the candidate's files, on the same conversations")
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args(argv)
+    try:
+        result = compare(load(args.base), load(args.new))
+    except ValueError as error:
+        parser.error(str(error))
+    print(json.dumps(result) if args.json else table(result))
