@@ -6,7 +6,9 @@ session 30), and rates from separate runs cannot say whether a difference is mor
 chance. Here both runs are scored on the same events, so only the events where the two
 disagree carry information: if the new one wins ``w`` and loses ``l`` of them, chance
 alone makes each way equally likely, and the exact two-sided sign test (McNemar's test)
-says how often a split as lopsided as ``w : l`` would come by chance.
+says how often a split as lopsided as ``w : l`` would come by chance. It treats events
+as independent; those of one conversation share a voice, so p reads a little low, and
+of ten rows one may pass 0.05 by chance alone.
 
 Input: the files ``microturn eval --records FILE`` writes, one or more per side (pooled,
 e.g. the issue's 60 and the next 60). Events are matched by voices, conversation length,
