@@ -99,6 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
     token.add_argument("--subject", default="", help="who it is for (kept in the token)")
     commands.add_parser("eval", help="evaluate the model on held-out conversations (--json)", add_help=False)
     commands.add_parser("train", help="train the interaction model (see microturn train --help)", add_help=False)
+    commands.add_parser("average", help="a checkpoint whose weights are the mean of others' (see microturn "
+                        "average --help)", add_help=False)
     commands.add_parser("compare", help="two checkpoints' `eval --records`, event by event, with a sign test",
                         add_help=False)
     commands.add_parser("loadtest", help="simulated WebRTC peers against a server (see microturn loadtest --help)",
@@ -182,6 +184,11 @@ def main(argv: list[str] | None = None) -> None:
         from model.train import main as train_main
 
         train_main(rest)
+        return
+    if args.command == "average":
+        from model.average import main as average_main
+
+        average_main(rest)
         return
     if args.command == "compare":
         from model.compare import main as compare_main
