@@ -68,12 +68,12 @@ def load(paths: list[Path]) -> dict[Key, Record]:
     for path in paths:
         try:
             run = json.loads(path.read_text())
-            records = run["records"]
             voices, seconds = str(run["voices"]), float(run["seconds"])
+            keyed = [((voices, seconds, int(r["seed"]), str(r["kind"]), float(r["user_end_s"])), r)
+                     for r in run["records"]]
         except (OSError, ValueError, KeyError, TypeError) as error:
-            raise ValueError(f"{path}: not a `microturn eval --records` file ({error})") from error
-        for record in records:
-            key = (voices, seconds, int(record["seed"]), str(record["kind"]), float(record["user_end_s"]))
+            raise ValueError(f"{path}: not a `microturn eval --records` file ({error!r})") from error
+        for key, record in keyed:
             if key in events:
                 raise ValueError(f"{path}: seed {key[2]} is in more than one file of a side")
             events[key] = record

@@ -464,6 +464,8 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("--loss is a model's loss: not with --reference or --heard-only")
     if args.records and (args.loss or args.heard_only):
         parser.error("--records are the closed loop's: not with --loss or --heard-only")
+    if args.records and not Path(args.records).parent.is_dir():  # before minutes of evaluation, not after
+        parser.error(f"--records: no folder {Path(args.records).parent} to write {args.records} in")
     engine = None if args.reference else load_engine(args.checkpoint, max_sessions=1, **decoding)
     seeds = list(range(args.first_seed, args.first_seed + args.conversations))
     held_out = not args.training_voices

@@ -92,9 +92,11 @@ def test_runs_on_different_conversations_are_refused_with_the_reason(runs, capsy
 
 def test_a_file_that_is_not_records_is_refused(tmp_path, capsys):
     (tmp_path / "result.json").write_text(json.dumps({"turn_taking_tor": 1.0}))  # an eval --json, not --records
-    with pytest.raises(SystemExit):
-        compare_main(["--base", str(tmp_path / "result.json"), "--new", str(tmp_path / "result.json")])
-    assert "not a `microturn eval --records` file" in capsys.readouterr().err
+    (tmp_path / "torn.json").write_text(json.dumps({"voices": "held-out", "seconds": 24.0, "records": [{"seed": 1}]}))
+    for name in ("result.json", "torn.json", "absent.json"):
+        with pytest.raises(SystemExit):
+            compare_main(["--base", str(tmp_path / name), "--new", str(tmp_path / name)])
+        assert "not a `microturn eval --records` file" in capsys.readouterr().err
 
 
 def test_eval_writes_records_that_pair_with_themselves(tmp_path, capsys):
@@ -110,3 +112,6 @@ def test_eval_writes_records_that_pair_with_themselves(tmp_path, capsys):
     with pytest.raises(SystemExit):
         eval_main(["--loss", "--records", str(tmp_path / "x.json")])
     assert "--records are the closed loop's" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        eval_main(["--reference", "--records", str(tmp_path / "no" / "x.json")])
+    assert "no folder" in capsys.readouterr().err
