@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import os
 
@@ -22,6 +23,17 @@ LIMIT_FLAGS = {
     "max_tasks_per_session": "background tasks running at once per session",
     "max_text_chars": "longest text.input",
     "max_offer_bytes": "largest SDP offer",
+}
+
+# Commands that parse their own options: the module whose main() takes the rest of argv.
+OWN_OPTIONS = {
+    "sample": "model.conversations",
+    "eval": "model.evaluate",
+    "train": "model.train",
+    "average": "model.average",
+    "compare": "model.compare",
+    "loadtest": "loadtest.run",
+    "router": "server.router",
 }
 
 
@@ -160,40 +172,8 @@ def serve(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
-    if args.command == "sample":  # its own options, parsed by the sample command
-        from model.conversations import main as sample_main
-
-        sample_main(rest)
-        return
-    if args.command == "eval":
-        from model.evaluate import main as eval_main
-
-        eval_main(rest)
-        return
-    if args.command == "loadtest":
-        from loadtest.run import main as loadtest_main
-
-        loadtest_main(rest)
-        return
-    if args.command == "router":
-        from server.router import main as router_main
-
-        router_main(rest)
-        return
-    if args.command == "train":
-        from model.train import main as train_main
-
-        train_main(rest)
-        return
-    if args.command == "average":
-        from model.average import main as average_main
-
-        average_main(rest)
-        return
-    if args.command == "compare":
-        from model.compare import main as compare_main
-
-        compare_main(rest)
+    if args.command in OWN_OPTIONS:  # imported only when used: training and evaluation pull in torch
+        importlib.import_module(OWN_OPTIONS[args.command]).main(rest)
         return
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")

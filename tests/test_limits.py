@@ -11,7 +11,7 @@ import pytest
 from conftest import running_server
 
 from loadtest.peer import Peer, SignallingError
-from server.cli import build_parser
+from server.cli import OWN_OPTIONS, build_parser, main
 from server.config import ServerConfig
 
 TIGHT = ServerConfig(engine="echo", ice_host_addresses=["127.0.0.1"], max_sessions=1, max_text_chars=10,
@@ -48,6 +48,15 @@ async def test_configured_limits_refuse_with_clear_errors_and_the_session_goes_o
         assert described["connection_state"] == "connected"
         assert described["protocol_errors"] >= 4
         await peer.close()
+
+
+def test_each_command_with_its_own_options_reaches_its_parser(capsys):
+    commands = build_parser()._subparsers._group_actions[0].choices  # the subcommands the top parser offers
+    assert set(OWN_OPTIONS) <= set(commands) and {"serve", "token", "bench"} <= set(commands)
+    for command in OWN_OPTIONS:
+        with pytest.raises(SystemExit) as exited:
+            main([command, "--help"])
+        assert exited.value.code == 0 and capsys.readouterr().out.startswith(f"usage: microturn {command} ")
 
 
 def test_every_limit_has_a_command_line_flag():
