@@ -9,13 +9,14 @@ turn-taking and most of the fine-tune's answers (docs/eval.md).
 from __future__ import annotations
 
 import argparse
-import shutil
 from pathlib import Path
 
 import torch
 
 from model.interaction import InteractionModel
-from model.weights import DECODING_FILE, load_checkpoint, load_decoding, save_checkpoint
+from model.lexicon import Lexicon
+from model.train import save_decoding
+from model.weights import load_checkpoint, load_decoding, save_checkpoint
 
 
 def average(sources: list[Path], weights: list[float] | None = None) -> InteractionModel:
@@ -56,14 +57,10 @@ def main(argv: list[str] | None = None) -> None:
     except (OSError, ValueError) as error:
         parser.error(str(error))
     save_checkpoint(model, args.out)
-    # Decoded as the first checkpoint is: its decoding.json and the files it names.
-    first = args.checkpoints[0]
-    (args.out / DECODING_FILE).unlink(missing_ok=True)
-    if (first / DECODING_FILE).exists():
-        shutil.copy(first / DECODING_FILE, args.out / DECODING_FILE)
-        lexicon = load_decoding(first).get("lexicon")
-        if lexicon:
-            shutil.copy(str(lexicon), args.out / Path(str(lexicon)).name)
+    # Decoded as the first checkpoint is, written as training writes it: its settings and lexicon.
+    settings = load_decoding(args.checkpoints[0])
+    lexicon = settings.pop("lexicon", None)
+    save_decoding(args.out, settings, set(Lexicon.load(str(lexicon)).words) if lexicon else set())
     print(f"{args.out}: mean of {', '.join(map(str, args.checkpoints))}"
           + (f" weighted {args.weights}" if args.weights else ""))
 

@@ -33,10 +33,6 @@ def _heard(record: Record) -> dict[str, object] | None:
     return heard if isinstance(heard, dict) else None
 
 
-def _question(name: str) -> Callable[[Record], bool]:
-    return lambda r: _heard(r) is not None and r.get("question") == name
-
-
 # name -> (which events it is read on, what is read: a yes or no per event). The names
 # and senses are the eval JSON's (``pause_tor`` counts pauses it spoke into: lower is better).
 OUTCOMES: dict[str, tuple[Callable[[Record], bool], Callable[[Record], bool]]] = {
@@ -47,9 +43,7 @@ OUTCOMES: dict[str, tuple[Callable[[Record], bool], Callable[[Record], bool]]] =
     "noise_silence_rate": (lambda r: r["kind"] == "noise", lambda r: bool(r["silent"])),
     "spoken_word_accuracy": (lambda r: _heard(r) is not None, lambda r: bool(_heard(r)["right"])),
     "written_word_accuracy": (lambda r: _heard(r) is not None, lambda r: bool(_heard(r)["written_right"])),
-    **{f"written[{name}]": (_question(name), lambda r: bool(_heard(r)["written_right"]))
-       for name in ("after", "pause", "small_sum")},
-}
+}  # then ``written[QUESTION]``: written_word_accuracy by the questions the records hold
 LOWER_IS_BETTER = {"pause_tor"}
 
 
@@ -94,8 +88,12 @@ def compare(base: dict[Key, Record], new: dict[Key, Record]) -> dict[str, dict[s
                          f"events have no match in new, and {extra} of new's none in base (same seeds, "
                          "--conversations, --seconds and voices on both)")
     keys = sorted(base)
+    outcomes = dict(OUTCOMES)
+    for question in sorted({str(r["question"]) for r in base.values() if _heard(r) is not None}):
+        outcomes[f"written[{question}]"] = (lambda r, q=question: _heard(r) is not None and r["question"] == q,
+                                            OUTCOMES["written_word_accuracy"][1])
     result: dict[str, dict[str, object]] = {}
-    for name, (applies, holds) in OUTCOMES.items():
+    for name, (applies, holds) in outcomes.items():
         pairs = [(holds(base[k]), holds(new[k])) for k in keys if applies(base[k]) and applies(new[k])]
         only_base = sum(b and not n for b, n in pairs)
         only_new = sum(n and not b for b, n in pairs)
