@@ -12,7 +12,9 @@ of ten rows one may pass 0.05 by chance alone.
 
 Input: the files ``microturn eval --records FILE`` writes, one or more per side (pooled,
 e.g. the issue's 60 and the next 60). Events are matched by voices, conversation length,
-seed, kind and when the user stopped; both sides must have the same events.
+seed, kind and when the user stopped; both sides must have the same events. Each side's
+pooled events are also scored as one evaluation would score them (``pooled``): evaluations
+of 60 conversations run one per core, and these are their figures as one run of all.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ import math
 import statistics
 from collections.abc import Callable
 from pathlib import Path
+
+from model.evaluate import aggregate
 
 Record = dict[str, object]
 Key = tuple[str, float, int, str, float]
@@ -74,6 +78,16 @@ def load(paths: list[Path]) -> dict[Key, Record]:
     return events
 
 
+# The figures of `microturn eval --json` that the pooled table shows (all are in the JSON).
+HEADLINE = ("turn_taking_tor", "response_latency_s_median", "pause_tor", "stop_latency_s_p90", "delegation_accuracy",
+            "noise_silence_rate", "spoken_word_accuracy", "spoken_word_accuracy_asr", "written_word_accuracy")
+
+
+def pooled(events: dict[Key, Record]) -> dict[str, object]:
+    """``microturn eval``'s figures over all of one side's events, as one run of them all would give."""
+    return aggregate([events[key] for key in sorted(events)])
+
+
 def _rate(hits: int, n: int) -> float | None:
     return round(hits / n, 3) if n else None
 
@@ -116,9 +130,11 @@ def _latencies(pairs: list[tuple[object, object]]) -> dict[str, object]:
             "new_sooner": sooner, "new_later": later, "p": round(sign_test(sooner, later), 4)}
 
 
-def table(result: dict[str, dict[str, object]]) -> str:
-    """``result`` as two Markdown tables, rates then latencies; where p < 0.05 the
-    rate's row says which side is better."""
+def table(result: dict[str, dict[str, object]], figures: dict[str, dict[str, object]]) -> str:
+    """``figures`` (each side's pooled figures), then ``result`` as two Markdown tables,
+    rates then latencies; where p < 0.05 the rate's row says which side is better."""
+    headline = ["| pooled | base | new |", "| --- | --- | --- |"]
+    headline += [f"| {name} | {figures['base'][name]} | {figures['new'][name]} |" for name in HEADLINE]
     rates = ["| outcome | events | base | new | only base | only new | p |", "| --- | --- | --- | --- | --- | --- | --- |"]
     latencies = ["| latency | events with both | base median, s | new median, s | new sooner | new later | p |",
                  "| --- | --- | --- | --- | --- | --- | --- |"]
@@ -133,7 +149,7 @@ def table(result: dict[str, dict[str, object]]) -> str:
         verdict = "" if row["p"] >= 0.05 else (" (new better)" if new_wins > base_wins else " (new worse)")
         rates.append(f"| {name} | {row['events']} | {row['base']} | {row['new']} | {row['only_base']} | "
                      f"{row['only_new']} | {row['p']}{verdict} |")
-    return "\n".join(rates) + "\n\n" + "\n".join(latencies)
+    return "\n\n".join("\n".join(part) for part in (headline, rates, latencies))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -145,7 +161,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     try:
-        result = compare(load(args.base), load(args.new))
+        base, new = load(args.base), load(args.new)
+        result = compare(base, new)
+        figures = {"base": pooled(base), "new": pooled(new)}
     except ValueError as error:
         parser.error(str(error))
-    print(json.dumps(result) if args.json else table(result))
+    except KeyError as error:  # a record of an older or hand-made file without a field scoring reads
+        parser.error(f"a record has no {error}: not as `microturn eval --records` writes them")
+    print(json.dumps({"pooled": figures, **result}) if args.json else table(result, figures))

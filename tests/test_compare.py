@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from model.compare import OUTCOMES, compare, load, sign_test
+from model.compare import HEADLINE, OUTCOMES, compare, load, pooled, sign_test
 from model.compare import main as compare_main
 from model.conversations import generate
 from model.evaluate import Timeline, aggregate, reference_timeline, score, write_records
@@ -59,6 +59,10 @@ def test_a_model_that_never_speaks_loses_every_answer_and_wins_nothing(runs):
     assert result["response_latency_s"]["events"] == 0  # the mute one never replies
     words = result["written_word_accuracy"]
     assert words["events"] >= 4 and words["only_base"] == words["events"] and words["only_new"] == 0
+    reference, mute = pooled(load(runs["reference"])), pooled(load(runs["mute"]))
+    assert (reference["turn_taking_tor"], mute["turn_taking_tor"]) == (1.0, 0.0)
+    assert mute["response_latency_s_median"] is None and reference["response_latency_s_median"] > 0
+    assert reference["events"] == mute["events"] == events  # both files of a side, pooled
 
 
 def test_a_model_that_always_speaks_is_worse_at_pauses_the_lower_is_better_way(runs, capsys):
@@ -71,6 +75,8 @@ def test_a_model_that_always_speaks_is_worse_at_pauses_the_lower_is_better_way(r
     compare_main(["--base", *map(str, runs["reference"]), "--new", *map(str, runs["chatty"])])
     table = capsys.readouterr().out
     assert "| pause_tor |" in table and "|" in table.splitlines()[-1]
+    assert result["pooled"]["new"]["pause_tor"] == 1.0 and result["pooled"]["base"]["pause_tor"] == 0.0
+    assert "| pause_tor | 0.0 | 1.0 |" in table  # the pooled figures come first
     if pauses["p"] < 0.05:
         assert "(new worse)" in next(line for line in table.splitlines() if line.startswith("| pause_tor |"))
 
@@ -97,6 +103,11 @@ def test_a_file_that_is_not_records_is_refused(tmp_path, capsys):
         with pytest.raises(SystemExit):
             compare_main(["--base", str(tmp_path / name), "--new", str(tmp_path / name)])
         assert "not a `microturn eval --records` file" in capsys.readouterr().err
+    answer = {"seed": 1, "kind": "answer", "user_end_s": 2.0}  # matched, but nothing to score it by
+    (tmp_path / "bare.json").write_text(json.dumps({"voices": "held-out", "seconds": 24.0, "records": [answer]}))
+    with pytest.raises(SystemExit):
+        compare_main(["--base", str(tmp_path / "bare.json"), "--new", str(tmp_path / "bare.json")])
+    assert "a record has no 'took_turn'" in capsys.readouterr().err
 
 
 def test_eval_writes_records_that_pair_with_themselves(tmp_path, capsys):
@@ -109,6 +120,9 @@ def test_eval_writes_records_that_pair_with_themselves(tmp_path, capsys):
     assert written["checkpoint"] == "reference" and written["voices"] == "held-out"
     assert len(written["records"]) == sum(result["events"].values())
     assert compare(load([tmp_path / "r.json"]), load([tmp_path / "r.json"]))["turn_taking_tor"]["base"] == 1.0
+    compare_main(["--base", str(tmp_path / "r.json"), "--new", str(tmp_path / "r.json"), "--json"])
+    figures = json.loads(capsys.readouterr().out)["pooled"]["base"]
+    assert {name: figures[name] for name in HEADLINE} == {name: result[name] for name in HEADLINE}  # the file holds all
     with pytest.raises(SystemExit):
         eval_main(["--loss", "--records", str(tmp_path / "x.json")])
     assert "--records are the closed loop's" in capsys.readouterr().err
