@@ -78,7 +78,8 @@ def load(paths: list[Path]) -> dict[Key, Record]:
     return events
 
 
-# The figures of `microturn eval --json` that the pooled table shows (all are in the JSON).
+# The figures of `microturn eval --json` the pooled table shows; `--json`'s `pooled` has all of
+# aggregate's (not the probes', which need the model: copying, teacher-forced answers, heard).
 HEADLINE = ("turn_taking_tor", "response_latency_s_median", "pause_tor", "stop_latency_s_p90", "delegation_accuracy",
             "noise_silence_rate", "spoken_word_accuracy", "spoken_word_accuracy_asr", "written_word_accuracy")
 
@@ -167,5 +168,6 @@ def main(argv: list[str] | None = None) -> None:
     except ValueError as error:
         parser.error(str(error))
     except KeyError as error:  # a record of an older or hand-made file without a field scoring reads
+        # (load() has checked the keys it matches on; the rest are read only here)
         parser.error(f"a record has no {error}: not as `microturn eval --records` writes them")
     print(json.dumps({"pooled": figures, **result}) if args.json else table(result, figures))

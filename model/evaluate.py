@@ -245,12 +245,13 @@ def aggregate(records: list[dict[str, object]]) -> dict[str, object]:
             by_question.setdefault(r["question"], []).append(r["heard"])
     stops = [r["stop_latency_s"] for r in of("barge_in")]
     stops_known = sorted(s if s is not None else float("inf") for s in stops)
+    p90 = stops_known[int(0.9 * (len(stops_known) - 1))] if stops_known else None
     return {
         "turn_taking_tor": rate(answers, "took_turn"),
         "response_latency_s_median": round(statistics.median(latencies), 3) if latencies else None,
         "overlap_rate": rate(answers + of("pause") + of("delegation"), "spoke_over"),
         "pause_tor": rate(of("pause"), "spoke_over"),
-        "stop_latency_s_p90": (stops_known[int(0.9 * (len(stops_known) - 1))] if stops_known else None),
+        "stop_latency_s_p90": None if p90 == float("inf") else p90,  # None: it never stopped in the worst decile
         "delegation_accuracy": rate(of("delegation"), "answered"),
         "delegation_request_accuracy": rate(of("delegation"), "request_right"),
         "delegation_result_copied": rate(of("delegation"), "copied"),
@@ -306,8 +307,6 @@ def evaluate(engine: StreamingModel | None, seeds: list[int], plots: Path | None
             write_png(image, plots / f"{conversation.seed}.png")
     mark_heard_by_ear(records, reads)
     result = aggregate(records)
-    if result["stop_latency_s_p90"] == float("inf"):
-        result["stop_latency_s_p90"] = None  # it never stopped in the worst decile
     if engine is not None:
         result["delegation_copying"] = copy_probe(engine.model, conversations)
         result["answers_teacher_forced"] = answer_probe(engine.model, conversations)

@@ -67,7 +67,7 @@ def test_a_model_that_never_speaks_loses_every_answer_and_wins_nothing(runs):
 
 def test_a_model_that_always_speaks_is_worse_at_pauses_the_lower_is_better_way(runs, capsys):
     compare_main(["--base", *map(str, runs["reference"]), "--new", *map(str, runs["chatty"]), "--json"])
-    result = json.loads(capsys.readouterr().out)
+    result = json.loads(capsys.readouterr().out, parse_constant=lambda c: pytest.fail(f"{c} is not JSON"))
     assert set(OUTCOMES) <= result.keys()
     pauses = result["pause_tor"]
     assert pauses["events"] >= 3 and (pauses["base"], pauses["new"]) == (0.0, 1.0)
@@ -76,7 +76,11 @@ def test_a_model_that_always_speaks_is_worse_at_pauses_the_lower_is_better_way(r
     table = capsys.readouterr().out
     assert "| pause_tor |" in table and "|" in table.splitlines()[-1]
     assert result["pooled"]["new"]["pause_tor"] == 1.0 and result["pooled"]["base"]["pause_tor"] == 0.0
-    assert "| pause_tor | 0.0 | 1.0 |" in table  # the pooled figures come first
+    lines = table.splitlines()
+    assert lines.index("| pause_tor | 0.0 | 1.0 |") < lines.index("| outcome | events | base | new | only base | only new | p |")
+    # It talks through every barge-in: no stop to take a p90 of, null as eval --json has it (not Infinity).
+    assert result["pooled"]["new"]["events"]["barge_in"] >= 1
+    assert result["pooled"]["new"]["stop_latency_s_p90"] is None and result["pooled"]["base"]["stop_latency_s_p90"] > 0
     if pauses["p"] < 0.05:
         assert "(new worse)" in next(line for line in table.splitlines() if line.startswith("| pause_tor |"))
 
