@@ -157,21 +157,26 @@ async def test_a_gap_in_the_stream_keeps_turns_contiguous(live_server, speech):
 
 
 class LateStartTrack(ScriptedAudioTrack):
-    """Sends its first frames 60 ms late, as a sender does when the server's loop is
-    busy during the handshake, then keeps time: its first frames misplace the grid."""
+    """Sends its first frames 100 ms late, as a sender does when the server's loop is
+    busy during the handshake, then keeps time: its first frames misplace the grid.
+    100 ms is as far from the grid as a 200 ms grid allows, so the two sessions start
+    well over the 25 ms batch window apart even when load moves either by tens of ms
+    (CI once saw 60 ms late land within the window: nothing left to show)."""
+
+    late_s = 0.1
 
     async def recv(self):
         frame = await super().recv()
         if frame.pts < 5 * FRAME_SAMPLES:
             due = self.started_at + frame.pts / SEND_RATE
-            await asyncio.sleep(max(0.0, due + 0.06 - time.monotonic()))
+            await asyncio.sleep(max(0.0, due + self.late_s - time.monotonic()))
         return frame
 
 
 @pytest.mark.parametrize("background_rms", [0.0, 0.02], ids=["silent room", "noisy room"])
 async def test_a_session_that_joined_off_the_grid_is_put_back_on_it(live_server, background_rms):
     """Sessions share a step only if their chunks close within 25 ms of each other.
-    One aligned from first frames 60 ms late starts tens of ms off (measured 43-48); once
+    One aligned from first frames 100 ms late starts ~80 ms off (measured 81-87); once
     a second of frames has shown its clock, it pads its (quiet) input once, joins the
     other's steps and moves its send ticks to the new phase. In a room whose noise is
     above the fixed speech level, quiet means near that noise: known after 10 s."""
