@@ -57,6 +57,23 @@ class SlowModel(EchoModel):
         return super().step(batch)
 
 
+class GatedModel(SlowModel):
+    """The echo model whose step for ``gate_turn`` waits until the test releases it, so
+    the test acts while that step is in flight however late its own thread runs (a
+    sleep standing in for "the engine is now mid-step" fails on a stalled machine)."""
+
+    def __init__(self, gate_turn: int) -> None:
+        super().__init__()
+        self.gate_turn = gate_turn
+        self.entered, self.release = threading.Event(), threading.Event()
+
+    def step(self, batch: Sequence[TurnInput]) -> list[TurnOutput]:
+        if any(c.turn == self.gate_turn for c in batch):
+            self.entered.set()
+            assert self.release.wait(5.0), "the test never released the step"
+        return super().step(batch)
+
+
 class PickyModel(EchoModel):
     """The echo model, failing every step that includes a session in ``refuse``."""
 
@@ -109,16 +126,20 @@ def test_echo_returns_each_chunk_one_turn_later(engine_factory):
 
 
 def test_sessions_with_closed_chunks_share_one_step(engine_factory):
+    """A window far longer than the gaps (a 50 ms one split them once the test's own
+    thread ran late); the step still starts once all are ready, not at the window's end."""
     model = SlowModel()
-    engine = engine_factory(model, batch_window_s=0.05)
+    engine = engine_factory(model, batch_window_s=1.0)
     sinks = {name: Collector() for name in "abc"}
     for name, sink in sinks.items():
         engine.open_session(name, sink)
+    started = time.monotonic()
     for name in "abc":
         engine.submit(chunk(name, 0))
         time.sleep(0.005)  # chunks close a few ms apart
     for sink in sinks.values():
         sink.wait_for(1)
+    assert time.monotonic() - started < 0.8, "waited out the window with every session ready"
     assert model.batches == [[("a", 0), ("b", 0), ("c", 0)]]
     infos = {sink.outputs[0][1] for sink in sinks.values()}
     assert len(infos) == 1 and infos.pop().batch_size == 3
@@ -151,36 +172,38 @@ def test_a_failing_step_is_reported_and_the_engine_goes_on(engine_factory):
 
 
 def test_closing_a_session_discards_its_queue_and_frees_the_model_state(engine_factory):
-    model = SlowModel(delay=0.1)
+    model = GatedModel(gate_turn=1)
     engine = engine_factory(model)
     sink = Collector()
     engine.open_session("a", sink)
     for turn in range(5):
         engine.submit(chunk("a", turn))
-    sink.wait_for(1)
+    assert model.entered.wait(5.0)  # turn 1 is being stepped; 2-4 wait in the queue
     engine.close_session("a")
     engine.submit(chunk("a", 9))  # in flight when it closed: ignored
-    time.sleep(0.3)
-    assert len(sink.outputs) <= 2
+    model.release.set()
     assert engine.session_count == 0
     deadline = time.monotonic() + 2
     while "a" in model._previous and time.monotonic() < deadline:
         time.sleep(0.01)
     assert "a" not in model._previous
+    assert model.batches == [[("a", 0)], [("a", 1)]], "the closed session's queue was stepped"
+    assert [out.turn for out, _ in sink.outputs] in ([0], [0, 1])
     with pytest.raises(ValueError):
         engine.submit(TurnInput("b", 0, np.zeros(10, dtype=np.float32)))
 
 
 def test_a_session_that_joins_mid_step_waits_at_most_one_step(engine_factory):
-    model = SlowModel(delay=0.15)
+    model = GatedModel(gate_turn=0)
     engine = engine_factory(model)
     early, late = Collector(), Collector()
     engine.open_session("early", early)
     engine.submit(chunk("early", 0))
-    time.sleep(0.05)  # the engine is now inside early's step
+    assert model.entered.wait(5.0)  # the engine is now inside early's step
     engine.open_session("late", late)
     engine.submit(chunk("late", 0))
     engine.submit(chunk("early", 1))
+    model.release.set()
     late.wait_for(1)
     early.wait_for(2)
     # late was stepped in the very next step, together with early's next chunk.
