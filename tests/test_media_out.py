@@ -7,6 +7,7 @@ import time
 import numpy as np
 
 from model.interface import SAMPLE_RATE, TURN_SAMPLES
+from server import media_out
 from server.media_out import FRAME_SAMPLES, OUTPUT_RATE, OutputAudioTrack
 
 
@@ -45,12 +46,30 @@ async def test_frames_are_paced_in_real_time():
     assert time.monotonic() - started >= 0.45
 
 
-async def test_a_queued_turn_plays_after_the_playout_delay_and_then_in_full():
+class FrameClock:
+    """``time`` for server.media_out whose clock moves one frame (20 ms) per frame sent.
+    On the wall clock a frame woken 20 ms late would count the playout delay as over
+    one frame early; counted in frames the delay is exact, whatever the machine's load."""
+
+    def __init__(self) -> None:
+        self.now = 1.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+    async def next_frame(self) -> None:
+        self.now += FRAME_SAMPLES / OUTPUT_RATE
+
+
+async def test_a_queued_turn_plays_after_the_playout_delay_and_then_in_full(monkeypatch):
+    clock = FrameClock()
+    monkeypatch.setattr(media_out, "time", clock)
     track = OutputAudioTrack(playout_delay_ms=40)
+    track._wait_for_next_frame = clock.next_frame
     track.enqueue(turn_of_tone())
     frames = await receive(track, 14)
     loud = [i for i, f in enumerate(frames) if np.abs(f).max() > 1000]
-    assert loud[0] >= 2, "waits ~40 ms before starting"
+    assert loud[0] == 2, "waits 40 ms (two frames) before starting"
     played = np.concatenate([frames[i] for i in loud]).astype(np.float32) / 32768
     # 200 ms in, up to one frame of it held back by the resampler for the next turn.
     assert OUTPUT_RATE * 0.18 <= played.size <= OUTPUT_RATE * 0.2
