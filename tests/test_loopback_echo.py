@@ -9,6 +9,7 @@ import time
 import httpx
 import numpy as np
 import pytest
+from waiting import wait_until
 
 from loadtest.peer import FRAME_SAMPLES, SEND_RATE, Peer, ScriptedAudioTrack
 from model.interface import SAMPLE_RATE
@@ -95,8 +96,7 @@ async def test_ping_pong_and_malformed_messages_keep_the_session(live_server, sp
         codes = sorted(event["code"] for event in peer.events_of("error"))
         assert codes == ["bad_json", "binary_not_supported", "unknown_type"]
         turns_before = len(peer.events_of("turn"))
-        await asyncio.sleep(0.6)
-        assert len(peer.events_of("turn")) > turns_before, "the session stopped after bad input"
+        await wait_until(lambda: len(peer.events_of("turn")) > turns_before, 5, "a turn after the bad input")
         async with httpx.AsyncClient() as client:
             info = (await client.get(peer.session_url)).json()
         assert info["protocol_errors"] == 3
@@ -110,7 +110,8 @@ async def test_tracing_continues_the_callers_trace_with_microturn_children(live_
     await peer.connect(traceparent=f"00-{trace_id}-{parent_id}-01")
     ready = await peer.wait_for_event("session.ready")
     assert ready["trace_id"] == trace_id
-    await asyncio.sleep(0.8)
+    await wait_until(lambda: sum(s.name == "microturn" for s in live_server.spans.get_finished_spans()) >= 3, 5,
+                     "three micro-turns traced")
     await peer.close()
     await asyncio.sleep(0.2)
 
