@@ -8,7 +8,7 @@ disagree carry information: if the new one wins ``w`` and loses ``l`` of them, c
 alone makes each way equally likely, and the exact two-sided sign test (McNemar's test)
 says how often a split as lopsided as ``w : l`` would come by chance. It treats events
 as independent; those of one conversation share a voice, so p reads a little low, and
-of ten rows one may pass 0.05 by chance alone.
+of eleven rows one may pass 0.05 by chance alone.
 
 Input: the files ``microturn eval --records FILE`` writes, one or more per side (pooled,
 e.g. the issue's 60 and the next 60). Events are matched by voices, conversation length,
@@ -26,7 +26,7 @@ import statistics
 from collections.abc import Callable
 from pathlib import Path
 
-from model.evaluate import aggregate
+from model.evaluate import EVENT_RATES, WORD_RATES, aggregate
 
 Record = dict[str, object]
 Key = tuple[str, float, int, str, float]
@@ -37,16 +37,13 @@ def _heard(record: Record) -> dict[str, object] | None:
     return heard if isinstance(heard, dict) else None
 
 
-# name -> (which events it is read on, what is read: a yes or no per event). The names
-# and senses are the eval JSON's (``pause_tor`` counts pauses it spoke into: lower is better).
+# name -> (which events it is read on, what is read: a yes or no per event), as
+# ``microturn eval`` reads each rate (model.evaluate's EVENT_RATES and WORD_RATES).
 OUTCOMES: dict[str, tuple[Callable[[Record], bool], Callable[[Record], bool]]] = {
-    "turn_taking_tor": (lambda r: r["kind"] == "answer", lambda r: bool(r["took_turn"])),
-    "pause_tor": (lambda r: r["kind"] == "pause", lambda r: bool(r["spoke_over"])),
-    "delegation_accuracy": (lambda r: r["kind"] == "delegation", lambda r: bool(r["answered"])),
-    "delegation_request_accuracy": (lambda r: r["kind"] == "delegation", lambda r: bool(r["request_right"])),
-    "noise_silence_rate": (lambda r: r["kind"] == "noise", lambda r: bool(r["silent"])),
-    "spoken_word_accuracy": (lambda r: _heard(r) is not None, lambda r: bool(_heard(r)["right"])),
-    "written_word_accuracy": (lambda r: _heard(r) is not None, lambda r: bool(_heard(r)["written_right"])),
+    **{name: (lambda r, kind=kind: r["kind"] == kind, lambda r, key=key: bool(r[key]))
+       for name, (kind, key) in EVENT_RATES.items()},
+    **{name: (lambda r: _heard(r) is not None, lambda r, key=key: bool(_heard(r)[key]))
+       for name, key in WORD_RATES.items()},
 }  # then ``written[QUESTION]``: written_word_accuracy by the questions the records hold
 LOWER_IS_BETTER = {"pause_tor"}
 

@@ -231,9 +231,28 @@ def rate(items: list[dict[str, object]], key: str) -> float | None:
     return round(sum(bool(r[key]) for r in items) / len(items), 3) if items else None
 
 
+# Each rate read one event at a time: the kind of event it is read on, and the yes or
+# no each such record holds. Defined once: ``aggregate`` and ``microturn compare``'s
+# event-by-event pairing (model/compare.py) both read them from here.
+EVENT_RATES: dict[str, tuple[str, str]] = {
+    "turn_taking_tor": ("answer", "took_turn"),
+    "pause_tor": ("pause", "spoke_over"),  # pauses it spoke into: lower is better
+    "delegation_accuracy": ("delegation", "answered"),
+    "delegation_request_accuracy": ("delegation", "request_right"),
+    "delegation_result_copied": ("delegation", "copied"),
+    "noise_silence_rate": ("noise", "silent"),
+}
+# ... and those read off the number answers scored for words (a record's ``heard``).
+WORD_RATES: dict[str, str] = {"spoken_word_accuracy": "right", "written_word_accuracy": "written_right"}
+
+
 def aggregate(records: list[dict[str, object]]) -> dict[str, object]:
     def of(kind: str) -> list[dict[str, object]]:
         return [r for r in records if r["kind"] == kind]
+
+    def event_rate(name: str) -> float | None:
+        kind, key = EVENT_RATES[name]
+        return rate(of(kind), key)
 
     answers = of("answer")
     latencies = [r["latency_s"] for r in answers if r["latency_s"] is not None]
@@ -247,21 +266,21 @@ def aggregate(records: list[dict[str, object]]) -> dict[str, object]:
     stops_known = sorted(s if s is not None else float("inf") for s in stops)
     p90 = stops_known[int(0.9 * (len(stops_known) - 1))] if stops_known else None
     return {
-        "turn_taking_tor": rate(answers, "took_turn"),
+        "turn_taking_tor": event_rate("turn_taking_tor"),
         "response_latency_s_median": round(statistics.median(latencies), 3) if latencies else None,
         "overlap_rate": rate(answers + of("pause") + of("delegation"), "spoke_over"),
-        "pause_tor": rate(of("pause"), "spoke_over"),
+        "pause_tor": event_rate("pause_tor"),
         "stop_latency_s_p90": None if p90 == float("inf") else p90,  # None: it never stopped in the worst decile
-        "delegation_accuracy": rate(of("delegation"), "answered"),
-        "delegation_request_accuracy": rate(of("delegation"), "request_right"),
-        "delegation_result_copied": rate(of("delegation"), "copied"),
+        "delegation_accuracy": event_rate("delegation_accuracy"),
+        "delegation_request_accuracy": event_rate("delegation_request_accuracy"),
+        "delegation_result_copied": event_rate("delegation_result_copied"),
         # Each wrong request, to read what was misheard (session 24: mostly one number word).
         "delegation_misses": [{key: r[key] for key in ("seed", "user_end_s", "wanted", "asked")}
                               for r in of("delegation") if not r["request_right"]],
-        "noise_silence_rate": rate(of("noise"), "silent"),
-        "spoken_word_accuracy": rate(heard, "right"),
+        "noise_silence_rate": event_rate("noise_silence_rate"),
+        "spoken_word_accuracy": rate(heard, WORD_RATES["spoken_word_accuracy"]),
         "spoken_word_accuracy_asr": rate([h for h in heard if h["right_asr"] is not None], "right_asr"),
-        "written_word_accuracy": rate(heard, "written_right"),
+        "written_word_accuracy": rate(heard, WORD_RATES["written_word_accuracy"]),
         "spoken_words_scored": len(heard),  # the three rates above are over these (to pool runs)
         # The same by question: a sum of two heard numbers, the next number, the next
         # number after a pause (session 29: V8 wrote 1 sum in 36 right, 0.64-0.75 of the others).

@@ -91,6 +91,17 @@ def test_the_same_run_on_both_sides_differs_nowhere(runs):
     assert all(row["p"] == 1.0 for row in result.values())
 
 
+def test_each_paired_rate_is_the_rate_eval_reports_for_that_side(runs):
+    """The pairing reads every rate as ``microturn eval`` does: over the events both
+    sides have (here all of them), each side's rate is its pooled figure."""
+    for base, new in (("reference", "mute"), ("chatty", "reference")):
+        result = compare(load(runs[base]), load(runs[new]))
+        figures = pooled(load(runs[base])), pooled(load(runs[new]))
+        for name in OUTCOMES:
+            assert (result[name]["base"], result[name]["new"]) == (figures[0][name], figures[1][name]), name
+    assert {"delegation_result_copied", "spoken_word_accuracy"} <= set(OUTCOMES)
+
+
 def test_runs_on_different_conversations_are_refused_with_the_reason(runs, capsys):
     with pytest.raises(SystemExit):
         compare_main(["--base", str(runs["reference"][0]), "--new", str(runs["mute"][1])])
