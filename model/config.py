@@ -72,6 +72,12 @@ class ModelConfig:
     # which word to say is chosen in text, and the voice follows the word already
     # written rather than sounding a blend of the candidates (docs/eval.md, session 36).
     text_lead: int = 0
+    # Whether the model's own voice is fed back with its text (False: only the text).
+    # Fed back, each output's sound steers the next: a word begun as a blend of the
+    # candidates is finished as whichever the blend sounded like, and the sound it
+    # hears is its head's rendering, never the reference it was trained on (docs/eval.md,
+    # sessions 36 and 40). Without it, the voice follows the word already written.
+    hears_own_voice: bool = True
 
     def __post_init__(self) -> None:
         if self.d_model % self.n_heads:

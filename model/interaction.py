@@ -138,7 +138,8 @@ class InteractionModel(nn.Module):
         # Off (span 0, 0 layers), each holds no weights and passes tokens through.
         self.audio_context = AudioContext(d, config.audio_context)
         self.audio_encoder = AudioEncoder(d, config.audio_encoder_layers, config.audio_encoder_hidden)
-        self.audio_out = AudioBag(config.frames_per_output, d)
+        if config.hears_own_voice:
+            self.audio_out = AudioBag(config.frames_per_output, d)
         self.text = nn.Embedding(TEXT_VOCAB, d)
         self.roles = nn.Embedding(4, d)
         if config.video_tokens:
@@ -190,13 +191,17 @@ class InteractionModel(nn.Module):
 
     def embed_outputs(self, text: torch.Tensor, mel: torch.Tensor) -> torch.Tensor:
         """Generated outputs fed back: text ids (n,), log-mel (n, frames, mels) -> (n, d)."""
-        audio = self.audio_out(dmel.quantize(mel)).squeeze(-2)
-        return self.text(text) + audio + self.roles.weight[ROLE_OUTPUT]
+        embedded = self.text(text) + self.roles.weight[ROLE_OUTPUT]
+        if not self.config.hears_own_voice:
+            return embedded
+        return embedded + self.audio_out(dmel.quantize(mel)).squeeze(-2)
 
     def embed_output_targets(self, text: torch.Tensor, bins: torch.Tensor) -> torch.Tensor:
         """Teacher forcing: text (..., k) ids and bins (..., k·frames, mels) -> (..., k, d)."""
-        audio = self.audio_out(bins)
-        return self.text(text) + audio + self.roles.weight[ROLE_OUTPUT]
+        embedded = self.text(text) + self.roles.weight[ROLE_OUTPUT]
+        if not self.config.hears_own_voice:
+            return embedded
+        return embedded + self.audio_out(bins)
 
     def layout(self, inputs: torch.Tensor, outputs: torch.Tensor) -> torch.Tensor:
         """Interleave micro-turns into one sequence (training, and the streaming reference).

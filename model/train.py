@@ -49,7 +49,7 @@ from model.memory import release_freed_memory
 from model.text import encode
 from model.transformer import MoE
 from model.weights import (DECODING_FILE, deepen, deepened_blocks, load_checkpoint, load_decoding, save_checkpoint,
-                           widen_kv_heads, with_audio_head, with_parts, with_window)
+                           widen_kv_heads, with_audio_head, with_parts, with_window, without_own_voice)
 
 STATE_FILE = "train_state.pt"
 LEXICON_FILE = "lexicon.txt"
@@ -463,8 +463,15 @@ def train(args: argparse.Namespace) -> list[float]:
             model = with_audio_head(model, args.audio_head)
         state = None
     else:
-        model = InteractionModel(preset(args.preset, audio_head=args.audio_head or "classify", listen_head=listens))
+        model = InteractionModel(preset(args.preset, audio_head=args.audio_head or "classify", listen_head=listens,
+                                        hears_own_voice=not args.no_own_voice))
         state = None
+    if args.no_own_voice and model.config.hears_own_voice:
+        if state is not None:
+            raise ValueError("--no-own-voice with --resume: the run's model was fixed when it started")
+        model = without_own_voice(model)
+    if args.render_history and not model.config.hears_own_voice:
+        raise ValueError("--render-history feeds back the model's own voice, which this model does not hear")
     if args.window and args.window != model.config.window:
         if state is not None:
             raise ValueError("--window with --resume: the run's span was fixed when it started")
@@ -671,6 +678,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--balance-rate", type=between(0), default=1e-3)
     parser.add_argument("--history-noise", type=between(0, 1), default=0.1,
                         help="fraction of the model's own fed-back dMel bins moved by one step")
+    parser.add_argument("--no-own-voice", action="store_true",
+                        help="feed back only the model's text, not its voice (ModelConfig.hears_own_voice); "
+                             "with --init, its own voice's embedding is dropped")
     parser.add_argument("--render-history", action="store_true",
                         help="feed the model's own audio back as its audio head renders it (an extra forward "
                              "pass without gradients), not the reference: what serving feeds it")

@@ -152,6 +152,14 @@ def with_audio_head(model: InteractionModel, audio_head: str) -> InteractionMode
                     "swap the audio head")
 
 
+def without_own_voice(model: InteractionModel) -> InteractionModel:
+    """The same weights, the model's own voice no longer fed back with its text
+    (``ModelConfig.hears_own_voice``): its embedding is dropped, so the outputs change
+    and the model must be trained on (docs/eval.md, session 40)."""
+    kept = {name: tensor for name, tensor in model.state_dict().items() if not name.startswith("audio_out.")}
+    return _rebuilt(kept, dataclasses.replace(model.config, hears_own_voice=False), (), "stop hearing its own voice")
+
+
 def _rebuilt(state: dict[str, torch.Tensor], config: ModelConfig, fresh: tuple[str, ...],
              what: str) -> InteractionModel:
     """A model of ``config`` holding ``state``; only parameters under ``fresh`` may be

@@ -13,14 +13,14 @@ import torch
 
 from model import dmel
 from model.config import NO_TEXT, TEXT_VOCAB, ModelConfig, preset
-from model.interaction import InteractionModel, choose_text
+from model.interaction import ROLE_OUTPUT, InteractionModel, choose_text
 from model.interface import TURN_SAMPLES, TurnInput
 from model.kv import KVPool
 from model.streaming import StreamingModel
 from model.transformer import MoE, Segment, StreamBatch, Transformer, pad_rows
 from model.vocoder import (LAG_SAMPLES, VocoderState, griffin_lim, seam_bends, spectral_convergence,
                            vocode_chunk)
-from model.weights import deepen, load_checkpoint, save_checkpoint, widen_kv_heads, with_parts
+from model.weights import deepen, load_checkpoint, save_checkpoint, widen_kv_heads, with_parts, without_own_voice
 
 SPEECH = Path(__file__).parent / "data" / "speech.wav"
 # A small config whose window is shorter than the test conversations, so the
@@ -382,6 +382,28 @@ def test_checkpoint_round_trip_and_mismatch_errors(tmp_path):
         load_checkpoint(directory)
     with pytest.raises(ValueError, match="unknown config fields"):
         ModelConfig.from_json('{"d_model": 64, "colour": "blue"}')
+
+
+def test_a_model_that_does_not_hear_its_own_voice_is_steered_by_its_text_alone(tmp_path):
+    """``hears_own_voice=False``: what the model said comes back as its text only, so a
+    different sound under the same bytes feeds the trunk the same tokens, served or
+    teacher forced; a model that hears it is fed different ones."""
+    torch.manual_seed(11)
+    hearing = InteractionModel(SMALL)
+    deaf = without_own_voice(hearing)
+    assert not deaf.config.hears_own_voice and not hasattr(deaf, "audio_out")
+    text = torch.tensor([ord("t"), NO_TEXT])
+    quiet, loud = torch.full((2, SMALL.frames_per_output, dmel.N_MELS), -11.0), torch.zeros(2, SMALL.frames_per_output, dmel.N_MELS)
+    with torch.no_grad():
+        assert not torch.allclose(hearing.embed_outputs(text, quiet), hearing.embed_outputs(text, loud))
+        torch.testing.assert_close(deaf.embed_outputs(text, quiet), deaf.embed_outputs(text, loud), rtol=0, atol=0)
+        bins = torch.randint(0, dmel.N_BINS, (2, SMALL.frames_per_output, dmel.N_MELS))
+        torch.testing.assert_close(deaf.embed_output_targets(text, bins),
+                                   deaf.embed_output_targets(text, torch.zeros_like(bins)), rtol=0, atol=0)
+        # The rest of the weights are the hearing model's.
+        torch.testing.assert_close(deaf.embed_outputs(text, quiet), hearing.text(text) + hearing.roles.weight[ROLE_OUTPUT])
+    loaded = load_checkpoint(save_checkpoint(deaf, tmp_path / "deaf"))
+    assert loaded.config == deaf.config and "audio_out.table" not in loaded.state_dict()
 
 
 def test_widening_the_key_value_heads_keeps_the_function_and_frees_the_copies():

@@ -112,6 +112,18 @@ def test_training_lowers_the_loss_resumes_and_serves(tmp_path):
         train(build_parser().parse_args(common[2:] + ["--out", str(tmp_path / "again"), "--init", str(wide),
                                                       "--audio-context", "2", "--steps", "1"]))
 
+    # A fine-tune that stops feeding back its own voice (its text only) trains and serves,
+    # and refuses to be fed back its rendered voice, which it no longer hears.
+    deaf = common[2:] + ["--out", str(tmp_path / "deaf"), "--init", str(out), "--no-own-voice"]
+    with pytest.raises(ValueError, match="which this model does not hear"):
+        train(build_parser().parse_args(deaf + ["--render-history", "--steps", "1"]))
+    assert len(train(build_parser().parse_args(deaf + ["--steps", "2"]))) == 2
+    assert '"hears_own_voice": false' in (tmp_path / "deaf" / "config.json").read_text()
+    engine = make_model("model", max_sessions=2, checkpoint=str(tmp_path / "deaf"))
+    assert not hasattr(engine.model, "audio_out")
+    engine.open_session("s")
+    assert np.isfinite(engine.step([TurnInput("s", 0, np.zeros(TURN_SAMPLES, dtype=np.float32))])[0].audio).all()
+
 
 def test_user_audio_masks_drop_whole_bands_and_keep_silence_silent():
     """On the stored 64-level bins: silence (coarse bin 0) stays silent, jitter moves a
