@@ -393,7 +393,8 @@ def test_a_model_that_does_not_hear_its_own_voice_is_steered_by_its_text_alone(t
     deaf = without_own_voice(hearing)
     assert not deaf.config.hears_own_voice and not hasattr(deaf, "audio_out")
     text = torch.tensor([ord("t"), NO_TEXT])
-    quiet, loud = torch.full((2, SMALL.frames_per_output, dmel.N_MELS), -11.0), torch.zeros(2, SMALL.frames_per_output, dmel.N_MELS)
+    shape = (2, SMALL.frames_per_output, dmel.N_MELS)
+    quiet, loud = torch.full(shape, dmel.LOG_MIN), torch.zeros(shape)  # log-mel: the silence floor; loud everywhere
     with torch.no_grad():
         assert not torch.allclose(hearing.embed_outputs(text, quiet), hearing.embed_outputs(text, loud))
         torch.testing.assert_close(deaf.embed_outputs(text, quiet), deaf.embed_outputs(text, loud), rtol=0, atol=0)
@@ -401,7 +402,8 @@ def test_a_model_that_does_not_hear_its_own_voice_is_steered_by_its_text_alone(t
         torch.testing.assert_close(deaf.embed_output_targets(text, bins),
                                    deaf.embed_output_targets(text, torch.zeros_like(bins)), rtol=0, atol=0)
         # The rest of the weights are the hearing model's.
-        torch.testing.assert_close(deaf.embed_outputs(text, quiet), hearing.text(text) + hearing.roles.weight[ROLE_OUTPUT])
+        torch.testing.assert_close(deaf.embed_outputs(text, quiet),
+                                   hearing.text(text) + hearing.roles.weight[ROLE_OUTPUT])
     loaded = load_checkpoint(save_checkpoint(deaf, tmp_path / "deaf"))
     assert loaded.config == deaf.config and "audio_out.table" not in loaded.state_dict()
 
