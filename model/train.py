@@ -463,10 +463,9 @@ def train(args: argparse.Namespace) -> list[float]:
             model = with_audio_head(model, args.audio_head)
         state = None
     else:
-        model = InteractionModel(preset(args.preset, audio_head=args.audio_head or "classify", listen_head=listens,
-                                        hears_own_voice=not args.no_own_voice))
+        model = InteractionModel(preset(args.preset, audio_head=args.audio_head or "classify", listen_head=listens))
         state = None
-    if args.no_own_voice and model.config.hears_own_voice:
+    if args.no_own_voice and model.config.hears_own_voice:  # a new model or --init alike: one way to drop it
         if state is not None:
             raise ValueError("--no-own-voice with --resume: the run's model was fixed when it started")
         model = without_own_voice(model)
