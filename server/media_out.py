@@ -25,6 +25,7 @@ import math
 import time
 from collections import deque
 from fractions import Fraction
+from typing import Protocol
 
 import av
 import numpy as np
@@ -42,14 +43,41 @@ _TURN_FRAMES = TURN_SAMPLES * (OUTPUT_RATE // SAMPLE_RATE) // FRAME_SAMPLES  # 1
 _QUIET = 64  # int16 peak below which a frame is inaudible (-54 dBFS)
 
 
+class Clock(Protocol):
+    """What the track paces its frames by."""
+
+    def monotonic(self) -> float: ...
+
+    async def sleep(self, seconds: float) -> None: ...
+
+
+class WallClock:
+    """Real time: the clock every session plays by."""
+
+    def monotonic(self) -> float:
+        return time.monotonic()
+
+    async def sleep(self, seconds: float) -> None:
+        await asyncio.sleep(seconds)
+
+
+class UnpacedClock(WallClock):
+    """Real time that never waits: each frame goes as soon as it is asked for, to
+    measure the track's own work (bench/media_path.py) or step it in a test."""
+
+    async def sleep(self, seconds: float) -> None:
+        return None
+
+
 class OutputAudioTrack(MediaStreamTrack):
     """One session's outgoing voice. All methods run on the event loop."""
 
     kind = "audio"
 
     def __init__(self, playout_delay_ms: float = 20.0, max_queue_ms: float = 400.0,
-                 opus_bitrate: int = 32_000) -> None:
+                 opus_bitrate: int = 32_000, clock: Clock | None = None) -> None:
         super().__init__()
+        self._clock = clock or WallClock()
         self.pre_encode = False  # the session sets it once it knows Opus was negotiated
         self._encoder = av.CodecContext.create("libopus", "w")
         self._encoder.bit_rate = opus_bitrate  # mono voice; aiortc's own is 96 kbit/s stereo
@@ -152,14 +180,14 @@ class OutputAudioTrack(MediaStreamTrack):
 
     @property
     def next_frame_due(self) -> float | None:
-        """When (``time.monotonic``) the next frame is due; None before any audio."""
+        """When (on the track's clock) the next frame is due; None before any audio."""
         return None if self._clock_start is None else self._clock_start + self._pts / OUTPUT_RATE
 
     def _align_clock_to_now(self) -> None:
         """Put the 20 ms send ticks in phase with now. Turns arrive on the engine's 200 ms
         grid, so ticks aligned with the first one leave no 0–20 ms wait for a tick on
         every later turn (measured: a session's latency was 20 ms higher half the time)."""
-        self._clock_start = time.monotonic() - self._pts / OUTPUT_RATE
+        self._clock_start = self._clock.monotonic() - self._pts / OUTPUT_RATE
 
     def _take(self, pts: int | None = None) -> np.ndarray:
         """The next queued frame; ``pts`` when it is being sent (not dropped)."""
@@ -211,18 +239,18 @@ class OutputAudioTrack(MediaStreamTrack):
         return packet
 
     async def _wait_for_next_frame(self) -> None:
-        now = time.monotonic()
+        now = self._clock.monotonic()
         if self._clock_start is None:
             self._clock_start = now - self._pts / OUTPUT_RATE
         due = self._clock_start + self._pts / OUTPUT_RATE
         if now - due > _MAX_LAG_S:
             self._clock_start = now - self._pts / OUTPUT_RATE
         elif due > now:
-            await asyncio.sleep(due - now)
+            await self._clock.sleep(due - now)
 
     def _next_samples(self) -> np.ndarray:
         if not self._playing and self._queue:
-            now = time.monotonic()
+            now = self._clock.monotonic()
             if self._refill_since is None:
                 self._refill_since = now
             if now - self._refill_since >= self.playout_delay_s:

@@ -7,8 +7,7 @@ import time
 import numpy as np
 
 from model.interface import SAMPLE_RATE, TURN_SAMPLES
-from server import media_out
-from server.media_out import FRAME_SAMPLES, OUTPUT_RATE, OutputAudioTrack
+from server.media_out import FRAME_SAMPLES, OUTPUT_RATE, OutputAudioTrack, UnpacedClock
 
 
 def turn_of_tone(hz: float = 300.0) -> np.ndarray:
@@ -47,25 +46,23 @@ async def test_frames_are_paced_in_real_time():
 
 
 class FrameClock:
-    """``time`` for server.media_out whose clock moves one frame (20 ms) per frame sent.
-    On the wall clock a frame woken 20 ms late would count the playout delay as over
-    one frame early; counted in frames the delay is exact, whatever the machine's load."""
+    """A clock that moves only when the track waits for its next frame, by exactly that
+    wait (one frame, 20 ms). On the wall clock a frame woken 20 ms late would count the
+    playout delay as over one frame early; here the delay is exact, whatever the load."""
 
     def __init__(self) -> None:
-        self.now = 1.0
+        self.now = 0.0
 
     def monotonic(self) -> float:
         return self.now
 
-    async def next_frame(self) -> None:
-        self.now += FRAME_SAMPLES / OUTPUT_RATE
+    async def sleep(self, seconds: float) -> None:
+        self.now += seconds
 
 
-async def test_a_queued_turn_plays_after_the_playout_delay_and_then_in_full(monkeypatch):
+async def test_a_queued_turn_plays_after_the_playout_delay_and_then_in_full():
     clock = FrameClock()
-    monkeypatch.setattr(media_out, "time", clock)
-    track = OutputAudioTrack(playout_delay_ms=40)
-    track._wait_for_next_frame = clock.next_frame
+    track = OutputAudioTrack(playout_delay_ms=40, clock=clock)
     track.enqueue(turn_of_tone())
     frames = await receive(track, 14)
     loud = [i for i, f in enumerate(frames) if np.abs(f).max() > 1000]
@@ -108,8 +105,7 @@ async def test_a_turn_is_marked_at_the_frame_holding_its_first_sample():
     that carries a turn's first sample. The resampler holds the last 48 samples of
     the first turn back, so after 9 frames the queue runs dry once (a silent frame,
     pts 8640) and every later frame is sent one frame later than its index."""
-    track = OutputAudioTrack(playout_delay_ms=0)
-    track._wait_for_next_frame = _no_wait
+    track = OutputAudioTrack(playout_delay_ms=0, clock=UnpacedClock())
     for turn in range(3):
         track.enqueue(np.full(TURN_SAMPLES, 0.1 * (turn + 1), dtype=np.float32), turn)
         for _ in range(10 if turn < 2 else 11):  # the last turn's tail waits in the resampler
@@ -122,8 +118,7 @@ async def test_send_ticks_move_to_the_turn_a_realignment_names_and_only_then():
     """A session padded back onto the engine's grid asks for ticks in phase with the
     first turn the pad moved (``realign_from_turn``); turns before it, still in flight,
     leave the clock alone, and once moved it keeps time from the new phase."""
-    track = OutputAudioTrack(playout_delay_ms=0)
-    track._wait_for_next_frame = _no_wait  # pts runs ahead of the wall clock: phases differ
+    track = OutputAudioTrack(playout_delay_ms=0, clock=UnpacedClock())  # pts runs ahead of the wall clock
     track.enqueue(turn_of_tone(), 0)
     first_due = track.next_frame_due
     assert first_due is not None and abs(first_due - time.monotonic()) < 0.05
@@ -146,7 +141,3 @@ async def test_send_ticks_move_to_the_turn_a_realignment_names_and_only_then():
     fresh.enqueue(turn_of_tone(), 0)
     fresh.enqueue(turn_of_tone(), 1)
     assert fresh.tick_realignments == 0 and fresh.next_frame_due is not None
-
-
-async def _no_wait() -> None:
-    return None
