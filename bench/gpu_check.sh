@@ -4,10 +4,13 @@
 #      in the background all along (session 31: ~13 conversations/s on 14; 1.7x that a core
 #      since session 34 made the room convolution FFT, docs/benchmarks.md);
 #   2. meanwhile the xformers/CUDA tests and `bench model` on CUDA (xformers against SDPA);
-#   3. from TRAIN_AFTER seconds, PRESETS (default `small`; "tiny small" trains both
-#      side by side for a same-data, same-minutes comparison, as session 31 did) trained
-#      for TRAIN_MINUTES, bf16 autocast, taking in the conversations made meanwhile
-#      (--follow-cache), so the data grows while the GPU trains. A preset whose checkpoint
+#   3. from TRAIN_AFTER seconds, the runs in PRESETS (default `small`; "tiny small" trains
+#      both side by side for a same-data, same-minutes comparison, as session 31 did)
+#      trained for TRAIN_MINUTES, bf16 autocast, taking in the conversations made meanwhile
+#      (--follow-cache), so the data grows while the GPU trains. A run is a preset and,
+#      after `+`, `microturn train` switches of its own: "small small+no-own-voice" trains
+#      small with and without hearing its own voice (back as small and small_no-own-voice),
+#      "small+render-history" on the voice its audio head renders. A preset whose checkpoint
 #      is carried in INIT (INIT/small/, say) continues from those weights (--init, a
 #      fresh schedule at LR, default half the from-scratch rate); the others start anew;
 #   4. the checkpoints packed as bf16 in tar parts of at most 15 MiB for the trip back,
@@ -43,16 +46,15 @@ TRAIN_MINUTES=${TRAIN_MINUTES:-5.5} BATCH=${BATCH:-32} REPEATS=${REPEATS:-15} PR
 # Seeds no run has trained on (docs/training.md, "On a lent GPU", lists those taken: move these on after each call).
 FIRST_SEED=${FIRST_SEED:-42000} FIRST_DRILL=${FIRST_DRILL:-4700}
 INIT=${INIT:-} LR=${LR:-} CHECKS=${CHECKS:-1}  # CHECKS=0: no CUDA tests or bench, all the time to training
-# RENDER_HISTORY=1: train on the voice the audio head renders, not the reference's (--render-history;
-# an extra forward pass a step; docs/eval.md, session 36: served answers follow that voice).
-RENDER_HISTORY=${RENDER_HISTORY:-0}
-for switch in CHECKS RENDER_HISTORY; do
-    case "${!switch}" in 0 | 1) ;; *) echo "$switch=${!switch}: 0 or 1" >&2; exit 2 ;; esac
-done
-render=(); [ "$RENDER_HISTORY" = 1 ] && render=(--render-history)
+case "$CHECKS" in 0 | 1) ;; *) echo "CHECKS=$CHECKS: 0 or 1" >&2; exit 2 ;; esac
+# A run "small+no-own-voice+text-lead=1": its preset, its switches (--no-own-voice --text-lead=1),
+# and the name its checkpoint and log come back under (small_no-own-voice_text-lead-1).
+run_preset() { echo "${1%%+*}"; }
+run_name() { local name=${1//+/_}; echo "${name//=/-}"; }
+run_switches() { [ "$1" = "${1%%+*}" ] || (IFS=+; printf -- '--%s\n' ${1#*+}); }  # one per line
 if [ -n "$INIT" ]; then  # a lease is too short to find out from a log that nothing was continued
     carried=0
-    for preset in $PRESETS; do [ -f "$INIT/$preset/model.safetensors" ] && carried=1; done
+    for run in $PRESETS; do [ -f "$INIT/$(run_preset "$run")/model.safetensors" ] && carried=1; done
     [ "$carried" = 1 ] || { echo "INIT=$INIT holds none of $PRESETS (INIT/PRESET/model.safetensors)" >&2; exit 2; }
 fi
 started=$SECONDS
@@ -63,6 +65,13 @@ if compgen -G "$WHEELS/*.whl" > /dev/null; then
         && export PYTHONPATH="$PYTHONPATH:$SITE"
 fi
 DEVICE=$("$PYTHON" -c "import torch; print('cuda' if torch.cuda.is_available() else 'cpu')")
+names=" "
+for run in $PRESETS; do  # a misspelt switch costs seconds here, not the lease
+    case "$names" in *" $(run_name "$run") "*) echo "PRESETS names $run twice" >&2; exit 2 ;; esac
+    names+="$(run_name "$run") "
+    "$PYTHON" -c 'import sys; from model.train import build_parser; build_parser().parse_args(sys.argv[1:])' \
+        --out "$WORK/check" --preset "$(run_preset "$run")" $(run_switches "$run") || exit 2
+done
 "$PYTHON" -c "import av" 2> /dev/null || export MICROTURN_RESAMPLER=sinc  # no PyAV carried: numpy resamples
 { nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv 2>/dev/null
   nproc
@@ -100,9 +109,10 @@ wait_s=$((TRAIN_AFTER - (SECONDS - started)))
 [ "$wait_s" -gt 0 ] && sleep "$wait_s"
 # Each run takes the conversations cached so far and, every 50 steps, those made since
 # (--follow-cache); the drills are all there by now (else it makes what is missing).
-step "train ${PRESETS// /, } for $TRAIN_MINUTES min each, side by side, following the data${render:+, on their own rendered voice}"
+step "train ${PRESETS// /, } for $TRAIN_MINUTES min each, side by side, following the data"
 trainers=()
-for preset in $PRESETS; do
+for run in $PRESETS; do
+    preset=$(run_preset "$run") name=$(run_name "$run")
     # The wider model at half tiny's rate; a continued one at half its from-scratch rate.
     lr=2e-3 continued_lr=1e-3; [ "$preset" = tiny ] || lr=1e-3 continued_lr=5e-4
     start=(--preset "$preset")
@@ -111,27 +121,29 @@ for preset in $PRESETS; do
     fi
     lr=${LR:-$lr}
     # In a subshell: $! is then the pipeline's status under pipefail, not tr's.
-    ( "$PYTHON" -m model.train --out "$WORK/$preset" "${start[@]}" --cache "$WORK/cache" --follow-cache \
+    ( "$PYTHON" -m model.train --out "$WORK/$name" "${start[@]}" --cache "$WORK/cache" --follow-cache \
         --conversations 100000 --first-seed "$FIRST_SEED" --drills "$DRILLS" --first-drill "$FIRST_DRILL" \
         --steps 1000000 --minutes "$TRAIN_MINUTES" --batch "$BATCH" --turns 80 --lr "$lr" --warmup 100 \
-        --save-every 1000000 --seed 0 --listen-weight 0.25 --text-weight 3 --speech-weight 2 "${render[@]}" 2>&1 \
-        | tr '\r' '\n' > "$OUT/train-$preset.log" ) &
+        --save-every 1000000 --seed 0 --listen-weight 0.25 --text-weight 3 --speech-weight 2 \
+        $(run_switches "$run") 2>&1 | tr '\r' '\n' > "$OUT/train-$name.log" ) &
     trainers+=($!)
 done
 for pid in "${trainers[@]}" "$data"; do wait "$pid" || status=1; done
 cat "$OUT/data.log"
-for preset in $PRESETS; do
-    echo "-- $preset"; grep "model:\|step \|data:" "$OUT/train-$preset.log" | awk 'NR <= 2 || NR % 20 == 0'
-    tail -1 "$OUT/train-$preset.log"
+for run in $PRESETS; do
+    name=$(run_name "$run")
+    echo "-- $run"; grep "model:\|step \|data:" "$OUT/train-$name.log" | awk 'NR <= 2 || NR % 20 == 0'
+    tail -1 "$OUT/train-$name.log"
 done
 
 step "pack the checkpoints as bf16 (loaded back as float32 by load_checkpoint)"
-for preset in $PRESETS; do
+for run in $PRESETS; do
+    name=$(run_name "$run")
     "$PYTHON" -c "import sys, torch; from model.weights import load_checkpoint, save_checkpoint
-save_checkpoint(load_checkpoint(sys.argv[1]), sys.argv[1], torch.bfloat16)" "$WORK/$preset" || status=1
-    packed=("$preset/model.safetensors" "$preset/config.json")  # and how it decodes, where training wrote it
-    for file in decoding.json lexicon.txt; do [ -f "$WORK/$preset/$file" ] && packed+=("$preset/$file"); done
-    tar -C "$WORK" -c "${packed[@]}" | split -b 15M -d - "$OUT/$preset.tar." || status=1
+save_checkpoint(load_checkpoint(sys.argv[1]), sys.argv[1], torch.bfloat16)" "$WORK/$name" || status=1
+    packed=("$name/model.safetensors" "$name/config.json")  # and how it decodes, where training wrote it
+    for file in decoding.json lexicon.txt; do [ -f "$WORK/$name/$file" ] && packed+=("$name/$file"); done
+    tar -C "$WORK" -c "${packed[@]}" | split -b 15M -d - "$OUT/$name.tar." || status=1
 done
 # A call brings back at most 8 files: the logs go as one.
 logs=()  # CHECKS=0 writes no tests.log or bench_model.json

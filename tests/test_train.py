@@ -304,8 +304,9 @@ def test_training_from_a_full_cache_needs_no_media_libraries(tmp_path):
 def test_the_prepared_gpu_check_runs_here_without_a_gpu(tmp_path, monkeypatch):
     """bench/gpu_check.sh is for a GPU lease of minutes, so its plumbing is checked
     here: without CUDA its CUDA tests skip, the bench and both trainings run on the
-    CPU — one continuing a carried checkpoint, one from scratch — with PyAV absent, as
-    there, and what comes back (at most 8 files) unpacks into checkpoints that load."""
+    CPU — one continuing a carried checkpoint, one from scratch, each with a switch of
+    its own — with PyAV absent, as there, and what comes back (at most 8 files) unpacks
+    into checkpoints that load."""
     import tarfile
     from pathlib import Path
 
@@ -325,14 +326,15 @@ def test_the_prepared_gpu_check_runs_here_without_a_gpu(tmp_path, monkeypatch):
     (tmp_path / "carried" / "tiny").symlink_to(repository / "checkpoints" / "tiny")  # continued; small is not carried
     env = {**os.environ, "OUT": str(tmp_path / "out"), "WORK": str(tmp_path / "work"), "PYTHON": sys.executable,
            "DATA_MINUTES": "0.0001", "WORKERS": "1", "DRILLS": "1", "TRAIN_AFTER": "0", "TRAIN_MINUTES": "0.05",
-           "BATCH": "2", "REPEATS": "1", "PRESETS": "tiny small", "INIT": str(tmp_path / "carried"), "RENDER_HISTORY": "1",
+           "BATCH": "2", "REPEATS": "1", "PRESETS": "tiny+render-history small+no-own-voice",
+           "INIT": str(tmp_path / "carried"),
            "PYTHONPATH": str(tmp_path / "no-av"),
            "WHEELS": str(tmp_path / "no-wheels")}  # what a fresh clone has: none carried here
     run = subprocess.run(["bash", str(repository / "bench" / "gpu_check.sh")], cwd=repository, env=env,
                          capture_output=True, text=True, timeout=240, check=False)
     report = (run.stdout + run.stderr)[-3000:]
     assert run.returncode == 0 and "done: status 0" in run.stdout, report
-    assert "following the data, on their own rendered voice" in run.stdout, report
+    assert "train tiny+render-history, small+no-own-voice for 0.05 min each" in run.stdout, report
     out = tmp_path / "out"
     assert len(list(out.iterdir())) <= 8, report
     with tarfile.open(out / "logs.tar") as logs:
@@ -345,11 +347,12 @@ def test_the_prepared_gpu_check_runs_here_without_a_gpu(tmp_path, monkeypatch):
     assert "2 of 100000 conversations ready" in (tmp_path / "logs" / "data.log").read_text()
     assert (tmp_path / "work" / "cache" / f"{CACHE_NAME}-sinc" / "drill-4700.pt").exists()  # made there, no PyAV
     first_loss = {}
-    for name, parameters, origin in (("tiny", 6_060_702, f"from {tmp_path / 'carried' / 'tiny'}"),
-                                     ("small", 22_033_390, "new")):
+    for name, preset_name, parameters, origin in (
+            ("tiny_render-history", "tiny", 6_060_702, f"from {tmp_path / 'carried' / 'tiny'}"),
+            ("small_no-own-voice", "small", 22_033_390 - 1_310_720, "new")):  # less the embedding of its voice
         log = (tmp_path / "logs" / f"train-{name}.log").read_text()
         assert "2 of 100000 conversations ready" in log and "step " in log, log  # --follow-cache found both
-        first_loss[name] = float(re.search(r"loss ([0-9.]+)", log)[1])
+        first_loss[preset_name] = float(re.search(r"loss ([0-9.]+)", log)[1])
         parts = sorted(out.glob(f"{name}.tar.*"))
         assert parts and all(part.stat().st_size <= 15 * 2**20 for part in parts)
         packed = tmp_path / f"{name}.tar"
@@ -358,24 +361,31 @@ def test_the_prepared_gpu_check_runs_here_without_a_gpu(tmp_path, monkeypatch):
             archive.extractall(tmp_path / "back", filter="data")
         model = load_checkpoint(tmp_path / "back" / name)  # bf16 on disk, float32 once loaded
         decoding = json.loads((tmp_path / "back" / name / "decoding.json").read_text())  # came back with it
-        assert decoding == ({"write_threshold": 0.5} if name == "tiny" else {}) | {"lexicon": "lexicon.txt"}
+        assert decoding == ({"write_threshold": 0.5} if preset_name == "tiny" else {}) | {"lexicon": "lexicon.txt"}
         assert (tmp_path / "back" / name / "lexicon.txt").read_text().split()
-        assert model.config.preset == name and sum(p.numel() for p in model.state_dict().values()) == parameters
+        assert model.config.preset == preset_name and sum(p.numel() for p in model.state_dict().values()) == parameters
+        assert model.config.hears_own_voice == (preset_name == "tiny")  # each run's own switches
         assert all(p.dtype == torch.float32 for p in model.parameters())
-        assert f"model: {name}, {sum(p.numel() for p in model.parameters()):,} parameters, {origin}\n" in log, log
+        assert f"model: {preset_name}, {sum(p.numel() for p in model.parameters()):,} parameters, {origin}\n" in log, log
     assert first_loss["tiny"] < first_loss["small"] / 4, first_loss  # the carried weights, trained; not new ones
 
 
-def test_the_gpu_check_stops_before_a_lease_is_spent_on_a_carried_checkpoint_it_cannot_find(tmp_path):
+@pytest.mark.parametrize(("presets", "refusal"), [
+    ("small", "holds none of small"),  # tiny carried, but not the preset asked for
+    ("tiny small+no-own-vioce", "unrecognized arguments: --no-own-vioce"),  # a misspelt switch
+    ("tiny+no-own-voice tiny+no-own-voice", "PRESETS names tiny+no-own-voice twice"),  # one checkpoint for two runs
+])
+def test_the_gpu_check_stops_before_a_lease_is_spent_on_runs_it_cannot_do(tmp_path, presets, refusal):
     from pathlib import Path
 
     repository = Path(__file__).resolve().parents[1]
-    (tmp_path / "carried" / "tiny").mkdir(parents=True)  # carried, but not the preset asked for
+    (tmp_path / "carried" / "tiny").mkdir(parents=True)
+    (tmp_path / "carried" / "tiny" / "model.safetensors").touch()
     env = {**os.environ, "OUT": str(tmp_path / "out"), "WORK": str(tmp_path / "work"), "PYTHON": sys.executable,
-           "PRESETS": "small", "INIT": str(tmp_path / "carried")}
+           "PRESETS": presets, "INIT": str(tmp_path / "carried"), "WHEELS": str(tmp_path / "no-wheels")}
     run = subprocess.run(["bash", str(repository / "bench" / "gpu_check.sh")], cwd=repository, env=env,
                          capture_output=True, text=True, timeout=60, check=False)
-    assert run.returncode == 2 and "holds none of small" in run.stderr, run.stderr
+    assert run.returncode == 2 and refusal in run.stderr, run.stderr
     assert not (tmp_path / "work" / "cache").exists()  # nothing started
 
 
