@@ -108,6 +108,56 @@ async def test_browser_streams_speech_and_hears_the_echo(live_server, tmp_path):
     assert gone.status_code == 404 and health["sessions"] == 0
 
 
+async def test_a_second_session_on_the_page_starts_clean_and_old_cards_cancel_nothing(live_server):
+    """Task ids restart with every session, so a card left running from the last session
+    must not be able to cancel this one's task of the same id; counts, transcript and
+    cards start afresh."""
+    async with async_playwright() as playwright:
+        browser = await playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            page = await browser.new_page()
+            await page.goto(live_server.url)
+
+            async def start_timer(text: str) -> None:
+                await page.select_option("#task-tool", "timer")
+                await page.fill("#task-input", text)
+                await page.click("#task-form button")
+                await page.wait_for_selector("#tasks .task.running")
+
+            await page.click("#connect")
+            await page.wait_for_function("(window.microturn.eventCounts['session.ready'] || 0) === 1", timeout=15_000)
+            await page.fill("#text-input", "said in the first session")
+            await page.click("#text-form button")
+            await page.wait_for_function("window.microturn.transcript.includes('said in the first session')")
+            await start_timer("60 s: first")
+            await page.click("#disconnect")
+            await page.wait_for_function("window.microturn.status === 'closed'")
+            ended = await page.eval_on_selector("#tasks .task", "card => [card.className, card.textContent]")
+            buttons_left = await page.eval_on_selector_all("#tasks button", "buttons => buttons.length")
+
+            await page.click("#connect")
+            await page.wait_for_function("window.microturn.status === 'connected'", timeout=15_000)
+            await page.wait_for_function("(window.microturn.eventCounts['session.ready'] || 0) === 1", timeout=10_000)
+            fresh = await page.evaluate(
+                "({transcript: window.microturn.transcript, cards: document.querySelectorAll('#tasks .task').length,"
+                " text: document.getElementById('transcript').textContent})")
+            await start_timer("60 s: second")  # t1 again, in this session
+            [task_id] = await page.eval_on_selector_all("#tasks .task", "cards => cards.map(c => c.dataset.taskId)")
+            await page.click("#tasks .task.running button")
+            await page.wait_for_selector("#tasks .task.failed")
+            status = await page.text_content("#tasks .task.failed .task-status")
+            state = await page.evaluate("window.microturn")
+            await page.click("#disconnect")
+        finally:
+            await browser.close()
+
+    assert ended[0] == "task ended" and "ended with the session" in ended[1], ended
+    assert buttons_left == 0  # nothing left to cancel with
+    assert fresh == {"transcript": "", "cards": 0, "text": ""}, fresh
+    assert task_id == "t1" and status == "failed: cancelled"  # this session's own card cancels its own task
+    assert state["eventCounts"]["session.ready"] == 1 and state["errors"] == [], state
+
+
 async def test_the_page_says_when_the_model_has_random_weights(model_server):
     async with async_playwright() as playwright:
         browser = await playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)

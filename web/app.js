@@ -21,6 +21,7 @@ const state = {
   transcript: "",
   tasks: {}, // task_id -> last task event type
   iceRestarts: 0,
+  restarting: false, // an ICE restart is in flight
   recordingAvailable: false, // the server offers recording (OPTIONS said so)
   recording: false, // this session is being recorded (the server confirmed it)
 };
@@ -51,6 +52,23 @@ function showRecordingConsent(available) {
   state.recordingAvailable = available;
   $("record-consent").hidden = !available;
   if (!available) $("record").checked = false;
+}
+
+// Each session starts on a clean page: its counts, transcript, timeline and task cards.
+// Task ids restart with every session, so a card left running from the last one could
+// otherwise cancel this session's task of the same id.
+function startFresh() {
+  Object.assign(state, {
+    sessionUrl: null, eventCounts: {}, turns: 0, lastStepMs: null, stats: {}, errors: [], transcript: "",
+    tasks: {}, iceRestarts: 0, restarting: false, recording: false,
+  });
+  $("transcript").textContent = "";
+  for (const id of ["stat-rtt", "stat-jitter", "stat-packets-in", "stat-packets-out", "stat-turns", "stat-step",
+                    "stat-latency"]) {
+    $(id).textContent = "–";
+  }
+  timeline.clear();
+  taskBoard.clear();
 }
 
 function setInputsEnabled(enabled) {
@@ -229,33 +247,39 @@ function iceServersFrom(header) {
 /** ICE restart the WHIP way (RFC 9725 §4.3.2): new credentials and candidates in a
  *  PATCH, the server's back in its answer; media and data channel carry on. */
 async function restartIce() {
-  if (!pc || !state.sessionUrl) return false;
-  pc.restartIce();
-  await pc.setLocalDescription(await pc.createOffer());
-  await waitForIceGathering(pc);
-  const offer = pc.localDescription.sdp;
+  // This session's connection and URL, held across the awaits: a hang-up and a new
+  // session meanwhile must not get the old restart's offer or answer.
+  const peer = pc;
+  const url = state.sessionUrl;
+  if (!peer || !url) return false;
+  peer.restartIce();
+  await peer.setLocalDescription(await peer.createOffer());
+  await waitForIceGathering(peer);
+  if (peer !== pc) return false;
+  const offer = peer.localDescription.sdp;
   const pick = (sdp, re) => sdp.split("\r\n").filter((line) => re.test(line));
   const mid = pick(offer, /^a=mid:/)[0];
   const fragment = [
     ...pick(offer, /^a=ice-(ufrag|pwd):/).slice(0, 2), "m=audio 9 UDP/TLS/RTP/SAVPF 0", mid,
     ...pick(offer, /^a=candidate:/), "a=end-of-candidates", "",
   ].join("\r\n");
-  const response = await fetch(state.sessionUrl, {
+  const response = await fetch(url, {
     method: "PATCH",
     headers: { "Content-Type": "application/trickle-ice-sdpfrag", "If-Match": "*", ...AUTH },
     body: fragment,
   });
   if (response.status !== 200) throw new Error(`ICE restart refused: HTTP ${response.status}`);
   const answer = await response.text();
+  if (peer !== pc) return false;
   const ufrag = pick(answer, /^a=ice-ufrag:/)[0];
   const pwd = pick(answer, /^a=ice-pwd:/)[0];
   const candidates = pick(answer, /^a=candidate:/);
   // The last answer with the server's new credentials and candidates in every m= section.
-  const sections = pc.remoteDescription.sdp.split(/\r\n(?=m=)/).map((section, index) => {
+  const sections = peer.remoteDescription.sdp.split(/\r\n(?=m=)/).map((section, index) => {
     const lines = section.split("\r\n").filter((line) => line && !/^a=(ice-ufrag|ice-pwd|candidate|end-of-candidates)/.test(line));
     return index === 0 ? lines : [...lines, ufrag, pwd, ...candidates, "a=end-of-candidates"];
   });
-  await pc.setRemoteDescription({ type: "answer", sdp: sections.map((l) => l.join("\r\n")).join("\r\n") + "\r\n" });
+  await peer.setRemoteDescription({ type: "answer", sdp: sections.map((l) => l.join("\r\n")).join("\r\n") + "\r\n" });
   state.iceRestarts += 1;
   log("ICE restarted");
   return true;
@@ -265,6 +289,7 @@ state.restartIce = restartIce;
 async function connect() {
   const mine = ++attempt;
   const abandoned = () => mine !== attempt;
+  startFresh();
   setStatus("connecting");
   try {
     // Browser audio processing flattens speech the model should hear as it is;
@@ -283,6 +308,7 @@ async function connect() {
     }
     microphone = stream;
     const options = await serverOptions();
+    if (abandoned()) return; // disconnect() has stopped the microphone
     showRecordingConsent(options.recording);
     const record = options.recording && $("record").checked;
     pc = new RTCPeerConnection({ iceServers: options.iceServers });
@@ -295,6 +321,7 @@ async function connect() {
     });
     const peer = pc;
     pc.addEventListener("connectionstatechange", () => {
+      if (peer !== pc) return; // a past session's connection: not this one's to end
       log(`connection ${peer.connectionState}`);
       if (peer.connectionState === "connected") setStatus("connected");
       if (peer.connectionState === "failed") disconnect("failed");
@@ -302,9 +329,11 @@ async function connect() {
     // A network change (Wi-Fi to cellular, a new address) drops ICE: restart it
     // rather than the call. One try per disconnection.
     pc.addEventListener("iceconnectionstatechange", () => {
-      if (peer.iceConnectionState === "disconnected" && !state.restarting) {
+      if (peer === pc && peer.iceConnectionState === "disconnected" && !state.restarting) {
         state.restarting = true;
-        restartIce().catch((error) => log(String(error), "error")).finally(() => { state.restarting = false; });
+        restartIce().catch((error) => log(String(error), "error")).finally(() => {
+          if (peer === pc) state.restarting = false; // else the page has moved on to a new session
+        });
       }
     });
 
@@ -322,15 +351,17 @@ async function connect() {
       throw new Error(`signalling failed: HTTP ${response.status} ${body.message || ""}${hint}`);
     }
     // Relative to where the offer landed: a router may have redirected it to a node.
-    state.sessionUrl = new URL(response.headers.get("Location"), response.url).href;
+    const sessionUrl = new URL(response.headers.get("Location"), response.url).href;
+    if (abandoned()) { // answered after a hang-up: a newer attempt may own the page's state
+      fetch(sessionUrl, { method: "DELETE", headers: AUTH }).catch(() => {});
+      return;
+    }
+    state.sessionUrl = sessionUrl;
     state.recording = response.headers.get("Microturn-Recording") === "on";
     log(`session ${state.sessionUrl}${state.recording ? " (recorded)" : ""}`);
     if (record && !state.recording) log("the server did not record this session", "error");
-    if (abandoned()) {
-      fetch(state.sessionUrl, { method: "DELETE", headers: AUTH });
-      return;
-    }
     await pc.setRemoteDescription({ type: "answer", sdp: await response.text() });
+    if (abandoned()) return;
     timers.push(setInterval(updateStats, STATS_PERIOD_MS));
     timers.push(setInterval(() => sendEvent({ type: "ping", t: performance.now() }), PING_PERIOD_MS));
   } catch (error) {
@@ -346,13 +377,17 @@ async function disconnect(finalStatus = "closed") {
   timers.forEach(clearInterval);
   timers = [];
   setInputsEnabled(false);
+  taskBoard.sessionEnded();
   const url = state.sessionUrl;
   state.sessionUrl = null;
-  if (url) await fetch(url, { method: "DELETE", headers: AUTH }).catch(() => {});
+  // Microphone and connection first: a slow or unreachable server must not keep
+  // capturing and sending the user's audio while its DELETE is pending.
   if (pc) pc.close();
   if (microphone) microphone.getTracks().forEach((track) => track.stop());
   pc = channel = microphone = null;
   state.recording = false;
+  state.restarting = false; // a restart in flight on the closed connection never finishes
+  if (url) await fetch(url, { method: "DELETE", headers: AUTH }).catch(() => {});
   setStatus(finalStatus);
 }
 

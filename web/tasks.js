@@ -40,6 +40,22 @@ export class TaskBoard {
     parts.status.textContent = event.message;
   }
 
+  /** The session ended: its running tasks went with it, and no card may cancel a task
+   *  of the next session (task ids restart with every session). */
+  sessionEnded() {
+    for (const parts of this.cards.values()) {
+      if (!parts.card.classList.contains("running")) continue;
+      parts.card.className = "task ended";
+      parts.status.textContent = "ended with the session";
+      parts.cancel.remove();
+    }
+  }
+
+  clear() {
+    this.list.replaceChildren();
+    this.cards.clear();
+  }
+
   finished(event, ok) {
     const parts = this.cards.get(event.task_id);
     if (!parts) return;

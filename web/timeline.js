@@ -17,6 +17,11 @@ export class Timeline {
     this.draw();
   }
 
+  clear() {
+    this.turns = [];
+    this.draw();
+  }
+
   draw() {
     const { canvas, context: g } = this;
     const width = canvas.width;
