@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import random
 import re
 import statistics
@@ -246,6 +247,13 @@ EVENT_RATES: dict[str, tuple[str, str]] = {
 WORD_RATES: dict[str, str] = {"spoken_word_accuracy": "right", "written_word_accuracy": "written_right"}
 
 
+def nearest_rank(ordered: list[float], q: float) -> float:
+    """The ``q`` quantile of sorted values by nearest rank: the smallest value with at
+    least a fraction ``q`` of them at or below it (so with 2 of 13 stops never made, the
+    p90 is "never", not the 11th stop)."""
+    return ordered[max(0, math.ceil(round(q * len(ordered), 9)) - 1)]
+
+
 def aggregate(records: list[dict[str, object]]) -> dict[str, object]:
     def of(kind: str) -> list[dict[str, object]]:
         return [r for r in records if r["kind"] == kind]
@@ -264,7 +272,7 @@ def aggregate(records: list[dict[str, object]]) -> dict[str, object]:
             by_question.setdefault(r["question"], []).append(r["heard"])
     stops = [r["stop_latency_s"] for r in of("barge_in")]
     stops_known = sorted(s if s is not None else float("inf") for s in stops)
-    p90 = stops_known[int(0.9 * (len(stops_known) - 1))] if stops_known else None
+    p90 = nearest_rank(stops_known, 0.9) if stops_known else None
     return {
         "turn_taking_tor": event_rate("turn_taking_tor"),
         "response_latency_s_median": round(statistics.median(latencies), 3) if latencies else None,

@@ -208,6 +208,18 @@ def test_the_metrics_notice_a_model_that_talks_all_the_time_or_never():
     assert all(r["took_turn"] for r in reference if r["kind"] == "answer")
 
 
+def test_the_stop_p90_is_by_nearest_rank_and_null_when_a_tenth_never_stopped():
+    def p90(stops: list[float | None]) -> float | None:
+        return aggregate([{"kind": "barge_in", "stop_latency_s": s} for s in stops])["stop_latency_s_p90"]
+
+    tenths = [round(0.1 * i, 1) for i in range(1, 12)]
+    assert p90(tenths[:10]) == 0.9  # 9 of 10 at or below it
+    assert p90(tenths[:9] + [None]) == 0.9  # one never stopped: still 9 of 10 stopped by 0.9 s
+    assert p90(tenths + [None, None]) is None  # 2 of 13 never: a tenth did not stop at all
+    assert p90([0.2, 0.3]) == 0.3 and p90([0.2]) == 0.2  # a few: the largest, not the smallest
+    assert p90([]) is None
+
+
 def test_the_written_word_is_judged_apart_from_the_spoken_one():
     """Saying the right word while writing a wrong one: heard right, written wrong."""
     conversation = generate([1_000_000], held_out=True)[0]  # four one-number answers
