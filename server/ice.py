@@ -135,7 +135,7 @@ async def add_remote_candidates(pc: RTCPeerConnection, candidates: Sequence[str]
     """Trickled ``candidate:...`` values (and end-of-candidates): to every transport,
     since the fragment names only the first m-line of the BUNDLE group. Returns
     how many were new. Raises ValueError for a malformed candidate."""
-    parsed = [_parse_candidate(value) for value in candidates]  # all or nothing
+    parsed = parse_candidates(candidates)
     added = 0
     for gatherer in _gatherers(pc):
         agent = gatherer._connection
@@ -150,6 +150,11 @@ async def add_remote_candidates(pc: RTCPeerConnection, candidates: Sequence[str]
             gatherer._remote_candidates_end = True
             await agent.add_remote_candidate(None)
     return added
+
+
+def parse_candidates(values: Sequence[str]) -> list[RTCIceCandidate]:
+    """``candidate:...`` values, all or nothing: ValueError names the first malformed one."""
+    return [_parse_candidate(value) for value in values]
 
 
 def _parse_candidate(value: str) -> RTCIceCandidate:

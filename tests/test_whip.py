@@ -22,7 +22,7 @@ from loadtest.peer import Peer
 from server import ice
 from server.auth import mint_token
 from server.config import ServerConfig
-from server.whip import SDPFRAG, format_sdpfrag, parse_sdpfrag
+from server.whip import SDPFRAG, etag, format_sdpfrag, parse_sdpfrag
 
 ECHO = {"engine": "echo", "ice_host_addresses": ["127.0.0.1"], "max_sessions": 4}
 
@@ -138,9 +138,16 @@ async def test_ice_restart_moves_the_session_to_new_credentials_without_dropping
             old_etag = peer.response_headers["etag"]
             old_server_ufrag = ice.local_ice(session.pc)[0].ufrag
 
+            old_remote_ufrag = ice.remote_ufrag(session.pc)
             ours = ice.restart_ice(peer.pc, None)  # the client side of a restart
             _, our_candidates = ice.local_ice(peer.pc)
             async with httpx.AsyncClient() as client:
+                # A restart with a malformed candidate is refused before anything restarts.
+                refused = await client.patch(peer.session_url, headers={"Content-Type": SDPFRAG, "If-Match": "*"},
+                                             content=format_sdpfrag(ours, [*our_candidates, "candidate:1 1 udp"], "0"))
+                assert refused.status_code == 400 and refused.json()["error"] == "bad_fragment"
+                assert etag(session.pc) == old_etag and ice.local_ice(session.pc)[0].ufrag == old_server_ufrag
+                assert ice.remote_ufrag(session.pc) == old_remote_ufrag
                 response = await client.patch(peer.session_url, content=format_sdpfrag(ours, our_candidates, "0"),
                                               headers={"Content-Type": SDPFRAG, "If-Match": "*"})
             assert response.status_code == 200 and response.headers["content-type"].startswith(SDPFRAG)
