@@ -175,6 +175,8 @@ async def create_viewer(request: Request) -> Response:
     offer = await read_offer(request, session.config.max_offer_bytes)
     if isinstance(offer, Response):
         return offer
+    if session.close_reason is not None:  # ended while the offer was read: close() would miss this viewer
+        return error_response(404, "not_found", "the session has ended")
     if len(session.viewers) >= session.config.max_viewers_per_session:
         return error_response(409, "too_many_viewers",
                               f"a session has at most {session.config.max_viewers_per_session} WHEP viewers")
@@ -185,6 +187,9 @@ async def create_viewer(request: Request) -> Response:
     except Exception:
         log.exception("viewer of session %s failed to start", session.id)
         return error_response(500, "internal_error", "the viewer could not be started")
+    if session.close_reason is not None:  # ended while the viewer connected
+        await viewer.close("session ended")
+        return error_response(404, "not_found", "the session has ended")
     response = Response(answer, status_code=201, media_type=SDP,
                         headers={"Location": _location(session.config, f"/v1/sessions/{session.id}/whep/{viewer.id}"),
                                  "ETag": etag(viewer.pc), "Accept-Patch": SDPFRAG})
