@@ -42,6 +42,8 @@ class TurnOutput:
     turn: int
     audio: np.ndarray  # float32, shape (TURN_SAMPLES,), 16 kHz mono
     text: str = ""
+    # Input text (bytes) still queued for later micro-turns: a model reads a few a turn.
+    text_waiting: int = 0
 
 
 class MicroTurnModel(Protocol):

@@ -217,7 +217,7 @@ class StreamingModel:
         # Decoding changes the decoders, so it comes last, where nothing can fail.
         texts_out = ["" if i in faulted else session.decoder.decode(spoken[i].tolist())
                      for i, session in enumerate(sessions)]
-        return [TurnOutput(chunk.session_id, chunk.turn, voices[i], texts_out[i])
+        return [TurnOutput(chunk.session_id, chunk.turn, voices[i], texts_out[i], len(sessions[i].text_queue))
                 for i, chunk in enumerate(batch)], faulted
 
     def _forward(self, sessions: list[_Session], tokens: list[torch.Tensor]) -> torch.Tensor:

@@ -22,6 +22,7 @@ LIMIT_FLAGS = {
     "message_burst": "... and in a burst",
     "max_tasks_per_session": "background tasks running at once per session",
     "max_text_chars": "longest text.input",
+    "max_text_backlog_bytes": "typed text (bytes) that may wait to enter the model",
     "max_offer_bytes": "largest SDP offer",
 }
 

@@ -47,7 +47,8 @@ log = logging.getLogger(__name__)
 _MAX_EARLY_EVENTS = 64  # events kept for a data channel that is not open yet
 _WATCHDOG_PERIOD_S = 0.1
 _PEER_WATCH_PERIOD_S = 0.25
-_RECORDED_VIDEO_WIDTH = 160  # pixels; the height keeps the camera's aspect
+_RECORDED_VIDEO_WIDTH = 160  # pixels; the height keeps the camera's aspect ...
+_RECORDED_VIDEO_MAX_HEIGHT = 320  # ... up to 1:2 portrait (a 2×16383 stream must not cost 600 MiB a turn)
 _ALIGN_FRAMES = 5  # frames whose arrival times place the first chunk on the engine grid
 _ALIGN_CHECK_TURNS = 5  # turns between checks that the chunks still close on the grid
 _REALIGN_HOLDOFF_TURNS = 50  # and after padding, before the next (the estimate is noisy)
@@ -132,6 +133,10 @@ class Session:
         )
         self._task_requests = TaskRequestParser(default_tool="chat" if "chat" in tools else "calc")
         self._model_text: list[str] = []  # text entering the model at the next micro-turn
+        # Input text not yet read by the model: what it last reported, and what was
+        # submitted since with turns it has not answered yet (turn -> bytes).
+        self._text_waiting_in_model = 0
+        self._text_in_flight: dict[int, int] = {}
         self._rate = RateLimit(config.messages_per_second, config.message_burst)
         self._metrics_task: asyncio.Task[None] | None = None
 
@@ -416,6 +421,8 @@ class Session:
         self._input_quiet.observe(rms)
         self._chunk_closed_ns[turn] = time.time_ns()
         text, self._model_text = "".join(self._model_text), []
+        if text:
+            self._text_in_flight[turn] = len(text.encode())
         if self.recorder is not None:
             self.recorder.input(turn, chunk, text)
         self.engine.submit(TurnInput(self.id, turn, chunk, text))
@@ -423,6 +430,12 @@ class Session:
     def _queue_model_text(self, text: str) -> None:
         """Typed text and background results: they enter the model at the next micro-turn."""
         self._model_text.append(text)
+
+    @property
+    def text_waiting_bytes(self) -> int:
+        """Input text the model has yet to read: queued in it, in flight, and not yet sent."""
+        pending = sum(len(text.encode()) for text in self._model_text)
+        return self._text_waiting_in_model + sum(self._text_in_flight.values()) + pending
 
     async def _drain(self, track: MediaStreamTrack) -> None:
         recorded_turn = -1
@@ -434,9 +447,11 @@ class Session:
             # Camera frames are recorded (small, one per micro-turn) though the model
             # does not see them yet: the recording is tomorrow's training data.
             turn = self._chunker.next_turn if self._chunker else 0
-            if self.recorder is not None and isinstance(frame, av.VideoFrame) and turn != recorded_turn:
+            if (self.recorder is not None and self.recorder.active and isinstance(frame, av.VideoFrame)
+                    and turn != recorded_turn):
                 recorded_turn = turn
                 height = max(2, round(_RECORDED_VIDEO_WIDTH * frame.height / max(frame.width, 1) / 2) * 2)
+                height = min(height, _RECORDED_VIDEO_MAX_HEIGHT)
                 self.recorder.video(turn, frame.to_ndarray(width=_RECORDED_VIDEO_WIDTH, height=height,
                                                            format="rgb24"))
 
@@ -454,6 +469,9 @@ class Session:
         if self.recorder is not None:
             self.recorder.output(output.turn, output.audio, output.text)
         self.output.enqueue(output.audio, output.turn)
+        self._text_waiting_in_model = output.text_waiting
+        for turn in [turn for turn in self._text_in_flight if turn <= output.turn]:
+            del self._text_in_flight[turn]
         self.stats.turns_out += 1
         self.stats.overruns += info.overran
         out_rms = _rms(output.audio)
@@ -594,6 +612,8 @@ class Session:
         )
 
     def _on_message(self, raw: str | bytes) -> None:
+        if self.close_reason is not None:  # closing: nothing may start that close() would not stop
+            return
         self._last_heard = time.monotonic()
         try:
             if not self._rate.allow():
@@ -624,6 +644,11 @@ class Session:
 
     def _on_text_input(self, message: dict[str, Any]) -> None:
         text = message["text"]
+        waiting, limit = self.text_waiting_bytes, self.config.max_text_backlog_bytes
+        if waiting + len(text.encode()) > limit:  # refused, not dropped: the client may send it again
+            self._protocol_error("text_backlog", f"{waiting} bytes of typed text are still waiting to enter the "
+                                 f"model (at most {limit}); send this again once it has read them")
+            return
         self.stats.text_inputs += 1
         self._queue_model_text(text)
         self.emit("user.text", text=text)

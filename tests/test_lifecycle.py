@@ -7,6 +7,7 @@ import asyncio
 import signal
 import time
 
+import av
 import httpx
 import numpy as np
 import pytest
@@ -147,6 +148,30 @@ async def test_a_peer_that_falls_silent_is_freed_after_the_peer_timeout(speech):
             assert (await client.get(talking.session_url)).status_code == 200
         for peer in (quiet, talking):
             await peer.close()
+
+
+class TallCamera(VideoStreamTrack):
+    """A camera 16 times as tall as it is wide (64 × 1024): recorded at 160 wide, the
+    aspect alone would ask for 2,560 rows a frame."""
+
+    async def recv(self) -> av.VideoFrame:
+        pts, time_base = await self.next_timestamp()
+        frame = av.VideoFrame.from_ndarray(np.full((1024, 64, 3), 90, np.uint8), format="rgb24")
+        frame.pts, frame.time_base = pts, time_base
+        return frame
+
+
+async def test_a_recorded_camera_of_any_shape_is_kept_small(speech, tmp_path):
+    with running_server(ServerConfig(**ECHO, record_dir=str(tmp_path))) as server:
+        peer = Peer(server.url, speech)
+        peer.pc.addTransceiver(TallCamera(), direction="sendonly")
+        await peer.connect(path="/v1/sessions?record=1")
+        await peer.wait_for_event("session.ready")
+        await asyncio.sleep(1.5)  # a few turns' frames
+        await peer.close()
+    recording = read_recording(tmp_path / peer.session_url.rsplit("/", 1)[1])
+    assert recording.complete and recording.video
+    assert {frame.shape for _, frame in recording.video} == {(320, 160, 3)}  # clamped, not 2,560 rows
 
 
 async def test_a_consenting_session_is_recorded_time_aligned_and_complete(speech, tmp_path):

@@ -4,8 +4,10 @@ The session duration limit is in test_lifecycle.py."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
+import time
 
 import httpx
 import pytest
@@ -49,6 +51,34 @@ async def test_configured_limits_refuse_with_clear_errors_and_the_session_goes_o
         assert described["connection_state"] == "connected"
         assert described["protocol_errors"] >= 4
         await peer.close()
+
+
+async def test_typed_text_the_model_has_not_read_is_bounded_and_refused_until_it_has(speech):
+    """The model reads typed text a few bytes a micro-turn (4 in tiny), so a client
+    typing faster would grow a backlog without end, and every step with it. Past the
+    limit a text.input is refused with a clear error, and taken again once read."""
+    config = ServerConfig(engine="model", checkpoint=None, ice_host_addresses=["127.0.0.1"],
+                          max_text_backlog_bytes=16)
+    with running_server(config) as server:
+        peer = Peer(server.url, speech)
+        await peer.connect()
+        await peer.wait_for_event("session.ready")
+        peer.send({"type": "text.input", "text": "0123456789"})  # 10 bytes: within 16
+        peer.send({"type": "text.input", "text": "abcdefghij"})  # 20 waiting: refused
+        refused = await peer.wait_for_event("error", code="text_backlog")
+        # At 4 bytes a micro-turn the first is read within a few turns; until then, refused.
+        deadline = time.monotonic() + 10
+        while not any(e["text"] == "abcdefghij" for e in peer.events_of("user.text")):
+            assert time.monotonic() < deadline, "the backlog was never read"
+            peer.send({"type": "text.input", "text": "abcdefghij"})
+            await asyncio.sleep(0.3)
+        async with httpx.AsyncClient() as client:
+            described = (await client.get(peer.session_url)).json()
+        await peer.close()
+    waiting = re.match(r"(\d+) bytes of typed text are still waiting", refused["message"])
+    assert waiting and 0 < int(waiting[1]) <= 10, refused  # the first text, unread (or barely begun)
+    assert [e["text"] for e in peer.events_of("user.text")] == ["0123456789", "abcdefghij"]
+    assert described["connection_state"] == "connected" and described["text_inputs"] == 2, described
 
 
 def test_each_command_with_its_own_options_reaches_its_parser(capsys):
