@@ -19,14 +19,16 @@ _TAG_PATTERN = re.compile("|".join(re.escape(tag) for tag in _TAG_IDS))
 
 
 def encode(text: str) -> list[int]:
-    """A string -> ids: marker tags become marker tokens, the rest UTF-8 bytes."""
+    """A string -> ids: marker tags become marker tokens, the rest UTF-8 bytes. A lone
+    surrogate (JSON can escape one: ``"\\ud800"``) is no character and becomes ``?``:
+    typed text must not fail a model step."""
     ids: list[int] = []
     position = 0
     for match in _TAG_PATTERN.finditer(text):
-        ids += text[position : match.start()].encode("utf-8")
+        ids += text[position : match.start()].encode("utf-8", "replace")
         ids.append(_TAG_IDS[match.group()])
         position = match.end()
-    ids += text[position:].encode("utf-8")
+    ids += text[position:].encode("utf-8", "replace")
     return ids
 
 

@@ -180,6 +180,21 @@ def test_a_failed_step_leaves_every_session_as_it_was(speech):
     assert model.faults == {}
 
 
+def test_typed_text_with_lone_surrogates_steps_as_question_marks(speech):
+    """JSON can escape a lone surrogate ("\\ud800"), which is no character and has no
+    UTF-8: the model reads it as "?" rather than failing the session's step, and says
+    how much of the text still waits for a slot."""
+    outputs = {}
+    for text in ("\ud800" * 6, "?" * 6):
+        model = load_engine(None, max_sessions=2)
+        model.open_session("s")
+        chunk = speech[:TURN_SAMPLES]
+        outputs[text] = [model.step([TurnInput("s", turn, chunk, text if turn == 0 else "")])[0] for turn in range(3)]
+    for typed, plain in zip(*outputs.values(), strict=True):
+        assert_same(typed, plain)
+    assert [output.text_waiting for output in outputs["?" * 6]] == [2, 0, 0]  # 4 slots a micro-turn in tiny
+
+
 # -- the engine: the culprit is found, the others are served in the same tick ----------------
 
 
