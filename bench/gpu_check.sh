@@ -12,7 +12,9 @@
 #      small with and without hearing its own voice (back as small and small_no-own-voice),
 #      "small+render-history" on the voice its audio head renders. A preset whose checkpoint
 #      is carried in INIT (INIT/small/, say) continues from those weights (--init, a
-#      fresh schedule at LR, default half the from-scratch rate); the others start anew;
+#      fresh schedule at LR, default half the from-scratch rate), every run of it, switches
+#      and all; the others start anew. What comes back must fit a call's 64 MiB: two
+#      `small` (~40 MiB each in bf16) do not, and the script says so before starting;
 #   4. the checkpoints packed as bf16 in tar parts of at most 15 MiB for the trip back,
 #      the logs in logs.tar (at most 5 files: a call brings back 8, 64 MiB in all).
 # The machine has PyTorch, numpy and safetensors but not PyAV, espeak-ng or xformers:
@@ -47,6 +49,8 @@ TRAIN_MINUTES=${TRAIN_MINUTES:-5.5} BATCH=${BATCH:-32} REPEATS=${REPEATS:-15} PR
 FIRST_SEED=${FIRST_SEED:-42000} FIRST_DRILL=${FIRST_DRILL:-4700}
 INIT=${INIT:-} LR=${LR:-} CHECKS=${CHECKS:-1}  # CHECKS=0: no CUDA tests or bench, all the time to training
 case "$CHECKS" in 0 | 1) ;; *) echo "CHECKS=$CHECKS: 0 or 1" >&2; exit 2 ;; esac
+# Before session 41 a switch for every run; now a run's own, so an old command line fails loudly.
+[ -z "${RENDER_HISTORY:-}" ] || { echo "RENDER_HISTORY is gone: name the run small+render-history" >&2; exit 2; }
 # A run "small+no-own-voice+text-lead=1": its preset, its switches (--no-own-voice --text-lead=1),
 # and the name its checkpoint and log come back under (small_no-own-voice_text-lead-1).
 run_preset() { echo "${1%%+*}"; }
@@ -65,13 +69,26 @@ if compgen -G "$WHEELS/*.whl" > /dev/null; then
         && export PYTHONPATH="$PYTHONPATH:$SITE"
 fi
 DEVICE=$("$PYTHON" -c "import torch; print('cuda' if torch.cuda.is_available() else 'cpu')")
-names=" "
-for run in $PRESETS; do  # a misspelt switch costs seconds here, not the lease
+# Each run checked before the lease is spent on it: a misspelt switch, a run named twice,
+# or more checkpoint than a call brings back (64 MiB in all; the logs need some).
+names=" " bring_back=0
+for run in $PRESETS; do
     case "$names" in *" $(run_name "$run") "*) echo "PRESETS names $run twice" >&2; exit 2 ;; esac
+    case "+${run#*+}+" in *++*) echo "PRESETS: $run has an empty switch" >&2; exit 2 ;; esac
     names+="$(run_name "$run") "
-    "$PYTHON" -c 'import sys; from model.train import build_parser; build_parser().parse_args(sys.argv[1:])' \
-        --out "$WORK/check" --preset "$(run_preset "$run")" $(run_switches "$run") || exit 2
+    bytes=$("$PYTHON" -c 'import sys
+from model.config import preset
+from model.interaction import InteractionModel
+from model.train import build_parser
+args = build_parser().parse_args(sys.argv[1:])
+print(2 * sum(t.numel() for t in InteractionModel(preset(args.preset)).state_dict().values()))  # bf16
+' --out "$WORK/check" --preset "$(run_preset "$run")" $(run_switches "$run")) || exit 2
+    bring_back=$((bring_back + bytes))
 done
+if [ "$bring_back" -gt $((60 * 1024 * 1024)) ]; then
+    echo "PRESETS=\"$PRESETS\" would bring back $((bring_back / 1048576)) MiB of weights; a call brings back 64 MiB" >&2
+    exit 2
+fi
 "$PYTHON" -c "import av" 2> /dev/null || export MICROTURN_RESAMPLER=sinc  # no PyAV carried: numpy resamples
 { nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv 2>/dev/null
   nproc

@@ -370,19 +370,22 @@ def test_the_prepared_gpu_check_runs_here_without_a_gpu(tmp_path, monkeypatch):
     assert first_loss["tiny"] < first_loss["small"] / 4, first_loss  # the carried weights, trained; not new ones
 
 
-@pytest.mark.parametrize(("presets", "refusal"), [
-    ("small", "holds none of small"),  # tiny carried, but not the preset asked for
-    ("tiny small+no-own-vioce", "unrecognized arguments: --no-own-vioce"),  # a misspelt switch
-    ("tiny+no-own-voice tiny+no-own-voice", "PRESETS names tiny+no-own-voice twice"),  # one checkpoint for two runs
+@pytest.mark.parametrize(("settings", "refusal"), [
+    ({"PRESETS": "small"}, "holds none of small"),  # tiny carried, but not the preset asked for
+    ({"PRESETS": "tiny small+no-own-vioce"}, "unrecognized arguments: --no-own-vioce"),  # a misspelt switch
+    ({"PRESETS": "tiny+"}, "tiny+ has an empty switch"),
+    ({"PRESETS": "tiny+no-own-voice tiny+no-own-voice"}, "PRESETS names tiny+no-own-voice twice"),  # one checkpoint
+    ({"PRESETS": "tiny small small+no-own-voice"}, "MiB of weights; a call brings back 64 MiB"),  # ~95 MiB
+    ({"PRESETS": "tiny", "RENDER_HISTORY": "1"}, "name the run small+render-history"),  # the old switch
 ])
-def test_the_gpu_check_stops_before_a_lease_is_spent_on_runs_it_cannot_do(tmp_path, presets, refusal):
+def test_the_gpu_check_stops_before_a_lease_is_spent_on_runs_it_cannot_do(tmp_path, settings, refusal):
     from pathlib import Path
 
     repository = Path(__file__).resolve().parents[1]
     (tmp_path / "carried" / "tiny").mkdir(parents=True)
     (tmp_path / "carried" / "tiny" / "model.safetensors").touch()
     env = {**os.environ, "OUT": str(tmp_path / "out"), "WORK": str(tmp_path / "work"), "PYTHON": sys.executable,
-           "PRESETS": presets, "INIT": str(tmp_path / "carried"), "WHEELS": str(tmp_path / "no-wheels")}
+           "INIT": str(tmp_path / "carried"), "WHEELS": str(tmp_path / "no-wheels"), **settings}
     run = subprocess.run(["bash", str(repository / "bench" / "gpu_check.sh")], cwd=repository, env=env,
                          capture_output=True, text=True, timeout=60, check=False)
     assert run.returncode == 2 and refusal in run.stderr, run.stderr
