@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from aiortc import VideoStreamTrack
 from conftest import free_port, microturn_process, running_server, serving, wait_for_http
+from waiting import wait_until
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
@@ -167,7 +168,7 @@ async def test_a_recorded_camera_of_any_shape_is_kept_small(speech, tmp_path):
         peer.pc.addTransceiver(TallCamera(), direction="sendonly")
         await peer.connect(path="/v1/sessions?record=1")
         await peer.wait_for_event("session.ready")
-        await asyncio.sleep(1.5)  # a few turns' frames
+        await wait_until(lambda: len(peer.events_of("turn")) >= 8, 15, "eight turns, camera frames among them")
         await peer.close()
     recording = read_recording(tmp_path / peer.session_url.rsplit("/", 1)[1])
     assert recording.complete and recording.video
