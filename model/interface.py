@@ -42,7 +42,8 @@ class TurnOutput:
     turn: int
     audio: np.ndarray  # float32, shape (TURN_SAMPLES,), 16 kHz mono
     text: str = ""
-    # Input text (bytes) still queued for later micro-turns: a model reads a few a turn.
+    # Input text still queued for later micro-turns, in text ids (UTF-8 bytes; a marker
+    # tag such as <result> is one): a model reads a few a micro-turn.
     text_waiting: int = 0
 
 

@@ -22,7 +22,7 @@ LIMIT_FLAGS = {
     "message_burst": "... and in a burst",
     "max_tasks_per_session": "background tasks running at once per session",
     "max_text_chars": "longest text.input",
-    "max_text_backlog_bytes": "typed text (bytes) that may wait to enter the model",
+    "max_text_backlog_bytes": "text (bytes) that may wait to enter the model before a text.input is refused",
     "max_offer_bytes": "largest SDP offer",
 }
 

@@ -82,8 +82,9 @@ class ServerConfig:
     message_burst: float = 40.0
     max_message_bytes: int = MAX_MESSAGE_BYTES
     max_text_chars: int = MAX_TEXT_CHARS  # one text.input
-    # Typed text waiting to enter the model (which reads 4 bytes a micro-turn, 20 a
-    # second, in the tiny preset): beyond this a text.input is refused, not queued.
+    # Text (typed, and background results) waiting to enter the model, which reads 4
+    # bytes a micro-turn (20 a second; 8 in the gpu preset): a text.input that would
+    # take it past this is refused, not queued.
     max_text_backlog_bytes: int = 8 * 1024
     max_tasks_per_session: int = 4
     # Session recordings (server/recording.py): off unless a directory is given, and

@@ -27,6 +27,7 @@ from opentelemetry.context import Context
 from opentelemetry.trace import SpanContext
 
 from model.interface import SAMPLE_RATE, TURN_MS, TURN_SAMPLES, TurnInput, TurnOutput
+from model.text import encode as encode_text
 from server import telemetry as tm
 from server.alignment import MIN_EVIDENCE_S, QUIET_RMS, QuietFloor, SenderClock, is_on_grid, padding_to_grid
 from server.config import ServerConfig
@@ -422,7 +423,7 @@ class Session:
         self._chunk_closed_ns[turn] = time.time_ns()
         text, self._model_text = "".join(self._model_text), []
         if text:
-            self._text_in_flight[turn] = len(text.encode())
+            self._text_in_flight[turn] = len(encode_text(text))
         if self.recorder is not None:
             self.recorder.input(turn, chunk, text)
         self.engine.submit(TurnInput(self.id, turn, chunk, text))
@@ -432,9 +433,10 @@ class Session:
         self._model_text.append(text)
 
     @property
-    def text_waiting_bytes(self) -> int:
-        """Input text the model has yet to read: queued in it, in flight, and not yet sent."""
-        pending = sum(len(text.encode()) for text in self._model_text)
+    def text_waiting(self) -> int:
+        """Input text (typed, and background results) the model has yet to read, in its
+        text ids (UTF-8 bytes; a marker tag is one): queued in it, in flight, not yet sent."""
+        pending = sum(len(encode_text(text)) for text in self._model_text)
         return self._text_waiting_in_model + sum(self._text_in_flight.values()) + pending
 
     async def _drain(self, track: MediaStreamTrack) -> None:
@@ -644,10 +646,14 @@ class Session:
 
     def _on_text_input(self, message: dict[str, Any]) -> None:
         text = message["text"]
-        waiting, limit = self.text_waiting_bytes, self.config.max_text_backlog_bytes
-        if waiting + len(text.encode()) > limit:  # refused, not dropped: the client may send it again
-            self._protocol_error("text_backlog", f"{waiting} bytes of typed text are still waiting to enter the "
-                                 f"model (at most {limit}); send this again once it has read them")
+        size, waiting, limit = len(encode_text(text)), self.text_waiting, self.config.max_text_backlog_bytes
+        if size > limit:  # could never be taken: say so rather than "send it again"
+            self._protocol_error("too_long", f"{size} bytes of text: more than the model may have waiting ({limit})")
+            return
+        if waiting + size > limit:  # refused, not dropped: the client may send it again
+            self._protocol_error("text_backlog", f"{waiting} bytes of text (typed, and background results) are "
+                                 f"still waiting to enter the model (at most {limit}); send this again once it has "
+                                 "read them")
             return
         self.stats.text_inputs += 1
         self._queue_model_text(text)

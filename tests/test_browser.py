@@ -158,6 +158,35 @@ async def test_a_second_session_on_the_page_starts_clean_and_old_cards_cancel_no
     assert state["eventCounts"]["session.ready"] == 1 and state["errors"] == [], state
 
 
+async def test_typed_text_the_model_cannot_take_yet_goes_back_in_the_box():
+    """The model reads typed text a few bytes a micro-turn; text sent while too much
+    still waits is refused (text_backlog), and the page puts it back to send again."""
+    config = ServerConfig(engine="model", checkpoint=None, ice_host_addresses=["127.0.0.1"], max_text_backlog_bytes=15)
+    async with async_playwright() as playwright:
+        browser = await playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            with running_server(config) as server:
+                page = await browser.new_page()
+                await page.goto(server.url)
+                await page.click("#connect")
+                await page.wait_for_function("(window.microturn.eventCounts['session.ready'] || 0) === 1",
+                                             timeout=15_000)
+                await page.evaluate("""() => {  // two sends within a millisecond: the first fills the backlog
+                    for (const text of ["0123456789", "abcdefghij"]) {
+                      document.getElementById("text-input").value = text;
+                      document.getElementById("text-form").requestSubmit();
+                    }
+                }""")
+                await page.wait_for_function("window.microturn.errors.some((e) => e.code === 'text_backlog')")
+                restored = await page.input_value("#text-input")
+                state = await page.evaluate("window.microturn")
+                await page.click("#disconnect")
+        finally:
+            await browser.close()
+    assert restored == "abcdefghij"
+    assert state["eventCounts"]["user.text"] == 1 and [e["code"] for e in state["errors"]] == ["text_backlog"]
+
+
 async def test_the_page_says_when_the_model_has_random_weights(model_server):
     async with async_playwright() as playwright:
         browser = await playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)

@@ -9,21 +9,28 @@ const MAX_LOG_ENTRIES = 200;
 const STATS_PERIOD_MS = 1000;
 const PING_PERIOD_MS = 5000;
 
+// What one session knows; each session starts from this.
+function freshSessionState() {
+  return {
+    sessionUrl: null,
+    eventCounts: {},
+    turns: 0,
+    lastStepMs: null,
+    stats: {},
+    errors: [],
+    transcript: "",
+    tasks: {}, // task_id -> last task event type
+    iceRestarts: 0,
+    restarting: false, // an ICE restart is in flight
+    recording: false, // this session is being recorded (the server confirmed it)
+  };
+}
+
 // Shared with the browser test (and handy in the console).
 const state = {
   status: "idle",
-  sessionUrl: null,
-  eventCounts: {},
-  turns: 0,
-  lastStepMs: null,
-  stats: {},
-  errors: [],
-  transcript: "",
-  tasks: {}, // task_id -> last task event type
-  iceRestarts: 0,
-  restarting: false, // an ICE restart is in flight
   recordingAvailable: false, // the server offers recording (OPTIONS said so)
-  recording: false, // this session is being recorded (the server confirmed it)
+  ...freshSessionState(),
 };
 window.microturn = state;
 
@@ -32,6 +39,7 @@ let channel = null;
 let microphone = null;
 let timers = [];
 let attempt = 0; // a Disconnect during connect() abandons that attempt
+let lastTyped = null; // the last text.input sent, put back in the box if it is refused
 
 const timeline = new Timeline($("timeline"));
 const taskBoard = new TaskBoard($("tasks"), (taskId) => sendEvent({ type: "task.cancel", task_id: taskId }));
@@ -58,15 +66,9 @@ function showRecordingConsent(available) {
 // Task ids restart with every session, so a card left running from the last one could
 // otherwise cancel this session's task of the same id.
 function startFresh() {
-  Object.assign(state, {
-    sessionUrl: null, eventCounts: {}, turns: 0, lastStepMs: null, stats: {}, errors: [], transcript: "",
-    tasks: {}, iceRestarts: 0, restarting: false, recording: false,
-  });
+  Object.assign(state, freshSessionState());
   $("transcript").textContent = "";
-  for (const id of ["stat-rtt", "stat-jitter", "stat-packets-in", "stat-packets-out", "stat-turns", "stat-step",
-                    "stat-latency"]) {
-    $(id).textContent = "–";
-  }
+  for (const figure of document.querySelectorAll("section.stats dd")) figure.textContent = "–";
   timeline.clear();
   taskBoard.clear();
 }
@@ -176,6 +178,9 @@ function onEvent(message) {
   state.eventCounts[event.type] = (state.eventCounts[event.type] || 0) + 1;
   if (event.task_id) state.tasks[event.task_id] = event.type;
   if (event.type === "error") state.errors.push(event);
+  if (event.type === "error" && event.code === "text_backlog" && lastTyped && !$("text-input").value) {
+    $("text-input").value = lastTyped; // refused while the model reads what came before: send it again
+  }
   if (event.type === "error" && event.code === "recording_failed") {
     state.recording = false; // the server stopped recording; the session goes on
     $("recording-indicator").hidden = true;
@@ -280,6 +285,7 @@ async function restartIce() {
     return index === 0 ? lines : [...lines, ufrag, pwd, ...candidates, "a=end-of-candidates"];
   });
   await peer.setRemoteDescription({ type: "answer", sdp: sections.map((l) => l.join("\r\n")).join("\r\n") + "\r\n" });
+  if (peer !== pc) return false;
   state.iceRestarts += 1;
   log("ICE restarted");
   return true;
@@ -398,6 +404,7 @@ $("text-form").addEventListener("submit", (event) => {
   const text = $("text-input").value.trim();
   if (!text) return;
   sendEvent({ type: "text.input", text });
+  lastTyped = text;
   $("text-input").value = "";
 });
 $("task-form").addEventListener("submit", (event) => {
