@@ -5,13 +5,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import shutil
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import httpx
 import pytest
 from conftest import running_server
+from playwright.async_api import Page, async_playwright
 from playwright.async_api import TimeoutError as PlaywrightTimeout
-from playwright.async_api import async_playwright
 
 from server.config import ServerConfig
 from server.recording import find_recordings, read_recording
@@ -45,6 +46,17 @@ def chromium_args(microphone: Path = SPEECH) -> list[str]:
 
 
 CHROMIUM_ARGS = chromium_args()
+
+
+@contextlib.asynccontextmanager
+async def chromium_page(args: list[str] = CHROMIUM_ARGS) -> AsyncIterator[Page]:
+    """A page in a fresh headless Chromium, closed however the test ends."""
+    async with async_playwright() as playwright:
+        browser = await playwright.chromium.launch(executable_path=str(CHROMIUM), args=args)
+        try:
+            yield await browser.new_page()
+        finally:
+            await browser.close()
 
 
 async def test_browser_streams_speech_and_hears_the_echo(live_server, tmp_path):
@@ -112,44 +124,39 @@ async def test_a_second_session_on_the_page_starts_clean_and_old_cards_cancel_no
     """Task ids restart with every session, so a card left running from the last session
     must not be able to cancel this one's task of the same id; counts, transcript and
     cards start afresh."""
-    async with async_playwright() as playwright:
-        browser = await playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-        try:
-            page = await browser.new_page()
-            await page.goto(live_server.url)
+    async with chromium_page() as page:
+        await page.goto(live_server.url)
 
-            async def start_timer(text: str) -> None:
-                await page.select_option("#task-tool", "timer")
-                await page.fill("#task-input", text)
-                await page.click("#task-form button")
-                await page.wait_for_selector("#tasks .task.running")
+        async def start_timer(text: str) -> None:
+            await page.select_option("#task-tool", "timer")
+            await page.fill("#task-input", text)
+            await page.click("#task-form button")
+            await page.wait_for_selector("#tasks .task.running")
 
-            await page.click("#connect")
-            await page.wait_for_function("(window.microturn.eventCounts['session.ready'] || 0) === 1", timeout=15_000)
-            await page.fill("#text-input", "said in the first session")
-            await page.click("#text-form button")
-            await page.wait_for_function("window.microturn.transcript.includes('said in the first session')")
-            await start_timer("60 s: first")
-            await page.click("#disconnect")
-            await page.wait_for_function("window.microturn.status === 'closed'")
-            ended = await page.eval_on_selector("#tasks .task", "card => [card.className, card.textContent]")
-            buttons_left = await page.eval_on_selector_all("#tasks button", "buttons => buttons.length")
+        await page.click("#connect")
+        await page.wait_for_function("(window.microturn.eventCounts['session.ready'] || 0) === 1", timeout=15_000)
+        await page.fill("#text-input", "said in the first session")
+        await page.click("#text-form button")
+        await page.wait_for_function("window.microturn.transcript.includes('said in the first session')")
+        await start_timer("60 s: first")
+        await page.click("#disconnect")
+        await page.wait_for_function("window.microturn.status === 'closed'")
+        ended = await page.eval_on_selector("#tasks .task", "card => [card.className, card.textContent]")
+        buttons_left = await page.eval_on_selector_all("#tasks button", "buttons => buttons.length")
 
-            await page.click("#connect")
-            await page.wait_for_function("window.microturn.status === 'connected'", timeout=15_000)
-            await page.wait_for_function("(window.microturn.eventCounts['session.ready'] || 0) === 1", timeout=10_000)
-            fresh = await page.evaluate(
-                "({transcript: window.microturn.transcript, cards: document.querySelectorAll('#tasks .task').length,"
-                " text: document.getElementById('transcript').textContent})")
-            await start_timer("60 s: second")  # t1 again, in this session
-            [task_id] = await page.eval_on_selector_all("#tasks .task", "cards => cards.map(c => c.dataset.taskId)")
-            await page.click("#tasks .task.running button")
-            await page.wait_for_selector("#tasks .task.failed")
-            status = await page.text_content("#tasks .task.failed .task-status")
-            state = await page.evaluate("window.microturn")
-            await page.click("#disconnect")
-        finally:
-            await browser.close()
+        await page.click("#connect")
+        await page.wait_for_function("window.microturn.status === 'connected'", timeout=15_000)
+        await page.wait_for_function("(window.microturn.eventCounts['session.ready'] || 0) === 1", timeout=10_000)
+        fresh = await page.evaluate(
+            "({transcript: window.microturn.transcript, cards: document.querySelectorAll('#tasks .task').length,"
+            " text: document.getElementById('transcript').textContent})")
+        await start_timer("60 s: second")  # t1 again, in this session
+        [task_id] = await page.eval_on_selector_all("#tasks .task", "cards => cards.map(c => c.dataset.taskId)")
+        await page.click("#tasks .task.running button")
+        await page.wait_for_selector("#tasks .task.failed")
+        status = await page.text_content("#tasks .task.failed .task-status")
+        state = await page.evaluate("window.microturn")
+        await page.click("#disconnect")
 
     assert ended[0] == "task ended" and "ended with the session" in ended[1], ended
     assert buttons_left == 0  # nothing left to cancel with
@@ -162,27 +169,22 @@ async def test_typed_text_the_model_cannot_take_yet_goes_back_in_the_box():
     """The model reads typed text a few bytes a micro-turn; text sent while too much
     still waits is refused (text_backlog), and the page puts it back to send again."""
     config = ServerConfig(engine="model", checkpoint=None, ice_host_addresses=["127.0.0.1"], max_text_backlog_bytes=15)
-    async with async_playwright() as playwright:
-        browser = await playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-        try:
-            with running_server(config) as server:
-                page = await browser.new_page()
-                await page.goto(server.url)
-                await page.click("#connect")
-                await page.wait_for_function("(window.microturn.eventCounts['session.ready'] || 0) === 1",
-                                             timeout=15_000)
-                await page.evaluate("""() => {  // two sends within a millisecond: the first fills the backlog
-                    for (const text of ["0123456789", "abcdefghij"]) {
-                      document.getElementById("text-input").value = text;
-                      document.getElementById("text-form").requestSubmit();
-                    }
-                }""")
-                await page.wait_for_function("window.microturn.errors.some((e) => e.code === 'text_backlog')")
-                restored = await page.input_value("#text-input")
-                state = await page.evaluate("window.microturn")
-                await page.click("#disconnect")
-        finally:
-            await browser.close()
+    with running_server(config) as server:
+        async with chromium_page() as page:
+            await page.goto(server.url)
+            await page.click("#connect")
+            await page.wait_for_function("(window.microturn.eventCounts['session.ready'] || 0) === 1",
+                                         timeout=15_000)
+            await page.evaluate("""() => {  // two sends within a millisecond: the first fills the backlog
+                for (const text of ["0123456789", "abcdefghij"]) {
+                  document.getElementById("text-input").value = text;
+                  document.getElementById("text-form").requestSubmit();
+                }
+            }""")
+            await page.wait_for_function("window.microturn.errors.some((e) => e.code === 'text_backlog')")
+            restored = await page.input_value("#text-input")
+            state = await page.evaluate("window.microturn")
+            await page.click("#disconnect")
     assert restored == "abcdefghij"
     assert state["eventCounts"]["user.text"] == 1 and [e["code"] for e in state["errors"]] == ["text_backlog"]
 

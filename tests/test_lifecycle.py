@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 from aiortc import VideoStreamTrack
 from conftest import free_port, microturn_process, running_server, serving, wait_for_http
-from waiting import wait_until
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
+from waiting import wait_until
 
 from loadtest.peer import Peer, SignallingError
 from server.config import ServerConfig

@@ -77,7 +77,7 @@ async def test_typed_text_the_model_has_not_read_is_bounded_and_refused_until_it
             assert len(peer.events_of("error")) < 40, "the backlog was never read"
             before = answers()
             peer.send({"type": "text.input", "text": "abcdefghij"})
-            await wait_until(lambda: answers() > before, 5, "an answer to the text")  # one at a time
+            await wait_until(lambda before=before: answers() > before, 5, "an answer to the text")  # one at a time
             await asyncio.sleep(0.2)
         async with httpx.AsyncClient() as client:
             described = (await client.get(peer.session_url)).json()
