@@ -191,12 +191,16 @@ class Peer:
         raise TimeoutError(f"no {event_type!r} event with {fields} within {timeout} s")
 
     async def close(self, delete: bool = True) -> None:
-        if delete and self.session_url:
-            async with httpx.AsyncClient() as client:
-                await client.delete(self.session_url, headers=self.auth_headers)
-        if self._reader:
-            self._reader.cancel()
-        await self.pc.close()
+        """DELETE the session (if asked), then close the connection whatever the DELETE
+        did: a server that is down must not leave this peer's connection open."""
+        try:
+            if delete and self.session_url:
+                async with httpx.AsyncClient() as client:
+                    await client.delete(self.session_url, headers=self.auth_headers)
+        finally:
+            if self._reader:
+                self._reader.cancel()
+            await self.pc.close()
 
     async def vanish(self) -> None:
         """Drop off the network without a word, like a closed laptop lid: from now on

@@ -28,18 +28,20 @@ import httpx
 from loadtest.worker import work
 from model.arguments import at_least, counts, positive
 from model.conversations import Conversation, generate
-from model.evaluate import aggregate
+from model.evaluate import aggregate, nearest_rank
 
 SCRIPT_SEED = 2_000_000  # held-out voices, seeds no evaluation uses
 MAX_DEADLINE_MISS_RATE = 0.01
 MAX_SERVER_ADDED_P99_MS = 60.0
 
 
-def percentile(values: list[float], q: float) -> float | None:
+def percentile(values: list[float], q: float, digits: int | None = 2) -> float | None:
+    """The ``q`` quantile by nearest rank, as ``microturn eval`` reads its stop p90
+    (``model.evaluate.nearest_rank``); None for no values."""
     if not values:
         return None
-    ordered = sorted(values)
-    return round(ordered[min(len(ordered) - 1, int(q * len(ordered)))], 2)
+    value = nearest_rank(sorted(values), q)
+    return value if digits is None else round(value, digits)
 
 
 def summary(values: list[float]) -> dict[str, float | None]:
@@ -74,7 +76,18 @@ def start_server(engine: str, checkpoint: str | None, extra: list[str]) -> tuple
             pass
         time.sleep(0.2)
     process.kill()
+    process.wait()
     raise RuntimeError("the server did not start within 120 s")
+
+
+def stop_server(process: subprocess.Popen[bytes]) -> None:
+    """SIGTERM (the server drains its sessions), then SIGKILL if it is still there."""
+    process.terminate()
+    try:
+        process.wait(30)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
 
 
 def server_cpu_seconds(url: str) -> float | None:
@@ -137,6 +150,8 @@ def run_level(url: str, peers: int, seconds: float, workers: int, scripts: list[
 def aggregate_level(peers: int, results: list[dict[str, Any]], server_cpu_pct: float | None,
                     generator_cpu_pct: float) -> dict[str, Any]:
     ok = [r for r in results if r["error"] is None]
+    missing = peers - len(results)  # a worker that died or ran out of time sends nothing back
+    lost = [f"{missing} of {peers} peers never reported (a load worker died or timed out)"] if missing else []
 
     def every(key: str) -> list[float]:
         return [value for r in ok for value in r[key]]
@@ -148,7 +163,7 @@ def aggregate_level(peers: int, results: list[dict[str, Any]], server_cpu_pct: f
     return {
         "peers": peers,
         "peers_ok": len(ok),
-        "errors": sorted({r["error"] for r in results if r["error"]}),
+        "errors": lost + sorted({r["error"] for r in results if r["error"]}),
         "connect_ms_p50": percentile(connect, 0.5),
         "connect_ms": summary(connect),
         "server_added_ms_p50": percentile(server_added, 0.5),
@@ -240,8 +255,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 break
     finally:
         if process is not None:
-            process.terminate()
-            process.wait(30)
+            stop_server(process)
     passing_runs = [r for r in runs if passes(r, args.max_p99_ms)]
     shown = passing_runs[-1] if args.ramp and passing_runs else runs[-1]
     result = {**shown, "engine": health.get("engine"), "url": url,
@@ -259,9 +273,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     output = {k: v for k, v in result.items() if k != "samples"}
     if args.json:
         Path(args.json).write_text(json.dumps(output, indent=2))
-    print(json.dumps({k: output.get(k) for k in ("peers", "connect_ms_p50", "server_added_ms_p50",
+    print(json.dumps({k: output.get(k) for k in ("peers", "peers_ok", "errors", "connect_ms_p50", "server_added_ms_p50",
                                                   "server_added_ms_p99", "voice_to_voice_ms_p50", "underruns",
                                                   "deadline_miss_rate", "shared_step_share",
                                                   "server_cpu_pct_per_session", "capacity")}))
+    # A run whose peers failed must not look like one that passed (CI reads the status).
+    failed = result["capacity"] == 0 if args.ramp else result["peers_ok"] < result["peers"]
+    if failed:
+        print(f"loadtest failed: {'no level passed' if args.ramp else 'not every peer completed'}: "
+              f"{result['errors'][:3]}", file=sys.stderr)
+        raise SystemExit(1)
     return result
 

@@ -35,6 +35,7 @@ import numpy as np
 from aiortc import RTCPeerConnection
 
 from loadtest.peer import Peer, SignallingError
+from loadtest.run import percentile, start_server, stop_server
 from model.arguments import at_least
 from model.interface import SAMPLE_RATE
 from model.memory import release_freed_memory, resident_bytes
@@ -129,6 +130,7 @@ async def soak(url: str, cycles: int = 1000, concurrency: int = 8, vanish_every:
 
     async def one(client: httpx.AsyncClient, index: int, watchers: list[asyncio.Task[None]]) -> None:
         vanish = vanish_every > 0 and index % vanish_every == vanish_every - 1
+        first_refused: float | None = None
         while True:
             try:
                 peer, hung_up = await run_cycle(url, audio, vanish)
@@ -137,7 +139,12 @@ async def soak(url: str, cycles: int = 1000, concurrency: int = 8, vanish_every:
                 if exc.status != 503:
                     result.errors.append(f"cycle {index} at {time.monotonic() - started:.1f} s: {exc}")
                     return
-                result.refused += 1  # full (of vanished peers not yet freed): as a client would, retry
+                result.refused += 1  # full (of vanished peers not yet freed): as a client would, retry ...
+                first_refused = first_refused or time.monotonic()
+                if time.monotonic() - first_refused > free_deadline_s:  # ... but not for ever: a leak
+                    result.errors.append(f"cycle {index}: refused (503) for {free_deadline_s:.0f} s on end: "
+                                         "the server frees no slot")
+                    return
                 await asyncio.sleep(REFUSED_RETRY_S)
             except Exception as exc:  # noqa: BLE001 — a failed cycle is a result, not the end
                 result.errors.append(f"cycle {index} at {time.monotonic() - started:.1f} s: {type(exc).__name__}: {exc}")
@@ -248,13 +255,6 @@ def _holders(obj: object, ignore: set[int], depth: int = 3) -> str:
     return " <- ".join(chain)
 
 
-def _percentile(values: list[float], q: float) -> float | None:
-    if not values:
-        return None
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
-
-
 def _trend(samples: list[dict[str, Any]], key: str, warmup: int) -> dict[str, Any]:
     """first/last/max of ``key`` over the samples from cycle ``warmup`` on."""
     values = [s[key] for s in samples if s["cycle"] >= warmup and s.get(key) is not None]
@@ -275,8 +275,8 @@ def summarize(result: SoakResult, warmup: int = 100) -> dict[str, Any]:
         "refused": result.refused,
         "elapsed_s": result.elapsed_s,
         "cycles_per_s": round(result.cycles / result.elapsed_s, 2) if result.elapsed_s else None,
-        "connect_ms_p50": _percentile(result.connect_ms, 0.5),
-        "connect_ms_p99": _percentile(result.connect_ms, 0.99),
+        "connect_ms_p50": percentile(result.connect_ms, 0.5, digits=None),
+        "connect_ms_p99": percentile(result.connect_ms, 0.99, digits=None),
         "warmup_cycles": warmup,
         "rss_bytes": _trend(result.samples, "rss_bytes", warmup),
         "objects": _trend(result.samples, "objects", warmup),
@@ -286,7 +286,7 @@ def summarize(result: SoakResult, warmup: int = 100) -> dict[str, Any]:
         "sessions_end": result.samples[-1].get("sessions") if result.samples else None,
         "vanished_freed": len(result.freed_after_s),
         "vanished_not_freed": len(result.not_freed),
-        "vanished_free_s_p50": _percentile(result.freed_after_s, 0.5),
+        "vanished_free_s_p50": percentile(result.freed_after_s, 0.5, digits=None),
         "vanished_free_s_max": max(result.freed_after_s) if result.freed_after_s else None,
     }
 
@@ -306,16 +306,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(f"\r  {result.cycles}/{args.cycles} cycles, {len(result.errors)} errors, {result.refused} refused",
               end="", file=sys.stderr, flush=True)
 
-    from loadtest.run import start_server
-
     process, url = (None, args.url.rstrip("/")) if args.url else start_server("echo", None, [])
     try:
         result = asyncio.run(soak(url, args.cycles, args.concurrency, args.vanish_every, args.sample_every,
                                   progress=progress))
     finally:
         if process is not None:
-            process.terminate()
-            process.wait(30)
+            stop_server(process)
     print(file=sys.stderr)
     summary = summarize(result, args.warmup)
     if args.json:
@@ -326,4 +323,5 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    summary = main()
+    sys.exit(1 if summary["errors"] or summary["vanished_not_freed"] else 0)  # CI reads the status

@@ -36,6 +36,9 @@ async def run_peer(index: int, url: str, script: Conversation, seconds: float, d
         error = f"{type(exc).__name__}: {exc}"
     try:
         await peer.close(delete=peer.session_url is not None)
+    except Exception as exc:  # noqa: BLE001 — the hang-up failed; what was measured still stands
+        error = error or f"hang-up failed: {type(exc).__name__}: {exc}"
+    try:
         result = measure(index, peer, script, info)
     except Exception as exc:  # noqa: BLE001 — as above: one peer's failure stays its own
         result, error = PeerResult(index), error or f"measuring failed: {type(exc).__name__}: {exc}"

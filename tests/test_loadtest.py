@@ -7,13 +7,15 @@ import json
 
 import numpy as np
 import pytest
+from conftest import running_server
 
-from loadtest.measure import heard_timeline, voice_to_voice, with_fine_latencies
+from loadtest.measure import PeerResult, heard_timeline, voice_to_voice, with_fine_latencies
+from loadtest.run import aggregate_level, percentile, shared_step_share
 from loadtest.run import main as loadtest_main
-from loadtest.run import shared_step_share
 from model.conversations import make_conversation
 from model.evaluate import data_text, reference_timeline, score
 from model.interface import SAMPLE_RATE, TURN_SAMPLES
+from server.config import ServerConfig
 
 
 def test_two_peers_for_ten_seconds(live_server, tmp_path):
@@ -89,3 +91,24 @@ def test_nonsense_flags_are_refused_before_anything_starts(capsys, flag, value, 
     with pytest.raises(SystemExit):
         loadtest_main([flag, value])
     assert f"argument {flag}: {said}" in capsys.readouterr().err
+
+
+def test_a_run_whose_peers_did_not_all_complete_fails_loudly(capsys):
+    """Two peers against a server with room for one: the summary shows it and the
+    exit status says so (a green CI step on a run of 503s would be a lie)."""
+    config = ServerConfig(engine="echo", ice_host_addresses=["127.0.0.1"], max_sessions=1)
+    with running_server(config) as server, pytest.raises(SystemExit) as failed:
+        loadtest_main(["--url", server.url, "--peers", "2", "--seconds", "3", "--workers", "1", "--scripts", "2"])
+    assert failed.value.code == 1
+    captured = capsys.readouterr()
+    summary = json.loads(captured.out.strip().splitlines()[-1])
+    assert summary["peers"] == 2 and summary["peers_ok"] == 1 and summary["errors"], summary
+    assert "loadtest failed: not every peer completed" in captured.err
+
+
+def test_peers_that_never_report_are_errors_and_percentiles_are_by_nearest_rank():
+    level = aggregate_level(3, [PeerResult(0).to_dict()], None, 0.0)
+    assert level["peers_ok"] == 1 and level["errors"] == ["2 of 3 peers never reported (a load worker died or timed out)"]
+    assert percentile(list(range(1, 101)), 0.99) == 99 and percentile([1.0, 2.0], 0.5) == 1.0  # not the larger
+    assert percentile([0.1234], 0.5) == 0.12 and percentile([0.1234], 0.5, digits=None) == 0.1234
+    assert percentile([], 0.5) is None

@@ -23,7 +23,7 @@ from conftest import checkout_env, running_server
 
 from loadtest.impair import ImpairedLink, Impairment
 from loadtest.peer import Peer
-from loadtest.soak import tone, wait_until_gone
+from loadtest.soak import soak, tone, wait_until_gone
 from server import telemetry as tm
 from server.config import ServerConfig
 
@@ -140,3 +140,31 @@ def test_a_thousand_sessions_leave_nothing_behind_and_vanished_peers_are_freed(t
     assert max(blocks) - blocks[0] < MAX_BLOCKS_PER_CYCLE * (CYCLES - WARMUP), blocks
     objects = [s["objects"] for s in steady]
     assert max(objects) - objects[0] < MAX_OBJECT_GROWTH, objects
+
+
+async def test_a_soak_against_a_server_that_frees_no_slot_ends_with_an_error(speech):
+    """A 503 is retried as a client would, but not for ever: a server whose slots are
+    never freed is the leak a soak exists to find, so the cycle ends as an error."""
+    with running_server(ServerConfig(engine="echo", ice_host_addresses=["127.0.0.1"], max_sessions=1)) as server:
+        holder = Peer(server.url, speech)
+        await holder.connect()  # the only slot, held throughout
+        try:
+            result = await soak(server.url, cycles=1, concurrency=1, vanish_every=0, sample_every=1,
+                                free_deadline_s=1.0)
+        finally:
+            await holder.close()
+    assert result.refused >= 2 and len(result.errors) == 1
+    assert "refused (503) for 1 s on end: the server frees no slot" in result.errors[0]
+
+
+async def test_a_peer_closes_its_connection_even_when_the_delete_fails(speech):
+    with running_server(ServerConfig(engine="echo", ice_host_addresses=["127.0.0.1"])) as server:
+        peer = Peer(server.url, speech)
+        await peer.connect()
+        url = peer.session_url
+        peer.session_url = "http://127.0.0.1:9/v1/sessions/gone"  # nothing listens there
+        with pytest.raises(httpx.ConnectError):
+            await peer.close()
+        assert peer.pc.connectionState == "closed"
+        async with httpx.AsyncClient() as client:  # the server notices the connection go
+            assert await wait_until_gone(client, url, time.monotonic(), 10.0) is not None
