@@ -24,7 +24,7 @@ import sys
 import numpy as np
 
 from loadtest.peer import Peer
-from loadtest.run import start_server
+from loadtest.run import start_server, stop_server
 from model.interface import SAMPLE_RATE, TURN_MS
 
 
@@ -73,8 +73,7 @@ def main(argv: list[str] | None = None) -> None:
                 try:
                     share = asyncio.run(shared_share(url, args.peers, args.seconds, args.settle, random.Random(repeat)))
                 finally:
-                    process.terminate()
-                    process.wait(30)
+                    stop_server(process)
                 samples[window].append(round(share, 3))
                 print(f"window {window:g} ms: {share:.3f} of turns shared by all {args.peers}", file=sys.stderr)
     finally:

@@ -8,8 +8,8 @@
 #      both side by side for a same-data, same-minutes comparison, as session 31 did)
 #      trained for TRAIN_MINUTES, bf16 autocast, taking in the conversations made meanwhile
 #      (--follow-cache), so the data grows while the GPU trains. A run is a preset and,
-#      after `+`, `microturn train` switches of its own: "small small+no-own-voice" trains
-#      small with and without hearing its own voice (back as small and small_no-own-voice),
+#      after `+`, `microturn train` switches of its own: "tiny tiny+no-own-voice" trains
+#      tiny with and without hearing its own voice (back as tiny and tiny_no-own-voice),
 #      "small+render-history" on the voice its audio head renders. A preset whose checkpoint
 #      is carried in INIT (INIT/small/, say) continues from those weights (--init, a
 #      fresh schedule at LR, default half the from-scratch rate), every run of it, switches

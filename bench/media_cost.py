@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     # Imported here, not at the top: conversation workers re-import this module (it is
     # __main__ under -m), and torch work at import in a forked child can deadlock.
-    from loadtest.run import SCRIPT_SEED, run_level, start_server
+    from loadtest.run import SCRIPT_SEED, run_level, start_server, stop_server
     from model.conversations import generate
 
     scripts = generate([SCRIPT_SEED, SCRIPT_SEED + 1], held_out=True, duration_s=args.seconds + 2)
@@ -40,8 +40,7 @@ def main(argv: list[str] | None = None) -> None:
             try:
                 level = run_level(url, args.peers, args.seconds, args.workers, scripts, 1, show_progress=False)
             finally:
-                process.terminate()
-                process.wait(30)
+                stop_server(process)
             samples[name].append(level["server_cpu_pct_per_session"])
             underruns[name].append(level["underruns"])
             print(f"{name}: {level['server_cpu_pct_per_session']} % per session", file=sys.stderr)

@@ -134,10 +134,12 @@ class Session:
         )
         self._task_requests = TaskRequestParser(default_tool="chat" if "chat" in tools else "calc")
         self._model_text: list[str] = []  # text entering the model at the next micro-turn
-        # Input text not yet read by the model: what it last reported, and what was
-        # submitted since with turns it has not answered yet (turn -> bytes).
-        self._text_waiting_in_model = 0
+        # Input text not yet read by the model, in its text ids: what waits for the next
+        # micro-turn, what was submitted with turns it has not answered yet (turn -> ids),
+        # and what it last reported still queued in it.
+        self._model_text_ids = 0
         self._text_in_flight: dict[int, int] = {}
+        self._text_waiting_in_model = 0
         self._rate = RateLimit(config.messages_per_second, config.message_burst)
         self._metrics_task: asyncio.Task[None] | None = None
 
@@ -423,7 +425,7 @@ class Session:
         self._chunk_closed_ns[turn] = time.time_ns()
         text, self._model_text = "".join(self._model_text), []
         if text:
-            self._text_in_flight[turn] = len(encode_text(text))
+            self._text_in_flight[turn], self._model_text_ids = self._model_text_ids, 0
         if self.recorder is not None:
             self.recorder.input(turn, chunk, text)
         self.engine.submit(TurnInput(self.id, turn, chunk, text))
@@ -431,13 +433,13 @@ class Session:
     def _queue_model_text(self, text: str) -> None:
         """Typed text and background results: they enter the model at the next micro-turn."""
         self._model_text.append(text)
+        self._model_text_ids += len(encode_text(text))
 
     @property
     def text_waiting(self) -> int:
         """Input text (typed, and background results) the model has yet to read, in its
-        text ids (UTF-8 bytes; a marker tag is one): queued in it, in flight, not yet sent."""
-        pending = sum(len(encode_text(text)) for text in self._model_text)
-        return self._text_waiting_in_model + sum(self._text_in_flight.values()) + pending
+        text ids (UTF-8 bytes; a marker tag is one): not yet sent, in flight, queued in it."""
+        return self._model_text_ids + sum(self._text_in_flight.values()) + self._text_waiting_in_model
 
     async def _drain(self, track: MediaStreamTrack) -> None:
         recorded_turn = -1
@@ -472,7 +474,7 @@ class Session:
             self.recorder.output(output.turn, output.audio, output.text)
         self.output.enqueue(output.audio, output.turn)
         self._text_waiting_in_model = output.text_waiting
-        for turn in [turn for turn in self._text_in_flight if turn <= output.turn]:
+        for turn in [turn for turn in self._text_in_flight if turn <= output.turn]:  # now in text_waiting
             del self._text_in_flight[turn]
         self.stats.turns_out += 1
         self.stats.overruns += info.overran
