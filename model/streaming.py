@@ -151,6 +151,7 @@ class StreamingModel:
             session_id = batch[i].session_id
             self.close_session(session_id)
             self.open_session(session_id)
+            outputs[i].text_waiting = 0  # its queued text went with its state
         self.faults = {batch[i].session_id: NON_FINITE for i in faulted}
         return outputs
 

@@ -17,7 +17,7 @@ from opentelemetry import trace
 from model.config import preset
 from model.interaction import InteractionModel
 from model.interface import TURN_SAMPLES, TurnInput, TurnOutput
-from model.streaming import StreamingModel, load_engine
+from model.streaming import NON_FINITE, StreamingModel, load_engine
 from model.vocoder import VocoderState
 from server.engine import MAX_FAILURES, SESSION_RESET, STEP_FAILED, Engine, StepInfo
 from server.tasks import TaskManager
@@ -193,6 +193,21 @@ def test_typed_text_with_lone_surrogates_steps_as_question_marks(speech):
     for typed, plain in zip(*outputs.values(), strict=True):
         assert_same(typed, plain)
     assert [output.text_waiting for output in outputs["?" * 6]] == [2, 0, 0]  # 4 slots a micro-turn in tiny
+
+
+def test_a_nan_reset_forgets_the_sessions_queued_text_and_says_so(speech):
+    """A reset session's queued text goes with its state: the output of the faulted
+    turn says nothing waits (it said 8 the turn before), so the server does not refuse
+    new text for a backlog that no longer exists."""
+    model = load_engine(None, max_sessions=2)
+    model.open_session("s")
+    chunk = speech[:TURN_SAMPLES]
+    assert model.step([TurnInput("s", 0, chunk, "?" * 12)])[0].text_waiting == 8  # 4 read a micro-turn
+    session = model._sessions["s"]
+    session.pending = torch.full_like(session.pending, float("nan"))
+    reset = model.step([TurnInput("s", 1, chunk)])[0]
+    assert model.faults == {"s": NON_FINITE} and reset.text_waiting == 0
+    assert model.step([TurnInput("s", 2, chunk)])[0].text_waiting == 0
 
 
 # -- the engine: the culprit is found, the others are served in the same tick ----------------
