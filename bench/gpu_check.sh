@@ -56,6 +56,16 @@ case "$CHECKS" in 0 | 1) ;; *) echo "CHECKS=$CHECKS: 0 or 1" >&2; exit 2 ;; esac
 run_preset() { echo "${1%%+*}"; }
 run_name() { local name=${1//+/_}; echo "${name//=/-}"; }
 run_switches() { [ "$1" = "${1%%+*}" ] || (IFS=+; printf -- '--%s\n' ${1#*+}); }  # one per line
+# How a run starts: from INIT's checkpoint of its preset where one was carried, else anew.
+run_start() {
+    local preset; preset=$(run_preset "$1")
+    if [ -n "$INIT" ] && [ -f "$INIT/$preset/model.safetensors" ]; then printf -- '--init\n%s\n' "$INIT/$preset"
+    else printf -- '--preset\n%s\n' "$preset"; fi
+}
+# What every run trains with (its start, rate and switches besides).
+fixed=(--cache "$WORK/cache" --follow-cache --conversations 100000 --first-seed "$FIRST_SEED" --drills "$DRILLS"
+       --first-drill "$FIRST_DRILL" --steps 1000000 --minutes "$TRAIN_MINUTES" --batch "$BATCH" --turns 80
+       --warmup 100 --save-every 1000000 --seed 0 --listen-weight 0.25 --text-weight 3 --speech-weight 2)
 if [ -n "$INIT" ]; then  # a lease is too short to find out from a log that nothing was continued
     carried=0
     for run in $PRESETS; do [ -f "$INIT/$(run_preset "$run")/model.safetensors" ] && carried=1; done
@@ -69,20 +79,23 @@ if compgen -G "$WHEELS/*.whl" > /dev/null; then
         && export PYTHONPATH="$PYTHONPATH:$SITE"
 fi
 DEVICE=$("$PYTHON" -c "import torch; print('cuda' if torch.cuda.is_available() else 'cpu')")
-# Each run checked before the lease is spent on it: a misspelt switch, a run named twice,
-# or more checkpoint than a call brings back (64 MiB in all; the logs need some).
+# Each run checked before the lease is spent on it: a misspelt switch, switches that do
+# not go together (the model is built as the run will build it), a run named twice, or
+# more checkpoint than a call brings back (64 MiB in all; the logs need some).
 names=" " bring_back=0
 for run in $PRESETS; do
     case "$names" in *" $(run_name "$run") "*) echo "PRESETS names $run twice" >&2; exit 2 ;; esac
     case "+${run#*+}+" in *++*) echo "PRESETS: $run has an empty switch" >&2; exit 2 ;; esac
     names+="$(run_name "$run") "
+    mapfile -t start < <(run_start "$run")
     bytes=$("$PYTHON" -c 'import sys
-from model.config import preset
-from model.interaction import InteractionModel
-from model.train import build_parser
-args = build_parser().parse_args(sys.argv[1:])
-print(2 * sum(t.numel() for t in InteractionModel(preset(args.preset)).state_dict().values()))  # bf16
-' --out "$WORK/check" --preset "$(run_preset "$run")" $(run_switches "$run")) || exit 2
+from model.train import build_model, build_parser
+try:
+    model, _, _ = build_model(build_parser().parse_args(sys.argv[2:]))
+except ValueError as refused:
+    sys.exit(f"PRESETS: {sys.argv[1]}: {refused}")
+print(2 * sum(t.numel() for t in model.state_dict().values()))  # bf16
+' "$run" --out "$WORK/check" "${start[@]}" "${fixed[@]}" $(run_switches "$run")) || exit 2
     bring_back=$((bring_back + bytes))
 done
 if [ "$bring_back" -gt $((60 * 1024 * 1024)) ]; then
@@ -130,18 +143,13 @@ step "train ${PRESETS// /, } for $TRAIN_MINUTES min each, side by side, followin
 trainers=()
 for run in $PRESETS; do
     preset=$(run_preset "$run") name=$(run_name "$run")
+    mapfile -t start < <(run_start "$run")
     # The wider model at half tiny's rate; a continued one at half its from-scratch rate.
     lr=2e-3 continued_lr=1e-3; [ "$preset" = tiny ] || lr=1e-3 continued_lr=5e-4
-    start=(--preset "$preset")
-    if [ -n "$INIT" ] && [ -f "$INIT/$preset/model.safetensors" ]; then
-        start=(--init "$INIT/$preset") lr=$continued_lr
-    fi
+    [ "${start[0]}" = --init ] && lr=$continued_lr
     lr=${LR:-$lr}
     # In a subshell: $! is then the pipeline's status under pipefail, not tr's.
-    ( "$PYTHON" -m model.train --out "$WORK/$name" "${start[@]}" --cache "$WORK/cache" --follow-cache \
-        --conversations 100000 --first-seed "$FIRST_SEED" --drills "$DRILLS" --first-drill "$FIRST_DRILL" \
-        --steps 1000000 --minutes "$TRAIN_MINUTES" --batch "$BATCH" --turns 80 --lr "$lr" --warmup 100 \
-        --save-every 1000000 --seed 0 --listen-weight 0.25 --text-weight 3 --speech-weight 2 \
+    ( "$PYTHON" -m model.train --out "$WORK/$name" "${start[@]}" "${fixed[@]}" --lr "$lr" \
         $(run_switches "$run") 2>&1 | tr '\r' '\n' > "$OUT/train-$name.log" ) &
     trainers+=($!)
 done

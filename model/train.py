@@ -411,26 +411,23 @@ def check_trained_span(config: ModelConfig, turns: int) -> None:
             f"use --turns {-(-span // config.tokens_per_turn)} or more, or --window {trained - config.sinks} or less")
 
 
-def train(args: argparse.Namespace) -> list[float]:
-    """Train as ``args`` say; returns the loss of every step this run made."""
+def build_model(args: argparse.Namespace) -> tuple[InteractionModel, dict | None, list[str]]:
+    """The model a run trains, as ``args`` say: resumed from ``--out`` (with its saved
+    optimiser state), fine-tuned from ``--init``, or new from ``--preset``; then with
+    the parts its switches add or remove. Also the name prefixes of the blocks
+    ``--layers`` added. Switches that do not go together raise ValueError, before any
+    data is made (bench/gpu_check.sh calls this to check runs before a lease is spent)."""
     if args.kv_heads and not args.init:
         raise ValueError("--kv-heads widens the checkpoint given by --init; a new model takes its heads from --preset")
     if (args.audio_encoder or args.audio_context or args.layers or args.audio_in_bins) and not args.init:
         raise ValueError("--audio-encoder, --audio-context, --audio-in-bins and --layers add parts to the "
                          "checkpoint given by --init")
-    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    if distributed:
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    rank = dist.get_rank() if distributed else 0
-    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
-    out = Path(args.out)
-    state_path = out / STATE_FILE
-    torch.manual_seed(args.seed)  # the same initial weights on every rank
-    listens = args.listen_weight > 0 or args.listen_probe  # the run needs a listening head
-
-    new_blocks: list[str] = []  # name prefixes of the parameters the rate is scaled for
     if args.listen_probe and args.audio_head_only:
         raise ValueError("--listen-probe trains the listening head alone, --audio-head-only the audio head alone")
+    out = Path(args.out)
+    state_path = out / STATE_FILE
+    listens = args.listen_weight > 0 or args.listen_probe  # the run needs a listening head
+    new_blocks: list[str] = []  # name prefixes of the parameters the rate is scaled for
     if args.resume and state_path.exists():
         model = load_checkpoint(out)
         if args.audio_head and args.audio_head != model.config.audio_head:
@@ -483,6 +480,22 @@ def train(args: argparse.Namespace) -> list[float]:
         if state is not None:
             raise ValueError("--listen-weight with --resume: the run's model was fixed when it started")
         model = with_parts(model, listen_head=True)
+    if args.new_lr_scale != 1 and not new_blocks:
+        raise ValueError("--new-lr-scale scales the rate of the blocks --layers adds")
+    check_trained_span(model.config, args.turns)
+    return model, state, new_blocks
+
+
+def train(args: argparse.Namespace) -> list[float]:
+    """Train as ``args`` say; returns the loss of every step this run made."""
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if distributed:
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    rank = dist.get_rank() if distributed else 0
+    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
+    out = Path(args.out)
+    torch.manual_seed(args.seed)  # the same initial weights on every rank
+    model, state, new_blocks = build_model(args)
     config = model.config
     # How the weights it starts from are decoded carries on: a fine-tune of the shipped
     # checkpoint keeps its write threshold (its lexicon is remade from this run's text).
@@ -493,14 +506,11 @@ def train(args: argparse.Namespace) -> list[float]:
         origin = f"resumed in {out}" if state is not None else f"from {args.init}" if args.init else "new"
         print(f"model: {config.preset}, {sum(p.numel() for p in model.parameters()):,} parameters, {origin}",
               file=sys.stderr)
-    check_trained_span(config, args.turns)
     model.to(device).train()
     frozen_but = "listen_head." if args.listen_probe else "audio_head." if args.audio_head_only else None
     if frozen_but:
         for name, parameter in model.named_parameters():
             parameter.requires_grad_(name.startswith(frozen_but))
-    if args.new_lr_scale != 1 and not new_blocks:
-        raise ValueError("--new-lr-scale scales the rate of the blocks --layers adds")
     groups = parameter_groups(model, new_blocks, args.new_lr_scale)
     trained = [p for group in groups for p in group["params"]]
     optimizer = torch.optim.AdamW(groups, lr=args.lr, weight_decay=0.05, betas=(0.9, 0.95))

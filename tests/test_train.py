@@ -377,13 +377,17 @@ def test_the_prepared_gpu_check_runs_here_without_a_gpu(tmp_path, monkeypatch):
     ({"PRESETS": "tiny+no-own-voice tiny+no-own-voice"}, "PRESETS names tiny+no-own-voice twice"),  # one checkpoint
     ({"PRESETS": "tiny small small+no-own-voice"}, "MiB of weights; a call brings back 64 MiB"),  # ~95 MiB
     ({"PRESETS": "tiny", "RENDER_HISTORY": "1"}, "name the run small+render-history"),  # the old switch
+    # Switches each valid but not together, found by building the model as the run would:
+    ({"PRESETS": "tiny small+no-own-voice+render-history"},
+     "PRESETS: small+no-own-voice+render-history: --render-history feeds back the model's own voice"),
+    ({"PRESETS": "tiny+layers=6 small+layers=6"}, "PRESETS: small+layers=6: --audio-encoder, --audio-context"),
 ])
 def test_the_gpu_check_stops_before_a_lease_is_spent_on_runs_it_cannot_do(tmp_path, settings, refusal):
     from pathlib import Path
 
     repository = Path(__file__).resolve().parents[1]
-    (tmp_path / "carried" / "tiny").mkdir(parents=True)
-    (tmp_path / "carried" / "tiny" / "model.safetensors").touch()
+    (tmp_path / "carried").mkdir()
+    (tmp_path / "carried" / "tiny").symlink_to(repository / "checkpoints" / "tiny")  # small is not carried
     env = {**os.environ, "OUT": str(tmp_path / "out"), "WORK": str(tmp_path / "work"), "PYTHON": sys.executable,
            "INIT": str(tmp_path / "carried"), "WHEELS": str(tmp_path / "no-wheels"), **settings}
     run = subprocess.run(["bash", str(repository / "bench" / "gpu_check.sh")], cwd=repository, env=env,
