@@ -47,6 +47,7 @@ class _Task:
     tool: str
     origin: str  # "client" or "model"
     runner: asyncio.Task[None] | None = None
+    started: bool = False  # _run began (a task cancelled before then never runs it)
 
 
 class TaskManager:
@@ -80,6 +81,7 @@ class TaskManager:
             fields["ref"] = ref
         self._emit("task.created", **fields)
         task.runner = asyncio.ensure_future(self._run(task, tool, tool_input))
+        task.runner.add_done_callback(lambda _, task=task: self._cancelled_before_start(task))
         return task.task_id
 
     def cancel(self, task_id: str) -> bool:
@@ -95,7 +97,18 @@ class TaskManager:
             runner.cancel()
         await asyncio.gather(*runners, return_exceptions=True)
 
+    def _cancelled_before_start(self, task: _Task) -> None:
+        """A task cancelled before its first step (a ``task.cancel`` in the same burst as
+        its ``task.create``) never runs ``_run``, whose clean-up would free its place and
+        say it failed: do both here, or the place stays taken for the session's life."""
+        if task.started:
+            return
+        self._running.pop(task.task_id, None)
+        self._emit("task.failed", task_id=task.task_id, tool=task.tool, reason="cancelled")
+        self._on_finish(task.tool, "cancelled")
+
     async def _run(self, task: _Task, tool: Tool, tool_input: str) -> None:
+        task.started = True
         context = trace.set_span_in_context(self._parent)
         with self._tracer.start_as_current_span(
             tm.SPAN_BACKGROUND_TASK, context=context,

@@ -365,3 +365,27 @@ async def test_crashing_hanging_and_ill_typed_tools_fail_only_their_own_task():
     # The places the failed tasks held are free again.
     assert manager.running == 0
     await manager.close()
+
+
+async def test_a_task_cancelled_before_it_starts_fails_and_frees_its_place():
+    """A task.cancel in the same burst as its task.create cancels the task before its
+    first step: it still fails with "cancelled" and its place is free again (it used
+    to hold one of the session's places for good)."""
+    events: list[tuple[str, dict]] = []
+    finished: list[tuple[str, str]] = []
+    manager = TaskManager({"echo": Tool("echo", "slow echo", _slow_echo)},
+                          lambda kind, **fields: events.append((kind, fields)), lambda result: None,
+                          trace.NoOpTracer(), trace.INVALID_SPAN, max_concurrent=1,
+                          on_finish=lambda tool, outcome: finished.append((tool, outcome)))
+    first = manager.create("echo", "ping", origin="client")
+    assert manager.cancel(first)
+    await asyncio.sleep(0.05)
+    assert manager.running == 0 and finished == [("echo", "cancelled")]
+    assert [(kind, fields["task_id"], fields.get("reason")) for kind, fields in events] == [
+        ("task.created", first, None), ("task.failed", first, "cancelled")]
+    second = manager.create("echo", "pong", origin="client")  # its place is free
+    while manager.running:
+        await asyncio.sleep(0.01)
+    assert [fields["result"] for kind, fields in events if kind == "task.done"] == ["pong"]
+    assert finished == [("echo", "cancelled"), ("echo", "done")] and second != first
+    await manager.close()
