@@ -129,7 +129,7 @@ class Session:
         ) if recording is not None else None
         self.metrics = metrics
         self.tasks = TaskManager(
-            tools, self.emit, self._queue_model_text, tracer, self.span,
+            tools, self.emit, self._queue_task_result, tracer, self.span,
             max_concurrent=config.max_tasks_per_session, on_finish=self._task_finished,
         )
         self._task_requests = TaskRequestParser(default_tool="chat" if "chat" in tools else "calc")
@@ -289,6 +289,7 @@ class Session:
             **asdict(self.stats),
             "viewers": [v.describe() for v in self.viewers.values()],
             "tasks_running": self.tasks.running,
+            "text_waiting": self.text_waiting,  # input text the model has yet to read, in its text ids
             "trace_id": self.trace_id,
         }
 
@@ -434,6 +435,16 @@ class Session:
         """Typed text and background results: they enter the model at the next micro-turn."""
         self._model_text.append(text)
         self._model_text_ids += len(encode_text(text))
+
+    def _queue_task_result(self, text: str) -> None:
+        """A background result for the model to read, bounded as typed text is: a tool
+        finishing 20 times a second would otherwise grow the model's queue (copied every
+        step) without end. Past the limit its task fails (TaskError) rather than wait."""
+        size, waiting, limit = len(encode_text(text)), self.text_waiting, self.config.max_text_backlog_bytes
+        if waiting + size > limit:
+            raise TaskError("text_backlog", f"its result ({size} bytes) does not fit: {waiting} bytes of text are "
+                            f"still waiting to enter the model (at most {limit})")
+        self._queue_model_text(text)
 
     @property
     def text_waiting(self) -> int:

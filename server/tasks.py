@@ -5,7 +5,8 @@ A task is asked for by the client (``task.create``) or by the model, which write
 Each task runs as an asyncio task with the tool's timeout; it reports
 ``task.created``, ``task.progress``, then ``task.done`` or ``task.failed``. A
 result goes back to the model as text input, ``<result>ID: RESULT</result>``, at
-the session's next micro-turn, so the model can speak it.
+the session's next micro-turn, so the model can speak it (or, if the model already
+has more text waiting than the session allows, the task fails: ``text_backlog``).
 
 A tool that raises, returns something other than text, or outlives its timeout
 fails its own task (``task.failed`` with the reason) and nothing else; one that
@@ -120,9 +121,10 @@ class TaskManager:
                     result = await _call(tool, tool_input, self._progress(task))
                 if not isinstance(result, str):
                     raise ToolError(f"tool returned {type(result).__name__}, not text")
+                # Delivered first: a result the model has no room for fails its task.
+                self._deliver_result(f"<result>{task.task_id}: {result}</result>")
                 outcome = "done"
                 self._emit("task.done", task_id=task.task_id, tool=tool.name, result=result)
-                self._deliver_result(f"<result>{task.task_id}: {result}</result>")
             except asyncio.CancelledError:
                 outcome = "cancelled"
                 self._emit("task.failed", task_id=task.task_id, tool=tool.name, reason="cancelled")
@@ -131,6 +133,8 @@ class TaskManager:
                            reason=f"timed out after {tool.timeout_s:g} s")
             except ToolError as exc:
                 self._emit("task.failed", task_id=task.task_id, tool=tool.name, reason=str(exc))
+            except TaskError as exc:  # its result was refused
+                self._emit("task.failed", task_id=task.task_id, tool=tool.name, reason=f"{exc.code}: {exc.message}")
             except Exception as exc:  # a crashing tool fails its task, nothing else
                 log.exception("tool %s crashed", tool.name)
                 self._emit("task.failed", task_id=task.task_id, tool=tool.name, reason=f"tool crashed: {exc!r}")

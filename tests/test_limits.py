@@ -90,6 +90,38 @@ async def test_typed_text_the_model_has_not_read_is_bounded_and_refused_until_it
     assert described["connection_state"] == "connected" and described["text_inputs"] == 2, described
 
 
+async def test_a_background_result_the_model_has_no_room_for_fails_its_task(speech):
+    """Background results join the same bounded backlog as typed text: a tool that
+    finishes faster than the model reads would otherwise grow its queue without end.
+    A result that does not fit fails its task (no task.done, no text for the model)."""
+    config = ServerConfig(engine="model", checkpoint=None, ice_host_addresses=["127.0.0.1"],
+                          max_text_backlog_bytes=15)
+    with running_server(config) as server:
+        peer = Peer(server.url, speech)
+        await peer.connect()
+        await peer.wait_for_event("session.ready")
+        peer.send({"type": "text.input", "text": "0123456789abcd"})  # 14 of 15; read at 4 a micro-turn
+        peer.send({"type": "task.create", "tool": "calc", "input": "1+1", "ref": "a"})  # "<result>t1: 2</result>": 7
+        failed = await peer.wait_for_event("task.failed")
+        assert failed["task_id"] == "t1" and failed["reason"].startswith("text_backlog: its result (7 bytes)"), failed
+
+        async def waiting() -> int:
+            async with httpx.AsyncClient() as client:
+                return (await client.get(peer.session_url)).json()["text_waiting"]
+
+        for _ in range(50):  # the model reads the typed text in four micro-turns
+            if await waiting() == 0:
+                break
+            await asyncio.sleep(0.2)
+        peer.send({"type": "task.create", "tool": "calc", "input": "2+2", "ref": "b"})
+        done = await peer.wait_for_event("task.done")
+        described_waiting = await waiting()
+        await peer.close()
+    assert done["task_id"] == "t2" and done["result"] == "4"
+    assert [e["task_id"] for e in peer.events_of("task.failed")] == ["t1"] and not peer.events_of("error")
+    assert 0 <= described_waiting <= 7
+
+
 def test_each_command_with_its_own_options_reaches_its_parser(capsys):
     with pytest.raises(SystemExit) as exited:
         main(["--help"])
