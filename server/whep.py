@@ -41,6 +41,11 @@ class Viewer:
         if not audio or not any("send" in (t._offerDirection or "") for t in audio):
             raise ValueError("a WHEP offer must receive audio (a=recvonly or a=sendrecv on m=audio)")
         self.pc.addTrack(self.track)
+        # A viewer listens. What its offer might send (a=sendrecv, a camera) nobody here
+        # reads, and aiortc would decode it into queues without bound: answer that we
+        # only send audio, so none of it is received at all.
+        for transceiver in self.pc.getTransceivers():
+            transceiver.direction = "sendonly" if transceiver.sender.track is self.track else "inactive"
         answer = await self.pc.createAnswer()
         await add_host_candidates(self.pc, self._host_addresses)
         await self.pc.setLocalDescription(passive_dtls(answer) if "a=setup:actpass" in offer_sdp else answer)

@@ -270,6 +270,55 @@ async def test_whep_refuses_offers_that_cannot_receive_and_bounds_viewers(speech
             await peer.close()
 
 
+async def test_a_whep_viewer_that_sends_media_is_heard_by_nobody_and_costs_nothing(speech):
+    """A viewer offering to send (a=sendrecv audio, and a camera) is answered send-only
+    and inactive: the server never receives what it would send (aiortc decoded it into
+    queues that nobody drains), and the viewer still hears the session's voice."""
+    from aiortc import AudioStreamTrack, VideoStreamTrack
+
+    with running_server(ServerConfig(**ECHO)) as server:
+        peer = Peer(server.url, speech)
+        await peer.connect()
+        viewer_pc = RTCPeerConnection(ice.rtc_configuration())
+        heard: list[int] = []
+        try:
+            viewer_pc.addTrack(AudioStreamTrack())  # silence, sent as Opus RTP all the same
+            viewer_pc.addTrack(VideoStreamTrack())
+
+            async def count(track) -> None:
+                while True:
+                    try:
+                        await track.recv()
+                    except MediaStreamError:
+                        return
+                    heard.append(1)
+
+            reader: list[asyncio.Task] = []
+            viewer_pc.on("track", lambda track: reader.append(asyncio.ensure_future(count(track))))
+            offer = await viewer_pc.createOffer()
+            await ice.add_host_candidates(viewer_pc, ["127.0.0.1"])
+            await viewer_pc.setLocalDescription(offer)
+            async with httpx.AsyncClient() as client:
+                created = await client.post(f"{peer.session_url}/whep", content=viewer_pc.localDescription.sdp,
+                                            headers={"Content-Type": "application/sdp"})
+            assert created.status_code == 201, created.text
+            audio, video = created.text.split("\r\nm=")[1:3]
+            assert audio.startswith("audio") and "a=sendonly" in audio, audio
+            assert video.startswith("video") and "a=inactive" in video, video
+            await viewer_pc.setRemoteDescription(RTCSessionDescription(created.text, "answer"))
+            await wait_until(lambda: len(heard) >= 50, 10, "the viewer hearing the session")  # 1 s of voice
+            (viewer,) = server_session(server, peer).viewers.values()
+            received = [stats.packetsReceived for transceiver in viewer.pc.getTransceivers()
+                        for stats in (await transceiver.receiver.getStats()).values() if stats.type == "inbound-rtp"]
+            # Nothing taken in (no receiver runs, so RTP a viewer sent anyway would be dropped
+            # unread); told so, this viewer does not send.
+            assert received == [], received
+            assert [t.currentDirection for t in viewer_pc.getTransceivers()] == ["recvonly", "inactive"]
+        finally:
+            await viewer_pc.close()
+            await peer.close()
+
+
 @pytest.mark.parametrize("mode", ["static", "signed"])
 async def test_signalling_needs_a_good_bearer_token_when_auth_is_configured(speech, mode):
     config = ServerConfig(**ECHO, auth_tokens=["letmein"] if mode == "static" else [],
