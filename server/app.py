@@ -149,7 +149,7 @@ def signalling_middleware(config: ServerConfig) -> list[Middleware]:
     middleware = []
     if config.cors_origins:
         middleware.append(Middleware(
-            CORSMiddleware, allow_origins=config.cors_origins, allow_methods=["GET", "POST", "PATCH", "DELETE"],
+            CORSMiddleware, allow_origins=config.cors_origins, allow_methods=["GET", "POST", "PATCH", "DELETE", "OPTIONS"],
             allow_headers=["Authorization", "Content-Type", "If-Match", "traceparent", "tracestate"],
             expose_headers=EXPOSED_HEADERS, max_age=600,
         ))

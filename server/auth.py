@@ -57,7 +57,8 @@ def verify_token(secret: str, token: str, now: float | None = None) -> dict[str,
     if len(parts) != 3 or parts[0] != PREFIX:
         raise TokenError("not a microturn token")
     signed_part = f"{parts[0]}.{parts[1]}"
-    if not hmac.compare_digest(_sign(secret, signed_part), parts[2]):
+    # As bytes: compare_digest refuses str with non-ASCII characters (TypeError, a 500).
+    if not hmac.compare_digest(_sign(secret, signed_part).encode(), parts[2].encode()):
         raise TokenError("bad signature")
     try:
         claims = json.loads(_unb64(parts[1]))
@@ -107,6 +108,13 @@ def request_token(scope: Scope) -> str | None:
     return values[0] if values else None
 
 
+def is_preflight(scope: Scope) -> bool:
+    """A CORS preflight: an OPTIONS a browser sends, without credentials, before the
+    real request. Other OPTIONS (WHIP's ICE-server query) are requests like any other."""
+    return scope["method"] == "OPTIONS" and any(
+        name == b"access-control-request-method" for name, _ in scope.get("headers", []))
+
+
 class BearerAuth:
     """ASGI middleware: requests under ``prefix`` need a good token (CORS preflight
     excepted: browsers send it without credentials). Refusals are 401 + JSON and
@@ -119,7 +127,7 @@ class BearerAuth:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if (scope["type"] == "http" and self.verifier.enabled and scope["path"].startswith(self.prefix)
-                and scope["method"] != "OPTIONS"):
+                and not is_preflight(scope)):
             problem = self.verifier.check(request_token(scope))
             if problem is not None:
                 response = error_response(401, "unauthorized", problem,

@@ -135,7 +135,7 @@ def create_router_app(verifier: Verifier | None = None, cors_origins: list[str] 
 
     middleware = []
     if cors_origins:
-        middleware.append(Middleware(CORSMiddleware, allow_origins=cors_origins, allow_methods=["POST"],
+        middleware.append(Middleware(CORSMiddleware, allow_origins=cors_origins, allow_methods=["POST", "OPTIONS"],
                                      allow_headers=["Authorization", "Content-Type", "traceparent"],
                                      expose_headers=EXPOSED_HEADERS))
     middleware.append(Middleware(BearerAuth, verifier=verifier))

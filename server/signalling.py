@@ -23,6 +23,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from server import telemetry as tm
+from server.auth import is_preflight
 from server.config import ServerConfig
 from server.session import Session
 from server.sessions import SessionRegistry
@@ -131,6 +132,8 @@ async def session_options(request: Request) -> Response:
     response = Response(status_code=204, headers={"Accept-Post": SDP})
     if registry.recording is not None:
         response.headers[RECORDING_HEADER] = "available"
+    if is_preflight(request.scope):  # a browser sends it without the token: no TURN credentials for it
+        return response
     return with_links(response, ice_server_links(registry.ice_servers_for("options")))
 
 

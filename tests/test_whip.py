@@ -79,6 +79,24 @@ async def test_ice_servers_are_advertised_with_per_session_turn_credentials(spee
         assert per_session[1].username.endswith(":abc") and per_session[0].username is None
 
 
+async def test_turn_credentials_are_given_only_to_a_request_with_a_token():
+    """With auth configured, TURN credentials (a relay anyone could use) go only to an
+    OPTIONS that carries a good token; a CORS preflight passes without one but gets none."""
+    config = ServerConfig(**ECHO, ice_servers=["turn:turn.example.test:3478"], turn_secret="s3cret",
+                          auth_tokens=["letmein"])
+    with running_server(config) as server:
+        async with httpx.AsyncClient() as client:
+            url = f"{server.url}/v1/sessions"
+            anonymous = await client.options(url)
+            preflight = await client.options(url, headers={"Access-Control-Request-Method": "POST",
+                                                           "Origin": "https://app.example.test"})
+            with_token = await client.options(url, headers={"Authorization": "Bearer letmein"})
+    assert anonymous.status_code == 401 and anonymous.json()["error"] == "unauthorized"
+    assert "link" not in anonymous.headers and "link" not in preflight.headers
+    assert preflight.status_code == 204, preflight.text  # no CORS configured: the route answers it
+    assert with_token.status_code == 204 and 'credential="' in with_token.headers["link"]
+
+
 async def test_trickled_candidates_reach_the_servers_ice_agent(speech):
     with running_server(ServerConfig(**ECHO)) as server:
         pc = RTCPeerConnection(ice.rtc_configuration())
@@ -327,7 +345,8 @@ async def test_signalling_needs_a_good_bearer_token_when_auth_is_configured(spee
     good = "letmein" if mode == "static" else mint_token("hmac-secret", 60, "test")
     refused = ["", "Bearer wrong", "Basic bGV0bWVpbg=="]
     if mode == "signed":
-        refused += [f"Bearer {mint_token('hmac-secret', -5)}", f"Bearer {mint_token('other-secret', 60)}"]
+        refused += [f"Bearer {mint_token('hmac-secret', -5)}", f"Bearer {mint_token('other-secret', 60)}",
+                    "Bearer mt1.e30.\u00e9".encode()]  # non-ASCII: compare_digest raised (a 500)
     with running_server(config) as server:
         peer = Peer(server.url, speech)
         async with httpx.AsyncClient() as client:
@@ -347,6 +366,10 @@ async def test_signalling_needs_a_good_bearer_token_when_auth_is_configured(spee
                                            headers={"Origin": "https://app.example.test", **preflight})
             assert allowed.status_code == 200
             assert allowed.headers["access-control-allow-origin"] == "https://app.example.test"
+            # The page's own OPTIONS (ICE servers) may be preflighted too.
+            options_preflight = await client.options(f"{server.url}/v1/sessions", headers={
+                "Origin": "https://app.example.test", **preflight, "Access-Control-Request-Method": "OPTIONS"})
+            assert options_preflight.status_code == 200, options_preflight.text
             other = await client.options(f"{server.url}/v1/sessions",
                                          headers={"Origin": "https://evil.example.test", **preflight})
             assert "access-control-allow-origin" not in other.headers
