@@ -31,7 +31,7 @@ from model.text import encode as encode_text
 from server import telemetry as tm
 from server.alignment import MIN_EVIDENCE_S, QUIET_RMS, QuietFloor, SenderClock, is_on_grid, padding_to_grid
 from server.config import ServerConfig
-from server.engine import TURN_S, Engine, StepInfo
+from server.engine import SESSION_RESET, TURN_S, Engine, StepInfo
 from server.events import CHANNEL_LABEL, PROTOCOL_VERSION, ProtocolError, RateLimit, parse_client_message, server_event
 from server.ice import IceServer, add_host_candidates, passive_dtls, rtc_configuration
 from server.media_in import AudioChunker
@@ -135,10 +135,11 @@ class Session:
         self._task_requests = TaskRequestParser(default_tool="chat" if "chat" in tools else "calc")
         self._model_text: list[str] = []  # text entering the model at the next micro-turn
         # Input text not yet read by the model, in its text ids: what waits for the next
-        # micro-turn, what was submitted with turns it has not answered yet (turn -> ids),
-        # and what it last reported still queued in it.
+        # micro-turn, what was submitted with turns it has not answered yet (turn -> the
+        # text and its ids: a failed turn's text is sent again), and what it last
+        # reported still queued in it.
         self._model_text_ids = 0
-        self._text_in_flight: dict[int, int] = {}
+        self._text_in_flight: dict[int, tuple[str, int]] = {}
         self._text_waiting_in_model = 0
         self._rate = RateLimit(config.messages_per_second, config.message_burst)
         self._metrics_task: asyncio.Task[None] | None = None
@@ -426,7 +427,7 @@ class Session:
         self._chunk_closed_ns[turn] = time.time_ns()
         text, self._model_text = "".join(self._model_text), []
         if text:
-            self._text_in_flight[turn], self._model_text_ids = self._model_text_ids, 0
+            self._text_in_flight[turn], self._model_text_ids = (text, self._model_text_ids), 0
         if self.recorder is not None:
             self.recorder.input(turn, chunk, text)
         self.engine.submit(TurnInput(self.id, turn, chunk, text))
@@ -450,7 +451,8 @@ class Session:
     def text_waiting(self) -> int:
         """Input text (typed, and background results) the model has yet to read, in its
         text ids (UTF-8 bytes; a marker tag is one): not yet sent, in flight, queued in it."""
-        return self._model_text_ids + sum(self._text_in_flight.values()) + self._text_waiting_in_model
+        in_flight = sum(ids for _, ids in self._text_in_flight.values())
+        return self._model_text_ids + in_flight + self._text_waiting_in_model
 
     async def _drain(self, track: MediaStreamTrack) -> None:
         recorded_turn = -1
@@ -543,6 +545,12 @@ class Session:
         self.stats.step_errors += 1
         self._chunk_closed_ns.pop(turn, None)
         self._chunk_rms.pop(turn, None)
+        text, ids = self._text_in_flight.pop(turn, ("", 0))
+        if code == SESSION_RESET:  # the model forgot the conversation, its queued text with it
+            self._text_waiting_in_model = 0
+        elif text:  # a failed step changed nothing: the text the turn carried goes with the next
+            self._model_text.insert(0, text)
+            self._model_text_ids += ids
         self.emit("error", code=code, message=message, turn=turn)
 
     # -- data channel -----------------------------------------------------------------

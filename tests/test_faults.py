@@ -14,11 +14,16 @@ import pytest
 import torch
 from opentelemetry import trace
 
+from conftest import running_server
+from waiting import wait_until
+
+from loadtest.peer import Peer
 from model.config import preset
 from model.interaction import InteractionModel
 from model.interface import TURN_SAMPLES, TurnInput, TurnOutput
 from model.streaming import NON_FINITE, StreamingModel, load_engine
 from model.vocoder import VocoderState
+from server.config import ServerConfig
 from server.engine import MAX_FAILURES, SESSION_RESET, STEP_FAILED, Engine, StepInfo
 from server.tasks import TaskManager
 from server.tools import Tool
@@ -301,6 +306,47 @@ def test_a_session_that_fails_every_step_is_reset_and_recovers(speech, run_engin
     for turn in range(failing[-1] + 1, TURNS):
         assert_same(culprit.outputs[turn][0], want[turn])
     assert engine.step_failures == MAX_FAILURES and engine.session_resets == 1
+
+
+async def test_typed_text_riding_a_failed_turn_enters_the_model_with_the_next(speech):
+    """A failed step changes nothing, so the text its turn carried never reached the
+    model, though the client had its user.text: the session sends it with the next turn.
+    Real server, model and peer; the fault is a corrupt vocoder state, put right after."""
+    config = ServerConfig(engine="model", checkpoint=None, ice_host_addresses=["127.0.0.1"], max_sessions=2)
+    text = "a typed question, long enough to take the model many micro-turns to read"  # 4 ids a micro-turn
+    with running_server(config) as server:
+        peer = Peer(server.url, speech)
+        await peer.connect()
+        await peer.wait_for_event("session.ready")
+        session_id = peer.session_url.rsplit("/", 1)[1]
+        session = server.app.state.registry.get(session_id)
+        state = server.app.state.registry.engine.model._sessions[session_id]
+        good = state.vocoder
+        await wait_until(lambda: session.stats.turns_out >= 2, 10, "the first turns")
+        armed: list[int] = []
+
+        def arm() -> None:  # on the server's loop: the text and the fault, from the next turn on
+            armed.append(session._chunker.next_turn)
+            session._on_text_input({"type": "text.input", "text": text})
+            state.vocoder = corrupt(good)
+
+        # A step already under way when the fault is set puts its own saved state back (and
+        # so the good vocoder): then the text's turn does not fail, and the test arms again.
+        for _ in range(3):
+            session.loop.call_soon_threadsafe(arm)
+            await wait_until(lambda: armed and session.stats.turns_out + session.stats.step_errors
+                             > armed[-1], 10, "the armed turn's outcome")  # turns 0 .. armed answered
+            state.vocoder = good
+            if any(e["turn"] == armed[-1] for e in peer.events_of("error")):
+                break
+        failed_turns = [e["turn"] for e in peer.events_of("error")]
+        assert armed[-1] in failed_turns, (armed, failed_turns)
+        # The text went again with the next turn: the model has most of it still to read.
+        await wait_until(lambda: session.stats.turns_out > armed[-1] + 2, 10, "turns after the fault")
+        waiting = server.app.state.registry.engine.model._sessions[session_id].text_queue
+        assert len(waiting) >= len(text) - 4 * 4, len(waiting)
+        await peer.close()
+    assert all(e["code"] == STEP_FAILED for e in peer.events_of("error"))  # never reset: it recovered
 
 
 # -- background tasks: a crashing tool fails its own task --------------------------------
