@@ -26,7 +26,8 @@ succeeds; after ``MAX_FAILURES`` failures in a row its model state is reset
 (``session_reset``). A model may also report sessions it reset itself (e.g. a NaN
 in one session's state) through an optional ``faults`` attribute, a mapping of
 session id to reason for the last step; the engine passes those on as
-``session_reset`` too.
+``session_reset`` too. A session the model cannot open (or reopen after a reset)
+is let go with ``session_lost``: its owner must close it, since no output follows.
 """
 
 from __future__ import annotations
@@ -60,6 +61,7 @@ MAX_FAILURES = 3  # failed steps in a row after which a session's model state is
 # Codes for ``SessionSink.on_step_error``:
 STEP_FAILED = "step_failed"  # this session's step raised; its turn is skipped, its state kept
 SESSION_RESET = "session_reset"  # its model state was reset: the model forgets the conversation
+SESSION_LOST = "session_lost"  # the model could not take it (or take it back): the engine has let it go
 
 
 @dataclass(frozen=True, slots=True)
@@ -217,7 +219,8 @@ class Engine:
             except Exception as exc:  # e.g. no memory for its cache: this session only
                 log.exception("model.open_session(%s) failed", session_id)
                 del self._slots[session_id]
-                slot.sink.on_step_error(-1, f"the model could not take this session: {exc}")
+                _safely(slot.sink.on_step_error, -1, f"the model could not take this session: {exc}",
+                        code=SESSION_LOST)
         self._to_close.clear()
         self._to_open.clear()
 
@@ -316,7 +319,7 @@ class Engine:
             with self._cond:
                 self._slots.pop(session_id, None)
             _safely(sink.on_step_error, chunk.turn, f"the model could not take this session back: {reopen}",
-                    code=SESSION_RESET)
+                    code=SESSION_LOST)
             return
         _safely(sink.on_step_error, chunk.turn,
                 f"model step failed {MAX_FAILURES} times in a row ({exc}); the session's model state was reset",

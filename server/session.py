@@ -31,7 +31,7 @@ from model.text import encode as encode_text
 from server import telemetry as tm
 from server.alignment import MIN_EVIDENCE_S, QUIET_RMS, QuietFloor, SenderClock, is_on_grid, padding_to_grid
 from server.config import ServerConfig
-from server.engine import SESSION_RESET, TURN_S, Engine, StepInfo
+from server.engine import SESSION_LOST, SESSION_RESET, TURN_S, Engine, StepInfo
 from server.events import CHANNEL_LABEL, PROTOCOL_VERSION, ProtocolError, RateLimit, parse_client_message, server_event
 from server.ice import IceServer, add_host_candidates, passive_dtls, rtc_configuration
 from server.media_in import AudioChunker
@@ -259,7 +259,11 @@ class Session:
             for task in list(self._tasks):
                 if task is not current:
                     task.cancel()
-            await asyncio.gather(*(v.close("session ended") for v in list(self.viewers.values())))
+            # One viewer failing to close must not leave the session's own connection open.
+            closed = await asyncio.gather(*(v.close("session ended") for v in list(self.viewers.values())),
+                                          return_exceptions=True)
+            for failure in [c for c in closed if isinstance(c, Exception)]:
+                log.error("session %s: closing a viewer failed: %r", self.id, failure)
             self.output.stop()
             await self.tasks.close()
             await self.pc.close()
@@ -548,10 +552,12 @@ class Session:
         text, ids = self._text_in_flight.pop(turn, ("", 0))
         if code == SESSION_RESET:  # the model forgot the conversation, its queued text with it
             self._text_waiting_in_model = 0
-        elif text:  # a failed step changed nothing: the text the turn carried goes with the next
+        elif text and code != SESSION_LOST:  # a failed step changed nothing: the text goes with the next
             self._model_text.insert(0, text)
             self._model_text_ids += ids
         self.emit("error", code=code, message=message, turn=turn)
+        if code == SESSION_LOST:  # the engine let it go: the model would never answer again
+            self._spawn(self.end(SESSION_LOST, 0.5))  # the error and session.ending go out first
 
     # -- data channel -----------------------------------------------------------------
 

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from model.interface import TURN_SAMPLES, TurnInput, TurnOutput
-from server.engine import MAX_FAILURES, SESSION_RESET, STEP_FAILED, EchoModel, Engine, StepInfo
+from model.streaming import load_engine
+from server.engine import MAX_FAILURES, SESSION_LOST, SESSION_RESET, STEP_FAILED, EchoModel, Engine, StepInfo
 
 
 class Collector:
@@ -260,3 +261,28 @@ def test_a_broken_sink_does_not_keep_outputs_from_the_others(engine_factory):
         engine.submit(chunk("fine", turn))
     fine.wait_for(3)
     assert [out.turn for out, _ in fine.outputs] == [0, 1, 2]
+
+
+class RaisingOnErrorSink(Collector):
+    def on_step_error(self, turn: int, message: str, code: str = STEP_FAILED) -> None:
+        super().on_step_error(turn, message, code)
+        raise RuntimeError("sink bug")
+
+
+def test_a_session_the_model_cannot_take_is_let_go_and_the_engine_goes_on(engine_factory):
+    """The real model with room for one session: the second cannot be opened. It is told
+    ``session_lost`` (its owner must close it: no output will follow), even a sink that
+    raises on it does not stop the engine thread, and the first session is served."""
+    engine = engine_factory(load_engine(None, max_sessions=1))
+    first, second = Collector(), RaisingOnErrorSink()
+    engine.open_session("first", first)
+    engine.open_session("second", second)
+    for turn in range(2):
+        engine.submit(chunk("first", turn))
+        engine.submit(chunk("second", turn))  # dropped: the engine let it go
+    first.wait_for(2)
+    second.wait_for(1)
+    assert engine.alive and engine.session_count == 1
+    assert second.codes == [SESSION_LOST] and second.errors[0][0] == -1
+    assert "the KV pool is full" in second.errors[0][1] and not second.outputs
+    assert [out.turn for out, _ in first.outputs] == [0, 1] and not first.errors

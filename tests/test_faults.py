@@ -349,6 +349,29 @@ async def test_typed_text_riding_a_failed_turn_enters_the_model_with_the_next(sp
     assert all(e["code"] == STEP_FAILED for e in peer.events_of("error"))  # never reset: it recovered
 
 
+async def test_a_session_the_model_cannot_take_is_told_and_closed(speech):
+    """If the model cannot open a session (here its one KV slot is taken behind the
+    server's back) the engine lets the session go; the session says so (session_lost)
+    and ends, rather than staying connected and silent, holding its place."""
+    config = ServerConfig(engine="model", checkpoint=None, ice_host_addresses=["127.0.0.1"], max_sessions=1)
+    with running_server(config) as server:
+        model = server.app.state.registry.engine.model
+        model.open_session("squatter")  # the engine is idle: no session is open yet
+        peer = Peer(server.url, speech)
+        await peer.connect()
+        lost = await peer.wait_for_event("error", code="session_lost")
+        ending = await peer.wait_for_event("session.ending")
+        await wait_until(lambda: not server.app.state.registry.get(peer.session_url.rsplit("/", 1)[1]), 10,
+                         "the session to close")
+        await peer.close()
+        model.close_session("squatter")
+        second = Peer(server.url, speech)  # the place was freed
+        await second.connect()
+        await second.wait_for_event("turn")
+        await second.close()
+    assert "could not take this session" in lost["message"] and ending["reason"] == "session_lost"
+
+
 # -- background tasks: a crashing tool fails its own task --------------------------------
 
 
