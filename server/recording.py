@@ -330,7 +330,7 @@ class RecordingWriter:
             if not self._stopped:
                 self._queue.put((*item, 0))
                 return
-        item[1].set_result(None)
+        _resolve(item[1])
 
     # -- the writer thread -------------------------------------------------------------
 
@@ -357,7 +357,7 @@ class RecordingWriter:
                 except queue.Empty:
                     break
                 if item[0] in ("close", "sync"):
-                    item[1].set_result(None)
+                    _resolve(item[1])
 
     def _process(self, batch: list[tuple[Any, ...]]) -> bool:
         dirty: dict[SessionRecorder, None] = {}  # an ordered set
@@ -378,10 +378,10 @@ class RecordingWriter:
                 _, future, recorder, reason, _ = item
                 self._end(recorder, reason, clean=True)
                 dirty.pop(recorder, None)
-                future.set_result(None)
+                _resolve(future)
             elif kind == "sync":
                 self._flush_all(dirty)
-                item[1].set_result(None)
+                _resolve(item[1])
             elif kind == "stop":
                 stop = True
             self._written_bytes += item[-1]
@@ -419,6 +419,14 @@ class RecordingWriter:
         recorder._abandon()
         self._open.discard(recorder)
         return False
+
+
+def _resolve(future: concurrent.futures.Future[None]) -> None:
+    """Say a close or sync is done, unless its caller gave up on it (cancelled: e.g. a
+    ``wait_for`` that timed out). ``set_result`` on a cancelled future raises, which
+    would end the writer thread, and with it every other session's recording."""
+    if future.set_running_or_notify_cancel():
+        future.set_result(None)
 
 
 def _fsync_dir(path: Path) -> None:

@@ -191,6 +191,23 @@ def test_a_torn_tail_at_any_byte_is_ignored_and_never_raises(tmp_path):
     writer.close()
 
 
+def test_a_caller_giving_up_on_a_sync_or_close_does_not_stop_the_writer(tmp_path):
+    """A cancelled future (an ``asyncio.wait_for`` that timed out on a close, say) is
+    left alone: answering it raised in the writer thread, which then wrote nothing more."""
+    writer = RecordingWriter(tmp_path, gather_s=0.3)  # the writer waits before it takes up a burst
+    abandoned = writer.open("abandoned")
+    abandoned.input(0, tone(0), "")
+    given_up = [writer.sync(), abandoned.close("gone")]
+    assert all(future.cancel() for future in given_up)  # before the writer got to them
+    kept = writer.open("kept")
+    kept.input(0, tone(1), "hello")
+    kept.close("done").result(10)
+    assert writer.close() and writer.failures == 0
+    recording = read_recording(tmp_path / "kept")
+    assert recording.complete and recording.input_text[0] == "hello"
+    assert read_recording(tmp_path / "abandoned").complete  # its close was still carried out
+
+
 def test_the_manifest_is_written_after_every_record(tmp_path):
     """Watched from another thread while a backlog drains: whenever manifest.json
     exists, the records file already holds everything it counts."""
