@@ -112,6 +112,12 @@ async def add_host_candidates(pc: RTCPeerConnection, addresses: Sequence[str]) -
             connection._local_candidates.extend(extra)
 
 
+# Each remote candidate makes pairs the agent checks with STUN requests to its address:
+# without a bound, PATCHes of 16 KiB each would have the server send bursts anywhere.
+# An offer may hold as many (server/whip.py); real clients send a handful.
+MAX_REMOTE_CANDIDATES = 256
+
+
 @dataclass(frozen=True, slots=True)
 class IceCredentials:
     ufrag: str
@@ -134,8 +140,13 @@ def remote_ufrag(pc: RTCPeerConnection) -> str | None:
 async def add_remote_candidates(pc: RTCPeerConnection, candidates: Sequence[str], end: bool) -> int:
     """Trickled ``candidate:...`` values (and end-of-candidates): to every transport,
     since the fragment names only the first m-line of the BUNDLE group. Returns
-    how many were new. Raises ValueError for a malformed candidate."""
+    how many were new. Raises ValueError for a malformed candidate, or for more than
+    MAX_REMOTE_CANDIDATES in one ICE session (all or nothing)."""
     parsed = parse_candidates(candidates)
+    held = max((len(g._connection.remote_candidates) for g in _gatherers(pc)), default=0)
+    if held + len(parsed) > MAX_REMOTE_CANDIDATES:
+        raise ValueError(f"{held} remote candidates and {len(parsed)} more: at most {MAX_REMOTE_CANDIDATES} "
+                         "in one ICE session")
     added = 0
     for gatherer in _gatherers(pc):
         agent = gatherer._connection

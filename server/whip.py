@@ -274,7 +274,7 @@ async def patch_ice(request: Request, pc: RTCPeerConnection) -> Response:
     if pc.connectionState == "closed":
         return error_response(404, "not_found", "the resource has ended")
 
-    if if_match == "*":  # ICE restart
+    if if_match is not None and if_match.strip() in ("*", '"*"'):  # ICE restart (RFC 9725 writes it quoted)
         if not fragment.ufrag or not fragment.pwd:
             return error_response(400, "bad_fragment", "an ICE restart needs a=ice-ufrag and a=ice-pwd")
         try:

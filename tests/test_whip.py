@@ -134,6 +134,15 @@ async def test_trickled_candidates_reach_the_servers_ice_agent(speech):
                                          headers={"Content-Type": SDPFRAG})
             assert missing.status_code == 404
 
+            # More candidates than one ICE session may hold: refused whole (the agent would
+            # check every one of them with STUN requests).
+            flood = [f"candidate:{i} 1 udp 2130706431 127.0.0.1 {20_000 + i} typ host"
+                     for i in range(ice.MAX_REMOTE_CANDIDATES + 1)]
+            flooded = await client.patch(url, content=format_sdpfrag(credentials, flood, "0"),
+                                         headers={"Content-Type": SDPFRAG})
+            assert flooded.status_code == 400 and "at most 256 in one ICE session" in flooded.json()["message"]
+            assert not session.pc.getTransceivers()[0].receiver.transport.transport.getRemoteCandidates()
+
             trickled = await client.patch(url, content=fragment,
                                           headers={"Content-Type": SDPFRAG, "If-Match": created.headers["etag"]})
             assert trickled.status_code == 204
@@ -167,7 +176,7 @@ async def test_ice_restart_moves_the_session_to_new_credentials_without_dropping
                 assert etag(session.pc) == old_etag and ice.local_ice(session.pc)[0].ufrag == old_server_ufrag
                 assert ice.remote_ufrag(session.pc) == old_remote_ufrag
                 response = await client.patch(peer.session_url, content=format_sdpfrag(ours, our_candidates, "0"),
-                                              headers={"Content-Type": SDPFRAG, "If-Match": "*"})
+                                              headers={"Content-Type": SDPFRAG, "If-Match": '"*"'})  # as quoted
             assert response.status_code == 200 and response.headers["content-type"].startswith(SDPFRAG)
             assert response.headers["etag"] != old_etag
             answer = parse_sdpfrag(response.content)
