@@ -29,7 +29,7 @@ from server.router import report_capacity
 from server.rtp_tuning import validate_jitter_prefetch
 from server.sessions import SessionRegistry
 from server.tools import ChatBackend, Tool, default_tools
-from server.whip import EXPOSED_HEADERS
+from server.whip import EXPOSED_HEADERS, JSON_HTTP_ERRORS
 
 
 def create_app(config: ServerConfig, tracer_provider: TracerProvider | None = None,
@@ -141,7 +141,8 @@ def create_app(config: ServerConfig, tracer_provider: TracerProvider | None = No
         Route("/v1/sessions/{session_id}/whep/{viewer_id}", signalling.delete_resource, methods=["DELETE"]),
         Mount("/static", StaticFiles(directory=config.web_root), name="static"),
     ]
-    return Starlette(routes=routes, lifespan=lifespan, middleware=signalling_middleware(config))
+    return Starlette(routes=routes, lifespan=lifespan, middleware=signalling_middleware(config),
+                     exception_handlers=JSON_HTTP_ERRORS)
 
 
 def signalling_middleware(config: ServerConfig) -> list[Middleware]:
@@ -149,7 +150,8 @@ def signalling_middleware(config: ServerConfig) -> list[Middleware]:
     middleware = []
     if config.cors_origins:
         middleware.append(Middleware(
-            CORSMiddleware, allow_origins=config.cors_origins, allow_methods=["GET", "POST", "PATCH", "DELETE", "OPTIONS"],
+            CORSMiddleware, allow_origins=config.cors_origins,
+            allow_methods=["GET", "POST", "PATCH", "DELETE", "OPTIONS"],
             allow_headers=["Authorization", "Content-Type", "If-Match", "traceparent", "tracestate"],
             expose_headers=EXPOSED_HEADERS, max_age=600,
         ))

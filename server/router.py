@@ -33,7 +33,7 @@ from starlette.routing import Route
 from server.auth import BearerAuth, Verifier, mint_token
 from server.config import ServerConfig
 from server.sessions import SessionRegistry
-from server.whip import EXPOSED_HEADERS, SDP, error_response
+from server.whip import EXPOSED_HEADERS, JSON_HTTP_ERRORS, SDP, error_response
 
 log = logging.getLogger(__name__)
 
@@ -145,7 +145,7 @@ def create_router_app(verifier: Verifier | None = None, cors_origins: list[str] 
         Route("/v1/sessions", options, methods=["OPTIONS"]),
         Route("/v1/nodes", heartbeat, methods=["POST"]),
         Route("/v1/nodes", nodes, methods=["GET"]),
-    ], middleware=middleware)
+    ], middleware=middleware, exception_handlers=JSON_HTTP_ERRORS)
     app.state.nodes = table
     return app
 

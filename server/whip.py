@@ -22,6 +22,7 @@ from aiortc.codecs import CODECS
 from aiortc.rtcdtlstransport import X509_DIGEST_ALGORITHMS
 from aiortc.rtcpeerconnection import find_common_codecs
 from aiortc.sdp import MediaDescription, SessionDescription
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
@@ -75,6 +76,15 @@ _ICE_PWD = re.compile(r"[A-Za-z0-9+/]{22,256}")
 
 def error_response(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
     return JSONResponse({"error": code, "message": message}, status_code=status, headers=headers)
+
+
+async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
+    """Starlette's own refusals (no such route, a method it does not allow) as JSON, like ours."""
+    code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+    return error_response(exc.status_code, code, exc.detail, dict(exc.headers or {}))
+
+
+JSON_HTTP_ERRORS = {HTTPException: http_error}  # a Starlette app's exception_handlers
 
 
 def offer_text_problem(text: str) -> str | None:

@@ -55,6 +55,12 @@ async def test_created_session_has_an_etag_and_no_ice_links_unless_configured(sp
             async with httpx.AsyncClient() as client:
                 options = await client.options(f"{server.url}/v1/sessions")
             assert options.status_code == 204 and options.headers["accept-post"] == "application/sdp"
+            # Routes and methods that do not exist are refused in JSON too.
+            async with httpx.AsyncClient() as client:
+                no_route = await client.get(f"{server.url}/v1/nothing")
+                no_method = await client.put(peer.session_url)
+            assert no_route.status_code == 404 and no_route.json()["error"] == "not_found"
+            assert no_method.status_code == 405 and no_method.json()["error"] == "method_not_allowed"
         finally:
             await peer.close()
 
