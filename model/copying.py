@@ -60,15 +60,17 @@ def answer_digits(model: InteractionModel, conversation: Conversation,
     """The model's guess at each digit of the answer the reference writes after the
     result arrives ("it's 3:24." up to its full stop; later requests' operands are
     not copies), under teacher forcing. ``example``: the conversation's tensors, if
-    already made."""
+    already made (as ``to_example`` makes them for this model)."""
     turn = result_turn(conversation)
     if turn is None:
         return []
     example = example or to_example(conversation, model.config)
     probabilities = model.text_head(predictor_states(model, [example])).float().softmax(-1)
-    targets = conversation.text_out.reshape(-1).tolist()
+    # The example's text, not the conversation's: a model with a text lead is trained on
+    # it moved that many outputs earlier, and predicts it there (as model/answering.py).
+    targets = example.text_out.reshape(-1).tolist()
     guesses: list[DigitGuess] = []
-    for i in range(turn * model.config.out_positions, len(targets)):
+    for i in range(max(turn * model.config.out_positions - model.config.text_lead, 0), len(targets)):
         if targets[i] in _DIGITS:
             row = probabilities[i]
             guesses.append(DigitGuess(targets[i], int(row.argmax()), float(row[targets[i]])))

@@ -4,14 +4,18 @@ predictions depend on the result."""
 
 from __future__ import annotations
 
+import dataclasses
 import random
 
 import pytest
+import torch
 
+from model.config import preset
 from model.conversations import generate
 from model.copying import answer_digits, copy_probe, result_turn, with_changed_result, without_own_voice
+from model.interaction import InteractionModel
 from model.streaming import load_engine
-from model.train import to_example
+from model.train import predictor_states, to_example
 
 
 @pytest.fixture(scope="module")
@@ -69,3 +73,21 @@ def test_the_own_voice_check_silences_only_the_voice_from_the_result_on(delegati
     assert answer_digits(model, delegating, example)[0].p_target != answer_digits(model, delegating, silenced)[0].p_target
     result = copy_probe(model, [delegating])
     assert 0 < result["p_first_digit"] < 1 and 0 < result["p_first_digit_voice_silenced"] < 1
+
+
+def test_a_text_lead_model_is_scored_where_its_led_text_writes_the_digits(delegating):
+    """A model trained with ``text_lead`` writes each byte that many outputs early: the
+    probe must score the digits at the led positions, with the rows that predict them."""
+    torch.manual_seed(0)
+    model = InteractionModel(dataclasses.replace(preset("tiny"), text_lead=2)).eval()
+    example = to_example(delegating, model.config)
+    led = example.text_out.reshape(-1).tolist()
+    start = result_turn(delegating) * model.config.out_positions - 2
+    stop = led.index(ord("."), next(i for i in range(start, len(led)) if chr(led[i]).isdigit()))
+    positions = [i for i in range(start, stop) if chr(led[i]).isdigit()]
+    assert len(positions) == 3  # "3:24"
+    with torch.no_grad():
+        probabilities = model.text_head(predictor_states(model, [example])).float().softmax(-1)
+    guesses = answer_digits(model, delegating)
+    assert [g.target for g in guesses] == [led[i] for i in positions]
+    assert [g.p_target for g in guesses] == pytest.approx([float(probabilities[i, led[i]]) for i in positions])
