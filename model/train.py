@@ -7,10 +7,11 @@ its text bytes and dMel patches — in one sequence; the hidden state before eac
 output predicts it. Loss: text cross-entropy plus the audio head's loss.
 
 CPU by default, bf16 autocast on CUDA, data-parallel under ``torchrun``. Resumable:
-``--resume`` continues from ``OUT/train_state.pt`` (weights, optimiser, step, data
-position). Generated conversations are cached under ``--cache``/``cache_name()``
-(dMel bins as uint8: ~0.3 MB a conversation; the user's at ``dmel.FINE_BINS`` levels,
-which every ``ModelConfig.audio_in_bins`` nests in).
+``--resume`` continues from ``OUT/train_state.pt`` (weights, optimiser, step and random
+generators: a single-process run goes on as if never stopped). Generated conversations
+are cached under ``--cache``/``cache_name()`` (dMel bins as uint8: ~0.3 MB a
+conversation; the user's at ``dmel.FINE_BINS`` levels, which every
+``ModelConfig.audio_in_bins`` nests in).
 
 The model's own audio history is teacher-forced with light noise (``--history-noise``):
 served closed-loop it hears its own imperfect output, not the clean reference. The
@@ -31,6 +32,7 @@ import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -48,19 +50,29 @@ from model.lexicon import Lexicon, words_written
 from model.memory import release_freed_memory
 from model.text import encode
 from model.transformer import MoE
-from model.weights import (DECODING_FILE, deepen, deepened_blocks, load_checkpoint, load_decoding, save_checkpoint,
-                           widen_kv_heads, with_audio_head, with_parts, with_window, without_own_voice)
+from model.weights import (DECODING_FILE, WEIGHTS_FILE, checkpoint_step, deepen, deepened_blocks, load_checkpoint,
+                           load_decoding, replacing, save_checkpoint, widen_kv_heads, with_audio_head, with_parts,
+                           with_window, without_own_voice)
 
 STATE_FILE = "train_state.pt"
 LEXICON_FILE = "lexicon.txt"
 # The data version and the levels the user's bins are stored at: either changes the examples.
 CACHE_NAME = f"v{DATA_VERSION}-user{dmel.FINE_BINS}"
+# Text input slots a micro-turn of the caches named before the slots were (tiny, small).
+CACHE_SLOTS = 4
+# Under torchrun the other ranks wait at a barrier while rank 0 makes the data (~1 s a
+# conversation a core): thousands outlast the collectives' default 10 minutes. A hung
+# collective still fails, only later.
+PROCESS_GROUP_TIMEOUT = timedelta(hours=2)
 
 
-def cache_name() -> str:
-    """``CACHE_NAME``, marked when this process resamples without PyAV (``model.audio``):
-    the two resamplers' conversations differ in their low bits, so they are kept apart."""
-    return CACHE_NAME if resampler() == "av" else f"{CACHE_NAME}-{resampler()}"
+def cache_name(text_in_slots: int = CACHE_SLOTS) -> str:
+    """``CACHE_NAME``, marked when the examples split their text input into other than
+    ``CACHE_SLOTS`` slots a micro-turn (the ``gpu`` preset's 8: cached examples hold it
+    split), and when this process resamples without PyAV (``model.audio``): the two
+    resamplers' conversations differ in their low bits, so they are kept apart."""
+    name = CACHE_NAME if text_in_slots == CACHE_SLOTS else f"{CACHE_NAME}-slots{text_in_slots}"
+    return name if resampler() == "av" else f"{name}-{resampler()}"
 
 
 @dataclass
@@ -118,6 +130,16 @@ def leading_text(example: Example, lead: int) -> Example:
     return replace(example, text_out=led.view_as(example.text_out))
 
 
+def cached_example(path: Path, text_in_slots: int) -> Example:
+    """The example cached at ``path``, refused if its text input has other slots than
+    the model's (cached under a name that did not yet tell them apart)."""
+    example = Example(**torch.load(path))
+    if example.text_in.shape[1] != text_in_slots:
+        raise ValueError(f"{path} holds text input in {example.text_in.shape[1]} slots a micro-turn, the model "
+                         f"takes {text_in_slots}: made for another preset; delete it to have it made again")
+    return example
+
+
 # Cache file names by kind; delegation drills keep the name they had before answer drills.
 _CACHE_PREFIX = {None: "", "delegation": "drill-", "answer": "answer-drill-"}
 
@@ -130,12 +152,12 @@ def load_examples(seeds: list[int], config: ModelConfig, cache: Path | None, wor
     the longest run of ``seeds`` from the first that is ready (a lease of minutes)."""
     examples: dict[int, Example] = {}
     missing = []
-    cache = cache / cache_name() if cache else None
+    cache = cache / cache_name(config.text_in_slots) if cache else None
     prefix = _CACHE_PREFIX[drill]
     for seed in seeds:
         path = cache / f"{prefix}{seed}.pt" if cache else None
         if path is not None and path.exists():
-            examples[seed] = Example(**torch.load(path))
+            examples[seed] = cached_example(path, config.text_in_slots)
         else:
             missing.append(seed)
     stream = generate_in_order(missing, workers=workers, drill=drill, until=deadline)
@@ -176,12 +198,13 @@ def torch_threads(count: int) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def cached_run(cache: Path, first: int, limit: int, text_lead: int = 0) -> list[Example]:
+def cached_run(cache: Path, first: int, limit: int, text_lead: int = 0,
+               text_in_slots: int = CACHE_SLOTS) -> list[Example]:
     """The conversations cached from seed ``first`` up to the first gap (or ``limit``):
     what a generator running beside the training has finished (``--follow-cache``)."""
-    directory, examples = cache / cache_name(), []
+    directory, examples = cache / cache_name(text_in_slots), []
     while first + len(examples) < limit and (path := directory / f"{first + len(examples)}.pt").exists():
-        examples.append(leading_text(Example(**torch.load(path)), text_lead))
+        examples.append(leading_text(cached_example(path, text_in_slots), text_lead))
     return examples
 
 
@@ -426,6 +449,11 @@ def build_model(args: argparse.Namespace) -> tuple[InteractionModel, dict | None
         raise ValueError("--listen-probe trains the listening head alone, --audio-head-only the audio head alone")
     out = Path(args.out)
     state_path = out / STATE_FILE
+    if args.resume and not state_path.exists() and (out / WEIGHTS_FILE).exists():
+        # Else the run would start afresh and its first save overwrite those weights.
+        raise ValueError(f"--resume: {out} holds weights but no {STATE_FILE} to resume them with (a packed, "
+                         f"averaged or shipped checkpoint, or a run stopped before its first save); to train on "
+                         f"from those weights use --init {out} with another --out")
     listens = args.listen_weight > 0 or args.listen_probe  # the run needs a listening head
     new_blocks: list[str] = []  # name prefixes of the parameters the rate is scaled for
     if args.resume and state_path.exists():
@@ -434,6 +462,7 @@ def build_model(args: argparse.Namespace) -> tuple[InteractionModel, dict | None
             raise ValueError(f"--audio-head {args.audio_head} with --resume: {out} was trained with "
                              f"{model.config.audio_head}")
         state = torch.load(state_path, map_location="cpu")
+        check_saved_together(out, state)
         new_blocks = state.get("new_blocks", [])
     elif args.init:  # fine-tune: its weights, a fresh optimiser and schedule
         model = load_checkpoint(args.init)
@@ -486,13 +515,30 @@ def build_model(args: argparse.Namespace) -> tuple[InteractionModel, dict | None
     return model, state, new_blocks
 
 
+def check_saved_together(out: Path, state: dict) -> None:
+    """Refuse to resume weights and a ``train_state.pt`` from different saves (a run
+    killed between writing the two): the step ``save`` stamps on both must agree. A
+    pair saved before the stamps (no step on the weights, no generators in the state)
+    cannot be checked."""
+    stamped = checkpoint_step(out)
+    if stamped is None and "rng" not in state:
+        return
+    if stamped != state["step"]:
+        saved = "an unknown step" if stamped is None else f"step {stamped}"
+        raise ValueError(f"--resume: {out}'s weights are from {saved}, its {STATE_FILE} from step "
+                         f"{state['step']}: a save was cut short between the two. To train on from the weights "
+                         f"alone (a fresh optimiser and schedule) use --init {out} with another --out")
+
+
 def train(args: argparse.Namespace) -> list[float]:
     """Train as ``args`` say; returns the loss of every step this run made."""
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}" if torch.cuda.is_available() else "cpu")
     if distributed:
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        if device.type == "cuda":
+            torch.cuda.set_device(device)  # NCCL's barriers use the current device: else GPU 0 on every rank
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=PROCESS_GROUP_TIMEOUT)
     rank = dist.get_rank() if distributed else 0
-    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
     out = Path(args.out)
     torch.manual_seed(args.seed)  # the same initial weights on every rank
     model, state, new_blocks = build_model(args)
@@ -539,7 +585,7 @@ def train(args: argparse.Namespace) -> list[float]:
                                 ("delegation", args.first_drill, args.drills),
                                 ("answer", args.first_answer_drill, args.answer_drills)):
         if drill is None and args.follow_cache:  # what is ready now; more joins as it is made
-            loaded = cached_run(cache, first, first + count, config.text_lead)
+            loaded = cached_run(cache, first, first + count, config.text_lead, config.text_in_slots)
         else:
             loaded = load_examples(list(range(first, first + count)), config, cache, args.workers, drill=drill,
                                    deadline=deadline if drill is None else None)
@@ -565,6 +611,10 @@ def train(args: argparse.Namespace) -> list[float]:
                          "--follow-cache), no drills and no usable --recordings")
     torch.manual_seed(args.seed * 1000 + rank + step)  # history noise differs by rank
     rng = random.Random(args.seed * 1000 + step + rank)
+    if state is not None and "rng" in state and rank == 0:
+        # Only rank 0 saves, so only its draws go on as if never stopped; the other ranks
+        # (and states saved before the generators were) draw afresh from the seeds above.
+        restore_rng(state["rng"], rng, device)
     tokens_per_step = args.batch * args.turns * config.tokens_per_turn
     started, last_report, first_step = time.monotonic(), time.monotonic(), step
     losses: list[float] = []
@@ -572,7 +622,8 @@ def train(args: argparse.Namespace) -> list[float]:
     budget_s, total = 60 * args.minutes, args.steps
     while step < total:
         if args.follow_cache and step % 50 == 0:
-            fresh = cached_run(cache, following, args.first_seed + args.conversations, config.text_lead)
+            fresh = cached_run(cache, following, args.first_seed + args.conversations, config.text_lead,
+                               config.text_in_slots)
             if fresh:
                 following += len(fresh)
                 examples += fresh
@@ -614,7 +665,7 @@ def train(args: argparse.Namespace) -> list[float]:
                   f"{rate:,.0f} tokens/s", end="", file=sys.stderr, flush=True)
             last_report = now
         if rank == 0 and (step % args.save_every == 0 or step == total):
-            save(model, optimizer, step, out, new_blocks)
+            save(model, optimizer, step, out, new_blocks, rng, device)
             save_decoding(out, carried, words)
     if rank == 0:
         print(file=sys.stderr)
@@ -642,9 +693,32 @@ def parameter_groups(model: InteractionModel, new_blocks: list[str], new_lr_scal
 
 
 def save(model: InteractionModel, optimizer: torch.optim.Optimizer, step: int, out: Path,
-         new_blocks: list[str]) -> None:
-    save_checkpoint(model, out)
-    torch.save({"optimizer": optimizer.state_dict(), "step": step, "new_blocks": new_blocks}, out / STATE_FILE)
+         new_blocks: list[str], rng: random.Random, device: torch.device) -> None:
+    """The weights, then what resumes them: each file written whole (``replacing``), and
+    the step stamped on both, so a run killed between the two is refused on ``--resume``
+    (``check_saved_together``) rather than pairing weights with another save's optimiser."""
+    save_checkpoint(model, out, step=step)
+    state = {"optimizer": optimizer.state_dict(), "step": step, "new_blocks": new_blocks,
+             "rng": rng_state(rng, device)}
+    with replacing(out / STATE_FILE) as partial:
+        torch.save(state, partial)
+
+
+def rng_state(rng: random.Random, device: torch.device) -> dict[str, object]:
+    """What the steps after a save draw from: ``rng`` (the windows and their crops),
+    torch's CPU generator (history noise, masks) and the GPU's (a flow head's noise)."""
+    state: dict[str, object] = {"python": rng.getstate(), "torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def restore_rng(state: dict, rng: random.Random, device: torch.device) -> None:
+    """The generators as ``rng_state`` saved them (the GPU's only where there is one)."""
+    rng.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
 
 
 def save_decoding(out: Path, carried: dict[str, float | str], words: set[str]) -> None:
@@ -653,12 +727,14 @@ def save_decoding(out: Path, carried: dict[str, float | str], words: set[str]) -
     its model text wrote (``model.lexicon``; none when that text holds no word)."""
     settings = dict(carried)
     if words:
-        Lexicon(words).save(out / LEXICON_FILE)
+        with replacing(out / LEXICON_FILE) as partial:
+            Lexicon(words).save(partial)
         settings["lexicon"] = LEXICON_FILE
     else:
         (out / LEXICON_FILE).unlink(missing_ok=True)
     if settings:
-        (out / DECODING_FILE).write_text(json.dumps(settings) + "\n")
+        with replacing(out / DECODING_FILE) as partial:
+            partial.write_text(json.dumps(settings) + "\n")
     else:
         (out / DECODING_FILE).unlink(missing_ok=True)
 

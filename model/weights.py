@@ -10,12 +10,16 @@ makes (``model.train.save_decoding``).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from model.config import ModelConfig
@@ -29,18 +33,47 @@ DECODING_KEYS = {"write_threshold", "lexicon"}
 GROWABLE = ("listen_head.", "audio_encoder.", "audio_context.", "audio_in_fine.")
 
 
-def save_checkpoint(model: InteractionModel, directory: str | Path, dtype: torch.dtype | None = None) -> Path:
+@contextlib.contextmanager
+def replacing(path: Path) -> Iterator[Path]:
+    """A temporary name beside ``path`` to write to, renamed to ``path`` once written
+    whole: a process killed mid-write leaves the previous file, never a torn one (as
+    ``model.train.load_examples`` caches). One name per process, so two writers never
+    share a partial file; no fsync, like the cache: this guards against a kill, not a
+    power cut."""
+    partial = path.with_name(f"{path.name}.{os.getpid()}.partial")
+    try:
+        yield partial
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)  # gone once renamed; left by a failed write
+
+
+def save_checkpoint(model: InteractionModel, directory: str | Path, dtype: torch.dtype | None = None,
+                    step: int | None = None) -> Path:
     """``dtype`` (e.g. bf16, for a checkpoint's trip off a GPU machine) casts the floating
     parameters; buffers such as the experts' routing biases keep their precision.
-    ``load_checkpoint`` reads either back into the model's own float32."""
+    ``load_checkpoint`` reads either back into the model's own float32. ``step``: the
+    training step the weights are from, kept in the weights file's metadata
+    (``checkpoint_step``) so a resumed run can tell them from another save's."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     parameters = {name for name, _ in model.named_parameters()}
     state = {name: (tensor.to(dtype) if dtype and name in parameters and tensor.is_floating_point() else tensor)
              .detach().contiguous().cpu() for name, tensor in model.state_dict().items()}
-    save_file(state, directory / WEIGHTS_FILE, metadata={"config": model.config.to_json()})
-    (directory / CONFIG_FILE).write_text(model.config.to_json() + "\n")
+    metadata = {"config": model.config.to_json()} | ({} if step is None else {"step": str(step)})
+    with replacing(directory / WEIGHTS_FILE) as partial:
+        save_file(state, partial, metadata=metadata)
+    with replacing(directory / CONFIG_FILE) as partial:
+        partial.write_text(model.config.to_json() + "\n")
     return directory
+
+
+def checkpoint_step(directory: str | Path) -> int | None:
+    """The training step ``save_checkpoint`` stamped on the weights (None: not stamped,
+    e.g. saved before steps were, or averaged)."""
+    with safe_open(Path(directory) / WEIGHTS_FILE, framework="pt") as weights:
+        step = (weights.metadata() or {}).get("step")
+    return None if step is None else int(step)
 
 
 def load_checkpoint(directory: str | Path, expect: ModelConfig | None = None,

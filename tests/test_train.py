@@ -545,3 +545,90 @@ def test_a_fresh_flow_head_learns_to_voice_a_frozen_trained_trunk(tmp_path):
         train(build_parser().parse_args(common + ["--audio-head", "classify", "--resume", "--steps", "31"]))
     with pytest.raises(ValueError, match="alone"):
         train(build_parser().parse_args(common + ["--listen-probe", "--audio-head-only", "--steps", "1"]))
+
+
+def test_a_save_replaces_each_file_whole_and_resume_refuses_a_pair_from_two_saves(tmp_path):
+    """Each file is written beside and renamed over the last (a reader holding the old
+    one keeps it whole, so a kill mid-write leaves it whole too), and the step on the
+    weights must be the state's: a kill between the two files is refused, not resumed."""
+    import random
+
+    from model.train import STATE_FILE, build_model, save, save_decoding
+    from model.weights import checkpoint_step
+
+    out = tmp_path / "ckpt"
+    model = InteractionModel(preset("tiny"))
+    optimizer = torch.optim.AdamW(model.parameters())
+    save(model, optimizer, 1, out, [], random.Random(0), torch.device("cpu"))
+    save_decoding(out, {"write_threshold": 0.4}, {"one"})
+    names = ["model.safetensors", "config.json", STATE_FILE, "decoding.json", "lexicon.txt"]
+    before = {}
+    for name in names:  # a second name for each file as it is now
+        os.link(out / name, tmp_path / f"held-{name}")
+        before[name] = (out / name).read_bytes()
+    with torch.no_grad():
+        next(model.parameters()).add_(1.0)
+    save(model, optimizer, 2, out, [], random.Random(0), torch.device("cpu"))
+    save_decoding(out, {"write_threshold": 0.5}, {"two"})
+    for name in names:
+        assert (tmp_path / f"held-{name}").read_bytes() == before[name], f"{name} was written over in place"
+    assert (out / "model.safetensors").read_bytes() != before["model.safetensors"]
+    assert sorted(path.name for path in out.iterdir()) == sorted(names)  # no partial file left
+    assert checkpoint_step(out) == 2 and checkpoint_step("checkpoints/tiny") is None  # shipped: unstamped
+    load_checkpoint("checkpoints/tiny")
+
+    resume = ["--out", str(out), "--resume", "--turns", "40"]
+    assert build_model(build_parser().parse_args(resume))[1]["step"] == 2  # a whole pair resumes
+    os.replace(tmp_path / f"held-{STATE_FILE}", out / STATE_FILE)  # killed after the weights of step 2
+    with pytest.raises(ValueError, match="weights are from step 2, its train_state.pt from step 1"):
+        build_model(build_parser().parse_args(resume))
+
+
+def test_resume_refuses_weights_it_has_no_state_for_and_starts_a_fresh_out(tmp_path):
+    """A packed or averaged checkpoint in --out: --resume would have trained a new model
+    and its first save overwritten them. A fresh --out still starts (resume or not)."""
+    from model.train import build_model
+
+    out = tmp_path / "averaged"
+    save_checkpoint(InteractionModel(preset("tiny")), out)
+    weights = (out / "model.safetensors").read_bytes()
+    with pytest.raises(ValueError, match=f"no train_state.pt to resume them with .* use --init {out}"):
+        build_model(build_parser().parse_args(["--out", str(out), "--resume", "--turns", "40"]))
+    assert (out / "model.safetensors").read_bytes() == weights
+    model, state, _ = build_model(build_parser().parse_args(["--out", str(tmp_path / "new"), "--resume",
+                                                             "--turns", "40"]))
+    assert state is None and model.config.preset == "tiny"
+
+
+def test_a_resumed_run_draws_what_an_uninterrupted_one_does(tmp_path):
+    """Stopped at step 3 and resumed to 6, a run's windows, crops and history noise are
+    the uninterrupted run's, so are its losses and weights. (Within the warm-up the rate
+    does not depend on --steps, so a shorter run is the interrupted one.)"""
+    common = ["--batch", "2", "--turns", "10", "--window", "144", "--conversations", "2", "--warmup", "100",
+              "--cache", str(tmp_path / "cache"), "--workers", "1"]
+    whole = train(build_parser().parse_args(common + ["--out", str(tmp_path / "whole"), "--steps", "6"]))
+    parted = train(build_parser().parse_args(common + ["--out", str(tmp_path / "parted"), "--steps", "3"]))
+    parted += train(build_parser().parse_args(common + ["--out", str(tmp_path / "parted"), "--steps", "6",
+                                                        "--resume"]))
+    assert parted == whole
+    ends = load_checkpoint(tmp_path / "whole").state_dict(), load_checkpoint(tmp_path / "parted").state_dict()
+    assert all(torch.equal(tensor, ends[1][name]) for name, tensor in ends[0].items())
+
+
+def test_examples_with_other_text_input_slots_are_cached_apart(tmp_path):
+    """Cached examples hold their text input split into the model's slots a micro-turn:
+    the gpu preset's 8 and tiny's 4 must not share a cache (tiny's keeps its name), and
+    a file made for the other is refused by name, not met as a shape error mid-training."""
+    from model.train import CACHE_NAME, cache_name, cached_run, load_examples
+
+    assert cache_name() == cache_name(4) == CACHE_NAME and cache_name(8) == f"{CACHE_NAME}-slots8"
+    (four,) = load_examples([3], preset("tiny"), tmp_path)
+    (eight,) = load_examples([3], preset("gpu"), tmp_path)
+    assert four.text_in.shape[1] == 4 and eight.text_in.shape[1] == 8
+    assert torch.equal(eight.text_in.flatten()[eight.text_in.flatten() != NO_TEXT],
+                       four.text_in.flatten()[four.text_in.flatten() != NO_TEXT])  # the same text, queued
+    assert (tmp_path / CACHE_NAME / "3.pt").exists() and (tmp_path / f"{CACHE_NAME}-slots8" / "3.pt").exists()
+    assert cached_run(tmp_path, 3, 4, text_in_slots=8)[0].text_in.shape[1] == 8
+    torch.save(eight.__dict__, tmp_path / CACHE_NAME / "3.pt")  # as a gpu run cached it before the slots were named
+    with pytest.raises(ValueError, match="3.pt holds text input in 8 slots a micro-turn, the model takes 4"):
+        load_examples([3], preset("tiny"), tmp_path)
