@@ -132,7 +132,7 @@ class Session:
             tools, self.emit, self._queue_task_result, tracer, self.span,
             max_concurrent=config.max_tasks_per_session, on_finish=self._task_finished,
         )
-        self._task_requests = TaskRequestParser(default_tool="chat" if "chat" in tools else "calc")
+        self._task_requests = TaskRequestParser(default_tool="chat" if "chat" in tools else "calc", tools=tools)
         self._model_text: list[str] = []  # text entering the model at the next micro-turn
         # Input text not yet read by the model, in its text ids: what waits for the next
         # micro-turn, what was submitted with turns it has not answered yet (turn -> the
@@ -713,7 +713,10 @@ class Session:
             self.stats.tasks_created += 1
         except TaskError as exc:
             fields = {"ref": ref} if ref is not None else {}
-            self._protocol_error(exc.code, exc.message, **fields)
+            if origin == "model":  # the model's request, not a client's mistake: not a protocol error
+                self.emit("error", code=exc.code, message=exc.message, origin=origin)
+            else:
+                self._protocol_error(exc.code, exc.message, **fields)
 
     def _task_finished(self, tool: str, outcome: str) -> None:
         self.metrics.tasks.add(1, {tm.ATTR_TOOL: tool, tm.ATTR_OUTCOME: outcome})

@@ -20,7 +20,7 @@ import asyncio
 import itertools
 import logging
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from typing import Any
 
@@ -178,10 +178,13 @@ _MAX_PENDING = 4_096  # model text kept while waiting for a closing tag
 
 
 class TaskRequestParser:
-    """Finds ``<task>TOOL: INPUT</task>`` in the model's text as it streams in."""
+    """Finds ``<task>TOOL: INPUT</task>`` in the model's text as it streams in. A
+    request without a known tool's name before its colon goes whole to ``default_tool``
+    ("weather: Paris" is a question for the chat model, not an unknown tool)."""
 
-    def __init__(self, default_tool: str) -> None:
+    def __init__(self, default_tool: str, tools: Collection[str]) -> None:
         self.default_tool = default_tool
+        self.tools = frozenset(tools)
         self._pending = ""
 
     def feed(self, text: str) -> list[tuple[str, str]]:
@@ -192,7 +195,7 @@ class TaskRequestParser:
         for match in _REQUEST.finditer(self._pending):
             body = match.group(1).strip()
             tool, sep, tool_input = body.partition(":")
-            if sep and re.fullmatch(r"[a-z][a-z0-9_]*", tool.strip()):
+            if sep and tool.strip() in self.tools:
                 requests.append((tool.strip(), tool_input.strip()))
             else:
                 requests.append((self.default_tool, body))

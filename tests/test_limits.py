@@ -53,6 +53,24 @@ async def test_configured_limits_refuse_with_clear_errors_and_the_session_goes_o
         await peer.close()
 
 
+async def test_the_models_own_refused_request_is_reported_but_is_no_protocol_error(speech):
+    """The echo engine repeats text input as model text, so these are the model asking
+    for two tasks where one may run: the second is refused with an error saying the
+    model asked, and the client is not charged with a protocol error for it."""
+    config = ServerConfig(engine="echo", ice_host_addresses=["127.0.0.1"], max_tasks_per_session=1)
+    with running_server(config) as server:
+        peer = Peer(server.url, speech)
+        await peer.connect()
+        await peer.wait_for_event("session.ready")
+        peer.send({"type": "text.input", "text": "<task>timer: 5 s: one</task><task>timer: 5 s: two</task>"})
+        refused = await peer.wait_for_event("error", code="too_many_tasks")
+        async with httpx.AsyncClient() as client:
+            described = (await client.get(peer.session_url)).json()
+        await peer.close()
+    assert refused["origin"] == "model" and described["protocol_errors"] == 0
+    assert [e["input"] for e in peer.events_of("task.created")] == ["5 s: one"]
+
+
 async def test_typed_text_the_model_has_not_read_is_bounded_and_refused_until_it_has(speech):
     """The model reads typed text a few bytes a micro-turn (4 in tiny), so a client
     typing faster would grow a backlog without end, and every step with it. Past the

@@ -101,6 +101,15 @@ async def test_the_model_can_ask_for_a_task_in_its_text_stream(service, speech):
         done = await peer.wait_for_event("task.done", task_id=created["task_id"])
         assert done["result"] == "7006652"
         await peer.wait_for_event("transcript.delta", text=f"<result>{created['task_id']}: 7006652</result>")
+        # A name before the colon that is no tool's: the whole request goes to the default
+        # tool (here calc, with no chat configured), not refused as an unknown tool.
+        peer.send({"type": "text.input", "text": "<task>weather: 2 + 3</task>"})
+        second = await peer.wait_for_event("task.created", origin="model", task_id="t2")
+        assert second["tool"] == "calc" and second["input"] == "weather: 2 + 3"
+        await peer.wait_for_event("task.failed", task_id="t2")  # calc cannot read it: its task fails
+        async with httpx.AsyncClient() as client:
+            described = (await client.get(peer.session_url)).json()
+        assert not peer.events_of("error") and described["protocol_errors"] == 0
     finally:
         await peer.close()
 
