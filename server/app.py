@@ -25,7 +25,7 @@ from server.config import ServerConfig
 from server.engine import Engine, StepInfo, make_model
 from server.metrics import Metrics
 from server.recording import RecordingWriter
-from server.router import report_capacity
+from server.router import leave_router, report_capacity
 from server.rtp_tuning import validate_jitter_prefetch
 from server.sessions import SessionRegistry
 from server.tools import ChatBackend, Tool, default_tools
@@ -79,6 +79,8 @@ def create_app(config: ServerConfig, tracer_provider: TracerProvider | None = No
         finally:
             for task in background:
                 task.cancel()
+            if config.router_url:
+                await leave_router(config, app.state.registry)
             # SIGTERM: uvicorn has stopped accepting connections; tell every client,
             # let replies and tasks finish (bounded), then flush what must not be lost.
             await app.state.registry.drain("server_shutdown", config.drain_timeout_s)

@@ -150,22 +150,24 @@ def create_router_app(verifier: Verifier | None = None, cors_origins: list[str] 
     return app
 
 
+def _node_headers(config: ServerConfig) -> dict[str, str]:
+    if config.auth_secret:  # a fresh token each beat: never near its expiry
+        return {"Authorization": f"Bearer {mint_token(config.auth_secret, 3600, 'node')}"}
+    return {"Authorization": f"Bearer {config.auth_tokens[0]}"} if config.auth_tokens else {}
+
+
 async def report_capacity(config: ServerConfig, registry: SessionRegistry) -> None:
     """Node side: heartbeat to the router for the server's life. A router that is
     down costs a log line per period, never the node's own sessions."""
     assert config.router_url is not None
     url = config.router_url.rstrip("/") + "/v1/nodes"
-    advertise = config.advertise_url
-    headers = {"Authorization": f"Bearer {config.auth_tokens[0]}"} if config.auth_tokens else {}
     failing = False
     async with httpx.AsyncClient(timeout=2.0) as client:
         while True:
-            if config.auth_secret:  # a fresh token each beat: never near its expiry
-                headers["Authorization"] = f"Bearer {mint_token(config.auth_secret, 3600, 'node')}"
-            beat = {"url": advertise, "capacity": registry.capacity, "free": registry.free,
-                    "ready": registry.engine.alive and registry.free > 0}
+            beat = {"url": config.advertise_url, "capacity": registry.capacity, "free": registry.free,
+                    "ready": registry.engine.alive and registry.free > 0 and not registry.draining}
             try:
-                response = await client.post(url, json=beat, headers=headers)
+                response = await client.post(url, json=beat, headers=_node_headers(config))
                 response.raise_for_status()
                 if failing:
                     log.info("router %s reachable again", url)
@@ -175,6 +177,19 @@ async def report_capacity(config: ServerConfig, registry: SessionRegistry) -> No
                     log.warning("cannot report capacity to %s: %s", url, exc)
                 failing = True
             await asyncio.sleep(config.heartbeat_period_s)
+
+
+async def leave_router(config: ServerConfig, registry: SessionRegistry) -> None:
+    """Node side, at shutdown: one last beat saying it takes no one, so the router
+    stops sending clients here now rather than when the beats go stale (seconds of
+    new sessions refused by a draining node)."""
+    assert config.router_url is not None
+    beat = {"url": config.advertise_url, "capacity": registry.capacity, "free": 0, "ready": False}
+    try:
+        async with httpx.AsyncClient(timeout=1.0) as client:
+            await client.post(config.router_url.rstrip("/") + "/v1/nodes", json=beat, headers=_node_headers(config))
+    except httpx.HTTPError as exc:  # the router may be gone first; its beats then go stale
+        log.info("could not tell the router this node is leaving: %s", exc)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -102,12 +102,21 @@ async def test_the_router_sends_sessions_to_nodes_with_room_and_skips_full_ones(
                                       headers={"Content-Type": "application/sdp", **auth})
             assert again.status_code == 307 and again.headers["location"].startswith(landed_first)
 
-            # A node that stops reporting is skipped once its heartbeat is stale.
-            stop(processes[1 if landed_first.endswith(str(a_port)) else 2])
-            await asyncio.sleep(4)
+            # A node shutting down tells the router at once: no client is sent to it after.
+            leaving = 1 if landed_first.endswith(str(a_port)) else 2
+            stop(processes[leaving])
+            listed = (await client.get(f"{router}/v1/nodes", headers=auth)).json()["nodes"]
+            left = next(n for n in listed if n["url"] == landed_first)
+            assert left["live"] and not left["ready"] and left["free"] == 0, left  # its beats not yet stale
             gone = await client.post(f"{router}/v1/sessions", content="v=0\r\n",
                                      headers={"Content-Type": "application/sdp", **auth})
             assert gone.status_code == 503
+            # A node that dies without a word is dropped once its heartbeat is stale.
+            processes[3 - leaving].kill()
+            peers.remove(second)
+            await second.close(delete=False)  # its node is gone: nothing to DELETE
+            await asyncio.sleep(4)
+            await nodes_settled(client, router, auth, {}, timeout_s=1)
     finally:
         for peer in peers:
             await peer.close()
