@@ -64,11 +64,12 @@ from model.text import Decoder
 from model.train import batch_loss, crop, listened_states, teacher_forced_layers, to_example
 from model.vocoder import LAG_SAMPLES
 from server.tasks import TaskRequestParser
-from server.tools import ToolError, calculate
+from server.tools import ToolError, calculate, default_tools
 
 ACTIVE_RMS = 0.01  # a micro-turn of model audio louder than this is speech
 REPLY_WINDOW_TURNS = 7  # 1.4 s
 WORD_SECONDS = 1.2  # the stretch of a reply the recogniser hears
+SERVED_TOOLS = tuple(default_tools())  # the tools a server has without an LLM: requests parse as there
 
 
 @dataclass
@@ -135,8 +136,8 @@ def _delegation(event: Event, following: Event | None, wanted_text: list[str],
     parsed as the server parses them."""
     span = slice(_question_turn(event), _question_turn(following) if following is not None else None)
     written = "".join(timeline.text[span])
-    asked = TaskRequestParser("calc").feed(written)
-    wanted = TaskRequestParser("calc").feed("".join(wanted_text[span]))
+    asked = TaskRequestParser("calc", SERVED_TOOLS).feed(written)
+    wanted = TaskRequestParser("calc", SERVED_TOOLS).feed("".join(wanted_text[span]))
     after = written.partition("</task>")[2] if asked else written
     copied = re.search(rf"(?<![\d.:-]){re.escape(event.expected_text)}(?![\d:])", after) is not None
     request_right = bool(asked and wanted) and _same_request(asked[0], wanted[0])
