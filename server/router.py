@@ -30,12 +30,13 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from server.auth import BearerAuth, Verifier, mint_token
+from server.auth import BearerAuth, TokenError, Verifier, mint_token, request_token, verify_token
 from server.config import ServerConfig
 from server.sessions import SessionRegistry
 from server.whip import EXPOSED_HEADERS, JSON_HTTP_ERRORS, SDP, error_response
 
 log = logging.getLogger(__name__)
+NODE_SUBJECT = "node"  # the subject servers sign their heartbeats' tokens for
 
 _RESERVATION_S = 5.0  # a redirect counts against its node this long at most...
 _SETTLE_S = 1.0  # ...or until a heartbeat this much later (the session exists by then)
@@ -83,6 +84,19 @@ class NodeTable:
                  "live": now - n.seen <= self.node_timeout_s} for n in self.nodes.values()]
 
 
+def _from_a_node(verifier: Verifier, request: Request) -> bool:
+    """Whether a heartbeat comes from a server. With a signing secret, servers sign
+    their beats for subject "node", and a client's token (which got past the auth
+    middleware all the same) may not register a URL that clients would then be sent
+    to. With static tokens (or none) nothing tells them apart (docs/deploy.md)."""
+    if not verifier.secret:
+        return True
+    try:
+        return verify_token(verifier.secret, request_token(request.scope) or "").get("sub") == NODE_SUBJECT
+    except TokenError:
+        return False
+
+
 def _valid_node_url(url: object) -> bool:
     if not isinstance(url, str):
         return False
@@ -115,6 +129,9 @@ def create_router_app(verifier: Verifier | None = None, cors_origins: list[str] 
         return Response(status_code=204, headers={"Accept-Post": SDP})
 
     async def heartbeat(request: Request) -> Response:
+        if not _from_a_node(verifier, request):
+            return error_response(403, "not_a_node", "heartbeats need a token minted for subject 'node' "
+                                  "(servers mint their own from --auth-secret)")
         try:
             body = await request.json()
             url, capacity, free, ready = body["url"], body["capacity"], body["free"], body["ready"]
@@ -152,7 +169,7 @@ def create_router_app(verifier: Verifier | None = None, cors_origins: list[str] 
 
 def _node_headers(config: ServerConfig) -> dict[str, str]:
     if config.auth_secret:  # a fresh token each beat: never near its expiry
-        return {"Authorization": f"Bearer {mint_token(config.auth_secret, 3600, 'node')}"}
+        return {"Authorization": f"Bearer {mint_token(config.auth_secret, 3600, NODE_SUBJECT)}"}
     return {"Authorization": f"Bearer {config.auth_tokens[0]}"} if config.auth_tokens else {}
 
 

@@ -62,6 +62,10 @@ async def test_the_router_sends_sessions_to_nodes_with_room_and_skips_full_ones(
             unauthorised = await client.post(f"{router}/v1/sessions", content="v=0\r\n",
                                              headers={"Content-Type": "application/sdp"})
             assert unauthorised.status_code == 401
+            # A client's token may not register a server that clients would then be sent to.
+            posing = await client.post(f"{router}/v1/nodes", headers=auth,
+                                       json={"url": "http://127.0.0.1:9", "capacity": 9, "free": 9, "ready": True})
+            assert posing.status_code == 403 and posing.json()["error"] == "not_a_node"
 
             first = Peer(router, tone)
             peers.append(first)
@@ -131,7 +135,7 @@ async def test_the_redirect_keeps_the_clients_query_and_adds_the_routers_token()
     app = create_router_app(Verifier(secret=SECRET))
     headers = {"Authorization": f"Bearer {mint_token(SECRET, 60)}"}
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://router") as client:
-        beat = await client.post("/v1/nodes", headers=headers,
+        beat = await client.post("/v1/nodes", headers={"Authorization": f"Bearer {mint_token(SECRET, 60, 'node')}"},
                                  json={"url": "http://node-a:8000", "capacity": 4, "free": 4, "ready": True})
         assert beat.status_code == 204, beat.text
         redirect = await client.post("/v1/sessions?record=1&access_token=stale", headers=headers,
