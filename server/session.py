@@ -610,7 +610,8 @@ class Session:
             except ValueError:  # over the peer's max-message-size (e.g. a huge task result)
                 log.warning("session %s: %s event of %d bytes is too large for the peer", self.id, event_type,
                             len(encoded))
-                channel.send(server_event("error", trace_id=self.trace_id, code="event_too_large",
+                channel.send(server_event("error", trace_id=self.trace_id, ts_ms=round(time.time() * 1000, 1),
+                                          code="event_too_large",
                                           message=f"a {event_type} event ({len(encoded)} bytes) exceeded the "
                                                   "channel's message size and was dropped"))
         elif len(self._early_events) < _MAX_EARLY_EVENTS:
