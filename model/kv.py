@@ -5,8 +5,11 @@ always occupy slots 0..n−1 (closing one moves the last session into its place)
 so a pass over every open session reads the pool in place, without a gather.
 Each slot holds
 ``sinks`` permanent entries (the session's first tokens) and a ring for the rest,
-sized ``window + max_append`` so that while a pass appends its tokens, no key
-that one of them still needs (see attention.visibility) has been overwritten.
+sized ``window + tokens_per_turn``: while a step appends its micro-turn's tokens
+(over several passes), no key that one of them still needs (see
+attention.visibility) has been overwritten, so a failed step's ``rollback`` loses
+nothing a retry would see. (``window + max_append``, one pass, was enough for the
+appends, but a retried step then found two of its visible keys zeroed.)
 Memory is fixed at construction: a session's cost is the same after a minute or a day.
 """
 
@@ -23,7 +26,7 @@ class KVPool:
                  dtype: torch.dtype = torch.float32, backend: str | None = None) -> None:
         self.config = config
         self.backend = choose_backend(torch.device(device), backend)  # "sdpa" or "xformers"
-        self.capacity = config.sinks + config.window + config.max_append
+        self.capacity = config.sinks + config.window + config.tokens_per_turn
         # (layer, slot, entry, kv head, dim): one layout for both attention backends.
         # xformers reads a run of packed slots as one padded key sequence (a view);
         # SDPA reads the same memory transposed to (slot, head, entry, dim), in place.
@@ -92,9 +95,10 @@ class KVPool:
         return [self.lengths[slot] for slot in slots], self.positions[slots]  # advanced indexing: a copy
 
     def rollback(self, slots: list[int], mark: tuple[list[int], torch.Tensor]) -> None:
-        """Undo appends since ``mark`` (a failed step). The entries written were empty or
-        held keys no later query can see (the ring is sized so): they get their old
-        positions back, zeroed, so they stay masked and finite whatever was written."""
+        """Undo appends since ``mark`` (a failed step of at most one micro-turn). The
+        entries written were empty or held keys no later query can see (the ring is
+        sized so): they get their old positions back, zeroed, so they stay masked and
+        finite whatever was written."""
         lengths, positions = mark
         rows, entries = (self.positions[slots] != positions).nonzero(as_tuple=True)
         touched = torch.tensor(slots, dtype=torch.int64, device=rows.device)[rows]

@@ -185,6 +185,36 @@ def test_a_failed_step_leaves_every_session_as_it_was(speech):
     assert model.faults == {}
 
 
+def test_a_step_retried_after_its_session_outgrew_the_window_computes_the_same_bits(speech):
+    """A step appends a whole micro-turn over several passes; if it then fails, its
+    appends are rolled back. With a window short enough to wrap within a few turns,
+    a retry after the wrap must see exactly the keys the first try saw (the ring once
+    held one pass, not one micro-turn, and rollback zeroed two keys still in view)."""
+    config = preset("tiny", d_model=64, n_layers=2, n_heads=4, expert_hidden=64, shared_hidden=64,
+                    window=48, sinks=4, flow_hidden=64)
+    torch.manual_seed(3)
+    model = InteractionModel(config).eval()
+    turns, fault = 10, 8  # 48 keys is 3 micro-turns: by turn 8 the ring has wrapped twice
+    chunks = [speech[t * TURN_SAMPLES:(t + 1) * TURN_SAMPLES] for t in range(turns)]
+
+    def run(fail_at: int | None) -> list[TurnOutput]:
+        engine = StreamingModel(model, max_sessions=1)
+        engine.open_session("s")
+        outputs = []
+        for turn, chunk in enumerate(chunks):
+            if turn == fail_at:
+                good = engine._sessions["s"].vocoder
+                engine._sessions["s"].vocoder = corrupt(good)
+                with pytest.raises(RuntimeError):
+                    engine.step([TurnInput("s", turn, chunk)])
+                engine._sessions["s"].vocoder = good
+            outputs.append(engine.step([TurnInput("s", turn, chunk)])[0])
+        return outputs
+
+    for retried, undisturbed in zip(run(fault), run(None), strict=True):
+        assert_same(retried, undisturbed)
+
+
 def test_typed_text_with_lone_surrogates_steps_as_question_marks(speech):
     """JSON can escape a lone surrogate ("\\ud800"), which is no character and has no
     UTF-8: the model reads it as "?" rather than failing the session's step, and says
