@@ -11,6 +11,11 @@ attention.visibility) has been overwritten, so a failed step's ``rollback`` lose
 nothing a retry would see. (``window + max_append``, one pass, was enough for the
 appends, but a retried step then found two of its visible keys zeroed.)
 Memory is fixed at construction: a session's cost is the same after a minute or a day.
+
+The sinks' keys are also kept before their rotary rotation (``raw_sinks``): a
+long session would otherwise attend to them across distances no training window
+ever spanned (rotary angles the model never saw). ``transformer.place_sinks``
+rotates them to sit at most ``sink_distance`` before each pass's first query.
 """
 
 from __future__ import annotations
@@ -23,7 +28,8 @@ from model.config import ModelConfig
 
 class KVPool:
     def __init__(self, config: ModelConfig, max_sessions: int, device: str | torch.device = "cpu",
-                 dtype: torch.dtype = torch.float32, backend: str | None = None) -> None:
+                 dtype: torch.dtype = torch.float32, backend: str | None = None,
+                 sink_distance: int | None = None) -> None:
         self.config = config
         self.backend = choose_backend(torch.device(device), backend)  # "sdpa" or "xformers"
         self.capacity = config.sinks + config.window + config.tokens_per_turn
@@ -35,6 +41,16 @@ class KVPool:
         self.values = torch.zeros(shape, device=device, dtype=dtype)
         self.positions = torch.full((max_sessions, self.capacity), -1, dtype=torch.int64, device=device)
         self.lengths = [0] * max_sessions  # tokens appended so far = the next position
+        # The sinks' keys unrotated, and the shift their stored (rotated) keys were
+        # placed at: position i is rotated as i + shift (``transformer.place_sinks``).
+        self.raw_sinks = torch.zeros(shape[:2] + (config.sinks,) + shape[3:], device=device, dtype=dtype)
+        self.sink_shift = [0] * max_sessions
+        # The farthest a pass's first query sees the first sink; the default is the
+        # span every training window covers (``train.check_trained_span``).
+        self.sink_distance = config.sinks + config.window - 1 if sink_distance is None else sink_distance
+        if self.sink_distance < config.sinks + config.window - 1:
+            raise ValueError(f"sink_distance {self.sink_distance}: at least sinks + window - 1 "
+                             f"({config.sinks + config.window - 1}), or a sink would be placed inside the window")
         self._slots: dict[str, int] = {}
         self._owners: list[str] = []  # session id of each occupied slot, in slot order
 
@@ -61,6 +77,8 @@ class KVPool:
         # is 0, and 0·NaN is NaN): a new session starts from zeros.
         self.keys[:, slot] = 0
         self.values[:, slot] = 0
+        self.raw_sinks[:, slot] = 0
+        self.sink_shift[slot] = 0
         self._slots[session_id] = slot
         self._owners.append(session_id)
         return slot
@@ -76,6 +94,8 @@ class KVPool:
             self.values[:, slot] = self.values[:, last]
             self.positions[slot] = self.positions[last]
             self.lengths[slot] = self.lengths[last]
+            self.raw_sinks[:, slot] = self.raw_sinks[:, last]
+            self.sink_shift[slot] = self.sink_shift[last]
             self._owners[slot] = moved
             self._slots[moved] = slot
 
@@ -104,6 +124,8 @@ class KVPool:
         touched = torch.tensor(slots, dtype=torch.int64, device=rows.device)[rows]
         self.keys[:, touched, entries] = 0
         self.values[:, touched, entries] = 0
+        sinks = entries < self.config.sinks  # (a sink's placed key is a function of its raw key and
+        self.raw_sinks[:, touched[sinks], entries[sinks]] = 0  # shift: a shift undone is redone next pass)
         self.positions[slots] = positions
         for slot, length in zip(slots, lengths, strict=True):
             self.lengths[slot] = length
@@ -127,3 +149,7 @@ class KVPool:
         """Store new keys/values (rows, kv heads, dim); row i goes to slot slots[i], entry index[i]."""
         self.keys[layer, slots, index] = k
         self.values[layer, slots, index] = v
+
+    def write_raw_sinks(self, layer: int, slots: torch.Tensor, positions: torch.Tensor, k: torch.Tensor) -> None:
+        """Keep sink keys (rows at positions < sinks) before their rotation."""
+        self.raw_sinks[layer, slots, positions] = k

@@ -93,7 +93,7 @@ class StreamingModel:
     def __init__(self, model: InteractionModel, max_sessions: int = 64, seed: int = 0,
                  temperature: float = 0.0, weights: str = "random", device: str = "cpu",
                  attention: str | None = None, write_threshold: float | None = None,
-                 lexicon: Lexicon | None = None) -> None:
+                 lexicon: Lexicon | None = None, sink_distance: int | None = None) -> None:
         # On CUDA: weights fp32, compute and the KV pool in bf16 (autocast). Features,
         # sampling generators and the vocoder stay on the CPU: small per-session work.
         self.device = torch.device(device)
@@ -101,8 +101,10 @@ class StreamingModel:
         self.config = model.config
         self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda"
                          else contextlib.nullcontext())
+        # sink_distance: how far before a query its sinks may sit (kv.KVPool; a checkpoint's
+        # decoding.json may set the span its training windows covered).
         self.pool = KVPool(self.config, max_sessions, self.device,
-                           torch.bfloat16 if self.device.type == "cuda" else torch.float32, attention)
+                           torch.bfloat16 if self.device.type == "cuda" else torch.float32, attention, sink_distance)
         self.seed = seed
         self.temperature = temperature
         if write_threshold is not None:  # a checkpoint's decoding.json or a command line

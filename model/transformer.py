@@ -155,7 +155,12 @@ class Attention(nn.Module):
 
     def forward_stream(self, x: torch.Tensor, batch: StreamBatch, pool: KVPool, layer: int) -> torch.Tensor:
         """x: (rows, d), the new tokens of every session in ``batch``, in order."""
-        q, k, v = self._project(x, batch.row_positions)
+        c = self.config
+        q, k, v = self.qkv(x).view(x.shape[0], -1, c.head_dim).split([c.n_heads, c.n_kv_heads, c.n_kv_heads], dim=1)
+        if batch.sink_rows is not None:  # a session's first tokens: kept unrotated too (place_sinks)
+            rows = batch.sink_rows
+            pool.write_raw_sinks(layer, batch.row_slots[rows], batch.row_positions[rows], k[rows])
+        q, k = rope(q, batch.row_positions, c.rope_base), rope(k, batch.row_positions, c.rope_base)
         real = batch.real_rows
         pool.write(layer, batch.row_slots, batch.row_cache_index, k[:real], v[:real])
         out = q.new_zeros(q.shape)
@@ -187,6 +192,7 @@ class StreamBatch:
 
     segments: list[Segment]
     row_positions: torch.Tensor  # absolute position of every row (padding rows: 0)
+    sink_rows: torch.Tensor | None = field(default=None, init=False)  # rows at sink positions (place_sinks)
     _plan: AttentionPlan | PackedPlan | None = field(default=None, init=False, repr=False, compare=False)
 
     @functools.cached_property
@@ -315,6 +321,34 @@ class PackedPlan:
         return result
 
 
+def place_sinks(batch: StreamBatch, pool: KVPool, rope_base: float) -> None:
+    """Before a pass: note which of its rows are sink positions, and rotate each
+    session's sink keys to sit at most ``pool.sink_distance`` before the pass's first
+    query. Training windows start at position 0, so a query there sees the sinks at
+    most a window's length away; served for minutes, a query at absolute positions
+    would see them at rotary distances no window ever spanned. Shifted, the sinks
+    stay where training put them relative to the queries (StreamingLLM, Xiao et al.
+    2023, does the same by numbering positions within the cache); until a session is
+    ``sink_distance`` tokens long nothing moves. A sink key is a function of its raw
+    key and its shift, so a pass that fails is simply redone."""
+    sinks = pool.config.sinks
+    firsts = [pool.lengths[seg.slot] - seg.count for seg in batch.segments]  # reserved already
+    if any(first < sinks for first in firsts):
+        batch.sink_rows = (batch.row_positions[: batch.real_rows] < sinks).nonzero().flatten()
+    moved = [(seg.slot, shift) for seg, first in zip(batch.segments, firsts, strict=True)
+             if (shift := max(0, first - pool.sink_distance)) != pool.sink_shift[seg.slot]]
+    if not moved:
+        return
+    slots = torch.tensor([slot for slot, _ in moved], device=pool.keys.device)
+    shifts = torch.tensor([shift for _, shift in moved], device=pool.keys.device)
+    raw = pool.raw_sinks[:, slots]  # (layers, sessions, sinks, kv heads, dim)
+    positions = (torch.arange(sinks, device=raw.device)[None] + shifts[:, None]).expand(raw.shape[0], -1, -1)
+    placed = rope(raw.reshape(-1, *raw.shape[3:]), positions.reshape(-1), rope_base)
+    pool.keys[:, slots, :sinks] = placed.view(raw.shape)
+    for slot, shift in moved:
+        pool.sink_shift[slot] = shift
+
+
 class Block(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -349,6 +383,7 @@ class Transformer(nn.Module):
 
     def forward_stream(self, x: torch.Tensor, batch: StreamBatch, pool: KVPool, moe_path: str = "grouped") -> torch.Tensor:
         """x: (rows, d) new tokens, rows a multiple of ROW_MULTIPLE -> hidden states (rows, d)."""
+        place_sinks(batch, pool, self.config.rope_base)
         for layer, block in enumerate(self.blocks):
             x = x + block.attn.forward_stream(block.attn_norm(x), batch, pool, layer)
             x = x + block.ffn(block.ffn_norm(x), moe_path)

@@ -28,7 +28,7 @@ from model.interaction import InteractionModel
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 DECODING_FILE = "decoding.json"
-DECODING_KEYS = {"write_threshold", "lexicon"}
+DECODING_KEYS = {"write_threshold", "lexicon", "sink_distance"}
 # Weight-name prefixes of the parts ``with_parts`` may add to a trained model.
 GROWABLE = ("listen_head.", "audio_encoder.", "audio_context.", "audio_in_fine.")
 

@@ -180,32 +180,75 @@ def test_route_bias_changes_selection_but_not_the_weighting_formula():
 # -- streaming = full forward ------------------------------------------------------------------
 
 
-def test_appending_chunk_by_chunk_equals_one_full_forward():
-    torch.manual_seed(2)
-    config = SMALL
-    trunk = Transformer(config).eval()
-    tokens = torch.randn(1, 10 * config.tokens_per_turn, config.d_model)
+def stream_tokens(trunk: Transformer, tokens: torch.Tensor, pool: KVPool) -> tuple[list[torch.Tensor], int]:
+    """Stream (tokens, d) through a fresh slot pass by pass, as served: the first turn's
+    inputs and outputs, then each turn's previous output + inputs and its outputs.
+    The hidden states of each pass, and the slot."""
+    config = trunk.config
+    slot = pool.open(f"s{pool.open_sessions}")
+    streamed, start = [], 0
+    sizes = [config.input_tokens] + [1] * config.out_positions
+    sizes += [config.max_append, 1, 1, 1] * (tokens.shape[0] // config.tokens_per_turn + 1)
     with torch.no_grad():
-        full = trunk.forward_full(tokens)[0]
-        pool = KVPool(config, max_sessions=2)
-        slot = pool.open("s")
-        streamed, start = [], 0
-        sizes = [config.input_tokens] + [1] * config.out_positions
-        sizes += [config.max_append, 1, 1, 1] * 20
         for size in sizes:
-            if start >= tokens.shape[1]:
+            if start >= tokens.shape[0]:
                 break
-            size = min(size, tokens.shape[1] - start)
+            size = min(size, tokens.shape[0] - start)
             index, positions = pool.reserve(slot, size)
-            rows = pad_rows(tokens[0, start : start + size])
+            rows = pad_rows(tokens[start : start + size])
             row_positions = torch.zeros(rows.shape[0], dtype=torch.int64)
             row_positions[:size] = positions
             batch = StreamBatch([Segment(slot, 0, size, index)], row_positions)
             streamed.append(trunk.forward_stream(rows, batch, pool)[:size])
             start += size
-    assert tokens.shape[1] > config.window + config.sinks, "the window must be exercised"
+    return streamed, slot
+
+
+def test_appending_chunk_by_chunk_equals_one_full_forward():
+    """Streamed with the sinks where training puts them (at their absolute positions:
+    never moved), a sequence longer than sinks + window is its full forward."""
+    torch.manual_seed(2)
+    config = SMALL
+    trunk = Transformer(config).eval()
+    tokens = torch.randn(10 * config.tokens_per_turn, config.d_model)
+    with torch.no_grad():
+        full = trunk.forward_full(tokens[None])[0]
+    streamed, _ = stream_tokens(trunk, tokens, KVPool(config, max_sessions=2, sink_distance=10**9))
+    assert tokens.shape[0] > config.window + config.sinks, "the window must be exercised"
     # fp32, different matmul shapes: equal to within rounding.
     torch.testing.assert_close(torch.cat(streamed), full, rtol=1e-4, atol=1e-4)
+
+
+def test_sinks_stay_within_the_distance_training_spans_however_long_the_session():
+    """Past ``sink_distance`` the sinks' keys are rotated to sit that far before each
+    pass's first query: until then a session streams exactly as with sinks never
+    moved; after, what a query computes no longer depends on how long ago the session
+    began. One layer, so that a key depends on its token alone: two sessions with the
+    same first tokens and the same last window, one twice as long in between, end
+    the same (and differently with sinks at their absolute positions)."""
+    torch.manual_seed(4)
+    config = dataclasses.replace(SMALL, n_layers=1)
+    trunk = Transformer(config).eval()
+    per_turn, span = config.tokens_per_turn, config.sinks + config.window
+    tokens = torch.randn(20 * per_turn, config.d_model)
+    moved, _ = stream_tokens(trunk, tokens, pool := KVPool(config, max_sessions=2))
+    fixed, _ = stream_tokens(trunk, tokens, KVPool(config, max_sessions=2, sink_distance=10**9))
+    firsts = np.cumsum([0] + [len(hidden) for hidden in moved])[:-1]  # each pass's first position
+    passes_before = int((firsts <= pool.sink_distance).sum())
+    assert pool.sink_distance == span - 1 and passes_before < len(moved)
+    for a, b in zip(moved[:passes_before], fixed[:passes_before], strict=True):
+        assert torch.equal(a, b)  # the first sinks + window tokens: nothing moved yet
+    assert not torch.allclose(torch.cat(moved), torch.cat(fixed), atol=1e-4)
+    assert pool.sink_shift[0] == tokens.shape[0] - 1 - pool.sink_distance  # the last pass: one token
+
+    turns_between = 12  # the sinks' turn, then 12 or 24 turns, then the same last window
+    last = tokens[-4 * per_turn:]
+    short = torch.cat([tokens[:per_turn], tokens[per_turn : (1 + turns_between) * per_turn], last])
+    long = torch.cat([tokens[:per_turn], tokens[per_turn : (1 + 2 * turns_between) * per_turn], last])
+    for sink_distance, same in ((None, True), (10**9, False)):
+        ends = [stream_tokens(trunk, sequence, KVPool(config, max_sessions=1, sink_distance=sink_distance))[0][-1]
+                for sequence in (short, long)]
+        assert torch.allclose(*ends, atol=1e-4) == same, sink_distance
 
 
 def test_the_audio_context_streams_turn_by_turn_as_it_trains_over_a_window():
@@ -249,9 +292,11 @@ class RecordingModel(StreamingModel):
 
 
 def test_a_streamed_session_equals_the_full_forward_of_its_sequence():
+    """(With the sinks never moved, as in a training window: the sequence outgrows
+    sinks + window, where served sinks would otherwise move.)"""
     torch.manual_seed(3)
     model = InteractionModel(SMALL)
-    engine = RecordingModel(model, max_sessions=1)
+    engine = RecordingModel(model, max_sessions=1, sink_distance=10**9)
     engine.open_session("s")
     rng, speech = np.random.default_rng(0), speech_audio()
     for turn in range(6):
