@@ -12,9 +12,8 @@ from collections.abc import Callable
 import numpy as np
 import pytest
 import torch
-from opentelemetry import trace
-
 from conftest import running_server
+from opentelemetry import trace
 from waiting import wait_until
 
 from loadtest.peer import Peer
