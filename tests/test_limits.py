@@ -5,10 +5,13 @@ The session duration limit is in test_lifecycle.py."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import re
+from collections.abc import AsyncIterator
 
 import httpx
+import numpy as np
 import pytest
 from conftest import running_server
 from waiting import wait_until
@@ -19,6 +22,21 @@ from server.config import ServerConfig
 
 TIGHT = ServerConfig(engine="echo", ice_host_addresses=["127.0.0.1"], max_sessions=1, max_text_chars=10,
                      max_message_bytes=300, max_tasks_per_session=1, messages_per_second=5, message_burst=8)
+
+
+# The model reads typed text 4 bytes a micro-turn: a backlog of 15 fills in a message.
+BACKLOG_15 = ServerConfig(engine="model", checkpoint=None, ice_host_addresses=["127.0.0.1"],
+                          max_text_backlog_bytes=15)
+
+
+@contextlib.asynccontextmanager
+async def ready_session(config: ServerConfig, speech: np.ndarray) -> AsyncIterator[Peer]:
+    """One peer, its session ready, on a real server with ``config``."""
+    with running_server(config) as server:
+        peer = Peer(server.url, speech)
+        await peer.connect()
+        await peer.wait_for_event("session.ready")
+        yield peer
 
 
 async def test_configured_limits_refuse_with_clear_errors_and_the_session_goes_on(speech):
@@ -57,11 +75,8 @@ async def test_the_models_own_refused_request_is_reported_but_is_no_protocol_err
     """The echo engine repeats text input as model text, so these are the model asking
     for two tasks where one may run: the second is refused with an error saying the
     model asked, and the client is not charged with a protocol error for it."""
-    config = ServerConfig(engine="echo", ice_host_addresses=["127.0.0.1"], max_tasks_per_session=1)
-    with running_server(config) as server:
-        peer = Peer(server.url, speech)
-        await peer.connect()
-        await peer.wait_for_event("session.ready")
+    async with ready_session(ServerConfig(engine="echo", ice_host_addresses=["127.0.0.1"], max_tasks_per_session=1),
+                             speech) as peer:
         peer.send({"type": "text.input", "text": "<task>timer: 5 s: one</task><task>timer: 5 s: two</task>"})
         refused = await peer.wait_for_event("error", code="too_many_tasks")
         async with httpx.AsyncClient() as client:
@@ -75,12 +90,7 @@ async def test_typed_text_the_model_has_not_read_is_bounded_and_refused_until_it
     """The model reads typed text a few bytes a micro-turn (4 in tiny), so a client
     typing faster would grow a backlog without end, and every step with it. Past the
     limit a text.input is refused with a clear error, and taken again once read."""
-    config = ServerConfig(engine="model", checkpoint=None, ice_host_addresses=["127.0.0.1"],
-                          max_text_backlog_bytes=15)
-    with running_server(config) as server:
-        peer = Peer(server.url, speech)
-        await peer.connect()
-        await peer.wait_for_event("session.ready")
+    async with ready_session(BACKLOG_15, speech) as peer:
 
         def answers() -> int:
             return len(peer.events_of("user.text")) + len(peer.events_of("error"))
@@ -112,12 +122,7 @@ async def test_a_background_result_the_model_has_no_room_for_fails_its_task(spee
     """Background results join the same bounded backlog as typed text: a tool that
     finishes faster than the model reads would otherwise grow its queue without end.
     A result that does not fit fails its task (no task.done, no text for the model)."""
-    config = ServerConfig(engine="model", checkpoint=None, ice_host_addresses=["127.0.0.1"],
-                          max_text_backlog_bytes=15)
-    with running_server(config) as server:
-        peer = Peer(server.url, speech)
-        await peer.connect()
-        await peer.wait_for_event("session.ready")
+    async with ready_session(BACKLOG_15, speech) as peer:
         peer.send({"type": "text.input", "text": "0123456789abcd"})  # 14 of 15; read at 4 a micro-turn
         peer.send({"type": "task.create", "tool": "calc", "input": "1+1", "ref": "a"})  # "<result>t1: 2</result>": 7
         failed = await peer.wait_for_event("task.failed")
