@@ -140,6 +140,7 @@ class Session:
         # reported still queued in it.
         self._model_text_ids = 0
         self._text_in_flight: dict[int, tuple[str, int]] = {}
+        self._retried_texts = 0  # texts of failed turns at the front of _model_text, in turn order
         self._text_waiting_in_model = 0
         self._rate = RateLimit(config.messages_per_second, config.message_burst)
         self._metrics_task: asyncio.Task[None] | None = None
@@ -429,7 +430,7 @@ class Session:
         self._chunk_rms[turn] = rms
         self._input_quiet.observe(rms)
         self._chunk_closed_ns[turn] = time.time_ns()
-        text, self._model_text = "".join(self._model_text), []
+        text, self._model_text, self._retried_texts = "".join(self._model_text), [], 0
         if text:
             self._text_in_flight[turn], self._model_text_ids = (text, self._model_text_ids), 0
         if self.recorder is not None:
@@ -552,12 +553,25 @@ class Session:
         text, ids = self._text_in_flight.pop(turn, ("", 0))
         if code == SESSION_RESET:  # the model forgot the conversation, its queued text with it
             self._text_waiting_in_model = 0
-        elif text and code != SESSION_LOST:  # a failed step changed nothing: the text goes with the next
-            self._model_text.insert(0, text)
+        elif text and code != SESSION_LOST:
+            # A failed step changed nothing: the text goes with the next turn, ahead of what
+            # came since (after other failed turns' texts: errors arrive in turn order).
+            self._model_text.insert(self._retried_texts, text)
+            self._retried_texts += 1
             self._model_text_ids += ids
         self.emit("error", code=code, message=message, turn=turn)
         if code == SESSION_LOST:  # the engine let it go: the model would never answer again
-            self._spawn(self.end(SESSION_LOST, 0.5))  # the error and session.ending go out first
+            self._spawn(self._end_when_heard(SESSION_LOST))
+
+    async def _end_when_heard(self, reason: str) -> None:
+        """End, once the client can hear why: a session the model refused at its start
+        has no open channel yet, and ending at once would drop the error unsent. (A
+        publisher without a data channel waits the connect timeout, then ends.)"""
+        deadline = time.monotonic() + self.config.connect_timeout_s
+        while (self.close_reason is None and time.monotonic() < deadline
+               and (self.channel is None or self.channel.readyState != "open")):
+            await asyncio.sleep(0.05)
+        await self.end(reason, 0.5)
 
     # -- data channel -----------------------------------------------------------------
 

@@ -340,44 +340,32 @@ def test_a_session_that_fails_every_step_is_reset_and_recovers(speech, run_engin
 async def test_typed_text_riding_a_failed_turn_enters_the_model_with_the_next(speech):
     """A failed step changes nothing, so the text its turn carried never reached the
     model, though the client had its user.text: the session sends it with the next turn.
-    Real server, model and peer; the fault is a corrupt vocoder state, put right after."""
+    The server's own session, engine and model; the fault, injected around the model's
+    step, fails the one step that carries the text."""
     config = ServerConfig(engine="model", checkpoint=None, ice_host_addresses=["127.0.0.1"], max_sessions=2)
     text = "a typed question, long enough to take the model many micro-turns to read"  # 4 ids a micro-turn
     with running_server(config) as server:
+        model = server.app.state.registry.engine.model
+        step, failed = model.step, []
+
+        def step_failing_once_on_text(batch: list[TurnInput]) -> list[TurnOutput]:  # the engine thread
+            if not failed and any(chunk.text for chunk in batch):
+                failed.append(next(chunk.turn for chunk in batch if chunk.text))
+                raise RuntimeError("injected: the step carrying the text fails")
+            return step(batch)
+
+        model.step = step_failing_once_on_text
         peer = Peer(server.url, speech)
         await peer.connect()
         await peer.wait_for_event("session.ready")
         session_id = peer.session_url.rsplit("/", 1)[1]
-        session = server.app.state.registry.get(session_id)
-        state = server.app.state.registry.engine.model._sessions[session_id]
-        good = state.vocoder
-        await wait_until(lambda: session.stats.turns_out >= 2, 10, "the first turns")
-        armed: list[int] = []
-
-        def arm() -> None:  # on the server's loop: the text and the fault, from the next turn on
-            armed.append(session._chunker.next_turn)
-            session._on_text_input({"type": "text.input", "text": text})
-            state.vocoder = corrupt(good)
-
-        # A step already under way when the fault is set puts its own saved state back (and
-        # so the good vocoder): then the text's turn does not fail, and the test arms again.
-        def outcome(kind: str) -> bool:  # what the client heard of the armed turn
-            return any(e["turn"] == armed[-1] for e in peer.events_of(kind))
-
-        for _ in range(3):
-            session.loop.call_soon_threadsafe(arm)
-            await wait_until(lambda: armed and (outcome("turn") or outcome("error")), 10, "the armed turn's outcome")
-            state.vocoder = good
-            if outcome("error"):
-                break
-        failed_turns = [e["turn"] for e in peer.events_of("error")]
-        assert armed[-1] in failed_turns, (armed, failed_turns)
-        # The text went again with the next turn: the model has most of it still to read.
-        await wait_until(lambda: session.stats.turns_out > armed[-1] + 2, 10, "turns after the fault")
-        waiting = server.app.state.registry.engine.model._sessions[session_id].text_queue
-        assert len(waiting) >= len(text) - 4 * 4, len(waiting)
+        peer.send({"type": "text.input", "text": text})
+        error = await peer.wait_for_event("error", code=STEP_FAILED)
+        await peer.wait_for_event("turn", turn=failed[0] + 3)
+        waiting = len(model._sessions[session_id].text_queue)  # the text went again, and is being read
         await peer.close()
-    assert all(e["code"] == STEP_FAILED for e in peer.events_of("error"))  # never reset: it recovered
+    assert error["turn"] == failed[0] and len(peer.events_of("error")) == 1
+    assert len(text) - 3 * 4 <= waiting < len(text), waiting
 
 
 async def test_a_session_the_model_cannot_take_is_told_and_closed(speech):
