@@ -46,13 +46,14 @@ def trained_turns(recording: Recording) -> int:
 
 def to_conversation(recording: Recording, positions: int) -> Conversation:
     """A recording on the conversation timeline; missing turns (a failed step) are
-    silence with no text."""
+    silence with no text, in and out: the text a failed turn carried never reached
+    the model, and the server sent it again with the next turn, recorded there."""
     turns = trained_turns(recording)
     return Conversation(
         seed=-1,
         user_audio=recording.user_audio(turns),
         model_audio=recording.model_audio(turns),
-        text_in=[recording.input_text.get(t, "") for t in range(turns)],
+        text_in=[recording.input_text.get(t, "") if t in recording.outputs else "" for t in range(turns)],
         text_out=text_output_positions([recording.output_text.get(t, "") for t in range(turns)], positions),
     )
 

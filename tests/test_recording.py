@@ -19,7 +19,7 @@ import torch
 from model.config import preset
 from model.conversations import Conversation, generate
 from model.interface import TURN_SAMPLES
-from model.recordings import recording_example, text_output_positions
+from model.recordings import recording_example, text_output_positions, to_conversation
 from model.text import Decoder
 from model.train import to_example
 from server.recording import (
@@ -354,6 +354,23 @@ def test_a_recording_is_the_same_example_as_its_conversation(tmp_path, conversat
     unquantised = to_example(conversation, config)
     assert (example.user_bins != unquantised.user_bins).float().mean() < 0.01
     assert torch.equal(example.text_out, unquantised.text_out)
+
+
+def test_a_failed_turns_text_is_trained_once_where_it_reached_the_model(tmp_path):
+    """The server records a turn's text when it submits it; if that step fails, it
+    sends the text again with the next turn and records it there too. Training reads
+    it where it reached the model: at the failed turn (no output) it is not."""
+    writer = RecordingWriter(tmp_path)
+    recorder = writer.open("retried")
+    for turn in range(8):
+        text = "hello" if turn in (5, 6) else ""
+        recorder.input(turn, tone(turn), text)
+        if turn != 5:  # turn 5's step failed: no output
+            recorder.output(turn, tone(turn), "")
+    recorder.close("done").result(10)
+    writer.close()
+    conversation = to_conversation(read_recording(tmp_path / "retried"), 4)
+    assert conversation.text_in == [""] * 6 + ["hello", ""]
 
 
 def test_output_text_layout_carries_overflow_forward():
