@@ -143,10 +143,8 @@ async def add_remote_candidates(pc: RTCPeerConnection, candidates: Sequence[str]
     how many were new. Raises ValueError for a malformed candidate, or for more than
     MAX_REMOTE_CANDIDATES in one ICE session (all or nothing)."""
     parsed = parse_candidates(candidates)
-    held = max((len(g._connection.remote_candidates) for g in _gatherers(pc)), default=0)
-    if held + len(parsed) > MAX_REMOTE_CANDIDATES:
-        raise ValueError(f"{held} remote candidates and {len(parsed)} more: at most {MAX_REMOTE_CANDIDATES} "
-                         "in one ICE session")
+    check_candidate_count(max((len(g._connection.remote_candidates) for g in _gatherers(pc)), default=0),
+                          len(parsed))
     added = 0
     for gatherer in _gatherers(pc):
         agent = gatherer._connection
@@ -161,6 +159,13 @@ async def add_remote_candidates(pc: RTCPeerConnection, candidates: Sequence[str]
             gatherer._remote_candidates_end = True
             await agent.add_remote_candidate(None)
     return added
+
+
+def check_candidate_count(held: int, more: int) -> None:
+    """ValueError if an ICE session holding ``held`` remote candidates may not take ``more``."""
+    if held + more > MAX_REMOTE_CANDIDATES:
+        raise ValueError(f"{held} remote candidates and {more} more: at most {MAX_REMOTE_CANDIDATES} "
+                         "in one ICE session")
 
 
 def parse_candidates(values: Sequence[str]) -> list[RTCIceCandidate]:

@@ -288,7 +288,8 @@ async def patch_ice(request: Request, pc: RTCPeerConnection) -> Response:
         if not fragment.ufrag or not fragment.pwd:
             return error_response(400, "bad_fragment", "an ICE restart needs a=ice-ufrag and a=ice-pwd")
         try:
-            ice.parse_candidates(fragment.candidates)  # a refused restart must leave the old ICE session be
+            # A refused restart must leave the old ICE session be: check all before restarting.
+            ice.check_candidate_count(0, len(ice.parse_candidates(fragment.candidates)))
             ours = ice.restart_ice(pc, ice.IceCredentials(fragment.ufrag, fragment.pwd))
             await ice.add_remote_candidates(pc, fragment.candidates, fragment.end_of_candidates)
         except ValueError as exc:

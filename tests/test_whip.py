@@ -176,11 +176,15 @@ async def test_ice_restart_moves_the_session_to_new_credentials_without_dropping
             _, our_candidates = ice.local_ice(peer.pc)
             async with httpx.AsyncClient() as client:
                 # A restart with a malformed candidate is refused before anything restarts.
-                refused = await client.patch(peer.session_url, headers={"Content-Type": SDPFRAG, "If-Match": "*"},
-                                             content=format_sdpfrag(ours, [*our_candidates, "candidate:1 1 udp"], "0"))
-                assert refused.status_code == 400 and refused.json()["error"] == "bad_fragment"
-                assert etag(session.pc) == old_etag and ice.local_ice(session.pc)[0].ufrag == old_server_ufrag
-                assert ice.remote_ufrag(session.pc) == old_remote_ufrag
+                # So is one with more candidates than an ICE session may hold.
+                flood = [f"candidate:{i} 1 udp 2130706431 127.0.0.1 {20_000 + i} typ host"
+                         for i in range(ice.MAX_REMOTE_CANDIDATES + 1)]
+                for candidates in ([*our_candidates, "candidate:1 1 udp"], flood):
+                    refused = await client.patch(peer.session_url, headers={"Content-Type": SDPFRAG, "If-Match": "*"},
+                                                 content=format_sdpfrag(ours, candidates, "0"))
+                    assert refused.status_code == 400 and refused.json()["error"] == "bad_fragment"
+                    assert etag(session.pc) == old_etag and ice.local_ice(session.pc)[0].ufrag == old_server_ufrag
+                    assert ice.remote_ufrag(session.pc) == old_remote_ufrag
                 response = await client.patch(peer.session_url, content=format_sdpfrag(ours, our_candidates, "0"),
                                               headers={"Content-Type": SDPFRAG, "If-Match": '"*"'})  # as quoted
             assert response.status_code == 200 and response.headers["content-type"].startswith(SDPFRAG)
