@@ -77,13 +77,15 @@ def create_app(config: ServerConfig, tracer_provider: TracerProvider | None = No
         try:
             yield
         finally:
-            for task in background:
-                task.cancel()
+            # SIGTERM: uvicorn has stopped accepting connections; tell the router (which
+            # then sends no one here) and every client, let replies and tasks finish
+            # (bounded; heartbeats go on saying "not ready"), then flush what must not be lost.
+            app.state.registry.draining = True  # before the leave beat: no later beat says "ready"
             if config.router_url:
                 await leave_router(config, app.state.registry)
-            # SIGTERM: uvicorn has stopped accepting connections; tell every client,
-            # let replies and tasks finish (bounded), then flush what must not be lost.
             await app.state.registry.drain("server_shutdown", config.drain_timeout_s)
+            for task in background:
+                task.cancel()
             if recording is not None:  # every queued record and manifest on disk
                 await asyncio.to_thread(recording.close, 10.0)
             engine.stop()
