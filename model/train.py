@@ -34,6 +34,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -434,7 +435,7 @@ def check_trained_span(config: ModelConfig, turns: int) -> None:
             f"use --turns {-(-span // config.tokens_per_turn)} or more, or --window {trained - config.sinks} or less")
 
 
-def build_model(args: argparse.Namespace) -> tuple[InteractionModel, dict | None, list[str]]:
+def build_model(args: argparse.Namespace) -> tuple[InteractionModel, dict[str, Any] | None, list[str]]:
     """The model a run trains, as ``args`` say: resumed from ``--out`` (with its saved
     optimiser state), fine-tuned from ``--init``, or new from ``--preset``; then with
     the parts its switches add or remove. Also the name prefixes of the blocks
@@ -515,7 +516,7 @@ def build_model(args: argparse.Namespace) -> tuple[InteractionModel, dict | None
     return model, state, new_blocks
 
 
-def check_saved_together(out: Path, state: dict) -> None:
+def check_saved_together(out: Path, state: dict[str, Any]) -> None:
     """Refuse to resume weights and a ``train_state.pt`` from different saves (a run
     killed between writing the two): the step ``save`` stamps on both must agree. A
     pair saved before the stamps (no step on the weights, no generators in the state)
@@ -713,7 +714,7 @@ def rng_state(rng: random.Random, device: torch.device) -> dict[str, object]:
     return state
 
 
-def restore_rng(state: dict, rng: random.Random, device: torch.device) -> None:
+def restore_rng(state: dict[str, Any], rng: random.Random, device: torch.device) -> None:
     """The generators as ``rng_state`` saved them (the GPU's only where there is one)."""
     rng.setstate(state["python"])
     torch.set_rng_state(state["torch"])

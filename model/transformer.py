@@ -148,19 +148,23 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(config.d_model, (config.n_heads + 2 * config.n_kv_heads) * config.head_dim, bias=False)
         self.out = nn.Linear(config.d_model, config.d_model, bias=False)
 
-    def _project(self, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x: (rows, d) -> queries, keys and values per head, not yet rotated."""
         c = self.config
-        q, k, v = self.qkv(x).view(x.shape[0], -1, c.head_dim).split([c.n_heads, c.n_kv_heads, c.n_kv_heads], dim=1)
-        return rope(q, positions, c.rope_base), rope(k, positions, c.rope_base), v
+        return self.qkv(x).view(x.shape[0], -1, c.head_dim).split([c.n_heads, c.n_kv_heads, c.n_kv_heads], dim=1)
+
+    def _project(self, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        q, k, v = self._qkv(x)
+        return rope(q, positions, self.config.rope_base), rope(k, positions, self.config.rope_base), v
 
     def forward_stream(self, x: torch.Tensor, batch: StreamBatch, pool: KVPool, layer: int) -> torch.Tensor:
         """x: (rows, d), the new tokens of every session in ``batch``, in order."""
-        c = self.config
-        q, k, v = self.qkv(x).view(x.shape[0], -1, c.head_dim).split([c.n_heads, c.n_kv_heads, c.n_kv_heads], dim=1)
+        q, k, v = self._qkv(x)
         if batch.sink_rows is not None:  # a session's first tokens: kept unrotated too (place_sinks)
             rows = batch.sink_rows
             pool.write_raw_sinks(layer, batch.row_slots[rows], batch.row_positions[rows], k[rows])
-        q, k = rope(q, batch.row_positions, c.rope_base), rope(k, batch.row_positions, c.rope_base)
+        base = self.config.rope_base
+        q, k = rope(q, batch.row_positions, base), rope(k, batch.row_positions, base)
         real = batch.real_rows
         pool.write(layer, batch.row_slots, batch.row_cache_index, k[:real], v[:real])
         out = q.new_zeros(q.shape)

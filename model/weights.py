@@ -226,6 +226,9 @@ def load_decoding(directory: str | Path) -> dict[str, float | str]:
     unknown = set(settings) - DECODING_KEYS
     if unknown:
         raise ValueError(f"{path}: unknown decoding settings {sorted(unknown)}; known: {sorted(DECODING_KEYS)}")
+    distance = settings.get("sink_distance")
+    if distance is not None and (not isinstance(distance, int) or isinstance(distance, bool)):
+        raise ValueError(f"{path}: sink_distance is a whole number of tokens, not {distance!r}")
     if "lexicon" in settings:
         lexicon = Path(directory) / str(settings["lexicon"])
         if not lexicon.is_file():

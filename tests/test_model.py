@@ -613,3 +613,12 @@ def test_a_checkpoints_decoding_json_sets_how_it_is_served(tmp_path):
         (tmp_path / "ckpt" / "decoding.json").write_text(f'{{"write_threshold": {nonsense}}}')
         with pytest.raises(ValueError, match="write_threshold: a probability between 0 and 1"):
             load_engine(str(tmp_path / "ckpt"), max_sessions=1)
+    # How far before a query the sinks may sit: a whole number of tokens, at least
+    # sinks + window - 1 (nearer, a sink would sit among the window's keys).
+    (tmp_path / "ckpt" / "decoding.json").write_text('{"sink_distance": 1279}')
+    assert load_engine(str(tmp_path / "ckpt"), max_sessions=1).pool.sink_distance == 1279
+    for nonsense, refusal in (('"far"', "whole number"), ("639.5", "whole number"), ("true", "whole number"),
+                              ("600", "at least sinks \\+ window - 1")):
+        (tmp_path / "ckpt" / "decoding.json").write_text(f'{{"sink_distance": {nonsense}}}')
+        with pytest.raises(ValueError, match=refusal):
+            load_engine(str(tmp_path / "ckpt"), max_sessions=1)
