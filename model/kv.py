@@ -47,10 +47,11 @@ class KVPool:
         self.sink_shift = [0] * max_sessions
         # The farthest a pass's first query sees the first sink; the default is the
         # span every training window covers (``train.check_trained_span``).
-        self.sink_distance = config.sinks + config.window - 1 if sink_distance is None else sink_distance
-        if self.sink_distance < config.sinks + config.window - 1:
-            raise ValueError(f"sink_distance {self.sink_distance}: at least sinks + window - 1 "
-                             f"({config.sinks + config.window - 1}), or a sink would be placed inside the window")
+        nearest = config.sinks + config.window - 1
+        self.sink_distance = nearest if sink_distance is None else sink_distance
+        if self.sink_distance < nearest:
+            raise ValueError(f"sink_distance {self.sink_distance}: at least sinks + window - 1 ({nearest}), "
+                             "or a sink would be placed inside the window")
         self._slots: dict[str, int] = {}
         self._owners: list[str] = []  # session id of each occupied slot, in slot order
 
@@ -124,8 +125,7 @@ class KVPool:
         touched = torch.tensor(slots, dtype=torch.int64, device=rows.device)[rows]
         self.keys[:, touched, entries] = 0
         self.values[:, touched, entries] = 0
-        sinks = entries < self.config.sinks  # (a sink's placed key is a function of its raw key and
-        self.raw_sinks[:, touched[sinks], entries[sinks]] = 0  # shift: a shift undone is redone next pass)
+        # Raw sinks need no undoing: a retry rewrites them long before any shift reads them.
         self.positions[slots] = positions
         for slot, length in zip(slots, lengths, strict=True):
             self.lengths[slot] = length

@@ -161,8 +161,8 @@ class Attention(nn.Module):
         """x: (rows, d), the new tokens of every session in ``batch``, in order."""
         q, k, v = self._qkv(x)
         if batch.sink_rows is not None:  # a session's first tokens: kept unrotated too (place_sinks)
-            rows = batch.sink_rows
-            pool.write_raw_sinks(layer, batch.row_slots[rows], batch.row_positions[rows], k[rows])
+            rows, slots, positions = batch.sink_rows
+            pool.write_raw_sinks(layer, slots, positions, k[rows])
         base = self.config.rope_base
         q, k = rope(q, batch.row_positions, base), rope(k, batch.row_positions, base)
         real = batch.real_rows
@@ -196,7 +196,8 @@ class StreamBatch:
 
     segments: list[Segment]
     row_positions: torch.Tensor  # absolute position of every row (padding rows: 0)
-    sink_rows: torch.Tensor | None = field(default=None, init=False)  # rows at sink positions (place_sinks)
+    # Rows at sink positions, with their slots and positions (set by place_sinks; None: none).
+    sink_rows: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = field(default=None, init=False)
     _plan: AttentionPlan | PackedPlan | None = field(default=None, init=False, repr=False, compare=False)
 
     @functools.cached_property
@@ -338,16 +339,16 @@ def place_sinks(batch: StreamBatch, pool: KVPool, rope_base: float) -> None:
     sinks = pool.config.sinks
     firsts = [pool.lengths[seg.slot] - seg.count for seg in batch.segments]  # reserved already
     if any(first < sinks for first in firsts):
-        batch.sink_rows = (batch.row_positions[: batch.real_rows] < sinks).nonzero().flatten()
+        rows = (batch.row_positions[: batch.real_rows] < sinks).nonzero().flatten()
+        batch.sink_rows = rows, batch.row_slots[rows], batch.row_positions[rows]
     moved = [(seg.slot, shift) for seg, first in zip(batch.segments, firsts, strict=True)
              if (shift := max(0, first - pool.sink_distance)) != pool.sink_shift[seg.slot]]
     if not moved:
         return
-    slots = torch.tensor([slot for slot, _ in moved], device=pool.keys.device)
-    shifts = torch.tensor([shift for _, shift in moved], device=pool.keys.device)
+    slots, shifts = torch.tensor(moved, device=pool.keys.device).T
     raw = pool.raw_sinks[:, slots]  # (layers, sessions, sinks, kv heads, dim)
-    positions = (torch.arange(sinks, device=raw.device)[None] + shifts[:, None]).expand(raw.shape[0], -1, -1)
-    placed = rope(raw.reshape(-1, *raw.shape[3:]), positions.reshape(-1), rope_base)
+    positions = (torch.arange(sinks, device=raw.device)[None] + shifts[:, None]).flatten()  # the same in every layer
+    placed = rope(raw.flatten(1, 2), positions, rope_base)
     pool.keys[:, slots, :sinks] = placed.view(raw.shape)
     for slot, shift in moved:
         pool.sink_shift[slot] = shift
