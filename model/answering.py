@@ -20,7 +20,7 @@ from model.config import NO_TEXT, TASK_CLOSE, TASK_OPEN
 from model.conversations import NUMBER_WORDS, Conversation, Event, turn_at
 from model.interaction import InteractionModel
 from model.lexicon import LETTERS
-from model.train import predicting_states, rendered_history, teacher_forced_layers, to_example
+from model.train import led_start, predicting_states, rendered_history, teacher_forced_layers, to_example
 
 
 def written_span(event: Event, text: list[int], first: int) -> list[int] | None:
@@ -77,7 +77,7 @@ def answer_probe(model: InteractionModel, conversations: list[Conversation]) -> 
         for conversation in conversations:
             text, reference, rendered = chosen_bytes(model, conversation)
             for event in conversation.events:
-                first = max(turn_at(event.user_end_s) * model.config.out_positions - model.config.text_lead, 0)
+                first = led_start(turn_at(event.user_end_s), model.config)
                 span = written_span(event, text, first)
                 if not span:
                     continue

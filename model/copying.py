@@ -19,7 +19,7 @@ import torch
 
 from model.conversations import Conversation
 from model.interaction import InteractionModel
-from model.train import Example, predictor_states, text_input_slots, to_example
+from model.train import Example, led_start, predictor_states, text_input_slots, to_example
 
 _RESULT = re.compile(r"(<result>[^<:]*: )([^<]*)(</result>)")
 _DIGITS = frozenset(range(ord("0"), ord("9") + 1))
@@ -70,7 +70,7 @@ def answer_digits(model: InteractionModel, conversation: Conversation,
     # it moved that many outputs earlier, and predicts it there (as model/answering.py).
     targets = example.text_out.reshape(-1).tolist()
     guesses: list[DigitGuess] = []
-    for i in range(max(turn * model.config.out_positions - model.config.text_lead, 0), len(targets)):
+    for i in range(led_start(turn, model.config), len(targets)):
         if targets[i] in _DIGITS:
             row = probabilities[i]
             guesses.append(DigitGuess(targets[i], int(row.argmax()), float(row[targets[i]])))

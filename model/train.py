@@ -131,6 +131,12 @@ def leading_text(example: Example, lead: int) -> Example:
     return replace(example, text_out=led.view_as(example.text_out))
 
 
+def led_start(turn: int, config: ModelConfig) -> int:
+    """The first output position of micro-turn ``turn``'s text in an example made for
+    ``config`` (``leading_text`` moved it ``text_lead`` positions earlier)."""
+    return max(turn * config.out_positions - config.text_lead, 0)
+
+
 def cached_example(path: Path, text_in_slots: int) -> Example:
     """The example cached at ``path``, refused if its text input has other slots than
     the model's (cached under a name that did not yet tell them apart)."""
@@ -174,11 +180,9 @@ def load_examples(seeds: list[int], config: ModelConfig, cache: Path | None, wor
             if cache is not None:
                 cache.mkdir(parents=True, exist_ok=True)
                 # Written whole, then renamed: a run killed mid-write leaves no torn file, and a
-                # reader beside a writer (--follow-cache) never meets half of one. One name per
-                # writer: two processes making the same seed must not share a partial file.
-                partial = cache / f"{prefix}{seed}.pt.{os.getpid()}.partial"
-                torch.save(example.__dict__, partial)
-                os.replace(partial, cache / f"{prefix}{seed}.pt")
+                # reader beside a writer (--follow-cache) never meets half of one.
+                with replacing(cache / f"{prefix}{seed}.pt") as partial:
+                    torch.save(example.__dict__, partial)
             if count % 64 == 0:
                 # The conversations' audio is freed by now; without the trim glibc kept it (2,100
                 # conversations reached 24 GB RSS; a 320-conversation test holds ~0.3 GB + examples).
