@@ -48,7 +48,7 @@ class _Task:
     tool: str
     origin: str  # "client" or "model"
     runner: asyncio.Task[None] | None = None
-    started: bool = False  # _run began (a task cancelled before then never runs it)
+    outcome: str = "cancelled"  # what _run concluded; a task cancelled before its first step never ran it
 
 
 class TaskManager:
@@ -82,7 +82,7 @@ class TaskManager:
             fields["ref"] = ref
         self._emit("task.created", **fields)
         task.runner = asyncio.ensure_future(self._run(task, tool, tool_input))
-        task.runner.add_done_callback(lambda _, task=task: self._cancelled_before_start(task))
+        task.runner.add_done_callback(lambda _, task=task: self._finished(task))
         return task.task_id
 
     def cancel(self, task_id: str) -> bool:
@@ -98,24 +98,23 @@ class TaskManager:
             runner.cancel()
         await asyncio.gather(*runners, return_exceptions=True)
 
-    def _cancelled_before_start(self, task: _Task) -> None:
-        """A task cancelled before its first step (a ``task.cancel`` in the same burst as
-        its ``task.create``) never runs ``_run``, whose clean-up would free its place and
-        say it failed: do both here, or the place stays taken for the session's life."""
-        if task.started:
-            return
+    def _finished(self, task: _Task) -> None:
+        """Every task ends here, however it ended: its place is freed and its outcome
+        counted. ``_run`` swallows its own cancellation, so a runner that ends cancelled
+        was cancelled before its first step (a ``task.cancel`` in the same burst as its
+        ``task.create``): nothing has said that it failed yet."""
+        if task.runner is not None and task.runner.cancelled():
+            self._emit("task.failed", task_id=task.task_id, tool=task.tool, reason="cancelled")
         self._running.pop(task.task_id, None)
-        self._emit("task.failed", task_id=task.task_id, tool=task.tool, reason="cancelled")
-        self._on_finish(task.tool, "cancelled")
+        self._on_finish(task.tool, task.outcome)
 
     async def _run(self, task: _Task, tool: Tool, tool_input: str) -> None:
-        task.started = True
         context = trace.set_span_in_context(self._parent)
         with self._tracer.start_as_current_span(
             tm.SPAN_BACKGROUND_TASK, context=context,
             attributes={tm.ATTR_TASK_ID: task.task_id, tm.ATTR_TOOL: tool.name, tm.ATTR_TASK_ORIGIN: task.origin},
         ) as span:
-            outcome = "failed"
+            task.outcome = "failed"
             try:
                 with self._tracer.start_as_current_span(tm.SPAN_TOOL_CALL, attributes={tm.ATTR_TOOL: tool.name}):
                     result = await _call(tool, tool_input, self._progress(task))
@@ -123,10 +122,10 @@ class TaskManager:
                     raise ToolError(f"tool returned {type(result).__name__}, not text")
                 # Delivered first: a result the model has no room for fails its task.
                 self._deliver_result(f"<result>{task.task_id}: {result}</result>")
-                outcome = "done"
+                task.outcome = "done"
                 self._emit("task.done", task_id=task.task_id, tool=tool.name, result=result)
             except asyncio.CancelledError:
-                outcome = "cancelled"
+                task.outcome = "cancelled"
                 self._emit("task.failed", task_id=task.task_id, tool=tool.name, reason="cancelled")
             except TimeoutError:
                 self._emit("task.failed", task_id=task.task_id, tool=tool.name,
@@ -138,10 +137,8 @@ class TaskManager:
             except Exception as exc:  # a crashing tool fails its task, nothing else
                 log.exception("tool %s crashed", tool.name)
                 self._emit("task.failed", task_id=task.task_id, tool=tool.name, reason=f"tool crashed: {exc!r}")
-            finally:
-                span.set_attribute(tm.ATTR_TASK_OUTCOME, outcome)
-                self._running.pop(task.task_id, None)
-                self._on_finish(tool.name, outcome)
+            finally:  # its place is freed in _finished
+                span.set_attribute(tm.ATTR_TASK_OUTCOME, task.outcome)
 
     def _progress(self, task: _Task) -> Callable[[float | None, str], None]:
         def report(fraction: float | None, message: str) -> None:
