@@ -140,7 +140,7 @@ class Session:
         # reported still queued in it.
         self._model_text_ids = 0
         self._text_in_flight: dict[int, tuple[str, int]] = {}
-        self._retried_texts = 0  # texts of failed turns at the front of _model_text, in turn order
+        self._retried_text: list[str] = []  # failed turns' text, in turn order: it goes first
         self._text_waiting_in_model = 0
         self._rate = RateLimit(config.messages_per_second, config.message_burst)
         self._metrics_task: asyncio.Task[None] | None = None
@@ -430,27 +430,33 @@ class Session:
         self._chunk_rms[turn] = rms
         self._input_quiet.observe(rms)
         self._chunk_closed_ns[turn] = time.time_ns()
-        text, self._model_text, self._retried_texts = "".join(self._model_text), [], 0
+        text = "".join(self._retried_text + self._model_text)
+        self._retried_text, self._model_text = [], []
         if text:
             self._text_in_flight[turn], self._model_text_ids = (text, self._model_text_ids), 0
         if self.recorder is not None:
             self.recorder.input(turn, chunk, text)
         self.engine.submit(TurnInput(self.id, turn, chunk, text))
 
-    def _queue_model_text(self, text: str) -> None:
-        """Typed text and background results: they enter the model at the next micro-turn."""
+    def _queue_model_text(self, text: str, ids: int) -> None:
+        """Typed text and background results (``ids``: its length in the model's text
+        ids): they enter the model at the next micro-turn."""
         self._model_text.append(text)
-        self._model_text_ids += len(encode_text(text))
+        self._model_text_ids += ids
+
+    def _backlog_exceeded(self, ids: int) -> bool:
+        """Whether ``ids`` more would take the text waiting for the model past the limit."""
+        return self.text_waiting + ids > self.config.max_text_backlog_bytes
 
     def _queue_task_result(self, text: str) -> None:
         """A background result for the model to read, bounded as typed text is: a tool
         finishing 20 times a second would otherwise grow the model's queue (copied every
         step) without end. Past the limit its task fails (TaskError) rather than wait."""
-        size, waiting, limit = len(encode_text(text)), self.text_waiting, self.config.max_text_backlog_bytes
-        if waiting + size > limit:
-            raise TaskError("text_backlog", f"its result ({size} bytes) does not fit: {waiting} bytes of text are "
-                            f"still waiting to enter the model (at most {limit})")
-        self._queue_model_text(text)
+        ids = len(encode_text(text))
+        if self._backlog_exceeded(ids):
+            raise TaskError("text_backlog", f"its result ({ids} bytes) does not fit: {self.text_waiting} bytes of "
+                            f"text are still waiting to enter the model (at most {self.config.max_text_backlog_bytes})")
+        self._queue_model_text(text, ids)
 
     @property
     def text_waiting(self) -> int:
@@ -556,8 +562,7 @@ class Session:
         elif text and code != SESSION_LOST:
             # A failed step changed nothing: the text goes with the next turn, ahead of what
             # came since (after other failed turns' texts: errors arrive in turn order).
-            self._model_text.insert(self._retried_texts, text)
-            self._retried_texts += 1
+            self._retried_text.append(text)
             self._model_text_ids += ids
         self.emit("error", code=code, message=message, turn=turn)
         if code == SESSION_LOST:  # the engine let it go: the model would never answer again
@@ -618,14 +623,14 @@ class Session:
     def _send(self, event_type: str, fields: dict[str, Any]) -> None:
         channel = self.channel
         if channel is not None and channel.readyState == "open":
-            encoded = server_event(event_type, trace_id=self.trace_id, ts_ms=round(time.time() * 1000, 1), **fields)
+            ts_ms = round(time.time() * 1000, 1)
+            encoded = server_event(event_type, trace_id=self.trace_id, ts_ms=ts_ms, **fields)
             try:
                 channel.send(encoded)
             except ValueError:  # over the peer's max-message-size (e.g. a huge task result)
                 log.warning("session %s: %s event of %d bytes is too large for the peer", self.id, event_type,
                             len(encoded))
-                channel.send(server_event("error", trace_id=self.trace_id, ts_ms=round(time.time() * 1000, 1),
-                                          code="event_too_large",
+                channel.send(server_event("error", trace_id=self.trace_id, ts_ms=ts_ms, code="event_too_large",
                                           message=f"a {event_type} event ({len(encoded)} bytes) exceeded the "
                                                   "channel's message size and was dropped"))
         elif len(self._early_events) < _MAX_EARLY_EVENTS:
@@ -688,17 +693,17 @@ class Session:
 
     def _on_text_input(self, message: dict[str, Any]) -> None:
         text = message["text"]
-        size, waiting, limit = len(encode_text(text)), self.text_waiting, self.config.max_text_backlog_bytes
-        if size > limit:  # could never be taken: say so rather than "send it again"
-            self._protocol_error("too_long", f"{size} bytes of text: more than the model may have waiting ({limit})")
+        ids, limit = len(encode_text(text)), self.config.max_text_backlog_bytes
+        if ids > limit:  # could never be taken: say so rather than "send it again"
+            self._protocol_error("too_long", f"{ids} bytes of text: more than the model may have waiting ({limit})")
             return
-        if waiting + size > limit:  # refused, not dropped: the client may send it again
-            self._protocol_error("text_backlog", f"{waiting} bytes of text (typed, and background results) are "
-                                 f"still waiting to enter the model (at most {limit}); send this again once it has "
-                                 "read them")
+        if self._backlog_exceeded(ids):  # refused, not dropped: the client may send it again
+            self._protocol_error("text_backlog", f"{self.text_waiting} bytes of text (typed, and background results) "
+                                 f"are still waiting to enter the model (at most {limit}); send this again once it "
+                                 "has read them")
             return
         self.stats.text_inputs += 1
-        self._queue_model_text(text)
+        self._queue_model_text(text, ids)
         self.emit("user.text", text=text)
 
     def _on_task_create(self, message: dict[str, Any]) -> None:
