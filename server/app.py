@@ -123,7 +123,7 @@ def create_app(config: ServerConfig, tracer_provider: TracerProvider | None = No
         a load balancer's pool (or Kubernetes' Service) without dropping its calls,
         whose media flows to the pod directly."""
         registry: SessionRegistry = request.app.state.registry
-        ready = registry.engine.alive and registry.free > 0 and not registry.draining
+        ready = registry.ready
         return JSONResponse({"ready": ready, "free": registry.free, "capacity": registry.capacity,
                              "sessions": len(registry)}, status_code=200 if ready else 503)
 

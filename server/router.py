@@ -173,18 +173,26 @@ def _node_headers(config: ServerConfig) -> dict[str, str]:
     return {"Authorization": f"Bearer {config.auth_tokens[0]}"} if config.auth_tokens else {}
 
 
+def _nodes_url(config: ServerConfig) -> str:
+    assert config.router_url is not None
+    return config.router_url.rstrip("/") + "/v1/nodes"
+
+
+def _beat(config: ServerConfig, registry: SessionRegistry) -> dict[str, object]:
+    """What a node tells the router of itself."""
+    return {"url": config.advertise_url, "capacity": registry.capacity, "free": registry.free,
+            "ready": registry.ready}
+
+
 async def report_capacity(config: ServerConfig, registry: SessionRegistry) -> None:
     """Node side: heartbeat to the router for the server's life. A router that is
     down costs a log line per period, never the node's own sessions."""
-    assert config.router_url is not None
-    url = config.router_url.rstrip("/") + "/v1/nodes"
+    url = _nodes_url(config)
     failing = False
     async with httpx.AsyncClient(timeout=2.0) as client:
         while True:
-            beat = {"url": config.advertise_url, "capacity": registry.capacity, "free": registry.free,
-                    "ready": registry.engine.alive and registry.free > 0 and not registry.draining}
             try:
-                response = await client.post(url, json=beat, headers=_node_headers(config))
+                response = await client.post(url, json=_beat(config, registry), headers=_node_headers(config))
                 response.raise_for_status()
                 if failing:
                     log.info("router %s reachable again", url)
@@ -200,11 +208,10 @@ async def leave_router(config: ServerConfig, registry: SessionRegistry) -> None:
     """Node side, at shutdown: one last beat saying it takes no one, so the router
     stops sending clients here now rather than when the beats go stale (seconds of
     new sessions refused by a draining node)."""
-    assert config.router_url is not None
-    beat = {"url": config.advertise_url, "capacity": registry.capacity, "free": 0, "ready": False}
+    beat = _beat(config, registry) | {"free": 0, "ready": False}
     try:
         async with httpx.AsyncClient(timeout=1.0) as client:
-            await client.post(config.router_url.rstrip("/") + "/v1/nodes", json=beat, headers=_node_headers(config))
+            await client.post(_nodes_url(config), json=beat, headers=_node_headers(config))
     except httpx.HTTPError as exc:  # the router may be gone first; its beats then go stale
         log.info("could not tell the router this node is leaving: %s", exc)
 

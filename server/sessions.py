@@ -40,6 +40,11 @@ class SessionRegistry:
         return self._sessions.get(session_id)
 
     @property
+    def ready(self) -> bool:
+        """Whether a new session would be admitted (readyz, and the router's heartbeat)."""
+        return self.engine.alive and self.free > 0 and not self.draining
+
+    @property
     def free(self) -> int:
         return max(0, self.capacity - len(self._sessions))
 
