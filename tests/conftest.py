@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
@@ -52,6 +53,10 @@ class LiveServer:
     config: ServerConfig
     spans: InMemorySpanExporter
     app: Starlette  # for tests that reach inside (e.g. to load the engine directly)
+
+    def session(self, session_url: str) -> Any:
+        """The server's own Session behind a session URL (None once it has ended)."""
+        return self.app.state.registry.get(session_url.rsplit("/", 1)[1])
 
 
 @contextmanager

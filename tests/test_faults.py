@@ -337,33 +337,32 @@ def test_a_session_that_fails_every_step_is_reset_and_recovers(speech, run_engin
     assert engine.step_failures == MAX_FAILURES and engine.session_resets == 1
 
 
-async def test_typed_text_riding_a_failed_turn_enters_the_model_with_the_next(speech):
+async def test_typed_text_riding_a_failed_turn_enters_the_model_with_the_next(model_server, speech):
     """A failed step changes nothing, so the text its turn carried never reached the
     model, though the client had its user.text: the session sends it with the next turn.
     The server's own session, engine and model; the fault, injected around the model's
     step, fails the one step that carries the text."""
-    config = ServerConfig(engine="model", checkpoint=None, ice_host_addresses=["127.0.0.1"], max_sessions=2)
     text = "a typed question, long enough to take the model many micro-turns to read"  # 4 ids a micro-turn
-    with running_server(config) as server:
-        model = server.app.state.registry.engine.model
-        step, failed = model.step, []
+    server = model_server
+    model = server.app.state.registry.engine.model
+    step, failed = model.step, []
 
-        def step_failing_once_on_text(batch: list[TurnInput]) -> list[TurnOutput]:  # the engine thread
-            if not failed and any(chunk.text for chunk in batch):
-                failed.append(next(chunk.turn for chunk in batch if chunk.text))
-                raise RuntimeError("injected: the step carrying the text fails")
-            return step(batch)
+    def step_failing_once_on_text(batch: list[TurnInput]) -> list[TurnOutput]:  # the engine thread
+        if not failed and any(chunk.text for chunk in batch):
+            failed.append(next(chunk.turn for chunk in batch if chunk.text))
+            raise RuntimeError("injected: the step carrying the text fails")
+        return step(batch)
 
-        model.step = step_failing_once_on_text
-        peer = Peer(server.url, speech)
-        await peer.connect()
-        await peer.wait_for_event("session.ready")
-        session_id = peer.session_url.rsplit("/", 1)[1]
-        peer.send({"type": "text.input", "text": text})
-        error = await peer.wait_for_event("error", code=STEP_FAILED)
-        await peer.wait_for_event("turn", turn=failed[0] + 3)
-        waiting = len(model._sessions[session_id].text_queue)  # the text went again, and is being read
-        await peer.close()
+    model.step = step_failing_once_on_text
+    peer = Peer(server.url, speech)
+    await peer.connect()
+    await peer.wait_for_event("session.ready")
+    session_id = peer.session_url.rsplit("/", 1)[1]
+    peer.send({"type": "text.input", "text": text})
+    error = await peer.wait_for_event("error", code=STEP_FAILED)
+    await peer.wait_for_event("turn", turn=failed[0] + 3)
+    waiting = len(model._sessions[session_id].text_queue)  # the text went again, and is being read
+    await peer.close()
     assert error["turn"] == failed[0] and len(peer.events_of("error")) == 1
     assert len(text) - 3 * 4 <= waiting < len(text), waiting
 
@@ -380,7 +379,7 @@ async def test_a_session_the_model_cannot_take_is_told_and_closed(speech):
         await peer.connect()
         lost = await peer.wait_for_event("error", code="session_lost")
         ending = await peer.wait_for_event("session.ending")
-        await wait_until(lambda: not server.app.state.registry.get(peer.session_url.rsplit("/", 1)[1]), 10,
+        await wait_until(lambda: not server.session(peer.session_url), 10,
                          "the session to close")
         await peer.close()
         model.close_session("squatter")

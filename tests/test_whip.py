@@ -28,7 +28,7 @@ ECHO = {"engine": "echo", "ice_host_addresses": ["127.0.0.1"], "max_sessions": 4
 
 
 def server_session(server, peer: Peer):
-    return server.app.state.registry.get(peer.session_url.rsplit("/", 1)[1])
+    return server.session(peer.session_url)
 
 
 def tone(seconds: float, hz: float = 440.0) -> np.ndarray:
