@@ -54,14 +54,42 @@ class RMSNorm(nn.Module):
         return x * torch.rsqrt(x.square().mean(-1, keepdim=True) + self.eps) * self.weight
 
 
-def rope(x: torch.Tensor, positions: torch.Tensor, base: float) -> torch.Tensor:
-    """Rotate (..., tokens, heads, head_dim) by each token's absolute position."""
+ROPE_NEAR = 4096  # positions below this rotate in fp32 alone, as every training window did
+Rotation = tuple[torch.Tensor, torch.Tensor]  # cos and sin, (tokens, 1, head_dim / 2) fp32
+
+
+def rotation(positions: torch.Tensor, head_dim: int, base: float) -> Rotation:
+    """The rotary angles of ``positions``, once for every layer and head.
+
+    A served session runs for hours (80 tokens a second: 288,000 positions an hour),
+    and an fp32 angle ``position × frequency`` is off by up to half an ulp of the
+    position (0.016 rad after an hour, whole radians after days), which the relative
+    angle a query sees a key at inherits. So the angle is split: the position's part
+    below ``ROPE_NEAR`` in fp32, exactly as training computed it; the rest in float64,
+    joined by the angle-addition formulas. Below ``ROPE_NEAR`` the far part is 0
+    (cos 1, sin 0), which leaves the fp32 values bit for bit as they were."""
+    half = head_dim // 2
+    inv_freq = base ** (-torch.arange(half, device=positions.device, dtype=torch.float32) / half)
+    near = positions % ROPE_NEAR
+    angles = near.to(torch.float32)[:, None] * inv_freq  # (tokens, half)
+    far = (positions - near).to(torch.float64)[:, None] * inv_freq.to(torch.float64)
+    cos_far, sin_far = far.cos().to(torch.float32), far.sin().to(torch.float32)
+    cos_near, sin_near = angles.cos(), angles.sin()
+    return ((cos_near * cos_far - sin_near * sin_far)[:, None, :],
+            (sin_near * cos_far + cos_near * sin_far)[:, None, :])
+
+
+def rotate(x: torch.Tensor, angles: Rotation) -> torch.Tensor:
+    """Rotate (..., tokens, heads, head_dim) by a ``rotation`` of its tokens' positions."""
+    cos, sin = angles
     half = x.shape[-1] // 2
-    inv_freq = base ** (-torch.arange(half, device=x.device, dtype=torch.float32) / half)
-    angles = positions.to(torch.float32)[:, None] * inv_freq  # (tokens, half)
-    cos, sin = angles.cos()[:, None, :], angles.sin()[:, None, :]
     x1, x2 = x[..., :half].float(), x[..., half:].float()  # rotate in fp32 (bf16 on CUDA)
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).to(x.dtype)
+
+
+def rope(x: torch.Tensor, positions: torch.Tensor, base: float) -> torch.Tensor:
+    """Rotate (..., tokens, heads, head_dim) by each token's absolute position."""
+    return rotate(x, rotation(positions, x.shape[-1], base))
 
 
 class SwiGLU(nn.Module):
@@ -153,29 +181,26 @@ class Attention(nn.Module):
         c = self.config
         return self.qkv(x).view(x.shape[0], -1, c.head_dim).split([c.n_heads, c.n_kv_heads, c.n_kv_heads], dim=1)
 
-    def _project(self, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        q, k, v = self._qkv(x)
-        return rope(q, positions, self.config.rope_base), rope(k, positions, self.config.rope_base), v
-
     def forward_stream(self, x: torch.Tensor, batch: StreamBatch, pool: KVPool, layer: int) -> torch.Tensor:
         """x: (rows, d), the new tokens of every session in ``batch``, in order."""
         q, k, v = self._qkv(x)
         if batch.sink_rows is not None:  # a session's first tokens: kept unrotated too (place_sinks)
             rows, slots, positions = batch.sink_rows
             pool.write_raw_sinks(layer, slots, positions, k[rows])
-        base = self.config.rope_base
-        q, k = rope(q, batch.row_positions, base), rope(k, batch.row_positions, base)
+        q, k = rotate(q, batch.rotation), rotate(k, batch.rotation)
         real = batch.real_rows
         pool.write(layer, batch.row_slots, batch.row_cache_index, k[:real], v[:real])
         out = q.new_zeros(q.shape)
         out[:real] = batch.plan(pool).attend(q[:real], pool, layer)  # one call for every session
         return self.out(out.reshape(x.shape[0], -1))
 
-    def forward_full(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """x: (batch, tokens, d), every sequence starting at position 0."""
+    def forward_full(self, x: torch.Tensor, positions: torch.Tensor, angles: Rotation) -> torch.Tensor:
+        """x: (batch, tokens, d), every sequence starting at position 0; ``angles``: the
+        ``rotation`` of ``positions``."""
         b, t, d = x.shape
-        q, k, v = self._project(x.reshape(b * t, d), positions.repeat(b))
-        q, k, v = (z.reshape(b, t, z.shape[1], -1).transpose(1, 2) for z in (q, k, v))
+        q, k, v = (z.reshape(b, t, z.shape[1], -1) for z in self._qkv(x.reshape(b * t, d)))
+        q, k = rotate(q, angles), rotate(k, angles)
+        q, k, v = (z.transpose(1, 2) for z in (q, k, v))
         out = attend(q, k, v, additive_mask(positions, positions, self.config))
         return self.out(out.transpose(1, 2).reshape(b * t, d)).view(b, t, d)
 
@@ -196,6 +221,7 @@ class StreamBatch:
 
     segments: list[Segment]
     row_positions: torch.Tensor  # absolute position of every row (padding rows: 0)
+    rotation: Rotation | None = field(default=None, init=False)  # of row_positions, once a pass (forward_stream)
     # Rows at sink positions, with their slots and positions (set by place_sinks; None: none).
     sink_rows: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = field(default=None, init=False)
     _plan: AttentionPlan | PackedPlan | None = field(default=None, init=False, repr=False, compare=False)
@@ -378,9 +404,10 @@ class Transformer(nn.Module):
         """The residual stream after each block (before the final norm), from embeddings x."""
         b, t, d = x.shape
         positions = torch.arange(t, device=x.device)
+        angles = rotation(positions, self.config.head_dim, self.config.rope_base)
         layers = []
         for block in self.blocks:
-            x = x + block.attn.forward_full(block.attn_norm(x), positions)
+            x = x + block.attn.forward_full(block.attn_norm(x), positions, angles)
             flat = x.reshape(b * t, d)
             x = (flat + block.ffn(block.ffn_norm(flat), moe_path)).view(b, t, d)
             layers.append(x)
@@ -389,6 +416,7 @@ class Transformer(nn.Module):
     def forward_stream(self, x: torch.Tensor, batch: StreamBatch, pool: KVPool, moe_path: str = "grouped") -> torch.Tensor:
         """x: (rows, d) new tokens, rows a multiple of ROW_MULTIPLE -> hidden states (rows, d)."""
         place_sinks(batch, pool, self.config.rope_base)
+        batch.rotation = rotation(batch.row_positions, self.config.head_dim, self.config.rope_base)
         for layer, block in enumerate(self.blocks):
             x = x + block.attn.forward_stream(block.attn_norm(x), batch, pool, layer)
             x = x + block.ffn(block.ffn_norm(x), moe_path)

@@ -17,9 +17,8 @@ from model.interaction import ROLE_OUTPUT, InteractionModel, choose_text
 from model.interface import TURN_SAMPLES, TurnInput
 from model.kv import KVPool
 from model.streaming import StreamingModel
-from model.transformer import MoE, Segment, StreamBatch, Transformer, pad_rows
-from model.vocoder import (LAG_SAMPLES, VocoderState, griffin_lim, seam_bends, spectral_convergence,
-                           vocode_chunk)
+from model.transformer import ROPE_NEAR, MoE, Segment, StreamBatch, Transformer, pad_rows, rope
+from model.vocoder import LAG_SAMPLES, VocoderState, griffin_lim, seam_bends, spectral_convergence, vocode_chunk
 from model.weights import deepen, load_checkpoint, save_checkpoint, widen_kv_heads, with_parts, without_own_voice
 
 SPEECH = Path(__file__).parent / "data" / "speech.wav"
@@ -249,6 +248,42 @@ def test_sinks_stay_within_the_distance_training_spans_however_long_the_session(
         ends = [stream_tokens(trunk, sequence, KVPool(config, max_sessions=1, sink_distance=sink_distance))[0][-1]
                 for sequence in (short, long)]
         assert torch.allclose(*ends, atol=1e-4) == same, sink_distance
+
+
+def test_rotary_attention_depends_on_distance_alone_however_long_the_session():
+    """A query's score against a key depends on how far apart they are, not on where:
+    a session hours or months long attends as in its first minute (an fp32 angle
+    alone is off by whole radians after days). Below ROPE_NEAR it is the plain fp32
+    rotation every training window used, bit for bit."""
+    torch.manual_seed(5)
+    base, distance = SMALL.rope_base, 37
+    q, k = torch.randn(64, 2, SMALL.head_dim), torch.randn(64, 2, SMALL.head_dim)
+
+    def scores(at: int, rotate=rope) -> torch.Tensor:
+        positions = torch.arange(at, at + 64)
+        return (rotate(q, positions, base) * rotate(k, positions - distance, base)).sum(-1)
+
+    def exact(x: torch.Tensor, positions: torch.Tensor, base: float) -> torch.Tensor:
+        half = x.shape[-1] // 2
+        angles = positions.double()[:, None] * base ** (-torch.arange(half).double() / half)
+        cos, sin = angles.cos()[:, None], angles.sin()[:, None]
+        x1, x2 = x[..., :half].double(), x[..., half:].double()
+        return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+
+    truth = scores(distance, exact).float()  # by distance alone, in float64
+    for at in (distance, 2_000, 300_000, 10**7, 10**9):  # the start, ~25 s, an hour, 35 hours, 5 months
+        torch.testing.assert_close(scores(at), truth, rtol=0, atol=2e-3, msg=f"at position {at}")
+
+    def fp32_alone(x: torch.Tensor, positions: torch.Tensor, base: float) -> torch.Tensor:
+        half = x.shape[-1] // 2
+        inv_freq = base ** (-torch.arange(half, dtype=torch.float32) / half)
+        angles = positions.float()[:, None] * inv_freq
+        cos, sin = angles.cos()[:, None], angles.sin()[:, None]
+        return torch.cat([x[..., :half] * cos - x[..., half:] * sin, x[..., :half] * sin + x[..., half:] * cos], -1)
+
+    near = torch.arange(ROPE_NEAR)
+    assert torch.equal(rope(q.repeat(64, 1, 1), near, base), fp32_alone(q.repeat(64, 1, 1), near, base))
+    assert not torch.allclose(scores(10**7, fp32_alone), truth, atol=2e-3)  # what this guards against
 
 
 def test_the_audio_context_streams_turn_by_turn_as_it_trains_over_a_window():
