@@ -32,6 +32,23 @@ def encode(text: str) -> list[int]:
     return ids
 
 
+_TAG_STARTS = {tag[:n] for tag in _TAG_IDS for n in range(1, len(tag))}  # "<", "</", "<t", ...
+TAG_BREAK = "<\u200b"  # "<" and a zero-width space: reads as "<", encodes as bytes
+
+
+def literal(text: str) -> str:
+    """``text`` as content: each marker tag in it broken (a zero-width space after its
+    ``<``), so that ``encode`` keeps it as bytes. Typed text and a tool's output must
+    not open or close a result or a task request the model would take for the
+    server's: only the server's own framing is markers. So is a tag's beginning at the
+    end, which the text joined after it in the same micro-turn could complete."""
+    text = _TAG_PATTERN.sub(lambda match: TAG_BREAK + match.group()[1:], text)
+    start = text.rfind("<")  # a tag's beginning holds one "<", its first character
+    if start >= 0 and text[start:] in _TAG_STARTS:
+        text = text[:start] + TAG_BREAK + text[start + 1 :]
+    return text
+
+
 class Decoder:
     """Incremental ids -> string (a character split across micro-turns comes out whole)."""
 
@@ -49,4 +66,4 @@ class Decoder:
         return "".join(parts)
 
 
-__all__ = ["MARKER_TAGS", "NO_TEXT", "Decoder", "encode"]
+__all__ = ["MARKER_TAGS", "NO_TEXT", "TAG_BREAK", "Decoder", "encode", "literal"]

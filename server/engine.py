@@ -46,6 +46,7 @@ from opentelemetry import trace
 from opentelemetry.trace import Link, SpanContext, Status, StatusCode
 
 from model.interface import TURN_MS, TURN_SAMPLES, MicroTurnModel, TurnInput, TurnOutput
+from model.text import TAG_BREAK
 from server import telemetry as tm
 
 log = logging.getLogger(__name__)
@@ -338,7 +339,9 @@ class EchoModel:
     """Diagnostic engine: each session hears its own chunk one micro-turn later.
 
     It measures what the transport alone costs (latency, CPU, continuity) with a
-    model whose step takes no time. It is not the product.
+    model whose step takes no time. It is not the product. Its text is its text
+    input, with the tags the session broke (typed text is content, model.text.literal)
+    whole again: so a client scripts what "the model" writes, task requests included.
     """
 
     name = "echo"
@@ -356,8 +359,8 @@ class EchoModel:
 
     def step(self, batch: Sequence[TurnInput]) -> list[TurnOutput]:
         # All lookups before any change: a failing step changes nothing (see Engine).
-        outputs = [TurnOutput(chunk.session_id, chunk.turn, self._previous[chunk.session_id], chunk.text)
-                   for chunk in batch]
+        outputs = [TurnOutput(chunk.session_id, chunk.turn, self._previous[chunk.session_id],
+                              chunk.text.replace(TAG_BREAK, "<")) for chunk in batch]
         for chunk in batch:
             self._previous[chunk.session_id] = chunk.audio
         return outputs

@@ -28,6 +28,7 @@ from opentelemetry.trace import SpanContext
 
 from model.interface import SAMPLE_RATE, TURN_MS, TURN_SAMPLES, TurnInput, TurnOutput
 from model.text import encode as encode_text
+from model.text import literal
 from server import telemetry as tm
 from server.alignment import MIN_EVIDENCE_S, QUIET_RMS, QuietFloor, SenderClock, is_on_grid, padding_to_grid
 from server.config import ServerConfig
@@ -693,7 +694,8 @@ class Session:
 
     def _on_text_input(self, message: dict[str, Any]) -> None:
         text = message["text"]
-        ids, limit = len(encode_text(text)), self.config.max_text_backlog_bytes
+        as_read = literal(text)  # typed tags are text: a user cannot fake a result or a request
+        ids, limit = len(encode_text(as_read)), self.config.max_text_backlog_bytes
         if ids > limit:  # could never be taken: say so rather than "send it again"
             self._protocol_error("too_long", f"{ids} bytes of text: more than the model may have waiting ({limit})")
             return
@@ -703,7 +705,7 @@ class Session:
                                  "has read them")
             return
         self.stats.text_inputs += 1
-        self._queue_model_text(text, ids)
+        self._queue_model_text(as_read, ids)
         self.emit("user.text", text=text)
 
     def _on_task_create(self, message: dict[str, Any]) -> None:

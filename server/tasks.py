@@ -4,7 +4,8 @@ A task is asked for by the client (``task.create``) or by the model, which write
 ``<task>TOOL: INPUT</task>`` in its text stream (``TaskRequestParser`` finds them).
 Each task runs as an asyncio task with the tool's timeout; it reports
 ``task.created``, ``task.progress``, then ``task.done`` or ``task.failed``. A
-result goes back to the model as text input, ``<result>ID: RESULT</result>``, at
+result goes back to the model as text input, ``<result>ID: RESULT</result>`` (tags
+inside RESULT kept as text: ``model.text.literal``), at
 the session's next micro-turn, so the model can speak it (or, if the model already
 has more text waiting than the session allows, the task fails: ``text_backlog``).
 
@@ -26,6 +27,7 @@ from typing import Any
 
 from opentelemetry import trace
 
+from model.text import literal
 from server import telemetry as tm
 from server.tools import Progress, Tool, ToolError
 
@@ -120,8 +122,9 @@ class TaskManager:
                     result = await _call(tool, tool_input, self._progress(task))
                 if not isinstance(result, str):
                     raise ToolError(f"tool returned {type(result).__name__}, not text")
-                # Delivered first: a result the model has no room for fails its task.
-                self._deliver_result(f"<result>{task.task_id}: {result}</result>")
+                # Delivered first: a result the model has no room for fails its task. Its
+                # text is content: tags in it (an LLM's answer may have any) stay bytes.
+                self._deliver_result(f"<result>{task.task_id}: {literal(result)}</result>")
                 task.outcome = "done"
                 self._emit("task.done", task_id=task.task_id, tool=tool.name, result=result)
             except asyncio.CancelledError:
