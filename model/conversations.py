@@ -44,7 +44,7 @@ from model.audio import require_pyav, resample_mono, resampler
 from model.config import NO_TEXT
 from model.interface import SAMPLE_RATE, TURN_SAMPLES
 from model.speech import Voice, synthesize
-from model.text import encode
+from model.text import encode, result_label
 
 OUT_POSITIONS = 4  # output positions per micro-turn (ModelConfig.out_positions)
 DATA_VERSION = 9  # bump when the same seed would give a different conversation (cache key)
@@ -333,7 +333,7 @@ class _Builder:
         begin, end = self.user_says([question])
         turn = self.reply_turn(end)
         self.tasks += 1
-        task_id = f"t{self.tasks}"
+        task_id = result_label(self.tasks)  # as the server labels it: t1 … t9, then t1 again
         holding = self.rng.choice(["let me work that out.", "one moment.", "let me check."])
         finished = self.model_says(holding, turn, markers=f"<task>{task}</task>")
         result = answer_of if answer_of is not None else f"{self.rng.randint(1, 12)}:{self.rng.randint(0, 59):02d}"

@@ -49,6 +49,19 @@ def literal(text: str) -> str:
     return text
 
 
+RESULT_LABELS = 9  # a result is labelled t1 … t9 for the model, whatever its task's id
+
+
+def result_label(task_number: int) -> str:
+    """How the model's text input names task ``task_number``'s result (``<result>tN:
+    …``). The model copies a result's digits from a fixed distance after their label
+    (docs/eval.md, session 8), so the label keeps one length: from the tenth task on,
+    labels start again at t1 (a session runs at most 4 tasks at once, so a label still
+    names one running task). With ``t10`` the digits came a byte later, and a session
+    never spoke a result again (docs/eval.md, session 43)."""
+    return f"t{(task_number - 1) % RESULT_LABELS + 1}"
+
+
 class Decoder:
     """Incremental ids -> string (a character split across micro-turns comes out whole)."""
 
@@ -66,4 +79,4 @@ class Decoder:
         return "".join(parts)
 
 
-__all__ = ["MARKER_TAGS", "NO_TEXT", "TAG_BREAK", "Decoder", "encode", "literal"]
+__all__ = ["MARKER_TAGS", "NO_TEXT", "TAG_BREAK", "Decoder", "encode", "literal", "result_label"]

@@ -4,8 +4,9 @@ A task is asked for by the client (``task.create``) or by the model, which write
 ``<task>TOOL: INPUT</task>`` in its text stream (``TaskRequestParser`` finds them).
 Each task runs as an asyncio task with the tool's timeout; it reports
 ``task.created``, ``task.progress``, then ``task.done`` or ``task.failed``. A
-result goes back to the model as text input, ``<result>ID: RESULT</result>`` (tags
-inside RESULT kept as text: ``model.text.literal``), at
+result goes back to the model as text input, ``<result>LABEL: RESULT</result>`` (the
+label is the id up to t9, then counts from t1 again: ``model.text.result_label``; tags
+inside RESULT are kept as text: ``model.text.literal``), at
 the session's next micro-turn, so the model can speak it (or, if the model already
 has more text waiting than the session allows, the task fails: ``text_backlog``).
 
@@ -27,7 +28,7 @@ from typing import Any
 
 from opentelemetry import trace
 
-from model.text import literal
+from model.text import literal, result_label
 from server import telemetry as tm
 from server.tools import Progress, Tool, ToolError
 
@@ -47,6 +48,7 @@ class TaskError(Exception):
 @dataclass
 class _Task:
     task_id: str
+    number: int  # the task's place in the session's count (t7: 7)
     tool: str
     origin: str  # "client" or "model"
     runner: asyncio.Task[None] | None = None
@@ -77,7 +79,8 @@ class TaskManager:
             raise TaskError("unknown_tool", f"no tool {tool_name!r}; tools: {', '.join(sorted(self.tools))}")
         if len(self._running) >= self.max_concurrent:
             raise TaskError("too_many_tasks", f"at most {self.max_concurrent} tasks run at once per session")
-        task = _Task(f"t{next(self._ids)}", tool_name, origin)
+        number = next(self._ids)
+        task = _Task(f"t{number}", number, tool_name, origin)
         self._running[task.task_id] = task
         fields: dict[str, Any] = {"task_id": task.task_id, "tool": tool_name, "input": tool_input, "origin": origin}
         if ref is not None:
@@ -124,7 +127,7 @@ class TaskManager:
                     raise ToolError(f"tool returned {type(result).__name__}, not text")
                 # Delivered first: a result the model has no room for fails its task. Its
                 # text is content: tags in it (an LLM's answer may have any) stay bytes.
-                self._deliver_result(f"<result>{task.task_id}: {literal(result)}</result>")
+                self._deliver_result(f"<result>{result_label(task.number)}: {literal(result)}</result>")
                 task.outcome = "done"
                 self._emit("task.done", task_id=task.task_id, tool=tool.name, result=result)
             except asyncio.CancelledError:

@@ -17,9 +17,9 @@ import pytest
 from conftest import checkout_env
 
 from model import conversations as conv
-from model.config import NO_TEXT, RESULT_OPEN, ModelConfig, TASK_CLOSE, TASK_OPEN
+from model.config import NO_TEXT, RESULT_OPEN, TASK_CLOSE, TASK_OPEN, ModelConfig
 from model.interface import SAMPLE_RATE, TURN_SAMPLES
-from model.text import encode
+from model.text import encode, result_label
 from model.train import text_input_slots
 
 SEEDS = list(range(8))
@@ -200,29 +200,47 @@ def test_the_model_yields_within_a_micro_turn_of_a_barge_in(sample):
         assert conv.STOP_AFTER_SPEECH_S - 1e-9 <= live(stop) - event.user_end_s < conv.STOP_AFTER_SPEECH_S + 0.2
 
 
+def assert_answered_in_step_with_the_result(c: conv.Conversation, event: conv.Event) -> None:
+    written = c.text_out.flatten().tolist()
+    result_turns = [t for t, text in enumerate(c.text_in) if f": {event.expected_text}</result>" in text]
+    assert result_turns, "the result arrives as text input"
+    assert encode(c.text_in[result_turns[0]])[0] == RESULT_OPEN
+    # The answer is written in step with the result entering (4 ids a turn): each
+    # digit at the output slot where it arrives as input; spoken from the next turn.
+    arrived = text_input_slots(c.text_in, ModelConfig().text_in_slots).flatten().tolist()
+    answer = encode(f"it's {event.expected_text}.")
+    result_at = result_turns[0] * conv.OUT_POSITIONS
+    first = next(i for i in range(result_at, len(written)) if written[i] != NO_TEXT)
+    assert written[first : first + len(answer)] == answer
+    value = encode(event.expected_text)
+    value_at = first + len("it's ")
+    assert arrived[value_at : value_at + len(value)] == value
+    assert first == result_at  # its prefix starts as <result> arrives: every label is one digit
+    voice = np.abs(c.model_audio.reshape(c.turns, TURN_SAMPLES)).max(axis=1) > 0
+    text_turn = first // conv.OUT_POSITIONS
+    assert not voice[text_turn] and voice[text_turn + 1]
+
+
 def test_delegation_writes_a_task_request_and_answers_when_the_result_arrives(sample):
     delegations = [(c, e) for c in sample for e in c.events if e.kind == "delegation"]
     assert delegations
     for c, event in delegations:
         written = c.text_out.flatten().tolist()
         assert TASK_OPEN in written and TASK_CLOSE in written
-        result_turns = [t for t, text in enumerate(c.text_in) if f": {event.expected_text}</result>" in text]
-        assert result_turns, "the result arrives as text input"
-        assert encode(c.text_in[result_turns[0]])[0] == RESULT_OPEN
-        # The answer is written in step with the result entering (4 ids a turn): each
-        # digit at the output slot where it arrives as input; spoken from the next turn.
-        arrived = text_input_slots(c.text_in, ModelConfig().text_in_slots).flatten().tolist()
-        answer = encode(f"it's {event.expected_text}.")
-        result_at = result_turns[0] * conv.OUT_POSITIONS
-        first = next(i for i in range(result_at, len(written)) if written[i] != NO_TEXT)
-        assert written[first : first + len(answer)] == answer
-        value = encode(event.expected_text)
-        value_at = first + len("it's ")
-        assert arrived[value_at : value_at + len(value)] == value
-        assert first - result_at in (0, 1)  # its prefix starts as <result> arrives (t1..t9 / t10..)
-        voice = np.abs(c.model_audio.reshape(c.turns, TURN_SAMPLES)).max(axis=1) > 0
-        text_turn = first // conv.OUT_POSITIONS
-        assert not voice[text_turn] and voice[text_turn + 1]
+        assert_answered_in_step_with_the_result(c, event)
+
+
+def test_results_keep_one_label_length_however_many_tasks_a_conversation_has():
+    """From the tenth task on, labels start again at t1, as the server's do
+    (model.text.result_label): the answer's digits stay the one distance after the
+    label that the model copies across (with t10, no result was spoken again)."""
+    long = conv.generate([3_000_000], held_out=True, duration_s=240)[0]
+    labels = [re.match(r"<result>(t\d+): ", text).group(1) for text in long.text_in if "<result>" in text]
+    assert len(labels) >= 10 and labels == [result_label(n) for n in range(1, len(labels) + 1)]
+    assert labels[9] == "t1"
+    for event in long.events:
+        if event.kind == "delegation":
+            assert_answered_in_step_with_the_result(long, event)
 
 
 def test_delegation_drills_are_delegations_only_with_the_result_soon_after_the_request():

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from conftest import running_server, serving
 from fake_llm import ANSWER_WORDS, fake_llm_app
+from waiting import wait_until
 
 from loadtest.peer import Peer
 from model.interface import TURN_SAMPLES, TurnInput
@@ -87,6 +88,25 @@ async def test_a_client_task_reports_created_progress_done_and_its_result_reache
         fractions = [e["fraction"] for e in peer.events_of("task.progress") if e["task_id"] == task_id]
         assert fractions == sorted(fractions) and fractions[-1] == 1.0
         await peer.wait_for_event("transcript.delta", text=f"<result>{task_id}: reminder: stretch</result>")
+    finally:
+        await peer.close()
+
+
+async def test_a_sessions_tenth_result_reaches_the_model_labelled_as_its_first(service, speech):
+    """The model copies a result's digits from a fixed distance after its label, so
+    the label it reads stays one digit (model.text.result_label); the client's task
+    ids go on counting."""
+    peer = await connected(service, speech)
+    try:
+        for n in range(1, 11):
+            peer.send({"type": "task.create", "tool": "calc", "input": f"{n} * 100", "ref": f"r{n}"})
+            done = await peer.wait_for_event("task.done", task_id=f"t{n}")
+            assert done["result"] == f"{n * 100}"
+        def read_back() -> str:  # the echo engine writes its text input: what the model read
+            return "".join(event["text"] for event in peer.events_of("transcript.delta"))
+
+        await wait_until(lambda: "1000" in read_back(), 5, "the tenth result to reach the model")
+        assert "<result>t9: 900</result><result>t1: 1000</result>" in read_back() and "t10" not in read_back()
     finally:
         await peer.close()
 

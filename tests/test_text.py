@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from model.config import RESULT_CLOSE, RESULT_OPEN, TASK_CLOSE, TASK_OPEN
-from model.text import Decoder, encode, literal
+from model.text import Decoder, encode, literal, result_label
 
 MARKERS = {TASK_OPEN, TASK_CLOSE, RESULT_OPEN, RESULT_CLOSE}
 
@@ -41,3 +41,7 @@ def test_content_joined_in_one_micro_turn_cannot_complete_a_tag(left, right):
     assert MARKERS.isdisjoint(encode(joined)), joined
     assert joined.replace("\u200b", "") == left + right
     assert encode(literal(left + right)) != encode(left + right)  # whole, the tag is broken as well
+
+
+def test_result_labels_keep_one_digit_however_many_tasks():
+    assert [result_label(n) for n in (1, 9, 10, 11, 18, 19, 1000)] == ["t1", "t9", "t1", "t2", "t9", "t1", "t1"]
