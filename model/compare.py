@@ -75,6 +75,13 @@ def load(paths: list[Path]) -> dict[Key, Record]:
     return events
 
 
+def within(events: dict[Key, Record], from_s: float, to_s: float) -> dict[Key, Record]:
+    """The events whose user stopped in [from_s, to_s) seconds."""
+    if not from_s < to_s:
+        raise ValueError(f"--span {from_s:g} {to_s:g}: an empty span")
+    return {key: record for key, record in events.items() if from_s <= key[4] < to_s}
+
+
 # The figures of `microturn eval --json` the pooled table shows; `--json`'s `pooled` has all of
 # aggregate's (not the probes', which need the model: copying, teacher-forced answers, heard).
 HEADLINE = ("turn_taking_tor", "response_latency_s_median", "pause_tor", "stop_latency_s_p90", "delegation_accuracy",
@@ -156,10 +163,16 @@ def main(argv: list[str] | None = None) -> None:
                         help="`microturn eval --records` files of the checkpoint to compare against (pooled)")
     parser.add_argument("--new", nargs="+", type=Path, required=True, metavar="FILE",
                         help="the candidate's files, on the same conversations")
+    parser.add_argument("--span", nargs=2, type=float, default=None, metavar=("FROM_S", "TO_S"),
+                        help="only the events whose user stopped from FROM_S up to TO_S seconds into the "
+                             "conversation: how a checkpoint fares minutes into a session (`microturn eval "
+                             "--seconds`)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     try:
         base, new = load(args.base), load(args.new)
+        if args.span is not None:
+            base, new = within(base, *args.span), within(new, *args.span)
         result = compare(base, new)
         figures = {"base": pooled(base), "new": pooled(new)}
     except ValueError as error:

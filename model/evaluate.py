@@ -314,17 +314,21 @@ def _by_ear(items: list[dict[str, object]]) -> dict[str, object]:
 
 
 def evaluate(engine: StreamingModel | None, seeds: list[int], plots: Path | None = None,
-             held_out: bool = True, duration_s: float = 24.0, keep_records: bool = False) -> dict[str, object]:
+             held_out: bool = True, duration_s: float = 24.0, keep_records: bool = False,
+             probes: bool = True) -> dict[str, object]:
     """Scores over held-out conversations; ``engine=None`` scores the reference tracks.
     With ``plots``, writes each conversation's timeline there as ``SEED.png``. With
     ``held_out=False`` the users speak in the training voices (use seeds beyond the
     training range): what is left of the gap is the skill, not hearing new voices.
     A seed's conversation depends on ``duration_s`` too. ``keep_records`` adds
-    ``records``: what the model did at each event, for ``microturn compare``."""
+    ``records``: what the model did at each event, for ``microturn compare``.
+    ``probes=False`` skips the teacher-forced probes (copying, answers, hearing, and
+    the records' ``by_ear``): one full forward over the whole conversation each, which
+    dominates a conversation of minutes and places the sinks as no served session does."""
     require_pyav("evaluation conversations")  # training voices too, which generate() lets through
     records: list[dict[str, object]] = []
     conversations = generate(seeds, held_out=held_out, duration_s=duration_s)
-    listens = engine is not None and engine.model.config.listen_head
+    listens = probes and engine is not None and engine.model.config.listen_head
     reads = {c.seed: read_by_ear(engine.model, c) for c in conversations} if listens else {}
     for conversation in conversations:
         timeline = reference_timeline(conversation) if engine is None else model_timeline(engine, conversation)
@@ -335,7 +339,7 @@ def evaluate(engine: StreamingModel | None, seeds: list[int], plots: Path | None
             write_png(image, plots / f"{conversation.seed}.png")
     mark_heard_by_ear(records, reads)
     result = aggregate(records)
-    if engine is not None:
+    if engine is not None and probes:
         result["delegation_copying"] = copy_probe(engine.model, conversations)
         result["answers_teacher_forced"] = answer_probe(engine.model, conversations)
         if listens:
@@ -466,6 +470,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--loss", action="store_true",
                         help="only the training's loss, teacher forced (no closed loop): with --training-voices "
                              "and a --first-seed no run trained on, against seeds it did, how much it memorised")
+    parser.add_argument("--no-probes", action="store_true",
+                        help="the closed loop alone, without the teacher-forced probes (copying, answers, "
+                             "heard): for conversations of minutes (--seconds), where the probes' one forward "
+                             "pass over the whole conversation takes most of the time")
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--plots", default=None, help="directory for one timeline PNG per conversation")
     parser.add_argument("--records", default=None, metavar="FILE",
@@ -489,6 +497,8 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("--heard-only reads a model's listening head; the reference tracks have none")
     if args.loss and (args.reference or args.heard_only):
         parser.error("--loss is a model's loss: not with --reference or --heard-only")
+    if args.no_probes and (args.loss or args.heard_only):
+        parser.error("--no-probes is for the closed loop: --loss and --heard-only are probes alone")
     if args.records and (args.loss or args.heard_only):
         parser.error("--records are the closed loop's: not with --loss or --heard-only")
     if args.records and not Path(args.records).parent.is_dir():  # before minutes of evaluation, not after
@@ -511,7 +521,8 @@ def main(argv: list[str] | None = None) -> None:
                   "resampler": resampler()}
     else:
         result = evaluate(engine, seeds, Path(args.plots) if args.plots else None, held_out=held_out,
-                          duration_s=args.seconds, keep_records=args.records is not None)
+                          duration_s=args.seconds, keep_records=args.records is not None,
+                          probes=not args.no_probes)
         if args.records is not None:
             source = "reference" if args.reference else args.checkpoint or "random"
             write_records(Path(args.records), source, result, result.pop("records"))

@@ -102,6 +102,26 @@ def test_each_paired_rate_is_the_rate_eval_reports_for_that_side(runs):
     assert {"delegation_result_copied", "spoken_word_accuracy"} <= set(OUTCOMES)
 
 
+def test_a_span_pairs_only_the_events_whose_user_stopped_within_it(runs, capsys):
+    everything = load(runs["reference"])
+    ends = sorted(key[4] for key in everything)
+    middle = ends[len(ends) // 2]
+    compare_main(["--base", *map(str, runs["reference"]), "--new", *map(str, runs["mute"]), "--json",
+                  "--span", "0", str(middle)])
+    early = json.loads(capsys.readouterr().out)
+    compare_main(["--base", *map(str, runs["reference"]), "--new", *map(str, runs["mute"]), "--json",
+                  "--span", str(middle), "1e9"])
+    late = json.loads(capsys.readouterr().out)
+    for name in OUTCOMES:  # the two spans split every outcome's events between them
+        whole = compare(everything, load(runs["mute"]))[name]["events"]
+        assert early[name]["events"] + late[name]["events"] == whole, name
+    assert sum(early["pooled"]["base"]["events"].values()) == sum(key[4] < middle for key in everything)
+    assert 0 < sum(late["pooled"]["base"]["events"].values()) < len(everything)
+    with pytest.raises(SystemExit):
+        compare_main(["--base", str(runs["reference"][0]), "--new", str(runs["mute"][0]), "--span", "5", "5"])
+    assert "an empty span" in capsys.readouterr().err
+
+
 def test_runs_on_different_conversations_are_refused_with_the_reason(runs, capsys):
     with pytest.raises(SystemExit):
         compare_main(["--base", str(runs["reference"][0]), "--new", str(runs["mute"][1])])

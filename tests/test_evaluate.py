@@ -238,6 +238,23 @@ def test_the_random_model_runs_through_the_evaluation_and_draws_its_timeline(tmp
     assert png.startswith(b"\x89PNG\r\n\x1a\n") and b"IEND" in png[-12:]
 
 
+def test_without_probes_the_closed_loop_scores_alike(capsys):
+    """``--no-probes`` (conversations of minutes): the closed loop's figures and
+    records as with the probes, the teacher-forced ones left out."""
+    engine = load_engine(max_sessions=1)
+    full = evaluate(engine, [1_000_002], keep_records=True)
+    loop = evaluate(engine, [1_000_002], keep_records=True, probes=False)
+    probes = {"delegation_copying", "answers_teacher_forced", "heard"}  # heard: with a listening head
+    assert probes - {"heard"} <= full.keys() and not probes & loop.keys()
+    assert {key: full[key] for key in KEYS} == {key: loop[key] for key in KEYS}
+    for record in full["records"]:
+        record.get("heard", {}).pop("by_ear", None)  # the listening probe's mark
+    assert full["records"] == loop["records"]
+    with pytest.raises(SystemExit):
+        eval_main(["--loss", "--no-probes"])
+    assert "--no-probes is for the closed loop" in capsys.readouterr().err
+
+
 def test_the_word_judge_hears_the_word_through_the_vocoder_and_not_a_wrong_one():
     """What a perfect model could say at best — the word in its voice, quantised to dMel
     and re-synthesised by the streaming vocoder — is judged right; another word,
