@@ -3,7 +3,8 @@
 The markers let text carry structure without a tokenizer:
 ``<task>calc: 12*34</task>`` is the model asking the background model for work;
 ``<result>t1: 408</result>`` is a result coming back. In ids each tag is one
-marker token; in strings (events, transcripts) it is the tag.
+marker token; in strings (events, transcripts) it is the tag. Only the server's own
+framing is markers: ``literal`` keeps tags in typed text and tool output as bytes.
 """
 
 from __future__ import annotations
@@ -56,9 +57,9 @@ def result_label(task_number: int) -> str:
     """How the model's text input names task ``task_number``'s result (``<result>tN:
     …``). The model copies a result's digits from a fixed distance after their label
     (docs/eval.md, session 8), so the label keeps one length: from the tenth task on,
-    labels start again at t1 (a session runs at most 4 tasks at once, so a label still
-    names one running task). With ``t10`` the digits came a byte later, and a session
-    never spoke a result again (docs/eval.md, session 43)."""
+    labels start again at t1 (the server skips a label a running task holds:
+    server/tasks.py). With ``t10`` the digits came a byte later, and a session never
+    spoke a result again (docs/eval.md, session 43)."""
     return f"t{(task_number - 1) % RESULT_LABELS + 1}"
 
 

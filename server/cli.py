@@ -8,6 +8,7 @@ import logging
 import os
 
 from model.interface import TURN_MS
+from model.text import RESULT_LABELS
 from server.config import ServerConfig
 from server.engine import ENGINES
 
@@ -181,6 +182,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.command == "serve":
         if not 0 <= args.batch_window_ms < TURN_MS:
             parser.error(f"--batch-window-ms must be in [0, {TURN_MS}), got {args.batch_window_ms}")
+        if not 1 <= args.max_tasks_per_session <= RESULT_LABELS:  # each running task's result needs its label
+            parser.error(f"--max-tasks-per-session must be in [1, {RESULT_LABELS}], got {args.max_tasks_per_session}")
         serve(args)
     elif args.command == "token":
         from server.auth import mint_token

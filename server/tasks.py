@@ -5,7 +5,8 @@ A task is asked for by the client (``task.create``) or by the model, which write
 Each task runs as an asyncio task with the tool's timeout; it reports
 ``task.created``, ``task.progress``, then ``task.done`` or ``task.failed``. A
 result goes back to the model as text input, ``<result>LABEL: RESULT</result>`` (the
-label is the id up to t9, then counts from t1 again: ``model.text.result_label``; tags
+label is the id up to t9, then the next of t1 … t9 no running task holds:
+``model.text.result_label``; tags
 inside RESULT are kept as text: ``model.text.literal``), at
 the session's next micro-turn, so the model can speak it (or, if the model already
 has more text waiting than the session allows, the task fails: ``text_backlog``).
@@ -28,7 +29,7 @@ from typing import Any
 
 from opentelemetry import trace
 
-from model.text import literal, result_label
+from model.text import RESULT_LABELS, literal, result_label
 from server import telemetry as tm
 from server.tools import Progress, Tool, ToolError
 
@@ -48,7 +49,7 @@ class TaskError(Exception):
 @dataclass
 class _Task:
     task_id: str
-    number: int  # the task's place in the session's count (t7: 7)
+    label: str  # what the model's text input calls its result (model.text.result_label)
     tool: str
     origin: str  # "client" or "model"
     runner: asyncio.Task[None] | None = None
@@ -66,8 +67,11 @@ class TaskManager:
         self._tracer = tracer
         self._parent = parent
         self._on_finish = on_finish or (lambda tool, outcome: None)
+        if not 1 <= max_concurrent <= RESULT_LABELS:
+            raise ValueError(f"max_concurrent {max_concurrent}: 1 to {RESULT_LABELS}, one result label each")
         self._running: dict[str, _Task] = {}
         self._ids = itertools.count(1)
+        self._labels = itertools.count(1)
 
     @property
     def running(self) -> int:
@@ -79,8 +83,7 @@ class TaskManager:
             raise TaskError("unknown_tool", f"no tool {tool_name!r}; tools: {', '.join(sorted(self.tools))}")
         if len(self._running) >= self.max_concurrent:
             raise TaskError("too_many_tasks", f"at most {self.max_concurrent} tasks run at once per session")
-        number = next(self._ids)
-        task = _Task(f"t{number}", number, tool_name, origin)
+        task = _Task(f"t{next(self._ids)}", self._free_label(), tool_name, origin)
         self._running[task.task_id] = task
         fields: dict[str, Any] = {"task_id": task.task_id, "tool": tool_name, "input": tool_input, "origin": origin}
         if ref is not None:
@@ -89,6 +92,15 @@ class TaskManager:
         task.runner = asyncio.ensure_future(self._run(task, tool, tool_input))
         task.runner.add_done_callback(lambda _, task=task: self._finished(task))
         return task.task_id
+
+    def _free_label(self) -> str:
+        """The next label in turn (t1 … t9, then t1 again) that no running task holds:
+        the id itself for a session's first nine tasks, and never one a running task's
+        result will also come back under (a 10-minute timer may outlast nine sums)."""
+        held = {task.label for task in self._running.values()}
+        while (label := result_label(next(self._labels))) in held:  # ends: create() lets at most 8 be held
+            pass
+        return label
 
     def cancel(self, task_id: str) -> bool:
         task = self._running.get(task_id)
@@ -127,7 +139,7 @@ class TaskManager:
                     raise ToolError(f"tool returned {type(result).__name__}, not text")
                 # Delivered first: a result the model has no room for fails its task. Its
                 # text is content: tags in it (an LLM's answer may have any) stay bytes.
-                self._deliver_result(f"<result>{result_label(task.number)}: {literal(result)}</result>")
+                self._deliver_result(f"<result>{task.label}: {literal(result)}</result>")
                 task.outcome = "done"
                 self._emit("task.done", task_id=task.task_id, tool=tool.name, result=result)
             except asyncio.CancelledError:

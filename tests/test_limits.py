@@ -167,3 +167,11 @@ def test_every_limit_has_a_command_line_flag():
     assert (args.max_sessions, args.max_session_s, args.peer_timeout_s, args.drain_timeout_s) == (3, 60, 2, 4)
     assert (args.max_message_bytes, args.messages_per_second, args.message_burst) == (2048, 7, 9)
     assert (args.max_tasks_per_session, args.max_text_chars, args.max_offer_bytes) == (2, 100, 9000)
+
+
+@pytest.mark.parametrize("tasks", ["0", "10"])
+def test_more_tasks_at_once_than_result_labels_is_refused_at_start(tasks, capsys):
+    """Each running task's result comes back under its own label, t1 … t9 (model.text.result_label)."""
+    with pytest.raises(SystemExit):
+        main(["serve", "--max-tasks-per-session", tasks])
+    assert "--max-tasks-per-session must be in [1, 9]" in capsys.readouterr().err

@@ -4,6 +4,7 @@ capacity, tracing, metrics, and an event loop that never waits for the model."""
 from __future__ import annotations
 
 import asyncio
+import re
 import threading
 
 import httpx
@@ -11,11 +12,13 @@ import numpy as np
 import pytest
 from conftest import running_server, serving
 from fake_llm import ANSWER_WORDS, fake_llm_app
+from opentelemetry import trace
 from waiting import wait_until
 
 from loadtest.peer import Peer
 from model.interface import TURN_SAMPLES, TurnInput
 from server.config import ServerConfig
+from server.tasks import TaskManager
 from server.tools import Tool, ToolError
 
 ECHO = dict(engine="echo", ice_host_addresses=["127.0.0.1"])
@@ -109,6 +112,35 @@ async def test_a_sessions_tenth_result_reaches_the_model_labelled_as_its_first(s
         assert "<result>t9: 900</result><result>t1: 1000</result>" in read_back() and "t10" not in read_back()
     finally:
         await peer.close()
+
+
+async def test_a_label_a_running_task_holds_is_skipped():
+    """t1, a long task, still runs when the tenth comes: that one is labelled t2, so
+    no two running tasks' results come back under one label."""
+    release, results, events = asyncio.Event(), [], []
+
+    async def held(text: str, progress) -> str:
+        await release.wait()
+        return "late"
+
+    async def quick(text: str, progress) -> str:
+        return text
+
+    tools = {"held": Tool("held", "waits", held), "quick": Tool("quick", "echoes", quick)}
+    manager = TaskManager(tools, lambda kind, **fields: events.append((kind, fields)), results.append,
+                          trace.NoOpTracer(), trace.INVALID_SPAN)
+    assert manager.create("held", "", origin="client") == "t1"
+    for n in range(2, 11):
+        assert manager.create("quick", str(n), origin="client") == f"t{n}"
+        await wait_until(lambda n=n: len(results) == n - 1, 2, f"task t{n}'s result")
+    release.set()
+    await wait_until(lambda: manager.running == 0, 2, "t1 to finish")
+    labels = [re.match(r"<result>(t\d): (\w+)</result>", text).groups() for text in results]
+    assert labels == [*((f"t{n}", str(n)) for n in range(2, 10)), ("t2", "10"), ("t1", "late")]
+    await manager.close()
+    with pytest.raises(ValueError, match="one result label each"):
+        TaskManager(tools, lambda kind, **fields: None, results.append, trace.NoOpTracer(), trace.INVALID_SPAN,
+                    max_concurrent=10)
 
 
 async def test_the_model_can_ask_for_a_task_in_its_text_stream(service, speech):
