@@ -54,7 +54,7 @@ class RMSNorm(nn.Module):
         return x * torch.rsqrt(x.square().mean(-1, keepdim=True) + self.eps) * self.weight
 
 
-ROPE_NEAR = 4096  # positions below this rotate in fp32 alone, as every training window did
+ROPE_NEAR = 4096  # positions below this rotate in fp32 alone, as before session 43 (tiny trains on 1,280)
 Rotation = tuple[torch.Tensor, torch.Tensor]  # cos and sin, (tokens, 1, head_dim / 2) fp32
 
 
@@ -63,11 +63,12 @@ def rotation(positions: torch.Tensor, head_dim: int, base: float) -> Rotation:
 
     A served session runs for hours (80 tokens a second: 288,000 positions an hour),
     and an fp32 angle ``position × frequency`` is off by up to half an ulp of the
-    position (0.016 rad after an hour, whole radians after days), which the relative
-    angle a query sees a key at inherits. So the angle is split: the position's part
-    below ``ROPE_NEAR`` in fp32, exactly as training computed it; the rest in float64,
-    joined by the angle-addition formulas. Below ``ROPE_NEAR`` the far part is 0
-    (cos 1, sin 0), which leaves the fp32 values bit for bit as they were."""
+    angle (at the highest frequency, 0.016 rad after an hour, whole radians after
+    days), which the relative angle a query sees a key at inherits. So the angle is
+    split: the position's part below ``ROPE_NEAR`` in fp32, exactly as it was computed
+    before (and for every checkpoint shipped: tiny trains on 1,280 positions); the rest
+    in float64, joined by the angle-addition formulas. Below ``ROPE_NEAR`` the far part
+    is 0 (cos 1, sin 0), which leaves the fp32 values bit for bit as they were."""
     half = head_dim // 2
     inv_freq = base ** (-torch.arange(half, device=positions.device, dtype=torch.float32) / half)
     near = positions % ROPE_NEAR
@@ -79,9 +80,9 @@ def rotation(positions: torch.Tensor, head_dim: int, base: float) -> Rotation:
             (sin_near * cos_far + cos_near * sin_far)[:, None, :])
 
 
-def rotate(x: torch.Tensor, angles: Rotation) -> torch.Tensor:
+def rotate(x: torch.Tensor, cos_sin: Rotation) -> torch.Tensor:
     """Rotate (..., tokens, heads, head_dim) by a ``rotation`` of its tokens' positions."""
-    cos, sin = angles
+    cos, sin = cos_sin
     half = x.shape[-1] // 2
     x1, x2 = x[..., :half].float(), x[..., half:].float()  # rotate in fp32 (bf16 on CUDA)
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).to(x.dtype)
@@ -187,6 +188,7 @@ class Attention(nn.Module):
         if batch.sink_rows is not None:  # a session's first tokens: kept unrotated too (place_sinks)
             rows, slots, positions = batch.sink_rows
             pool.write_raw_sinks(layer, slots, positions, k[rows])
+        assert batch.rotation is not None, "Transformer.forward_stream rotates a pass's rows once for every layer"
         q, k = rotate(q, batch.rotation), rotate(k, batch.rotation)
         real = batch.real_rows
         pool.write(layer, batch.row_slots, batch.row_cache_index, k[:real], v[:real])
@@ -194,12 +196,12 @@ class Attention(nn.Module):
         out[:real] = batch.plan(pool).attend(q[:real], pool, layer)  # one call for every session
         return self.out(out.reshape(x.shape[0], -1))
 
-    def forward_full(self, x: torch.Tensor, positions: torch.Tensor, angles: Rotation) -> torch.Tensor:
-        """x: (batch, tokens, d), every sequence starting at position 0; ``angles``: the
+    def forward_full(self, x: torch.Tensor, positions: torch.Tensor, cos_sin: Rotation) -> torch.Tensor:
+        """x: (batch, tokens, d), every sequence starting at position 0; ``cos_sin``: the
         ``rotation`` of ``positions``."""
         b, t, d = x.shape
         q, k, v = (z.reshape(b, t, z.shape[1], -1) for z in self._qkv(x.reshape(b * t, d)))
-        q, k = rotate(q, angles), rotate(k, angles)
+        q, k = rotate(q, cos_sin), rotate(k, cos_sin)
         q, k, v = (z.transpose(1, 2) for z in (q, k, v))
         out = attend(q, k, v, additive_mask(positions, positions, self.config))
         return self.out(out.transpose(1, 2).reshape(b * t, d)).view(b, t, d)
@@ -221,7 +223,8 @@ class StreamBatch:
 
     segments: list[Segment]
     row_positions: torch.Tensor  # absolute position of every row (padding rows: 0)
-    rotation: Rotation | None = field(default=None, init=False)  # of row_positions, once a pass (forward_stream)
+    # The rotation of row_positions, once a pass for every layer (set by Transformer.forward_stream).
+    rotation: Rotation | None = field(default=None, init=False, repr=False, compare=False)
     # Rows at sink positions, with their slots and positions (set by place_sinks; None: none).
     sink_rows: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = field(default=None, init=False)
     _plan: AttentionPlan | PackedPlan | None = field(default=None, init=False, repr=False, compare=False)
@@ -404,10 +407,10 @@ class Transformer(nn.Module):
         """The residual stream after each block (before the final norm), from embeddings x."""
         b, t, d = x.shape
         positions = torch.arange(t, device=x.device)
-        angles = rotation(positions, self.config.head_dim, self.config.rope_base)
+        cos_sin = rotation(positions, self.config.head_dim, self.config.rope_base)
         layers = []
         for block in self.blocks:
-            x = x + block.attn.forward_full(block.attn_norm(x), positions, angles)
+            x = x + block.attn.forward_full(block.attn_norm(x), positions, cos_sin)
             flat = x.reshape(b * t, d)
             x = (flat + block.ffn(block.ffn_norm(flat), moe_path)).view(b, t, d)
             layers.append(x)

@@ -341,7 +341,8 @@ class EchoModel:
     It measures what the transport alone costs (latency, CPU, continuity) with a
     model whose step takes no time. It is not the product. Its text is its text
     input, with the tags the session broke (typed text is content, model.text.literal)
-    whole again: so a client scripts what "the model" writes, task requests included.
+    whole again: so a client scripts what "the model" writes, task requests included
+    (a zero-width space typed after a "<" goes too: a diagnostic engine may lose it).
     """
 
     name = "echo"

@@ -694,10 +694,11 @@ class Session:
 
     def _on_text_input(self, message: dict[str, Any]) -> None:
         text = message["text"]
-        as_read = literal(text)  # typed tags are text: a user cannot fake a result or a request
-        ids, limit = len(encode_text(as_read)), self.config.max_text_backlog_bytes
+        for_model = literal(text)  # typed tags are text: a user cannot fake a result or a request
+        ids, limit = len(encode_text(for_model)), self.config.max_text_backlog_bytes
         if ids > limit:  # could never be taken: say so rather than "send it again"
-            self._protocol_error("too_long", f"{ids} bytes of text: more than the model may have waiting ({limit})")
+            self._protocol_error("too_long", f"{ids} bytes of text as the model reads it: more than the model may "
+                                 f"have waiting ({limit})")
             return
         if self._backlog_exceeded(ids):  # refused, not dropped: the client may send it again
             self._protocol_error("text_backlog", f"{self.text_waiting} bytes of text (typed, and background results) "
@@ -705,7 +706,7 @@ class Session:
                                  "has read them")
             return
         self.stats.text_inputs += 1
-        self._queue_model_text(as_read, ids)
+        self._queue_model_text(for_model, ids)
         self.emit("user.text", text=text)
 
     def _on_task_create(self, message: dict[str, Any]) -> None:
