@@ -4,12 +4,11 @@ A task is asked for by the client (``task.create``) or by the model, which write
 ``<task>TOOL: INPUT</task>`` in its text stream (``TaskRequestParser`` finds them).
 Each task runs as an asyncio task with the tool's timeout; it reports
 ``task.created``, ``task.progress``, then ``task.done`` or ``task.failed``. A
-result goes back to the model as text input, ``<result>LABEL: RESULT</result>`` (the
-label is the id up to t9, then the next of t1 … t9 no running task holds:
-``model.text.result_label``; tags
-inside RESULT are kept as text: ``model.text.literal``), at
+result goes back to the model as text input, ``<result>LABEL: RESULT</result>``, at
 the session's next micro-turn, so the model can speak it (or, if the model already
 has more text waiting than the session allows, the task fails: ``text_backlog``).
+The label is the id up to t9, then the next of t1 … t9 that no running task holds
+(``model.text.result_label``); tags inside RESULT stay text (``model.text.literal``).
 
 A tool that raises, returns something other than text, or outlives its timeout
 fails its own task (``task.failed`` with the reason) and nothing else; one that
