@@ -79,7 +79,7 @@ def within(events: dict[Key, Record], from_s: float, to_s: float) -> dict[Key, R
     """The events whose user stopped in [from_s, to_s) seconds."""
     if not from_s < to_s:
         raise ValueError(f"--span {from_s:g} {to_s:g}: an empty span")
-    return {key: record for key, record in events.items() if from_s <= key[4] < to_s}
+    return {key: record for key, record in events.items() if from_s <= float(record["user_end_s"]) < to_s}
 
 
 # The figures of `microturn eval --json` the pooled table shows; `--json`'s `pooled` has all of

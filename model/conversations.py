@@ -44,7 +44,7 @@ from model.audio import require_pyav, resample_mono, resampler
 from model.config import NO_TEXT
 from model.interface import SAMPLE_RATE, TURN_SAMPLES
 from model.speech import Voice, synthesize
-from model.text import encode, result_label
+from model.text import encode, result_input, result_label
 
 OUT_POSITIONS = 4  # output positions per micro-turn (ModelConfig.out_positions)
 DATA_VERSION = 9  # bump when the same seed would give a different conversation (cache key)
@@ -340,8 +340,9 @@ class _Builder:
         result_turn = finished + self.rng.randint(*result_wait)
         if result_turn + 15 >= self.turns:
             return
-        arriving = f"<result>{task_id}: "
-        self.text_in[result_turn] += f"{arriving}{result}</result>"  # nothing else queued: 4 ids a turn from slot 0
+        entering = result_input(task_id, result)
+        self.text_in[result_turn] += entering  # nothing else queued: 4 ids a turn from slot 0
+        arriving = entering[: entering.index(": ") + 2]  # "<result>t1: ", before the digits
         # The answer is written in step with the result as it arrives: each of its
         # digits at the same output slot (turn, position) as that digit's input slot,
         # its prefix in the slots just before, spoken from the next turn. Copying is

@@ -63,6 +63,12 @@ def result_label(task_number: int) -> str:
     return f"t{(task_number - 1) % RESULT_LABELS + 1}"
 
 
+def result_input(label: str, result: str) -> str:
+    """A background result as the model reads it (the server's and the data's one
+    format): ``<result>LABEL: RESULT</result>``, the result's own tags kept as text."""
+    return f"<result>{label}: {literal(result)}</result>"
+
+
 class Decoder:
     """Incremental ids -> string (a character split across micro-turns comes out whole)."""
 
@@ -80,4 +86,4 @@ class Decoder:
         return "".join(parts)
 
 
-__all__ = ["MARKER_TAGS", "NO_TEXT", "TAG_BREAK", "Decoder", "encode", "literal", "result_label"]
+__all__ = ["MARKER_TAGS", "NO_TEXT", "TAG_BREAK", "Decoder", "encode", "literal", "result_input", "result_label"]

@@ -8,7 +8,7 @@ result goes back to the model as text input, ``<result>LABEL: RESULT</result>``,
 the session's next micro-turn, so the model can speak it (or, if the model already
 has more text waiting than the session allows, the task fails: ``text_backlog``).
 The label is the id up to t9, then the next of t1 … t9 that no running task holds
-(``model.text.result_label``); tags inside RESULT stay text (``model.text.literal``).
+(``model.text.result_label``); tags inside RESULT stay text (``model.text.result_input``).
 
 A tool that raises, returns something other than text, or outlives its timeout
 fails its own task (``task.failed`` with the reason) and nothing else; one that
@@ -28,7 +28,7 @@ from typing import Any
 
 from opentelemetry import trace
 
-from model.text import RESULT_LABELS, literal, result_label
+from model.text import RESULT_LABELS, result_input, result_label
 from server import telemetry as tm
 from server.tools import Progress, Tool, ToolError
 
@@ -138,7 +138,7 @@ class TaskManager:
                     raise ToolError(f"tool returned {type(result).__name__}, not text")
                 # Delivered first: a result the model has no room for fails its task. Its
                 # text is content: tags in it (an LLM's answer may have any) stay bytes.
-                self._deliver_result(f"<result>{task.label}: {literal(result)}</result>")
+                self._deliver_result(result_input(task.label, result))
                 task.outcome = "done"
                 self._emit("task.done", task_id=task.task_id, tool=tool.name, result=result)
             except asyncio.CancelledError:
